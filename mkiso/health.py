@@ -1,0 +1,120 @@
+"""The health report of ``/api/health`` (SPEC §2).
+
+Each check really exercises what it names: the tools are run, the work dir
+is written to, the PACS and publisher get a C-ECHO.  The two echoes run at
+the same time so a silent peer costs one timeout, not two.
+"""
+
+import os
+import tempfile
+import threading
+
+from . import __version__, pacs, process
+
+DCMTK_TOOLS = ("findscu", "movescu", "storescp", "storescu", "echoscu", "dcmmkdir")
+
+
+class Check:
+    def __init__(self, ok, detail):
+        self.ok = ok
+        self.detail = detail
+
+    def as_dict(self):
+        return {"ok": self.ok, "detail": self.detail}
+
+
+class Health:
+    def __init__(self, config, receiver, pacs_client, publisher):
+        self.config = config
+        self.receiver = receiver
+        self.pacs = pacs_client
+        self.publisher = publisher
+
+    def report(self):
+        """{"status": "ok"|"degraded", "version": ..., "checks": {...}}."""
+        echoes = {}
+        threads = [
+            threading.Thread(target=lambda: echoes.__setitem__("pacs", self.check_pacs())),
+            threading.Thread(target=lambda: echoes.__setitem__("publisher", self.check_publisher())),
+        ]
+        for thread in threads:
+            thread.start()
+        checks = {
+            "tools": self.check_tools(),
+            "work_dir": self.check_work_dir(),
+            "receiver": self.check_receiver(),
+        }
+        for thread in threads:
+            thread.join()
+        checks.update(echoes)
+        checks["viewer"] = self.check_viewer()
+        healthy = all(check.ok for check in checks.values())
+        return {
+            "status": "ok" if healthy else "degraded",
+            "version": __version__,
+            "checks": {name: check.as_dict() for name, check in checks.items()},
+        }
+
+    def tool_paths(self):
+        paths = [os.path.join(self.config.tools.dcmtk_dir, name) for name in DCMTK_TOOLS]
+        return paths + [self.config.tools.genisoimage]
+
+    def check_tools(self):
+        broken = []
+        for path in self.tool_paths():
+            try:
+                result = process.run([path, "--version"], timeout=10)
+            except (process.ToolMissing, process.ToolTimeout) as exc:
+                broken.append(str(exc))
+                continue
+            if result.returncode != 0:
+                broken.append("%s --version exited with %d" % (path, result.returncode))
+        if broken:
+            return Check(False, "; ".join(broken))
+        return Check(True, "%d tools found and runnable" % len(self.tool_paths()))
+
+    def check_work_dir(self):
+        work_dir = self.config.paths.work_dir
+        try:
+            with tempfile.TemporaryFile(dir=work_dir):
+                pass
+            stat = os.statvfs(work_dir)
+        except OSError as exc:
+            return Check(False, "%s is not writable: %s" % (work_dir, exc.strerror))
+        free = stat.f_bavail * stat.f_frsize
+        minimum = self.config.limits.min_free_bytes
+        if free < minimum:
+            return Check(False, "%s has %d bytes free, below limits.min_free_bytes %d" % (work_dir, free, minimum))
+        return Check(True, "%s writable, %d bytes free" % (work_dir, free))
+
+    def check_receiver(self):
+        receiver = self.receiver
+        if receiver.running:
+            return Check(
+                True,
+                "storescp pid %d listening on port %d as %s (restarts: %d)"
+                % (receiver.pid, receiver.port, receiver.ae_title, receiver.restarts),
+            )
+        detail = "storescp is not running (restarts: %d)" % receiver.restarts
+        if receiver.last_error:
+            detail += "; last error: " + receiver.last_error
+        return Check(False, detail)
+
+    def check_pacs(self):
+        return Check(*self.pacs.echo())
+
+    def check_publisher(self):
+        if self.publisher is None:
+            return Check(True, "not configured")
+        return Check(*pacs.echo(
+            os.path.join(self.config.tools.dcmtk_dir, "echoscu"),
+            self.config.receiver.ae_title, self.publisher, self.config.timeouts.find_s,
+        ))
+
+    def check_viewer(self):
+        viewer_dir = self.config.iso.viewer_dir
+        if not viewer_dir:
+            return Check(True, "not configured")
+        if not os.path.isdir(viewer_dir):
+            return Check(False, "viewer folder %s is missing" % viewer_dir)
+        return Check(True, "%s present, %d entries" % (viewer_dir, len(os.listdir(viewer_dir))))

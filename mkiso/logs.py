@@ -1,0 +1,62 @@
+"""Logging to stderr for journald, as key=value text or one JSON object a line.
+
+Callers pass structured fields with ``extra={"fields": {...}}``; both
+formats render them.  Patient names and IDs are never given as fields at
+INFO: accession numbers and request ids are what an operator searches by.
+"""
+
+import json
+import logging
+import sys
+import time
+
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def _quote(value):
+    text = str(value)
+    if text == "" or any(c in text for c in ' "=\\') or not text.isprintable():
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def _timestamp(record):
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + ".%03dZ" % record.msecs
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record):
+        parts = [_timestamp(record), "level=" + record.levelname, "logger=" + record.name]
+        parts.append("msg=" + _quote(record.getMessage()))
+        for key, value in getattr(record, "fields", {}).items():
+            parts.append("%s=%s" % (key, _quote(value)))
+        line = " ".join(parts)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record):
+        entry = {
+            "time": _timestamp(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def setup(level="info", fmt="text", stream=None):
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(LEVELS[level])
+    # waitress logs every queue-depth warning at WARNING; keep it, but not its INFO chatter.
+    logging.getLogger("waitress").setLevel(max(LEVELS[level], logging.WARNING))

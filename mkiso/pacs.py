@@ -1,0 +1,214 @@
+"""Talking to the PACS with dcmtk: C-ECHO, C-FIND and C-MOVE at STUDY level.
+
+dcmtk's exit codes do not tell success (findscu exits 0 when the peer
+aborted; movescu exits 0 on a refused move), so each call decides from what
+the tool reports: the final response status, the sub-operation counts, and,
+for C-FIND, the answers it wrote as DICOM files.  Every failure leaves here
+as the error of SPEC §2: 502 refused or failed, 504 timed out.
+"""
+
+import logging
+import os
+import re
+import tempfile
+
+import pydicom
+
+from . import errors, process
+
+log = logging.getLogger(__name__)
+
+FIND_KEYS = (
+    "StudyInstanceUID",
+    "PatientID",
+    "PatientName",
+    "StudyDate",
+    "ModalitiesInStudy",
+    "NumberOfStudyRelatedInstances",
+    "SpecificCharacterSet",
+)
+
+
+class Peer:
+    """A DICOM application entity we call: its AE title, host and port."""
+
+    def __init__(self, name, ae_title, host, port):
+        self.name = name
+        self.ae_title = ae_title
+        self.host = host
+        self.port = port
+
+    def __str__(self):
+        return "%s %s@%s:%s" % (self.name, self.ae_title, self.host, self.port)
+
+
+class Study:
+    """One C-FIND answer: a study the PACS holds for an accession number."""
+
+    def __init__(self, accession, study_uid, patient_id, patient_name, study_date="", instances=None):
+        self.accession = accession
+        self.study_uid = study_uid
+        self.patient_id = patient_id
+        self.patient_name = patient_name
+        self.study_date = study_date
+        self.instances = instances
+
+    def __repr__(self):
+        return "Study(accession=%r, study_uid=%r)" % (self.accession, self.study_uid)
+
+
+class MoveResult:
+    """The final C-MOVE response: status text and sub-operation counts."""
+
+    def __init__(self, status, status_text, completed, failed, warning):
+        self.status = status
+        self.status_text = status_text
+        self.completed = completed
+        self.failed = failed
+        self.warning = warning
+
+    @property
+    def delivered(self):
+        return (self.completed or 0) + (self.warning or 0)
+
+    @property
+    def succeeded(self):
+        """Success status and no failed sub-operation."""
+        return self.status == 0x0000 and not self.failed
+
+
+def association_args(calling_ae, peer, timeout):
+    """The arguments every dcmtk SCU call shares: AE titles, timeouts, address."""
+    seconds = str(max(1, int(timeout)))
+    return ["-aet", calling_ae, "-aec", peer.ae_title, "-to", seconds, "-ta", seconds]
+
+
+def address_args(peer):
+    return [peer.host, str(peer.port)]
+
+
+def echo(tool, calling_ae, peer, timeout):
+    """C-ECHO the peer; returns (ok, detail) for the health report."""
+    args = [tool] + association_args(calling_ae, peer, timeout) + ["-td", str(max(1, int(timeout)))]
+    try:
+        result = process.run(args + address_args(peer), timeout + 5)
+    except process.ToolTimeout:
+        return False, "no answer from %s within %ss" % (peer, timeout)
+    except process.ToolMissing as exc:
+        return False, str(exc)
+    if result.returncode == 0:
+        return True, "C-ECHO to %s succeeded" % peer
+    return False, "C-ECHO to %s failed: %s" % (peer, failure_reason(result.output))
+
+
+def failure_reason(output):
+    """The most telling line of a failed dcmtk run, without its log prefix."""
+    lines = [line[3:].strip() for line in output.splitlines() if line[:3] in ("F: ", "E: ", "W: ")]
+    for line in lines:
+        if line.startswith("Reason:"):
+            return "association rejected: " + line[len("Reason:"):].strip()
+    return lines[0] if lines else (output.strip().splitlines() or ["no output"])[-1]
+
+
+def raise_for_failure(output, peer, what):
+    """Turn a failed dcmtk run into 504 (timeout) or 502 (anything else)."""
+    reason = failure_reason(output)
+    if "timeout" in reason.lower() or "timed out" in reason.lower():
+        raise errors.UpstreamTimeout("%s: %s did not answer in time (%s)." % (what, peer, reason))
+    raise errors.UpstreamFailed("%s: %s failed: %s." % (what, peer, reason), code="pacs_failed")
+
+
+class Pacs:
+    """The configured PACS, seen through findscu, movescu and echoscu."""
+
+    def __init__(self, config):
+        self.peer = Peer("PACS", config.pacs.ae_title, config.pacs.host, config.pacs.port)
+        self.our_ae = config.receiver.ae_title
+        self.dcmtk_dir = config.tools.dcmtk_dir
+        self.find_timeout = config.timeouts.find_s
+        self.move_timeout = config.timeouts.move_s
+
+    def tool(self, name):
+        return os.path.join(self.dcmtk_dir, name)
+
+    def echo(self):
+        return echo(self.tool("echoscu"), self.our_ae, self.peer, self.find_timeout)
+
+    def find_studies(self, accession, scratch_dir):
+        """C-FIND at STUDY level with the accession number as an exact key."""
+        with tempfile.TemporaryDirectory(prefix="find-", dir=scratch_dir) as out_dir:
+            args = [self.tool("findscu"), "-v", "-S", "-X", "-od", out_dir]
+            args += association_args(self.our_ae, self.peer, self.find_timeout)
+            args += ["-td", str(max(1, int(self.find_timeout)))]
+            args += ["-k", "QueryRetrieveLevel=STUDY", "-k", "AccessionNumber=" + accession]
+            for key in FIND_KEYS:
+                args += ["-k", key]
+            result = self._run(args, self.find_timeout, "C-FIND for accession %s" % accession)
+            if "Received Final Find Response (Success)" not in result.output:
+                raise_for_failure(result.output, self.peer, "C-FIND for accession %s" % accession)
+            return [self._study(accession, os.path.join(out_dir, name)) for name in sorted(os.listdir(out_dir))]
+
+    def _study(self, accession, path):
+        answer = pydicom.dcmread(path, force=True)
+        study_uid = str(answer.get("StudyInstanceUID", "") or "")
+        found = str(answer.get("AccessionNumber", "") or "")
+        if not study_uid or found != accession:
+            raise errors.UpstreamFailed(
+                "C-FIND for accession %s: the PACS answered with a study that does not match it." % accession,
+                code="pacs_failed",
+            )
+        instances = answer.get("NumberOfStudyRelatedInstances")
+        return Study(
+            accession=accession,
+            study_uid=study_uid,
+            patient_id=str(answer.get("PatientID", "") or ""),
+            patient_name=str(answer.get("PatientName", "") or ""),
+            study_date=str(answer.get("StudyDate", "") or ""),
+            instances=int(instances) if instances not in (None, "") else None,
+        )
+
+    def move_study(self, study_uid):
+        """C-MOVE one study by StudyInstanceUID alone to our own receiver."""
+        args = [self.tool("movescu"), "-d", "-S"]
+        args += association_args(self.our_ae, self.peer, self.find_timeout)
+        args += ["-aem", self.our_ae]
+        args += ["-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=" + study_uid]
+        what = "C-MOVE of study %s" % study_uid
+        result = self._run(args, self.move_timeout, what)
+        move = parse_move_output(result.output)
+        if move is None:
+            raise_for_failure(result.output, self.peer, what)
+        return move
+
+    def _run(self, args, timeout, what):
+        try:
+            return process.run(args + address_args(self.peer), timeout)
+        except process.ToolTimeout:
+            raise errors.UpstreamTimeout("%s: %s did not finish within %ss." % (what, self.peer, timeout))
+        except process.ToolMissing as exc:
+            raise errors.MkisoError("%s: %s" % (what, exc), code="tool_missing")
+
+
+_FINAL = re.compile(r"Received Final Move Response")
+_COUNT = re.compile(r"(?P<kind>Completed|Failed|Warning) Suboperations\s*:\s*(?P<value>\d+|none)")
+_STATUS = re.compile(r"DIMSE Status\s*:\s*0x(?P<code>[0-9a-fA-F]{4}):\s*(?P<text>.*)")
+
+
+def parse_move_output(output):
+    """The final C-MOVE response from ``movescu -d`` output, or None if none came."""
+    final = None
+    for match in _FINAL.finditer(output):
+        final = match
+    if final is None:
+        return None
+    counts = {"Completed": None, "Failed": None, "Warning": None}
+    for match in _COUNT.finditer(output, final.end()):
+        value = match.group("value")
+        counts[match.group("kind")] = None if value == "none" else int(value)
+    status = _STATUS.search(output, final.end())
+    if status is None:
+        return None
+    return MoveResult(
+        int(status.group("code"), 16), status.group("text").strip(),
+        counts["Completed"], counts["Failed"], counts["Warning"],
+    )

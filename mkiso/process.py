@@ -1,0 +1,102 @@
+"""Running the external tools (dcmtk, genisoimage) as supervised children.
+
+Every tool runs from an argument list (never a shell), in a process group of
+its own so that a timeout or shutdown kills it together with anything it
+forked, and with ``TCP_NODELAY=1``: dcmtk reads that variable, and without
+it every image waits on Nagle's algorithm.  Live children are tracked so
+that the server can kill them all when it stops; none outlives it.
+"""
+
+import os
+import signal
+import subprocess
+import threading
+
+_live = set()
+_live_lock = threading.Lock()
+
+
+class ToolTimeout(Exception):
+    """The tool ran past its time limit and was killed."""
+
+    def __init__(self, args, timeout):
+        super().__init__("%s ran longer than %ss" % (os.path.basename(args[0]), timeout))
+        self.timeout = timeout
+
+
+class ToolMissing(Exception):
+    """The tool's executable could not be started."""
+
+    def __init__(self, args, error):
+        super().__init__("cannot run %s: %s" % (args[0], error.strerror or error))
+
+
+class Result:
+    """What a finished tool said: its exit status and its merged output."""
+
+    def __init__(self, returncode, output):
+        self.returncode = returncode
+        self.output = output
+
+    def __repr__(self):
+        return "Result(returncode=%r)" % self.returncode
+
+
+def tool_environment():
+    env = dict(os.environ)
+    env["TCP_NODELAY"] = "1"
+    return env
+
+
+def start(args, **kwargs):
+    """Popen ``args`` in its own process group and remember it until reaped."""
+    kwargs.setdefault("stdin", subprocess.DEVNULL)
+    try:
+        proc = subprocess.Popen(args, env=tool_environment(), start_new_session=True, **kwargs)
+    except OSError as exc:
+        raise ToolMissing(args, exc)
+    with _live_lock:
+        _live.add(proc)
+    return proc
+
+
+def forget(proc):
+    with _live_lock:
+        _live.discard(proc)
+
+
+def kill_group(proc):
+    """SIGKILL the child's whole process group and reap the child."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+    forget(proc)
+
+
+def run(args, timeout, cwd=None):
+    """Run a tool to completion; its stdout and stderr come back merged.
+
+    Raises ToolTimeout (after killing the group) when ``timeout`` passes.
+    """
+    proc = start(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        raise ToolTimeout(args, timeout)
+    except BaseException:
+        kill_group(proc)
+        raise
+    forget(proc)
+    return Result(proc.returncode, output.decode("utf-8", "replace"))
+
+
+def kill_all():
+    """Kill every child still running; used on shutdown."""
+    with _live_lock:
+        procs = list(_live)
+    for proc in procs:
+        kill_group(proc)
+    return len(procs)

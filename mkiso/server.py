@@ -1,0 +1,105 @@
+"""``mkiso-server``: command line, waitress, signals.
+
+The main loop is waitress's own asyncore loop, run a slice at a time so that
+SIGTERM/SIGINT can stop accepting at once, let running requests finish up to
+``timeouts.shutdown_s``, and then take the children and temp files down.
+"""
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+
+from waitress.server import create_server
+
+from . import __version__, config as configuration, logs, web
+from .service import Service
+
+log = logging.getLogger(__name__)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="mkiso-server", description="Patient CD/DVD service for a PACS.")
+    parser.add_argument("--config", metavar="PATH", help="YAML configuration (default: $MKISO_CONFIG or ./config.yaml)")
+    parser.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
+    parser.add_argument("--version", action="version", version="mkiso " + __version__)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    path = configuration.config_path(args.config)
+    try:
+        config = configuration.load(path)
+    except configuration.ConfigError as exc:
+        print("mkiso: configuration error: %s" % exc, file=sys.stderr)
+        return 2
+    if args.check_config:
+        print("mkiso: configuration %s is valid" % path)
+        return 0
+    logs.setup(config.logging.level, config.logging.format)
+    os.umask(0o077)  # temp files and ISOs hold patient data
+    return Server(config).run()
+
+
+class Server:
+    def __init__(self, config):
+        self.config = config
+        self.service = Service(config)
+        self.stop_requested = None
+
+    def run(self):
+        self.service.start()
+        try:
+            server = create_server(
+                web.Application(self.config, self.service),
+                host=self.config.server.host,
+                port=self.config.server.port,
+                threads=self.config.server.threads,
+                ident="mkiso",
+            )
+        except OSError as exc:
+            log.error("cannot listen on %s:%s: %s", self.config.server.host, self.config.server.port, exc.strerror)
+            self.service.stop()
+            return 1
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._request_stop)
+        log.info("listening", extra={"fields": {
+            "url": "http://%s:%s/" % (server.effective_host, server.effective_port), "version": __version__}})
+        try:
+            self._loop(server)
+        finally:
+            server.task_dispatcher.shutdown(timeout=1)
+            self.service.stop()
+        log.info("stopped")
+        return 0
+
+    def _request_stop(self, signum, frame):
+        if self.stop_requested is None:
+            self.stop_requested = time.monotonic()
+            log.info("stopping", extra={"fields": {"signal": signal.Signals(signum).name}})
+
+    def _loop(self, server):
+        accepting = True
+        while True:
+            server.asyncore.loop(timeout=0.2, map=server._map, use_poll=True, count=1)
+            if self.stop_requested is None:
+                continue
+            if accepting:
+                server.accepting = False
+                server.del_channel()
+                server.socket.close()
+                accepting = False
+            waited = time.monotonic() - self.stop_requested
+            if not _busy(server) or waited >= self.config.timeouts.shutdown_s:
+                return
+
+
+def _busy(server):
+    """Whether any connection still has a request in hand or bytes to send."""
+    for channel in list(server.active_channels.values()):
+        if channel.requests or channel.total_outbufs_len:
+            return True
+    return False

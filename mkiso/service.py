@@ -1,0 +1,53 @@
+"""The running service: the pieces a request needs, wired from the config.
+
+The server builds one Service, starts it before listening and stops it on
+the way out; the web application only ever talks to it.
+"""
+
+import logging
+import os
+import shutil
+
+from . import health, pacs, process, receiver
+
+log = logging.getLogger(__name__)
+
+# Folders of the work dir that belong to mkiso; only these are ever cleaned.
+INBOX = "inbox"
+JOBS = "jobs"
+RETRIEVALS = "retrievals"
+
+
+class Service:
+    def __init__(self, config):
+        self.config = config
+        self.work_dir = config.paths.work_dir
+        self.pacs = pacs.Pacs(config)
+        self.receiver = receiver.Receiver(config, self.path(INBOX))
+        self.publisher = None
+        if config.publisher.host:
+            self.publisher = pacs.Peer(
+                "publisher", config.publisher.ae_title, config.publisher.host, config.publisher.port)
+        self.health = health.Health(config, self.receiver, self.pacs, self.publisher)
+
+    def path(self, *parts):
+        return os.path.join(self.work_dir, *parts)
+
+    def start(self):
+        """Clear a crash's leftovers, then start the receiver."""
+        os.makedirs(self.work_dir, exist_ok=True)
+        self.remove_leftovers()
+        for folder in (INBOX, JOBS, RETRIEVALS):
+            os.makedirs(self.path(folder), exist_ok=True)
+        self.receiver.start()
+
+    def stop(self):
+        self.receiver.stop()
+        killed = process.kill_all()
+        if killed:
+            log.warning("killed %d child processes still running at shutdown", killed)
+        self.remove_leftovers()
+
+    def remove_leftovers(self):
+        for folder in (INBOX, JOBS, RETRIEVALS):
+            shutil.rmtree(self.path(folder), ignore_errors=True)

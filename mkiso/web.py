@@ -1,0 +1,167 @@
+"""The WSGI application: a hand-written routing table and one error funnel.
+
+Routes map a path to a handler and the methods it takes; the legacy PHP
+URLs the HIS still calls are declared beside the route they stand for.
+Every response carries X-Request-ID and produces one access-log line;
+every exception becomes the JSON error body of SPEC §2 in ``_error``.
+"""
+
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from urllib.parse import parse_qs
+
+from . import errors
+
+log = logging.getLogger("mkiso.web")
+access_log = logging.getLogger("mkiso.access")
+
+SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+JSON_TYPE = "application/json; charset=utf-8"
+
+REASONS = {
+    200: "OK", 206: "Partial Content", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+    405: "Method Not Allowed", 409: "Conflict", 413: "Payload Too Large", 416: "Range Not Satisfiable",
+    500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
+    504: "Gateway Timeout", 507: "Insufficient Storage",
+}
+
+
+class Route:
+    """A path's handler (a method name of Application), its methods and aliases."""
+
+    def __init__(self, handler, methods=("GET",), legacy=(), open_access=False):
+        self.handler = handler
+        self.methods = tuple(methods) + (("HEAD",) if "GET" in methods else ())
+        self.legacy = legacy
+        self.open_access = open_access
+
+
+ROUTES = {
+    "/api/health": Route("health", open_access=True),
+}
+
+
+def _route_table(routes):
+    table = {}
+    for path, route in routes.items():
+        table[path] = route
+        for alias in route.legacy:
+            table[alias] = route
+    return table
+
+
+class Request:
+    """The parts of a WSGI environ a handler needs."""
+
+    def __init__(self, environ):
+        self.environ = environ
+        self.method = environ.get("REQUEST_METHOD", "GET").upper()
+        self.path = environ.get("PATH_INFO", "") or "/"
+        self.query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+        given = environ.get("HTTP_X_REQUEST_ID", "")
+        self.request_id = given if SANE_REQUEST_ID.match(given) else uuid.uuid4().hex
+        self.accessions = []  # filled by handlers that take them, for the access log
+
+    def param(self, name):
+        """One query parameter's value, or None; given twice is an error."""
+        values = self.query.get(name)
+        if not values:
+            return None
+        if len(values) > 1:
+            raise errors.BadRequest("The parameter %s was given more than once." % name)
+        return values[0]
+
+    def header(self, name):
+        return self.environ.get("HTTP_" + name.upper().replace("-", "_"))
+
+
+class Response:
+    def __init__(self, status, headers, body, length):
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.length = length
+
+    @classmethod
+    def json(cls, status, payload, headers=()):
+        data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        return cls(status, [("Content-Type", JSON_TYPE), ("Content-Length", str(len(data)))] + list(headers),
+                   [data], len(data))
+
+
+class Application:
+    def __init__(self, config, service):
+        self.config = config
+        self.service = service
+        self.routes = _route_table(ROUTES)
+
+    def __call__(self, environ, start_response):
+        started = time.monotonic()
+        request = Request(environ)
+        try:
+            response = self._dispatch(request)
+        except errors.MkisoError as exc:
+            response = self._error(request, exc)
+        except Exception:
+            log.exception("unhandled error", extra={"fields": {"request_id": request.request_id}})
+            response = self._error(request, errors.MkisoError(
+                "An internal error occurred; the server log has the details under this request id."))
+        response.headers.append(("X-Request-ID", request.request_id))
+        start_response("%d %s" % (response.status, REASONS.get(response.status, "")), response.headers)
+        self._log_access(request, response, started)
+        if request.method == "HEAD":
+            if hasattr(response.body, "close"):
+                response.body.close()
+            return []
+        return response.body
+
+    def _dispatch(self, request):
+        route = self.routes.get(request.path)
+        if route is None:
+            raise errors.NotFound("There is nothing at %s." % request.path)
+        if request.method not in route.methods:
+            raise errors.MethodNotAllowed(request.method, route.methods)
+        if not route.open_access:
+            self._authenticate(request)
+        return getattr(self, route.handler)(request)
+
+    def _authenticate(self, request):
+        auth = self.config.auth
+        if not auth.enabled:
+            return
+        given = (request.header("X-API-Key") or "").encode("utf-8")
+        if not hmac.compare_digest(given, auth.api_key.encode("utf-8")):
+            raise errors.Unauthorized("A valid X-API-Key header is required.")
+
+    def _error(self, request, exc):
+        payload = {"error": exc.message, "code": exc.code, "request_id": request.request_id}
+        if exc.status >= 500:
+            log.warning("%s", exc.message, extra={"fields": {"request_id": request.request_id, "status": exc.status}})
+        return Response.json(exc.status, payload, exc.headers)
+
+    def _log_access(self, request, response, started):
+        fields = {
+            "method": request.method,
+            "path": request.path,
+            "status": response.status,
+            "bytes": response.length,
+            "duration_ms": int((time.monotonic() - started) * 1000),
+            "request_id": request.request_id,
+        }
+        if request.accessions:
+            fields["accessions"] = ",".join(request.accessions)
+        access_log.info("request", extra={"fields": fields})
+
+    # -- handlers ---------------------------------------------------------
+
+    def health(self, request):
+        strict = request.param("strict")
+        if strict not in (None, "", "0", "1"):
+            raise errors.BadRequest("strict must be 0 or 1.")
+        report = self.service.health.report()
+        degraded = report["status"] != "ok"
+        return Response.json(503 if degraded and strict == "1" else 200, report)

@@ -1,0 +1,156 @@
+"""Shared fixtures: a real dcmqrscp PACS seeded with synthetic studies, a
+configuration pointing at it, a started Service, and a tiny WSGI client.
+
+Everything listens on loopback ports chosen free at run time.
+"""
+
+import io
+import json
+import os
+import shutil
+import sys
+import threading
+
+import pytest
+import yaml
+
+from mkiso import config as configuration, demo
+from mkiso.service import Service
+
+DCMTK_DIR = os.path.dirname(shutil.which("findscu") or "/usr/bin/findscu")
+
+
+@pytest.fixture(scope="session")
+def receiver_port():
+    """The one port the PACS has on file for our AE title CDRECORD."""
+    return demo.free_port()
+
+
+@pytest.fixture(scope="session")
+def archive(tmp_path_factory, receiver_port):
+    """The studies the PACS holds, started as a real dcmqrscp for the session."""
+    studies = demo.sample_studies()
+    pacs = demo.Dcmqrscp(str(tmp_path_factory.mktemp("pacs")), demo.free_port(), {"CDRECORD": receiver_port},
+                         dcmtk_dir=DCMTK_DIR)
+    pacs.add_studies(studies)
+    pacs.start()
+    yield Archive(pacs, studies)
+    pacs.stop()
+
+
+class Archive:
+    def __init__(self, pacs, studies):
+        self.pacs = pacs
+        self.studies = studies
+
+    def by_accession(self, accession):
+        return [study for study in self.studies if study.accession == accession]
+
+    def sop_uids(self, *accessions):
+        return {uid for accession in accessions for study in self.by_accession(accession) for uid in study.sop_uids}
+
+
+@pytest.fixture
+def settings(tmp_path, archive, receiver_port):
+    """A config dict for a service against the archive; tests adjust it before use."""
+    return {
+        "pacs": {"ae_title": "ABPACS", "host": "127.0.0.1", "port": archive.pacs.port},
+        "receiver": {"ae_title": "CDRECORD", "port": receiver_port},
+        "paths": {"work_dir": str(tmp_path / "work")},
+        "tools": {"dcmtk_dir": DCMTK_DIR, "genisoimage": shutil.which("genisoimage") or "/usr/bin/genisoimage"},
+        "timeouts": {"find_s": 10, "move_s": 60, "iso_s": 60, "store_s": 60, "shutdown_s": 5},
+        "limits": {"min_free_bytes": 1000000},
+    }
+
+
+def write_config(path, settings):
+    with open(path, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(settings, handle, allow_unicode=True)
+    return str(path)
+
+
+@pytest.fixture
+def make_service(tmp_path, settings):
+    """Start a Service from ``settings`` (after the test changed them)."""
+    started = []
+
+    def make(**overrides):
+        merged = {section: dict(values) for section, values in settings.items()}
+        for section, values in overrides.items():
+            merged.setdefault(section, {}).update(values)
+        config = configuration.load(write_config(tmp_path / "config.yaml", merged))
+        service = Service(config)
+        service.start()
+        started.append(service)
+        assert service.receiver.wait_ready(), "the receiver did not start"
+        return service
+
+    yield make
+    for service in started:
+        service.stop()
+
+
+class WsgiResponse:
+    def __init__(self, status, headers, body):
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def header(self, name):
+        for key, value in self.headers:
+            if key.lower() == name.lower():
+                return value
+        return None
+
+    def json(self):
+        return json.loads(self.body.decode("utf-8"))
+
+
+def call(app, path, method="GET", query="", headers=None):
+    """Call a WSGI app in-process, as a server would, and read the whole answer."""
+    environ = {
+        "REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query, "SERVER_NAME": "localhost",
+        "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.input": io.BytesIO(b""),
+        "wsgi.errors": sys.stderr, "wsgi.url_scheme": "http", "wsgi.multithread": True,
+        "wsgi.multiprocess": False, "wsgi.run_once": False, "wsgi.version": (1, 0),
+    }
+    for name, value in (headers or {}).items():
+        environ["HTTP_" + name.upper().replace("-", "_")] = value
+    captured = {}
+
+    def start_response(status, response_headers, exc_info=None):
+        captured["status"] = int(status.split()[0])
+        captured["headers"] = response_headers
+
+    body = app(environ, start_response)
+    try:
+        data = b"".join(body)
+    finally:
+        if hasattr(body, "close"):
+            body.close()
+    return WsgiResponse(captured["status"], captured["headers"], data)
+
+
+@pytest.fixture
+def wsgi_call():
+    return call
+
+
+@pytest.fixture
+def live_server():
+    """Serve a WSGI app with waitress in a thread on a free port; yields its base URL."""
+    from waitress.server import create_server
+
+    servers = []
+
+    def serve(app):
+        server = create_server(app, host="127.0.0.1", port=0, threads=8)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        return "http://127.0.0.1:%d" % server.effective_port
+
+    yield serve
+    for server, thread in servers:
+        server.close()
+        server.task_dispatcher.shutdown()

@@ -1,0 +1,71 @@
+"""The health report against a real dcmqrscp and a real receiver."""
+
+import socket
+
+from mkiso import demo, web
+
+
+def test_all_ok_against_the_real_pacs(make_service, wsgi_call):
+    service = make_service()
+    response = wsgi_call(web.Application(service.config, service), "/api/health", query="strict=1")
+    body = response.json()
+    assert response.status == 200, body
+    assert body["status"] == "ok"
+    assert set(body["checks"]) == {"tools", "work_dir", "receiver", "pacs", "publisher", "viewer"}
+    assert all(check["ok"] for check in body["checks"].values())
+    assert "C-ECHO" in body["checks"]["pacs"]["detail"]
+    assert body["checks"]["publisher"]["detail"] == "not configured"
+    assert "listening on port %d" % service.config.receiver.port in body["checks"]["receiver"]["detail"]
+
+
+def test_pacs_down_is_degraded_and_strict_503(make_service, settings, wsgi_call):
+    settings["pacs"]["port"] = demo.free_port()  # nothing listens there
+    service = make_service()
+    app = web.Application(service.config, service)
+    response = wsgi_call(app, "/api/health")
+    body = response.json()
+    assert response.status == 200 and body["status"] == "degraded"
+    assert body["checks"]["pacs"]["ok"] is False
+    assert "Connection refused" in body["checks"]["pacs"]["detail"]
+    assert wsgi_call(app, "/api/health", query="strict=1").status == 503
+
+
+def test_silent_pacs_fails_within_timeout(make_service, settings, wsgi_call):
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(5)
+        settings["pacs"]["port"] = silent.getsockname()[1]
+        settings["timeouts"]["find_s"] = 2
+        service = make_service()
+        body = wsgi_call(web.Application(service.config, service), "/api/health").json()
+    assert body["checks"]["pacs"]["ok"] is False
+
+
+def test_wrong_tool_path_is_degraded(make_service, settings, wsgi_call, tmp_path):
+    settings["tools"]["genisoimage"] = str(tmp_path / "no-genisoimage")
+    service = make_service()
+    app = web.Application(service.config, service)
+    body = wsgi_call(app, "/api/health").json()
+    assert body["checks"]["tools"]["ok"] is False
+    assert "no-genisoimage" in body["checks"]["tools"]["detail"]
+    assert wsgi_call(app, "/api/health", query="strict=1").status == 503
+
+
+def test_publisher_configured_but_down(make_service, wsgi_call):
+    service = make_service(publisher={"host": "127.0.0.1", "port": demo.free_port()})
+    body = wsgi_call(web.Application(service.config, service), "/api/health").json()
+    assert body["checks"]["publisher"]["ok"] is False
+    assert body["status"] == "degraded"
+
+
+def test_viewer_missing_is_degraded(make_service, tmp_path, wsgi_call):
+    service = make_service(iso={"viewer_dir": str(tmp_path / "no-viewer")})
+    body = wsgi_call(web.Application(service.config, service), "/api/health").json()
+    assert body["checks"]["viewer"] == {"ok": False, "detail": "viewer folder %s is missing" % (tmp_path / "no-viewer")}
+
+
+def test_work_dir_below_free_space_limit(make_service, wsgi_call):
+    service = make_service(limits={"min_free_bytes": 10 ** 18})
+    body = wsgi_call(web.Application(service.config, service), "/api/health").json()
+    assert body["checks"]["work_dir"]["ok"] is False
+    assert "below limits.min_free_bytes" in body["checks"]["work_dir"]["detail"]
