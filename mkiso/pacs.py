@@ -102,12 +102,15 @@ def echo(tool, calling_ae, peer, timeout):
 
 
 def failure_reason(output):
-    """The most telling line of a failed dcmtk run, without its log prefix."""
-    lines = [line[3:].strip() for line in output.splitlines() if line[:3] in ("F: ", "E: ", "W: ")]
+    """What a failed dcmtk run said, from its error lines, without log prefixes."""
+    lines = [line[3:].strip() for line in output.splitlines() if line[:3] in ("F: ", "E: ")]
     for line in lines:
         if line.startswith("Reason:"):
             return "association rejected: " + line[len("Reason:"):].strip()
-    return lines[0] if lines else (output.strip().splitlines() or ["no output"])[-1]
+    if not lines:
+        lines = [line[3:].strip() for line in output.splitlines() if line[:3] == "W: "]
+    reason = " ".join(line for line in lines if line)[:300]
+    return reason or (output.strip().splitlines() or ["no output"])[-1]
 
 
 def raise_for_failure(output, peer, what):

@@ -9,6 +9,7 @@ import os
 import shutil
 
 from . import health, pacs, process, receiver
+from .jobs import Jobs
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ class Service:
             self.publisher = pacs.Peer(
                 "publisher", config.publisher.ae_title, config.publisher.host, config.publisher.port)
         self.health = health.Health(config, self.receiver, self.pacs, self.publisher)
+        self.jobs = Jobs(config, self.pacs, self.receiver, self.path(JOBS), self.path(RETRIEVALS))
 
     def path(self, *parts):
         return os.path.join(self.work_dir, *parts)

@@ -7,20 +7,19 @@ every exception becomes the JSON error body of SPEC §2 in ``_error``.
 """
 
 import hmac
-import json
 import logging
 import re
 import time
 import uuid
 from urllib.parse import parse_qs
 
-from . import errors
+from . import accessions, delivery, errors
+from .responses import Response
 
 log = logging.getLogger("mkiso.web")
 access_log = logging.getLogger("mkiso.access")
 
 SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-JSON_TYPE = "application/json; charset=utf-8"
 
 REASONS = {
     200: "OK", 206: "Partial Content", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
@@ -42,6 +41,8 @@ class Route:
 
 ROUTES = {
     "/api/health": Route("health", open_access=True),
+    "/api/iso/download": Route("download", legacy=("/mkiso.php", "/mkiso2.php")),
+    "/api/iso/download-multiple": Route("download_multiple", legacy=("/mkiso_multiple.php",)),
 }
 
 
@@ -77,20 +78,6 @@ class Request:
 
     def header(self, name):
         return self.environ.get("HTTP_" + name.upper().replace("-", "_"))
-
-
-class Response:
-    def __init__(self, status, headers, body, length):
-        self.status = status
-        self.headers = headers
-        self.body = body
-        self.length = length
-
-    @classmethod
-    def json(cls, status, payload, headers=()):
-        data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
-        return cls(status, [("Content-Type", JSON_TYPE), ("Content-Length", str(len(data)))] + list(headers),
-                   [data], len(data))
 
 
 class Application:
@@ -165,3 +152,20 @@ class Application:
         report = self.service.health.report()
         degraded = report["status"] != "ok"
         return Response.json(503 if degraded and strict == "1" else 200, report)
+
+    def download(self, request):
+        wanted = self._accessions(request, ("accession_number",), several=False)
+        iso = self.service.jobs.make_iso(wanted, request.request_id, named_by_patient=False)
+        return delivery.iso_response(request.environ, iso)
+
+    def download_multiple(self, request):
+        wanted = self._accessions(request, ("accession_numbers", "accession_number"), several=True)
+        iso = self.service.jobs.make_iso(wanted, request.request_id, named_by_patient=True)
+        return delivery.iso_response(request.environ, iso)
+
+    def _accessions(self, request, names, several):
+        """Accessions from the first of ``names`` present; checked before anything runs."""
+        name = next((name for name in names if name in request.query), names[0])
+        wanted = accessions.parse(request.param(name), name, several, self.config.limits.max_accessions)
+        request.accessions = wanted
+        return wanted

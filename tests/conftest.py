@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from mkiso import config as configuration, demo
-from mkiso.service import Service
+from mkiso.service import JOBS, RETRIEVALS, Service
 
 DCMTK_DIR = os.path.dirname(shutil.which("findscu") or "/usr/bin/findscu")
 
@@ -29,7 +29,10 @@ def receiver_port():
 @pytest.fixture(scope="session")
 def archive(tmp_path_factory, receiver_port):
     """The studies the PACS holds, started as a real dcmqrscp for the session."""
-    studies = demo.sample_studies()
+    studies = demo.sample_studies() + [
+        # large enough (about 10 MB) that a client can hang up in the middle of the ISO
+        demo.SampleStudy("PAT-4001", "ROE^RICHARD", "BIG01", series=(20,), image_bytes=512 * 1024),
+    ]
     pacs = demo.Dcmqrscp(str(tmp_path_factory.mktemp("pacs")), demo.free_port(), {"CDRECORD": receiver_port},
                          dcmtk_dir=DCMTK_DIR)
     pacs.add_studies(studies)
@@ -87,7 +90,9 @@ def make_service(tmp_path, settings):
 
     yield make
     for service in started:
+        leftovers = [name for folder in (JOBS, RETRIEVALS) for name in os.listdir(service.path(folder))]
         service.stop()
+        assert leftovers == [], "job files left behind in the work dir"
 
 
 class WsgiResponse:
@@ -148,7 +153,7 @@ def live_server():
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         servers.append((server, thread))
-        return "http://127.0.0.1:%d" % server.effective_port
+        return "http://127.0.0.1:%s" % server.effective_port
 
     yield serve
     for server, thread in servers:

@@ -1,0 +1,181 @@
+"""The disc: staging tree, DICOMDIR and ISO image (SPEC §4).
+
+``pdi`` follows PS3.10/PS3.11/PS3.12 and IHE PDI: the images under
+DICOM/PATnnnnn/STUnnnnn/SERnnnnn/IMGnnnnn (file IDs of at most 8 characters
+of A-Z 0-9 _, no extension), one DICOMDIR at the root referencing every
+image, README.TXT and the viewer's files.  ``legacy`` reproduces the old
+scripts: the viewer at the root and the received files in a folder DICOMDIR/.
+
+The DICOMDIR is made by dcmmkdir with ``+I`` (missing StudyID, SeriesNumber
+or InstanceNumber are invented rather than the image dropped) and then read
+back: every staged image must be referenced and every reference staged.
+"""
+
+import datetime
+import logging
+import os
+import re
+
+import pydicom
+
+from . import __version__, errors, fastcopy, process
+
+log = logging.getLogger(__name__)
+
+FILE_ID = re.compile(r"^[A-Z0-9_]{1,8}$")
+PDI_RESERVED = {"DICOMDIR", "DICOM", "README.TXT"}
+LEGACY_FOLDER = "DICOMDIR"
+SECTOR = 2048
+
+
+def _sort_number(value):
+    return (value is None, value if value is not None else 0)
+
+
+def pdi_paths(files):
+    """(received file, path on the disc) for every image, in PDI order."""
+    patients = {}
+    for received in files:
+        studies = patients.setdefault(received.patient_id, {})
+        series = studies.setdefault(received.study_uid, {})
+        series.setdefault(received.series_uid, []).append(received)
+    placed = []
+    for p, studies in enumerate(patients.values(), start=1):
+        for s, series in enumerate(studies.values(), start=1):
+            ordered = sorted(series.values(), key=lambda images: (_sort_number(images[0].series_number),
+                                                                  images[0].series_uid))
+            for r, images in enumerate(ordered, start=1):
+                images = sorted(images, key=lambda image: (_sort_number(image.instance_number), image.sop_uid))
+                for i, image in enumerate(images, start=1):
+                    path = "DICOM/PAT%05d/STU%05d/SER%05d/IMG%05d" % (p, s, r, i)
+                    placed.append((image, path))
+    return placed
+
+
+def legacy_paths(files):
+    """(received file, path on the disc): DICOMDIR/<name as received>."""
+    placed, taken = [], set()
+    for received in files:
+        name = os.path.basename(received.path)
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        placed.append((received, LEGACY_FOLDER + "/" + name))
+    return placed
+
+
+def viewer_paths(viewer_dir, reserved):
+    """(source, path on the disc) for the viewer's files, at the disc root."""
+    placed = []
+    if not viewer_dir:
+        return placed
+    for folder, dirs, names in os.walk(viewer_dir):
+        relative = os.path.relpath(folder, viewer_dir)
+        for name in sorted(names):
+            path = name if relative == "." else os.path.join(relative, name)
+            if path.split(os.sep)[0].upper() in reserved:
+                log.warning("viewer file %s clashes with the disc's own and is left out", path)
+                continue
+            placed.append((os.path.join(folder, name), path))
+    return placed
+
+
+def readme_text(studies, image_count, layout):
+    where = "DICOMDIR at the root lists every image" if layout == "pdi" else "the images are in the folder DICOMDIR"
+    return (
+        "This disc holds %d DICOM stud%s with %d images (%s).\r\n"
+        "Open it with the DICOM viewer on the disc or any DICOM viewer.\r\n"
+        "Made by mkiso %s on %s.\r\n"
+        % (len(studies), "y" if len(studies) == 1 else "ies", image_count, where, __version__,
+           datetime.date.today().isoformat())
+    )
+
+
+def stage(staging, files, studies, layout, viewer_dir):
+    """Lay the disc out in ``staging``; returns the disc paths of the images."""
+    if layout == "pdi":
+        images, reserved = pdi_paths(files), PDI_RESERVED
+    else:
+        images, reserved = legacy_paths(files), {LEGACY_FOLDER}
+    pairs = [(received.path, path) for received, path in images] + viewer_paths(viewer_dir, reserved)
+    for folder in sorted({os.path.dirname(path) for _, path in pairs} - {""}):
+        os.makedirs(os.path.join(staging, folder), exist_ok=True)
+    fastcopy.place_files([(source, os.path.join(staging, path)) for source, path in pairs])
+    if layout == "pdi":
+        with open(os.path.join(staging, "README.TXT"), "w", encoding="ascii") as handle:
+            handle.write(readme_text(studies, len(images), layout))
+    return [path for _, path in images]
+
+
+def make_dicomdir(staging, dcmmkdir, timeout):
+    """Run dcmmkdir over DICOM/ in the staging tree."""
+    args = [dcmmkdir, "+I", "-Nxc", "-Nec", "-Nrc", "+F", "MKISO", "-nb", "+r", "+D", "DICOMDIR", "DICOM"]
+    result = _run(args, timeout, "dcmmkdir", cwd=staging)
+    if result.returncode != 0 or not os.path.exists(os.path.join(staging, "DICOMDIR")):
+        raise errors.MkisoError("dcmmkdir could not make the DICOMDIR: %s" % _last_error(result.output),
+                                code="dicomdir_failed")
+
+
+def check_dicomdir(staging, image_paths):
+    """Every image referenced once, every reference an image, IDs well-formed."""
+    dicomdir = pydicom.dcmread(os.path.join(staging, "DICOMDIR"))
+    referenced = []
+    for record in dicomdir.DirectoryRecordSequence:
+        file_id = record.get("ReferencedFileID")
+        if file_id is None:
+            continue
+        parts = [file_id] if isinstance(file_id, str) else list(file_id)
+        if len(parts) > 8 or not all(FILE_ID.match(part) for part in parts):
+            raise errors.MkisoError("The DICOMDIR has an invalid file ID %s." % "\\".join(parts),
+                                    code="dicomdir_failed")
+        referenced.append("/".join(parts))
+    if len(referenced) != len(image_paths) or set(referenced) != set(image_paths):
+        raise errors.MkisoError(
+            "The DICOMDIR references %d files but the disc holds %d images." % (len(referenced), len(image_paths)),
+            code="dicomdir_failed")
+
+
+def volume_label(configured, accessions):
+    """ISO 9660 volume ID: d-characters only, at most 32."""
+    label = configured or (accessions[0] if len(accessions) == 1 else "MKISO")
+    label = re.sub(r"[^A-Z0-9_]", "_", label.upper())[:32]
+    return label or "MKISO"
+
+
+def genisoimage_args(genisoimage, staging, label):
+    return [genisoimage, "-quiet", "-J", "-joliet-long", "-r", "-input-charset", "utf-8", "-V", label, staging]
+
+
+def iso_size(genisoimage, staging, label, timeout):
+    """The exact size the ISO will have, from genisoimage -print-size."""
+    args = genisoimage_args(genisoimage, staging, label)
+    result = _run(args[:1] + ["-print-size"] + args[1:], timeout, "genisoimage")
+    sectors = re.findall(r"^\s*(\d+)\s*$", result.output, re.M)
+    if result.returncode != 0 or not sectors:
+        raise errors.MkisoError("genisoimage could not size the disc: %s" % _last_error(result.output),
+                                code="iso_failed")
+    return int(sectors[-1]) * SECTOR
+
+
+def make_iso(genisoimage, staging, label, iso_path, timeout):
+    args = genisoimage_args(genisoimage, staging, label)
+    result = _run(args[:1] + ["-o", iso_path] + args[1:], timeout, "genisoimage")
+    if result.returncode != 0 or not os.path.exists(iso_path):
+        if "No space left" in result.output:
+            raise errors.InsufficientStorage("The work dir ran out of space while writing the ISO.")
+        raise errors.MkisoError("genisoimage failed: %s" % _last_error(result.output), code="iso_failed")
+
+
+def _run(args, timeout, name, cwd=None):
+    try:
+        return process.run(args, timeout, cwd=cwd)
+    except process.ToolTimeout:
+        raise errors.UpstreamTimeout("%s did not finish within %ss." % (name, timeout), code="tool_timeout")
+    except process.ToolMissing as exc:
+        raise errors.MkisoError(str(exc), code="tool_missing")
+
+
+def _last_error(output):
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    errors_only = [line for line in lines if line.startswith(("E:", "F:"))]
+    return (errors_only or lines or ["no output"])[-1]

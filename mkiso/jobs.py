@@ -1,0 +1,169 @@
+"""A job: accession numbers in, a checked disc (or relayed images) out.
+
+find every study (404 names the accession without one), refuse a mix of
+patients (409), retrieve each study once (shared with concurrent jobs),
+stage the disc, make and check the DICOMDIR, size it (413/507), build the
+ISO.  A job owns one folder under the work dir; it is removed on any
+failure, and on success when the ISO's response is closed.
+"""
+
+import errno
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from contextlib import contextmanager
+
+from . import delivery, disc, errors
+from .retrieval import Retrievals
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 30
+
+
+class Iso:
+    """A finished ISO waiting to be sent; ``cleanup`` removes the job folder."""
+
+    def __init__(self, path, size, stem, fallback_stem, folder):
+        self.path = path
+        self.size = size
+        self.stem = stem
+        self.fallback_stem = fallback_stem
+        self.folder = folder
+
+    def cleanup(self):
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class Jobs:
+    def __init__(self, config, pacs, receiver, jobs_dir, retrievals_dir):
+        self.config = config
+        self.pacs = pacs
+        self.jobs_dir = jobs_dir
+        self.retrievals = Retrievals(pacs, receiver, retrievals_dir)
+        self._slots = threading.BoundedSemaphore(config.limits.max_jobs)
+        self._active = 0
+        self._lock = threading.Lock()
+
+    @property
+    def active(self):
+        return self._active
+
+    @contextmanager
+    def job(self, request_id):
+        """A job slot and folder; 503 when all slots are taken.
+
+        The folder is removed if the job fails; on success it holds the
+        result and the caller removes it once the result is delivered.
+        """
+        if not self._slots.acquire(blocking=False):
+            raise errors.Unavailable(
+                "All %d job slots are busy; try again shortly." % self.config.limits.max_jobs,
+                code="busy", retry_after=RETRY_AFTER_S)
+        with self._lock:
+            self._active += 1
+        folder = None
+        try:
+            self.check_free_space()
+            folder = tempfile.mkdtemp(prefix="job-%s-" % request_id[:32], dir=self.jobs_dir)
+            yield folder
+        except BaseException:
+            if folder:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+        finally:
+            with self._lock:
+                self._active -= 1
+            self._slots.release()
+
+    # -- steps ------------------------------------------------------------
+
+    def find(self, accessions, folder):
+        studies = []
+        for accession in accessions:
+            found = self.pacs.find_studies(accession, folder)
+            if not found:
+                raise errors.NotFound("The PACS has no study for accession number %s." % accession,
+                                      code="study_not_found")
+            studies += found
+        unique = {}
+        for study in studies:
+            unique.setdefault(study.study_uid, study)
+        self.check_one_patient(list(unique.values()))
+        return list(unique.values())
+
+    def check_one_patient(self, studies):
+        patients = {study.patient_id for study in studies}
+        if len(patients) > 1 and not self.config.limits.allow_multi_patient:
+            raise errors.Conflict(
+                "The accession numbers %s belong to %d different patients; one disc holds one patient."
+                % (", ".join(sorted({s.accession for s in studies})), len(patients)))
+
+    @contextmanager
+    def retrieved(self, studies):
+        """Every study's verified files, released when the block ends."""
+        held = []
+        try:
+            for study in studies:
+                held.append(self.retrievals.get(study))
+            yield [received for retrieval in held for received in retrieval.files]
+        finally:
+            for retrieval in held:
+                self.retrievals.release(retrieval)
+
+    def check_free_space(self, needed=0):
+        stat = os.statvfs(self.jobs_dir)
+        free = stat.f_bavail * stat.f_frsize
+        wanted = needed + self.config.limits.min_free_bytes
+        if free < wanted:
+            raise errors.InsufficientStorage(
+                "The work dir has %d bytes free; this needs %d (including limits.min_free_bytes)." % (free, wanted))
+
+    # -- the download -----------------------------------------------------
+
+    def make_iso(self, accessions, request_id, named_by_patient):
+        """Build the disc for ``accessions``; the caller sends and cleans up the Iso.
+
+        The file is named after the accession, or with ``named_by_patient``
+        after the patient.
+        """
+        with self.job(request_id) as folder:
+            try:
+                return self._make_iso(accessions, folder, named_by_patient)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise errors.InsufficientStorage("The work dir ran out of space while making the disc.")
+                raise
+
+    def _make_iso(self, accessions, folder, named_by_patient):
+        config = self.config
+        studies = self.find(accessions, folder)
+        staging = os.path.join(folder, "disc")
+        os.mkdir(staging)
+        with self.retrieved(studies) as files:
+            image_paths = disc.stage(staging, files, studies, config.iso.layout, config.iso.viewer_dir)
+        if config.iso.layout == "pdi":
+            dcmmkdir = os.path.join(config.tools.dcmtk_dir, "dcmmkdir")
+            disc.make_dicomdir(staging, dcmmkdir, config.timeouts.iso_s)
+            disc.check_dicomdir(staging, image_paths)
+        label = disc.volume_label(config.iso.volume_label, accessions)
+        size = disc.iso_size(config.tools.genisoimage, staging, label, config.timeouts.iso_s)
+        if size > config.iso.max_bytes:
+            raise errors.TooLarge("The disc would hold %d bytes, more than iso.max_bytes %d."
+                                  % (size, config.iso.max_bytes))
+        self.check_free_space(size)
+        iso_path = os.path.join(folder, "disc.iso")
+        disc.make_iso(config.tools.genisoimage, staging, label, iso_path, config.timeouts.iso_s)
+        shutil.rmtree(staging)
+        log.info("iso built", extra={"fields": {
+            "accessions": ",".join(accessions), "studies": len(studies), "images": len(image_paths),
+            "bytes": size}})
+        stem = self.patient_name(studies) if named_by_patient else accessions[0]
+        return Iso(iso_path, os.path.getsize(iso_path), delivery.patient_stem(stem) if named_by_patient else stem,
+                   accessions[0], folder)
+
+    def patient_name(self, studies):
+        """The name the multi-study disc is called by: the PACS' C-FIND answer."""
+        return studies[0].patient_name

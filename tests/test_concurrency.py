@@ -1,0 +1,100 @@
+"""Through a real waitress server: parallel jobs each get exactly their own
+study, and a job's files go when the response closes, even mid-transfer."""
+
+import os
+import shutil
+import socket
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from mkiso import web
+from discs import check_pdi, open_iso
+from mkiso.service import JOBS, RETRIEVALS
+
+
+@pytest.fixture
+def server(make_service, live_server):
+    service = make_service(limits={"max_jobs": 8})
+    return service, live_server(web.Application(service.config, service))
+
+
+def fetch(url, timeout=120):
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as answer:
+            return answer.status, dict(answer.headers), answer.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+def job_files(service):
+    return [name for folder in (JOBS, RETRIEVALS) for name in os.listdir(service.path(folder))]
+
+
+def wait_until_clean(service, timeout=15):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and job_files(service):
+        time.sleep(0.05)
+    return job_files(service)
+
+
+def test_parallel_downloads_each_hold_exactly_their_own_studies(server, archive, tmp_path):
+    service, base = server
+    wanted = [
+        ("/api/iso/download?accession_number=ACC2001", ("ACC2001",)),
+        ("/api/iso/download?accession_number=ACC2001", ("ACC2001",)),
+        ("/mkiso.php?accession_number=MR.180505.026", ("MR.180505.026",)),
+        ("/api/iso/download?accession_number=MR.180505.026", ("MR.180505.026",)),
+        ("/api/iso/download?accession_number=ACC3001", ("ACC3001",)),
+        ("/api/iso/download?accession_number=DUP01", ("DUP01",)),
+        ("/api/iso/download-multiple?accession_numbers=MR.180505.026,ACC1002", ("MR.180505.026", "ACC1002")),
+        ("/api/iso/download?accession_number=ACC3001", ("ACC3001",)),
+    ]
+    with ThreadPoolExecutor(len(wanted)) as pool:
+        answers = list(pool.map(lambda item: fetch(base + item[0]), wanted))
+    for index, ((path, accessions), (status, headers, body)) in enumerate(zip(wanted, answers)):
+        assert status == 200, (path, body[:300])
+        assert int(headers["Content-Length"]) == len(body)
+        iso_path = str(tmp_path / ("%d.iso" % index))
+        with open(iso_path, "wb") as handle:
+            handle.write(body)
+        check_pdi(open_iso(iso_path, str(tmp_path / str(index))), archive.sop_uids(*accessions))
+    assert wait_until_clean(service) == []
+
+
+def test_head_sends_headers_only_and_cleans_up(server):
+    service, base = server
+    request = urllib.request.Request(base + "/api/iso/download?accession_number=ACC2001", method="HEAD")
+    with urllib.request.urlopen(request, timeout=60) as answer:
+        assert answer.status == 200
+        assert int(answer.headers["Content-Length"]) > 0
+        assert answer.read() == b""
+    assert wait_until_clean(service) == []
+
+
+def test_client_hanging_up_mid_transfer_removes_the_job_files(server):
+    service, base = server
+    port = int(base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as client:
+        client.sendall(b"GET /api/iso/download?accession_number=BIG01 HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = client.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200")
+        length = int(first.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+        assert length > 8 * 1024 * 1024
+        assert job_files(service), "the ISO should still be there while it is being sent"
+    assert wait_until_clean(service) == []
+
+
+def test_busy_beyond_max_jobs_is_503_with_retry_after(make_service, wsgi_call):
+    service = make_service(limits={"max_jobs": 1})
+    app = web.Application(service.config, service)
+    with service.jobs.job("holder") as folder:
+        response = wsgi_call(app, "/api/iso/download", query="accession_number=ACC2001")
+    shutil.rmtree(folder)  # a finished job's folder is its caller's to remove
+    assert response.status == 503
+    assert response.header("Retry-After") == "30"
+    assert response.json()["code"] == "busy"
+    assert wsgi_call(app, "/api/iso/download", query="accession_number=ACC2001").status == 200

@@ -1,0 +1,132 @@
+"""What a retrieval accepts: the C-MOVE's own report and every file's header."""
+
+import os
+
+import pytest
+
+from mkiso import demo, errors, pacs
+from mkiso.retrieval import verify
+
+FINAL_SUCCESS = """\
+I: Received Move Response 1 (Pending)
+D: Completed Suboperations       : 1
+D: DIMSE Status                  : 0xff00: Pending: Sub-operations are continuing
+I: Received Final Move Response
+D: ===================== INCOMING DIMSE MESSAGE ====================
+D: Remaining Suboperations       : none
+D: Completed Suboperations       : 3
+D: Failed Suboperations          : 0
+D: Warning Suboperations         : 0
+D: DIMSE Status                  : 0x0000: Success: Sub-operations complete - No failures or warnings
+"""
+
+FINAL_REFUSED = """\
+W: Move response with error status (Refused: MoveDestinationUnknown)
+I: Received Final Move Response
+D: Remaining Suboperations       : none
+D: Completed Suboperations       : 0
+D: Failed Suboperations          : 0
+D: Warning Suboperations         : 0
+D: DIMSE Status                  : 0xa801: Refused: Move Destination unknown
+"""
+
+
+def test_parse_final_move_response():
+    move = pacs.parse_move_output(FINAL_SUCCESS)
+    assert (move.status, move.completed, move.failed, move.warning) == (0, 3, 0, 0)
+    assert move.succeeded and move.delivered == 3
+
+
+def test_parse_refused_move():
+    move = pacs.parse_move_output(FINAL_REFUSED)
+    assert move.status == 0xA801 and not move.succeeded
+    assert "Move Destination unknown" in move.status_text
+
+
+def test_no_final_response_is_none():
+    assert pacs.parse_move_output("E: Association Request Failed: connection refused") is None
+
+
+def test_failure_reasons():
+    assert pacs.failure_reason("F: Association Rejected:\nF: Result: Rejected Permanent\n"
+                               "F: Reason: Called AE Title Not Recognized\n") == \
+        "association rejected: Called AE Title Not Recognized"
+    assert "DUL network read timeout" in pacs.failure_reason(
+        "I: Requesting Association\nF: Association Request Failed:\nF: 0006:031a DUL network read timeout\n")
+    with pytest.raises(errors.UpstreamTimeout):
+        pacs.raise_for_failure("F: Association Request Failed:\nF: 0006:031a DUL network read timeout\n",
+                               "PACS", "C-FIND")
+    with pytest.raises(errors.UpstreamFailed):
+        pacs.raise_for_failure("E: Association Request Failed: Connection refused\n", "PACS", "C-FIND")
+
+
+@pytest.fixture
+def received(tmp_path):
+    sample = demo.SampleStudy("PAT-9", "TEST^ONE", "ACC9", series=(3,))
+    paths = demo.write_study(sample, str(tmp_path / "in"))
+    study = pacs.Study("ACC9", sample.study_uid, "PAT-9", "TEST^ONE")
+    return sample, study, paths
+
+
+def move(completed, failed=0, status=0):
+    return pacs.MoveResult(status, "Success" if status == 0 else "Failed", completed, failed, 0)
+
+
+def test_complete_study_passes(received):
+    sample, study, paths = received
+    files = verify(study, move(3), paths)
+    assert {f.sop_uid for f in files} == set(sample.sop_uids)
+    assert all(f.series_number == 1 for f in files)
+
+
+@pytest.mark.parametrize("result, message", [
+    (move(2, failed=1, status=0xB000), "did not deliver"),
+    (move(0, status=0xA801), "did not deliver"),
+    (move(4), "reported 4 images sent"),
+])
+def test_bad_move_reports_are_502(received, result, message):
+    _, study, paths = received
+    with pytest.raises(errors.UpstreamFailed, match=message) as caught:
+        verify(study, result, paths)
+    assert caught.value.status == 502
+
+
+def test_fewer_files_than_the_pacs_lists(received):
+    _, study, paths = received
+    study.instances = 5
+    with pytest.raises(errors.UpstreamFailed, match="lists 5 images"):
+        verify(study, move(3), paths)
+
+
+def test_no_files_at_all(received):
+    _, study, _ = received
+    with pytest.raises(errors.UpstreamFailed, match="sent no images"):
+        verify(study, move(None), [])
+
+
+def test_file_of_another_patient_stops_the_disc(received, tmp_path):
+    _, study, paths = received
+    other = demo.SampleStudy("PAT-OTHER", "OTHER^ONE", "ACC9", series=(1,))
+    other.study_uid = study.study_uid
+    paths = paths + demo.write_study(other, str(tmp_path / "other"))
+    with pytest.raises(errors.UpstreamFailed, match="another Patient ID") as caught:
+        verify(study, move(4), paths)
+    assert caught.value.code == "wrong_patient"
+
+
+def test_file_of_another_study_stops_the_disc(received, tmp_path):
+    _, study, paths = received
+    other = demo.SampleStudy("PAT-9", "TEST^ONE", "ACC9", series=(1,))
+    paths = paths + demo.write_study(other, str(tmp_path / "other"))
+    with pytest.raises(errors.UpstreamFailed, match="another study"):
+        verify(study, move(4), paths)
+
+
+def test_unreadable_file_stops_the_disc(received, tmp_path):
+    _, study, paths = received
+    broken = str(tmp_path / "broken")
+    with open(broken, "wb") as handle:
+        handle.write(b"not dicom at all")
+    with pytest.raises(errors.UpstreamFailed, match="could not be read as DICOM"):
+        verify(study, move(4), paths + [broken])
+    assert os.path.exists(broken)
