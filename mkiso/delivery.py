@@ -15,7 +15,7 @@ from .responses import Response
 
 ISO_TYPE = "application/x-iso9660-image"
 BLOCK = 1 << 20
-UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\"\'`:*?<>|;%]+')
+UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\"\'`:*?<>|;,%]+')
 
 
 def clean_name(text):

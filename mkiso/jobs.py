@@ -38,9 +38,11 @@ class Iso:
 
 
 class Jobs:
-    def __init__(self, config, pacs, receiver, jobs_dir, retrievals_dir):
+    def __init__(self, config, pacs, receiver, jobs_dir, retrievals_dir, publisher, patient_api):
         self.config = config
         self.pacs = pacs
+        self.publisher = publisher
+        self.patient_api = patient_api
         self.jobs_dir = jobs_dir
         self.retrievals = Retrievals(pacs, receiver, retrievals_dir)
         self._slots = threading.BoundedSemaphore(config.limits.max_jobs)
@@ -165,5 +167,23 @@ class Jobs:
                    accessions[0], folder)
 
     def patient_name(self, studies):
-        """The name the multi-study disc is called by: the PACS' C-FIND answer."""
-        return studies[0].patient_name
+        """The name a multi-study disc is called by: the patient API's, else the PACS'."""
+        return self.patient_api.name(studies[0].accession) or studies[0].patient_name
+
+    # -- print ------------------------------------------------------------
+
+    def print_studies(self, accessions, request_id):
+        """Relay every image of the accessions to the publisher (SPEC §5)."""
+        if self.publisher is None:
+            raise errors.Unavailable("Printing is not configured (publisher.host is empty).",
+                                     code="publisher_not_configured")
+        with self.job(request_id) as folder:
+            try:
+                studies = self.find(accessions, folder)
+                with self.retrieved(studies) as files:
+                    sent = self.publisher.send(files, folder)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+        log.info("sent to publisher", extra={"fields": {
+            "accessions": ",".join(accessions), "studies": len(studies), "images": sent}})
+        return {"status": "sent", "accessions": accessions, "studies": len(studies), "instances": sent}

@@ -113,12 +113,12 @@ def failure_reason(output):
     return reason or (output.strip().splitlines() or ["no output"])[-1]
 
 
-def raise_for_failure(output, peer, what):
+def raise_for_failure(output, peer, what, code="pacs_failed"):
     """Turn a failed dcmtk run into 504 (timeout) or 502 (anything else)."""
     reason = failure_reason(output)
     if "timeout" in reason.lower() or "timed out" in reason.lower():
         raise errors.UpstreamTimeout("%s: %s did not answer in time (%s)." % (what, peer, reason))
-    raise errors.UpstreamFailed("%s: %s failed: %s." % (what, peer, reason), code="pacs_failed")
+    raise errors.UpstreamFailed("%s: %s failed: %s." % (what, peer, reason), code=code)
 
 
 class Pacs:

@@ -10,6 +10,8 @@ import shutil
 
 from . import health, pacs, process, receiver
 from .jobs import Jobs
+from .patients import PatientApi
+from .publisher import Publisher
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,11 @@ class Service:
             self.publisher = pacs.Peer(
                 "publisher", config.publisher.ae_title, config.publisher.host, config.publisher.port)
         self.health = health.Health(config, self.receiver, self.pacs, self.publisher)
-        self.jobs = Jobs(config, self.pacs, self.receiver, self.path(JOBS), self.path(RETRIEVALS))
+        self.jobs = Jobs(
+            config, self.pacs, self.receiver, self.path(JOBS), self.path(RETRIEVALS),
+            publisher=Publisher(config, self.publisher) if self.publisher else None,
+            patient_api=PatientApi(config.patient_api),
+        )
 
     def path(self, *parts):
         return os.path.join(self.work_dir, *parts)

@@ -43,6 +43,7 @@ ROUTES = {
     "/api/health": Route("health", open_access=True),
     "/api/iso/download": Route("download", legacy=("/mkiso.php", "/mkiso2.php")),
     "/api/iso/download-multiple": Route("download_multiple", legacy=("/mkiso_multiple.php",)),
+    "/api/iso/print": Route("print_studies", legacy=("/send_rimage_multiple.php",)),
 }
 
 
@@ -162,6 +163,10 @@ class Application:
         wanted = self._accessions(request, ("accession_numbers", "accession_number"), several=True)
         iso = self.service.jobs.make_iso(wanted, request.request_id, named_by_patient=True)
         return delivery.iso_response(request.environ, iso)
+
+    def print_studies(self, request):
+        wanted = self._accessions(request, ("accession_number", "accession_numbers"), several=True)
+        return Response.json(200, self.service.jobs.print_studies(wanted, request.request_id))
 
     def _accessions(self, request, names, several):
         """Accessions from the first of ``names`` present; checked before anything runs."""

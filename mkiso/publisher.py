@@ -1,0 +1,81 @@
+"""Relaying images to the Rimage publisher with storescu (SPEC §5).
+
+One association per patient: the patient's images are linked into a folder
+of their own and sent with ``storescu +sd``.  storescu's exit code is no
+proof, so every "Sending file" must be answered by a "Received Store
+Response" with a success or warning status; anything less is a 502 that
+says how many were accepted and how many not.
+"""
+
+import logging
+import os
+import re
+
+from . import errors, fastcopy, pacs, process
+
+log = logging.getLogger(__name__)
+
+_RESPONSE = re.compile(r"^I: Received Store Response \((?P<status>[^)]*)\)", re.M)
+_SENDING = re.compile(r"^I: Sending file: ", re.M)
+
+
+class StoreReport:
+    """What storescu said about each image it sent."""
+
+    def __init__(self, attempted, accepted):
+        self.attempted = attempted
+        self.accepted = accepted
+
+
+def parse_store_output(output):
+    statuses = [match.group("status") for match in _RESPONSE.finditer(output)]
+    accepted = sum(1 for status in statuses if status.startswith(("Success", "Warning")))
+    return StoreReport(len(_SENDING.findall(output)), accepted)
+
+
+class Publisher:
+    def __init__(self, config, peer):
+        self.peer = peer
+        self.our_ae = config.receiver.ae_title
+        self.tool = os.path.join(config.tools.dcmtk_dir, "storescu")
+        self.connect_timeout = config.timeouts.find_s
+        self.store_timeout = config.timeouts.store_s
+
+    def send(self, files, folder):
+        """Send every file, one association per patient; raise unless all were accepted."""
+        by_patient = {}
+        for received in files:
+            by_patient.setdefault(received.patient_id, []).append(received)
+        accepted = 0
+        for number, images in enumerate(by_patient.values(), start=1):
+            batch = os.path.join(folder, "publish-%d" % number)
+            os.mkdir(batch)
+            fastcopy.place_files([(image.path, os.path.join(batch, "IMG%06d" % i)) for i, image in enumerate(images)])
+            try:
+                report = self._store(batch)
+            except errors.MkisoError as exc:
+                exc.message = "%s %d of %d images had been accepted before." % (exc.message, accepted, len(files))
+                raise
+            accepted += report.accepted
+            if report.accepted != len(images):
+                raise errors.UpstreamFailed(
+                    "The publisher %s accepted %d of %d images; %d were refused or not sent."
+                    % (self.peer, accepted, len(files), len(files) - accepted), code="publisher_failed")
+        return accepted
+
+    def _store(self, batch):
+        args = [self.tool, "-v", "-nh", "+sd", "+r"]
+        args += pacs.association_args(self.our_ae, self.peer, self.connect_timeout)
+        args += pacs.address_args(self.peer) + [batch]
+        try:
+            result = process.run(args, self.store_timeout)
+        except process.ToolTimeout:
+            raise errors.UpstreamTimeout(
+                "Sending to the publisher %s did not finish within %ss." % (self.peer, self.store_timeout),
+                code="publisher_timeout")
+        except process.ToolMissing as exc:
+            raise errors.MkisoError(str(exc), code="tool_missing")
+        report = parse_store_output(result.output)
+        if report.attempted == 0:
+            pacs.raise_for_failure(result.output, self.peer, "Sending to the publisher", code="publisher_failed")
+        return report
