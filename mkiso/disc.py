@@ -15,6 +15,7 @@ import datetime
 import logging
 import os
 import re
+import warnings
 
 import pydicom
 
@@ -118,7 +119,9 @@ def make_dicomdir(staging, dcmmkdir, timeout):
 
 def check_dicomdir(staging, image_paths):
     """Every image referenced once, every reference an image, IDs well-formed."""
-    dicomdir = pydicom.dcmread(os.path.join(staging, "DICOMDIR"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # pydicom 2.x: its DicomDir class
+        dicomdir = pydicom.dcmread(os.path.join(staging, "DICOMDIR"))
     referenced = []
     for record in dicomdir.DirectoryRecordSequence:
         file_id = record.get("ReferencedFileID")

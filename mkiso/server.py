@@ -59,6 +59,7 @@ class Server:
                 port=self.config.server.port,
                 threads=self.config.server.threads,
                 ident="mkiso",
+                clear_untrusted_proxy_headers=True,
             )
         except OSError as exc:
             log.error("cannot listen on %s:%s: %s", self.config.server.host, self.config.server.port, exc.strerror)

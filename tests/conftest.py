@@ -149,7 +149,7 @@ def live_server():
     servers = []
 
     def serve(app):
-        server = create_server(app, host="127.0.0.1", port=0, threads=8)
+        server = create_server(app, host="127.0.0.1", port=0, threads=8, clear_untrusted_proxy_headers=True)
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         servers.append((server, thread))
