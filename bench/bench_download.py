@@ -11,6 +11,7 @@ twin.  Ratios, not absolute numbers, are what carries across machines.
 """
 
 import argparse
+import functools
 import os
 import shutil
 import subprocess
@@ -104,7 +105,7 @@ def staging_rows(source_files, root):
                     folder = os.path.join(base, name)
                     os.makedirs(folder)
                     pairs = [(path, os.path.join(folder, "IMG%05d" % i)) for i, path in enumerate(source_files)]
-                    seconds, _ = timed(lambda: place(pairs))
+                    seconds, _ = timed(functools.partial(place, pairs))
                     results[name] = min(seconds, results.get(name, seconds))
                     shutil.rmtree(folder)
             rows.append((kind, results))

@@ -70,7 +70,7 @@ def viewer_paths(viewer_dir, reserved):
     placed = []
     if not viewer_dir:
         return placed
-    for folder, dirs, names in os.walk(viewer_dir):
+    for folder, _, names in os.walk(viewer_dir):
         relative = os.path.relpath(folder, viewer_dir)
         for name in sorted(names):
             path = name if relative == "." else os.path.join(relative, name)

@@ -7,7 +7,7 @@ the same time so a silent peer costs one timeout, not two.
 
 import os
 import tempfile
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from . import __version__, pacs, process
 
@@ -32,22 +32,17 @@ class Health:
 
     def report(self):
         """{"status": "ok"|"degraded", "version": ..., "checks": {...}}."""
-        echoes = {}
-        threads = [
-            threading.Thread(target=lambda: echoes.__setitem__("pacs", self.check_pacs())),
-            threading.Thread(target=lambda: echoes.__setitem__("publisher", self.check_publisher())),
-        ]
-        for thread in threads:
-            thread.start()
-        checks = {
-            "tools": self.check_tools(),
-            "work_dir": self.check_work_dir(),
-            "receiver": self.check_receiver(),
-        }
-        for thread in threads:
-            thread.join()
-        checks.update(echoes)
-        checks["viewer"] = self.check_viewer()
+        with ThreadPoolExecutor(2) as pool:
+            pacs_echo = pool.submit(self.check_pacs)
+            publisher_echo = pool.submit(self.check_publisher)
+            checks = {
+                "tools": self.check_tools(),
+                "work_dir": self.check_work_dir(),
+                "receiver": self.check_receiver(),
+                "pacs": pacs_echo.result(),
+                "publisher": publisher_echo.result(),
+                "viewer": self.check_viewer(),
+            }
         healthy = all(check.ok for check in checks.values())
         return {
             "status": "ok" if healthy else "degraded",

@@ -59,7 +59,7 @@ class Publisher:
             accepted += report.accepted
             if report.accepted != len(images):
                 raise errors.UpstreamFailed(
-                    "The publisher %s accepted %d of %d images; %d were refused or not sent."
+                    "%s accepted %d of %d images; %d were refused or not sent."
                     % (self.peer, accepted, len(files), len(files) - accepted), code="publisher_failed")
         return accepted
 

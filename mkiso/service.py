@@ -30,7 +30,7 @@ class Service:
         self.publisher = None
         if config.publisher.host:
             self.publisher = pacs.Peer(
-                "publisher", config.publisher.ae_title, config.publisher.host, config.publisher.port)
+                "Publisher", config.publisher.ae_title, config.publisher.host, config.publisher.port)
         self.health = health.Health(config, self.receiver, self.pacs, self.publisher)
         self.jobs = Jobs(
             config, self.pacs, self.receiver, self.path(JOBS), self.path(RETRIEVALS),

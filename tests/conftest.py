@@ -152,10 +152,10 @@ def live_server():
         server = create_server(app, host="127.0.0.1", port=0, threads=8, clear_untrusted_proxy_headers=True)
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
-        servers.append((server, thread))
+        servers.append(server)
         return "http://127.0.0.1:%s" % server.effective_port
 
     yield serve
-    for server, thread in servers:
+    for server in servers:
         server.close()
         server.task_dispatcher.shutdown()

@@ -55,7 +55,7 @@ def test_parallel_downloads_each_hold_exactly_their_own_studies(server, archive,
     ]
     with ThreadPoolExecutor(len(wanted)) as pool:
         answers = list(pool.map(lambda item: fetch(base + item[0]), wanted))
-    for index, ((path, accessions), (status, headers, body)) in enumerate(zip(wanted, answers)):
+    for index, ((path, accessions), (status, headers, body)) in enumerate(zip(wanted, answers, strict=True)):
         assert status == 200, (path, body[:300])
         assert int(headers["Content-Length"]) == len(body)
         iso_path = str(tmp_path / ("%d.iso" % index))
@@ -98,3 +98,16 @@ def test_busy_beyond_max_jobs_is_503_with_retry_after(make_service, wsgi_call):
     assert response.header("Retry-After") == "30"
     assert response.json()["code"] == "busy"
     assert wsgi_call(app, "/api/iso/download", query="accession_number=ACC2001").status == 200
+
+
+def test_client_hanging_up_before_the_iso_is_ready_removes_the_job_files(server):
+    service, base = server
+    port = int(base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as client:
+        client.sendall(b"GET /api/iso/download?accession_number=BIG01 HTTP/1.1\r\nHost: x\r\n\r\n")
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not job_files(service):
+            time.sleep(0.01)
+        assert job_files(service), "the job should have started"
+    time.sleep(1)  # let the job finish building for a client that is gone
+    assert wait_until_clean(service, timeout=30) == []
