@@ -85,9 +85,11 @@ def run(args, timeout, cwd=None):
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_group(proc)
+        proc.stdout.close()
         raise ToolTimeout(args, timeout)
     except BaseException:
         kill_group(proc)
+        proc.stdout.close()
         raise
     forget(proc)
     return Result(proc.returncode, output.decode("utf-8", "replace"))

@@ -3,6 +3,7 @@ genisoimage; every disc is opened and compared with what the PACS holds."""
 
 import os
 import socket
+import subprocess
 import time
 
 import pydicom
@@ -255,6 +256,13 @@ def test_pacs_that_never_answers_is_504_within_the_timeout(make_service, setting
     assert response.status == 504, response.body
     assert response.json()["code"] == "timeout"
     assert elapsed < 2 + 10
+    assert no_tool_left_for_port(silent_pacs.getsockname()[1])
+
+
+def no_tool_left_for_port(port):
+    """No dcmtk process still aims at that port: timed-out tools are killed, not orphaned."""
+    found = subprocess.run(["pgrep", "-f", "127.0.0.1 %d" % port], capture_output=True, text=True)
+    return found.stdout.split() == []
 
 
 def test_pacs_refusing_our_ae_is_502(make_service, wsgi_call):

@@ -1,8 +1,11 @@
 """The health report against a real dcmqrscp and a real receiver."""
 
 import socket
+import time
 
-from mkiso import demo, web
+from mkiso import config as configuration, demo, web
+from mkiso.service import Service
+from conftest import write_config
 
 
 def test_all_ok_against_the_real_pacs(make_service, wsgi_call):
@@ -69,3 +72,21 @@ def test_work_dir_below_free_space_limit(make_service, wsgi_call):
     body = wsgi_call(web.Application(service.config, service), "/api/health").json()
     assert body["checks"]["work_dir"]["ok"] is False
     assert "below limits.min_free_bytes" in body["checks"]["work_dir"]["detail"]
+
+
+def test_receiver_port_taken_is_reported(make_service, settings, wsgi_call):
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen(1)
+        settings["receiver"]["port"] = squatter.getsockname()[1]
+        service = Service(configuration.load(write_config(settings["paths"]["work_dir"] + ".yaml", settings)))
+        service.start()
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and "Address already in use" not in service.receiver.last_error:
+                time.sleep(0.05)
+            body = wsgi_call(web.Application(service.config, service), "/api/health").json()
+        finally:
+            service.stop()
+    assert body["checks"]["receiver"]["ok"] is False
+    assert "Address already in use" in body["checks"]["receiver"]["detail"]

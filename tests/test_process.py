@@ -1,0 +1,52 @@
+"""Children run in their own process group and die whole on a timeout."""
+
+import os
+import time
+
+import pytest
+
+from mkiso import process
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open("/proc/%d/stat" % pid) as stat:
+        return stat.read().split()[2] != "Z"
+
+
+def test_timeout_kills_the_tool_and_what_it_forked(tmp_path):
+    pid_file = tmp_path / "grandchild.pid"
+    script = "sleep 60 & echo $! > %s; wait" % pid_file
+    started = time.monotonic()
+    with pytest.raises(process.ToolTimeout, match="ran longer than 0.5s"):
+        process.run(["/bin/sh", "-c", script], timeout=0.5)
+    assert time.monotonic() - started < 5
+    grandchild = int(pid_file.read_text())
+    time.sleep(0.1)
+    assert not alive(grandchild), "a forked grandchild outlived the timeout"
+    assert process.kill_all() == 0
+
+
+def test_output_and_exit_status_come_back():
+    result = process.run(["/bin/sh", "-c", "echo out; echo err >&2; exit 3"], timeout=10)
+    assert result.returncode == 3
+    assert "out" in result.output and "err" in result.output
+
+
+def test_tools_get_tcp_nodelay():
+    result = process.run(["/bin/sh", "-c", "echo $TCP_NODELAY"], timeout=10)
+    assert result.output.strip() == "1"
+
+
+def test_missing_tool_is_a_clear_error(tmp_path):
+    with pytest.raises(process.ToolMissing, match="cannot run .*/nope"):
+        process.run([str(tmp_path / "nope")], timeout=10)
+
+
+def test_kill_all_takes_down_running_children():
+    proc = process.start(["sleep", "60"])
+    assert process.kill_all() == 1
+    assert proc.poll() is not None
