@@ -84,13 +84,14 @@ class Health:
 
     def check_receiver(self):
         receiver = self.receiver
-        if receiver.running:
+        if receiver.listening:
             return Check(
                 True,
                 "storescp pid %d listening on port %d as %s (restarts: %d)"
                 % (receiver.pid, receiver.port, receiver.ae_title, receiver.restarts),
             )
-        detail = "storescp is not running (restarts: %d)" % receiver.restarts
+        state = "not listening" if receiver.running else "not running"
+        detail = "storescp is %s (restarts: %d)" % (state, receiver.restarts)
         if receiver.last_error:
             detail += "; last error: " + receiver.last_error
         return Check(False, detail)

@@ -46,12 +46,6 @@ class Jobs:
         self.jobs_dir = jobs_dir
         self.retrievals = Retrievals(pacs, receiver, retrievals_dir)
         self._slots = threading.BoundedSemaphore(config.limits.max_jobs)
-        self._active = 0
-        self._lock = threading.Lock()
-
-    @property
-    def active(self):
-        return self._active
 
     @contextmanager
     def job(self, request_id):
@@ -64,8 +58,6 @@ class Jobs:
             raise errors.Unavailable(
                 "All %d job slots are busy; try again shortly." % self.config.limits.max_jobs,
                 code="busy", retry_after=RETRY_AFTER_S)
-        with self._lock:
-            self._active += 1
         folder = None
         try:
             self.check_free_space()
@@ -76,8 +68,6 @@ class Jobs:
                 shutil.rmtree(folder, ignore_errors=True)
             raise
         finally:
-            with self._lock:
-                self._active -= 1
             self._slots.release()
 
     # -- steps ------------------------------------------------------------

@@ -14,7 +14,6 @@ the same study after that folder was collected fails with write errors.
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -72,11 +71,16 @@ class Receiver:
         proc = self._proc
         return proc.pid if proc is not None else None
 
+    @property
+    def listening(self):
+        """storescp is alive and its port is in LISTEN state (no connection made to check)."""
+        return self.running and self.port in listening_ports()
+
     def wait_ready(self, timeout=10):
-        """Wait until storescp accepts connections; False if it never did."""
+        """Wait until storescp listens; False if it never did."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.running and _accepts("127.0.0.1", self.port):
+            if self.listening:
                 return True
             time.sleep(0.05)
         return False
@@ -179,9 +183,21 @@ class Receiver:
         return removed
 
 
-def _accepts(host, port):
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
+def listening_ports():
+    """The local TCP ports in LISTEN state, from /proc/net/tcp and tcp6.
+
+    Read rather than probed: a test connection would make storescp fork a
+    child that logs an aborted association.
+    """
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, encoding="ascii") as handle:
+                next(handle)
+                for line in handle:
+                    fields = line.split()
+                    if fields[3] == "0A":  # TCP_LISTEN
+                        ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+        except OSError:
+            continue
+    return ports

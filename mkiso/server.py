@@ -52,6 +52,8 @@ class Server:
 
     def run(self):
         self.service.start()
+        if not self.service.receiver.wait_ready():
+            log.warning("the receiver is not listening yet; health will say why")
         try:
             server = create_server(
                 web.Application(self.config, self.service),
