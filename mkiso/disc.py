@@ -81,13 +81,12 @@ def viewer_paths(viewer_dir, reserved):
     return placed
 
 
-def readme_text(studies, image_count, layout):
-    where = "DICOMDIR at the root lists every image" if layout == "pdi" else "the images are in the folder DICOMDIR"
+def readme_text(studies, image_count):
     return (
-        "This disc holds %d DICOM stud%s with %d images (%s).\r\n"
+        "This disc holds %d DICOM stud%s with %d images (DICOMDIR at the root lists every image).\r\n"
         "Open it with the DICOM viewer on the disc or any DICOM viewer.\r\n"
         "Made by mkiso %s on %s.\r\n"
-        % (len(studies), "y" if len(studies) == 1 else "ies", image_count, where, __version__,
+        % (len(studies), "y" if len(studies) == 1 else "ies", image_count, __version__,
            datetime.date.today().isoformat())
     )
 
@@ -104,16 +103,16 @@ def stage(staging, files, studies, layout, viewer_dir):
     fastcopy.place_files([(source, os.path.join(staging, path)) for source, path in pairs])
     if layout == "pdi":
         with open(os.path.join(staging, "README.TXT"), "w", encoding="ascii") as handle:
-            handle.write(readme_text(studies, len(images), layout))
+            handle.write(readme_text(studies, len(images)))
     return [path for _, path in images]
 
 
 def make_dicomdir(staging, dcmmkdir, timeout):
     """Run dcmmkdir over DICOM/ in the staging tree."""
     args = [dcmmkdir, "+I", "-Nxc", "-Nec", "-Nrc", "+F", "MKISO", "-nb", "+r", "+D", "DICOMDIR", "DICOM"]
-    result = _run(args, timeout, "dcmmkdir", cwd=staging)
+    result = process.run_step(args, timeout, "dcmmkdir", cwd=staging, timeout_code="tool_timeout")
     if result.returncode != 0 or not os.path.exists(os.path.join(staging, "DICOMDIR")):
-        raise errors.MkisoError("dcmmkdir could not make the DICOMDIR: %s" % _last_error(result.output),
+        raise errors.MkisoError("dcmmkdir could not make the DICOMDIR: %s" % process.failure_reason(result.output),
                                 code="dicomdir_failed")
 
 
@@ -152,33 +151,20 @@ def genisoimage_args(genisoimage, staging, label):
 def iso_size(genisoimage, staging, label, timeout):
     """The exact size the ISO will have, from genisoimage -print-size."""
     args = genisoimage_args(genisoimage, staging, label)
-    result = _run(args[:1] + ["-print-size"] + args[1:], timeout, "genisoimage")
+    result = process.run_step(args[:1] + ["-print-size"] + args[1:], timeout, "genisoimage",
+                              timeout_code="tool_timeout")
     sectors = re.findall(r"^\s*(\d+)\s*$", result.output, re.M)
     if result.returncode != 0 or not sectors:
-        raise errors.MkisoError("genisoimage could not size the disc: %s" % _last_error(result.output),
+        raise errors.MkisoError("genisoimage could not size the disc: %s" % process.failure_reason(result.output),
                                 code="iso_failed")
     return int(sectors[-1]) * SECTOR
 
 
 def make_iso(genisoimage, staging, label, iso_path, timeout):
     args = genisoimage_args(genisoimage, staging, label)
-    result = _run(args[:1] + ["-o", iso_path] + args[1:], timeout, "genisoimage")
+    result = process.run_step(args[:1] + ["-o", iso_path] + args[1:], timeout, "genisoimage",
+                              timeout_code="tool_timeout")
     if result.returncode != 0 or not os.path.exists(iso_path):
         if "No space left" in result.output:
             raise errors.InsufficientStorage("The work dir ran out of space while writing the ISO.")
-        raise errors.MkisoError("genisoimage failed: %s" % _last_error(result.output), code="iso_failed")
-
-
-def _run(args, timeout, name, cwd=None):
-    try:
-        return process.run(args, timeout, cwd=cwd)
-    except process.ToolTimeout:
-        raise errors.UpstreamTimeout("%s did not finish within %ss." % (name, timeout), code="tool_timeout")
-    except process.ToolMissing as exc:
-        raise errors.MkisoError(str(exc), code="tool_missing")
-
-
-def _last_error(output):
-    lines = [line.strip() for line in output.splitlines() if line.strip()]
-    errors_only = [line for line in lines if line.startswith(("E:", "F:"))]
-    return (errors_only or lines or ["no output"])[-1]
+        raise errors.MkisoError("genisoimage failed: %s" % process.failure_reason(result.output), code="iso_failed")

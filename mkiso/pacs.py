@@ -98,24 +98,12 @@ def echo(tool, calling_ae, peer, timeout):
         return False, str(exc)
     if result.returncode == 0:
         return True, "C-ECHO to %s succeeded" % peer
-    return False, "C-ECHO to %s failed: %s" % (peer, failure_reason(result.output))
-
-
-def failure_reason(output):
-    """What a failed dcmtk run said, from its error lines, without log prefixes."""
-    lines = [line[3:].strip() for line in output.splitlines() if line[:3] in ("F: ", "E: ")]
-    for line in lines:
-        if line.startswith("Reason:"):
-            return "association rejected: " + line[len("Reason:"):].strip()
-    if not lines:
-        lines = [line[3:].strip() for line in output.splitlines() if line[:3] == "W: "]
-    reason = " ".join(line for line in lines if line)[:300]
-    return reason or (output.strip().splitlines() or ["no output"])[-1]
+    return False, "C-ECHO to %s failed: %s" % (peer, process.failure_reason(result.output))
 
 
 def raise_for_failure(output, peer, what, code="pacs_failed"):
     """Turn a failed dcmtk run into 504 (timeout) or 502 (anything else)."""
-    reason = failure_reason(output)
+    reason = process.failure_reason(output)
     if "timeout" in reason.lower() or "timed out" in reason.lower():
         raise errors.UpstreamTimeout("%s: %s did not answer in time (%s)." % (what, peer, reason))
     raise errors.UpstreamFailed("%s: %s failed: %s." % (what, peer, reason), code=code)
@@ -184,12 +172,7 @@ class Pacs:
         return move
 
     def _run(self, args, timeout, what):
-        try:
-            return process.run(args + address_args(self.peer), timeout)
-        except process.ToolTimeout:
-            raise errors.UpstreamTimeout("%s: %s did not finish within %ss." % (what, self.peer, timeout))
-        except process.ToolMissing as exc:
-            raise errors.MkisoError("%s: %s" % (what, exc), code="tool_missing")
+        return process.run_step(args + address_args(self.peer), timeout, "%s: %s" % (what, self.peer))
 
 
 _FINAL = re.compile(r"Received Final Move Response")

@@ -12,6 +12,8 @@ import signal
 import subprocess
 import threading
 
+from . import errors
+
 _live = set()
 _live_lock = threading.Lock()
 
@@ -93,6 +95,28 @@ def run(args, timeout, cwd=None):
         raise
     forget(proc)
     return Result(proc.returncode, output.decode("utf-8", "replace"))
+
+
+def run_step(args, timeout, what, cwd=None, timeout_code="timeout"):
+    """``run`` for a job's step: past its time a 504, a missing tool a 500, both naming ``what``."""
+    try:
+        return run(args, timeout, cwd=cwd)
+    except ToolTimeout:
+        raise errors.UpstreamTimeout("%s did not finish within %ss." % (what, timeout), code=timeout_code)
+    except ToolMissing as exc:
+        raise errors.MkisoError("%s: %s" % (what, exc), code="tool_missing")
+
+
+def failure_reason(output):
+    """What a failed tool said: its error lines (dcmtk's F:/E:), else its last line."""
+    lines = [line[3:].strip() for line in output.splitlines() if line[:3] in ("F: ", "E: ")]
+    for line in lines:
+        if line.startswith("Reason:"):
+            return "association rejected: " + line[len("Reason:"):].strip()
+    if not lines:
+        lines = [line[3:].strip() for line in output.splitlines() if line[:3] == "W: "]
+    reason = " ".join(line for line in lines if line)[:300]
+    return reason or (output.strip().splitlines() or ["no output"])[-1]
 
 
 def kill_all():

@@ -67,14 +67,8 @@ class Publisher:
         args = [self.tool, "-v", "-nh", "+sd", "+r"]
         args += pacs.association_args(self.our_ae, self.peer, self.connect_timeout)
         args += pacs.address_args(self.peer) + [batch]
-        try:
-            result = process.run(args, self.store_timeout)
-        except process.ToolTimeout:
-            raise errors.UpstreamTimeout(
-                "Sending to the publisher %s did not finish within %ss." % (self.peer, self.store_timeout),
-                code="publisher_timeout")
-        except process.ToolMissing as exc:
-            raise errors.MkisoError(str(exc), code="tool_missing")
+        result = process.run_step(args, self.store_timeout, "Sending to the publisher %s" % self.peer,
+                                  timeout_code="publisher_timeout")
         report = parse_store_output(result.output)
         if report.attempted == 0:
             pacs.raise_for_failure(result.output, self.peer, "Sending to the publisher", code="publisher_failed")

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from mkiso import demo, errors, pacs
+from mkiso import demo, errors, pacs, process
 from mkiso.retrieval import verify
 
 FINAL_SUCCESS = """\
@@ -48,10 +48,10 @@ def test_no_final_response_is_none():
 
 
 def test_failure_reasons():
-    assert pacs.failure_reason("F: Association Rejected:\nF: Result: Rejected Permanent\n"
+    assert process.failure_reason("F: Association Rejected:\nF: Result: Rejected Permanent\n"
                                "F: Reason: Called AE Title Not Recognized\n") == \
         "association rejected: Called AE Title Not Recognized"
-    assert "DUL network read timeout" in pacs.failure_reason(
+    assert "DUL network read timeout" in process.failure_reason(
         "I: Requesting Association\nF: Association Request Failed:\nF: 0006:031a DUL network read timeout\n")
     with pytest.raises(errors.UpstreamTimeout):
         pacs.raise_for_failure("F: Association Request Failed:\nF: 0006:031a DUL network read timeout\n",
