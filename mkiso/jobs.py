@@ -83,8 +83,9 @@ class Jobs:
         unique = {}
         for study in studies:
             unique.setdefault(study.study_uid, study)
-        self.check_one_patient(list(unique.values()))
-        return list(unique.values())
+        studies = list(unique.values())
+        self.check_one_patient(studies)
+        return studies
 
     def check_one_patient(self, studies):
         patients = {study.patient_id for study in studies}
@@ -152,9 +153,8 @@ class Jobs:
         log.info("iso built", extra={"fields": {
             "accessions": ",".join(accessions), "studies": len(studies), "images": len(image_paths),
             "bytes": size}})
-        stem = self.patient_name(studies) if named_by_patient else accessions[0]
-        return Iso(iso_path, os.path.getsize(iso_path), delivery.patient_stem(stem) if named_by_patient else stem,
-                   accessions[0], folder)
+        stem = delivery.patient_stem(self.patient_name(studies)) if named_by_patient else accessions[0]
+        return Iso(iso_path, os.path.getsize(iso_path), stem, accessions[0], folder)
 
     def patient_name(self, studies):
         """The name a multi-study disc is called by: the patient API's, else the PACS'."""

@@ -31,9 +31,8 @@ HEADER_TAGS = [
 class ReceivedFile:
     """An image as received, with the header fields the disc layout needs."""
 
-    def __init__(self, path, size, patient_id, study_uid, series_uid, series_number, instance_number, sop_uid):
+    def __init__(self, path, patient_id, study_uid, series_uid, series_number, instance_number, sop_uid):
         self.path = path
-        self.size = size
         self.patient_id = patient_id
         self.study_uid = study_uid
         self.series_uid = series_uid
@@ -51,7 +50,6 @@ def read_received(path):
             code="bad_image")
     return ReceivedFile(
         path=path,
-        size=os.path.getsize(path),
         patient_id=str(header.get("PatientID", "") or ""),
         study_uid=str(header.get("StudyInstanceUID", "") or ""),
         series_uid=str(header.get("SeriesInstanceUID", "") or ""),
