@@ -8,6 +8,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import sys
 import threading
 
@@ -90,9 +91,32 @@ def make_service(tmp_path, settings):
 
     yield make
     for service in started:
-        leftovers = [name for folder in (JOBS, RETRIEVALS) for name in os.listdir(service.path(folder))]
+        leftovers = job_leftovers(service)
         service.stop()
         assert leftovers == [], "job files left behind in the work dir"
+
+
+def job_leftovers(service):
+    """What jobs and retrievals left in the service's work dir."""
+    return [name for folder in (JOBS, RETRIEVALS) for name in os.listdir(service.path(folder))]
+
+
+@pytest.fixture
+def silent_listener():
+    """A loopback socket that listens and never answers (non-blocking: accept() shows any caller)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(5)
+    listener.setblocking(False)
+    yield listener
+    listener.close()
+
+
+@pytest.fixture
+def silent_pacs(settings, silent_listener):
+    """A PACS address that never answers; any connection to it shows in accept()."""
+    settings["pacs"]["port"] = silent_listener.getsockname()[1]
+    return silent_listener
 
 
 class WsgiResponse:

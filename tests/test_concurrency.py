@@ -1,7 +1,6 @@
 """Through a real waitress server: parallel jobs each get exactly their own
 study, and a job's files go when the response closes, even mid-transfer."""
 
-import os
 import shutil
 import socket
 import time
@@ -13,7 +12,7 @@ import pytest
 
 from mkiso import web
 from discs import check_pdi, open_iso
-from mkiso.service import JOBS, RETRIEVALS
+from conftest import job_leftovers
 
 
 @pytest.fixture
@@ -30,15 +29,11 @@ def fetch(url, timeout=120):
         return error.code, dict(error.headers), error.read()
 
 
-def job_files(service):
-    return [name for folder in (JOBS, RETRIEVALS) for name in os.listdir(service.path(folder))]
-
-
 def wait_until_clean(service, timeout=15):
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and job_files(service):
+    while time.monotonic() < deadline and job_leftovers(service):
         time.sleep(0.05)
-    return job_files(service)
+    return job_leftovers(service)
 
 
 def test_parallel_downloads_each_hold_exactly_their_own_studies(server, archive, tmp_path):
@@ -84,7 +79,7 @@ def test_client_hanging_up_mid_transfer_removes_the_job_files(server):
         assert first.startswith(b"HTTP/1.1 200")
         length = int(first.split(b"Content-Length: ")[1].split(b"\r\n")[0])
         assert length > 8 * 1024 * 1024
-        assert job_files(service), "the ISO should still be there while it is being sent"
+        assert job_leftovers(service), "the ISO should still be there while it is being sent"
     assert wait_until_clean(service) == []
 
 
@@ -106,8 +101,8 @@ def test_client_hanging_up_before_the_iso_is_ready_removes_the_job_files(server)
     with socket.create_connection(("127.0.0.1", port), timeout=60) as client:
         client.sendall(b"GET /api/iso/download?accession_number=BIG01 HTTP/1.1\r\nHost: x\r\n\r\n")
         deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and not job_files(service):
+        while time.monotonic() < deadline and not job_leftovers(service):
             time.sleep(0.01)
-        assert job_files(service), "the job should have started"
+        assert job_leftovers(service), "the job should have started"
     time.sleep(1)  # let the job finish building for a client that is gone
     assert wait_until_clean(service, timeout=30) == []

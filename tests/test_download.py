@@ -2,7 +2,6 @@
 genisoimage; every disc is opened and compared with what the PACS holds."""
 
 import os
-import socket
 import subprocess
 import time
 
@@ -20,18 +19,6 @@ def viewer(tmp_path):
     (folder / "AUTORUN.INF").write_text("[autorun]\r\nopen=VIEWER\\VIEWER.EXE\r\n")
     (folder / "VIEWER" / "VIEWER.EXE").write_bytes(b"MZ not really a viewer")
     return str(folder)
-
-
-@pytest.fixture
-def silent_pacs(settings):
-    """A PACS address that only counts: any connection to it is a failure here."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(5)
-    listener.setblocking(False)
-    settings["pacs"]["port"] = listener.getsockname()[1]
-    yield listener
-    listener.close()
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 """The health report against a real dcmqrscp and a real receiver."""
 
-import socket
 import time
 
 from mkiso import config as configuration, demo, web
@@ -33,14 +32,10 @@ def test_pacs_down_is_degraded_and_strict_503(make_service, settings, wsgi_call)
     assert wsgi_call(app, "/api/health", query="strict=1").status == 503
 
 
-def test_silent_pacs_fails_within_timeout(make_service, settings, wsgi_call):
-    with socket.socket() as silent:
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(5)
-        settings["pacs"]["port"] = silent.getsockname()[1]
-        settings["timeouts"]["find_s"] = 2
-        service = make_service()
-        body = wsgi_call(web.Application(service.config, service), "/api/health").json()
+def test_silent_pacs_fails_within_timeout(make_service, settings, silent_pacs, wsgi_call):
+    settings["timeouts"]["find_s"] = 2
+    service = make_service()
+    body = wsgi_call(web.Application(service.config, service), "/api/health").json()
     assert body["checks"]["pacs"]["ok"] is False
 
 
@@ -74,19 +69,16 @@ def test_work_dir_below_free_space_limit(make_service, wsgi_call):
     assert "below limits.min_free_bytes" in body["checks"]["work_dir"]["detail"]
 
 
-def test_receiver_port_taken_is_reported(make_service, settings, wsgi_call):
-    with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", 0))
-        squatter.listen(1)
-        settings["receiver"]["port"] = squatter.getsockname()[1]
-        service = Service(configuration.load(write_config(settings["paths"]["work_dir"] + ".yaml", settings)))
-        service.start()
-        try:
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and "Address already in use" not in service.receiver.last_error:
-                time.sleep(0.05)
-            body = wsgi_call(web.Application(service.config, service), "/api/health").json()
-        finally:
-            service.stop()
+def test_receiver_port_taken_is_reported(settings, silent_listener, wsgi_call):
+    settings["receiver"]["port"] = silent_listener.getsockname()[1]  # someone else holds it
+    service = Service(configuration.load(write_config(settings["paths"]["work_dir"] + ".yaml", settings)))
+    service.start()
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and "Address already in use" not in service.receiver.last_error:
+            time.sleep(0.05)
+        body = wsgi_call(web.Application(service.config, service), "/api/health").json()
+    finally:
+        service.stop()
     assert body["checks"]["receiver"]["ok"] is False
     assert "Address already in use" in body["checks"]["receiver"]["detail"]

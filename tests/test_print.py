@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import time
 
@@ -119,14 +118,11 @@ def test_publisher_refusing_associations_is_502(make_service, tmp_path, wsgi_cal
     assert response.status == 502 and response.json()["code"] == "publisher_failed"
 
 
-def test_silent_publisher_is_504_within_the_timeout(make_service, settings, wsgi_call):
-    with socket.socket() as silent:
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(5)
-        settings["timeouts"]["find_s"] = 2
-        app = print_app(make_service, silent.getsockname()[1])
-        started = time.monotonic()
-        response = wsgi_call(app, "/api/iso/print", query="accession_number=ACC2001")
+def test_silent_publisher_is_504_within_the_timeout(make_service, settings, silent_listener, wsgi_call):
+    settings["timeouts"]["find_s"] = 2
+    app = print_app(make_service, silent_listener.getsockname()[1])
+    started = time.monotonic()
+    response = wsgi_call(app, "/api/iso/print", query="accession_number=ACC2001")
     assert response.status == 504, response.body
     assert time.monotonic() - started < 2 + 10
 
