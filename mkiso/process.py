@@ -5,17 +5,29 @@ its own so that a timeout or shutdown kills it together with anything it
 forked, and with ``TCP_NODELAY=1``: dcmtk reads that variable, and without
 it every image waits on Nagle's algorithm.  Live children are tracked so
 that the server can kill them all when it stops; none outlives it.
+
+Not even a SIGKILLed server: every child gets a parent-death signal
+(``setpriv --pdeathsig KILL``, util-linux, which then execs the tool, so no
+Python runs between fork and exec).  Linux sends that signal when the
+*thread* that forked the child exits, so every child is forked by one
+spawner thread that lives as long as the process, never by a request's
+worker thread or a short-lived pool thread.
 """
 
 import os
+import shutil
 import signal
 import subprocess
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from . import errors
 
+SETPRIV = shutil.which("setpriv") or "/usr/bin/setpriv"
+
 _live = set()
 _live_lock = threading.Lock()
+_spawner = ThreadPoolExecutor(1, thread_name_prefix="spawner")
 
 
 class ToolTimeout(Exception):
@@ -29,8 +41,8 @@ class ToolTimeout(Exception):
 class ToolMissing(Exception):
     """The tool's executable could not be started."""
 
-    def __init__(self, args, error):
-        super().__init__("cannot run %s: %s" % (args[0], error.strerror or error))
+    def __init__(self, args, reason):
+        super().__init__("cannot run %s: %s" % (args[0], reason))
 
 
 class Result:
@@ -51,12 +63,20 @@ def tool_environment():
 
 
 def start(args, **kwargs):
-    """Popen ``args`` in its own process group and remember it until reaped."""
+    """Popen ``args`` in its own process group and remember it until reaped.
+
+    The child is killed by the kernel if this process dies (see above).
+    """
     kwargs.setdefault("stdin", subprocess.DEVNULL)
+    executable = shutil.which(args[0])
+    if executable is None:
+        raise ToolMissing(args, "not an executable file" if os.path.exists(args[0]) else "no such file")
+    command = [SETPRIV, "--pdeathsig", "KILL", "--", executable] + list(args[1:])
     try:
-        proc = subprocess.Popen(args, env=tool_environment(), start_new_session=True, **kwargs)
+        proc = _spawner.submit(
+            subprocess.Popen, command, env=tool_environment(), start_new_session=True, **kwargs).result()
     except OSError as exc:
-        raise ToolMissing(args, exc)
+        raise ToolMissing([SETPRIV], exc.strerror or exc)
     with _live_lock:
         _live.add(proc)
     return proc
