@@ -73,6 +73,7 @@ SCHEMA = {
         "ae_title": (str, REQUIRED, _ae_title),
         "host": (str, REQUIRED, None),
         "port": (int, REQUIRED, _port),
+        "retrieve": (str, "move", _one_of("move", "get")),
     },
     "receiver": {
         "ae_title": (str, "CDRECORD", _ae_title),

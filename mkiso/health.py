@@ -9,9 +9,9 @@ import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
-from . import __version__, pacs, process
+from . import __version__, disk, pacs, process
 
-DCMTK_TOOLS = ("findscu", "movescu", "storescp", "storescu", "echoscu", "dcmmkdir")
+DCMTK_TOOLS = ("findscu", "movescu", "getscu", "storescp", "storescu", "echoscu", "dcmmkdir")
 
 
 class Check:
@@ -52,7 +52,7 @@ class Health:
 
     def tool_paths(self):
         paths = [os.path.join(self.config.tools.dcmtk_dir, name) for name in DCMTK_TOOLS]
-        return paths + [self.config.tools.genisoimage]
+        return paths + [self.config.tools.genisoimage, process.SETPRIV]
 
     def check_tools(self):
         broken = []
@@ -73,10 +73,9 @@ class Health:
         try:
             with tempfile.TemporaryFile(dir=work_dir):
                 pass
-            stat = os.statvfs(work_dir)
+            free = disk.free_bytes(work_dir)
         except OSError as exc:
             return Check(False, "%s is not writable: %s" % (work_dir, exc.strerror))
-        free = stat.f_bavail * stat.f_frsize
         minimum = self.config.limits.min_free_bytes
         if free < minimum:
             return Check(False, "%s has %d bytes free, below limits.min_free_bytes %d" % (work_dir, free, minimum))
@@ -84,6 +83,10 @@ class Health:
 
     def check_receiver(self):
         receiver = self.receiver
+        if receiver is None:
+            return Check(True, "not used (pacs.retrieve: get)")
+        if receiver.paused:
+            return Check(False, "storescp " + receiver.paused)
         if receiver.listening:
             return Check(
                 True,

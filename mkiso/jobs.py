@@ -15,7 +15,7 @@ import tempfile
 import threading
 from contextlib import contextmanager
 
-from . import delivery, disc, errors
+from . import delivery, disc, disk, errors
 from .retrieval import Retrievals
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class Jobs:
         self.publisher = publisher
         self.patient_api = patient_api
         self.jobs_dir = jobs_dir
-        self.retrievals = Retrievals(pacs, receiver, retrievals_dir)
+        self.retrievals = Retrievals(pacs, receiver, retrievals_dir, config.limits.min_free_bytes)
         self._slots = threading.BoundedSemaphore(config.limits.max_jobs)
 
     @contextmanager
@@ -107,8 +107,7 @@ class Jobs:
                 self.retrievals.release(retrieval)
 
     def check_free_space(self, needed=0):
-        stat = os.statvfs(self.jobs_dir)
-        free = stat.f_bavail * stat.f_frsize
+        free = disk.free_bytes(self.jobs_dir)
         wanted = needed + self.config.limits.min_free_bytes
         if free < wanted:
             raise errors.InsufficientStorage(

@@ -1,16 +1,22 @@
-"""Talking to the PACS with dcmtk: C-ECHO, C-FIND and C-MOVE at STUDY level.
+"""Talking to the PACS with dcmtk: C-ECHO, C-FIND, C-MOVE and C-GET.
 
 dcmtk's exit codes do not tell success (findscu exits 0 when the peer
 aborted; movescu exits 0 on a refused move), so each call decides from what
 the tool reports: the final response status, the sub-operation counts, and,
-for C-FIND, the answers it wrote as DICOM files.  Every failure leaves here
-as the error of SPEC §2: 502 refused or failed, 504 timed out.
+for C-FIND, the answers it wrote to files.  Every failure leaves here as the
+error of SPEC §2: 502 refused or failed, 504 timed out.
+
+Besides the STUDY-level C-FIND, an IMAGE-level C-FIND lists a study's SOP
+Instance UIDs before it is retrieved: the manifest the received files must
+match (SPEC §3.6).  A PACS may refuse that query; then there is no manifest
+and the retrieval falls back to the counts, which is said once in the log.
 """
 
 import logging
 import os
 import re
 import tempfile
+import xml.etree.ElementTree as ElementTree
 
 import pydicom
 
@@ -77,6 +83,9 @@ class MoveResult:
         return self.status == 0x0000 and not self.failed
 
 
+SOP_INSTANCE_UID = "0008,0018"
+
+
 def association_args(calling_ae, peer, timeout):
     """The arguments every dcmtk SCU call shares: AE titles, timeouts, address."""
     seconds = str(max(1, int(timeout)))
@@ -118,6 +127,7 @@ class Pacs:
         self.dcmtk_dir = config.tools.dcmtk_dir
         self.find_timeout = config.timeouts.find_s
         self.move_timeout = config.timeouts.move_s
+        self._told_no_manifest = False
 
     def tool(self, name):
         return os.path.join(self.dcmtk_dir, name)
@@ -125,19 +135,50 @@ class Pacs:
     def echo(self):
         return echo(self.tool("echoscu"), self.our_ae, self.peer, self.find_timeout)
 
+    def _find_args(self, extract, level, match, returned):
+        """findscu at ``level`` (Study Root) with ``match`` keys and empty ``returned`` keys."""
+        args = [self.tool("findscu"), "-v", "-S"] + extract
+        args += association_args(self.our_ae, self.peer, self.find_timeout)
+        args += ["-td", str(max(1, int(self.find_timeout)))]
+        args += ["-k", "QueryRetrieveLevel=" + level]
+        for key, value in match:
+            args += ["-k", "%s=%s" % (key, value)]
+        for key in returned:
+            args += ["-k", key]
+        return args
+
     def find_studies(self, accession, scratch_dir):
         """C-FIND at STUDY level with the accession number as an exact key."""
+        what = "C-FIND for accession %s" % accession
         with tempfile.TemporaryDirectory(prefix="find-", dir=scratch_dir) as out_dir:
-            args = [self.tool("findscu"), "-v", "-S", "-X", "-od", out_dir]
-            args += association_args(self.our_ae, self.peer, self.find_timeout)
-            args += ["-td", str(max(1, int(self.find_timeout)))]
-            args += ["-k", "QueryRetrieveLevel=STUDY", "-k", "AccessionNumber=" + accession]
-            for key in FIND_KEYS:
-                args += ["-k", key]
-            result = self._run(args, self.find_timeout, "C-FIND for accession %s" % accession)
+            args = self._find_args(["-X", "-od", out_dir], "STUDY", [("AccessionNumber", accession)], FIND_KEYS)
+            result = self._run(args, self.find_timeout, what)
             if "Received Final Find Response (Success)" not in result.output:
-                raise_for_failure(result.output, self.peer, "C-FIND for accession %s" % accession)
+                raise_for_failure(result.output, self.peer, what)
             return [self._study(accession, os.path.join(out_dir, name)) for name in sorted(os.listdir(out_dir))]
+
+    def list_instances(self, study_uid, scratch_dir):
+        """The study's SOP Instance UIDs from an IMAGE-level C-FIND (the manifest).
+
+        None when the PACS refuses IMAGE-level queries (a failure status in
+        its final response); any other failure is an error as usual.
+        """
+        what = "IMAGE-level C-FIND of study %s" % study_uid
+        with tempfile.TemporaryDirectory(prefix="manifest-", dir=scratch_dir) as out_dir:
+            answers = os.path.join(out_dir, "answers.xml")
+            args = self._find_args(["-Xs", answers], "IMAGE", [("StudyInstanceUID", study_uid)],
+                                   ("SeriesInstanceUID", "SOPInstanceUID"))
+            result = self._run(args, self.find_timeout, what)
+            final = _FINAL_FIND.search(result.output)
+            if final is None:
+                raise_for_failure(result.output, self.peer, what)
+            if final.group("status") != "Success":
+                if not self._told_no_manifest:
+                    self._told_no_manifest = True
+                    log.warning("the PACS refuses IMAGE-level C-FIND (%s); retrievals are checked against "
+                                "its counts only", final.group("status"))
+                return None
+            return read_sop_uids(answers)
 
     def _study(self, accession, path):
         answer = pydicom.dcmread(path, force=True)
@@ -171,10 +212,34 @@ class Pacs:
             raise_for_failure(result.output, self.peer, what)
         return move
 
+    def get_study(self, study_uid, out_dir):
+        """C-GET one study into ``out_dir`` over our own association: no port listens."""
+        args = [self.tool("getscu"), "-v", "-S", "-od", out_dir]
+        args += association_args(self.our_ae, self.peer, self.find_timeout)
+        args += ["-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=" + study_uid]
+        what = "C-GET of study %s" % study_uid
+        result = self._run(args, self.move_timeout, what)
+        got = parse_get_output(result.output)
+        if got is None:
+            raise_for_failure(result.output, self.peer, what)
+        return got
+
     def _run(self, args, timeout, what):
         return process.run_step(args + address_args(self.peer), timeout, "%s: %s" % (what, self.peer))
 
 
+def read_sop_uids(path):
+    """The SOP Instance UIDs in findscu's single XML file of answers (-Xs)."""
+    uids = []
+    for _, element in ElementTree.iterparse(path):
+        if element.tag == "element" and element.get("tag") == SOP_INSTANCE_UID:
+            uids.append((element.text or "").strip())
+        elif element.tag == "data-set":
+            element.clear()
+    return uids
+
+
+_FINAL_FIND = re.compile(r"Received Final Find Response \((?P<status>[^)]*)\)")
 _FINAL = re.compile(r"Received Final Move Response")
 _COUNT = re.compile(r"(?P<kind>Completed|Failed|Warning) Suboperations\s*:\s*(?P<value>\d+|none)")
 _STATUS = re.compile(r"DIMSE Status\s*:\s*0x(?P<code>[0-9a-fA-F]{4}):\s*(?P<text>.*)")
@@ -198,3 +263,29 @@ def parse_move_output(output):
         int(status.group("code"), 16), status.group("text").strip(),
         counts["Completed"], counts["Failed"], counts["Warning"],
     )
+
+
+_GET_RESPONSE = re.compile(r"^I: Received C-GET Response \((?P<text>[^)]*)\)", re.M)
+_GET_COUNT = re.compile(r"Number of (?P<kind>Completed|Failed|Warning) Suboperations\s*:\s*(?P<value>\d+)")
+_GET_STATUS = {"Success": 0x0000, "Warning": 0xB000, "Cancel": 0xFE00}
+
+
+def parse_get_output(output):
+    """The final C-GET response from ``getscu -v`` output, or None if none came.
+
+    getscu names the final status in words and then prints its counts in a
+    "Final status report"; the status code is derived from the words
+    (anything but Success, Warning or Cancel is taken as a failure).
+    """
+    final = None
+    for match in _GET_RESPONSE.finditer(output):
+        if match.group("text") != "Pending":
+            final = match
+    if final is None:
+        return None
+    text = final.group("text")
+    counts = {"Completed": None, "Failed": None, "Warning": None}
+    for match in _GET_COUNT.finditer(output, final.end()):
+        counts[match.group("kind")] = int(match.group("value"))
+    status = _GET_STATUS.get(text.split(":")[0].strip(), 0xC000)
+    return MoveResult(status, text, counts["Completed"], counts["Failed"], counts["Warning"])

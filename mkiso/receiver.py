@@ -3,8 +3,19 @@
 A PACS maps our AE title to one fixed host:port, so every C-MOVE of every
 job lands here.  storescp sorts what it receives into one folder per Study
 Instance UID (``-su``); a job asks for its study to be *expected* before its
-C-MOVE and *collects* the folder (an atomic rename) afterwards.  Folders
-that nobody expects are swept away once they are old.
+C-MOVE and *collects* the folder (an atomic rename) afterwards.
+
+The port is an open door: any host may send anything to it (SPEC §3.7).
+So nothing here is trusted, and the receiver is kept from doing harm:
+- ``+uf``: every received object gets a unique file name, so nothing that
+  arrives can overwrite an image already received; a second copy of an
+  image is a second file, which the job's manifest check refuses.
+- Deliveries for studies that no job expects are removed within a second or
+  two by the supervisor's sweep.
+- While the work dir has less than ``limits.min_free_bytes`` free, storescp
+  is stopped (health says why) and started again once space is back.
+- A receiver left running by a crashed server (its process group is
+  recorded in ``receiver.pid`` in the work dir) is killed before ours starts.
 
 ``--fork`` gives every association a fresh child.  In single-process mode
 storescp remembers the last study folder it wrote to, and a second move of
@@ -14,29 +25,35 @@ the same study after that folder was collected fails with write errors.
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
 
-from . import process
+from . import disk, process
 
 log = logging.getLogger(__name__)
 
 PREFIX = "STUDY"
-SWEEP_EVERY_S = 60
-UNCLAIMED_MAX_AGE_S = 300
+SUPERVISE_EVERY_S = 0.5
+SWEEP_EVERY_S = 1.0
 RESTART_DELAY_S = (0.5, 1, 2, 5, 10)
 STABLE_AFTER_S = 30
+LEFTOVER_WAIT_S = 5
 
 
 class Receiver:
-    def __init__(self, config, inbox_dir):
+    def __init__(self, config, inbox_dir, pid_file):
         self.ae_title = config.receiver.ae_title
         self.port = config.receiver.port
         self.tool = os.path.join(config.tools.dcmtk_dir, "storescp")
+        self.min_free_bytes = config.limits.min_free_bytes
         self.inbox = inbox_dir
+        self.pid_file = pid_file
         self.restarts = 0
         self.last_error = ""
+        self.write_failures = 0
+        self.paused = ""  # why storescp is stopped for want of space; "" when it is not
         self._proc = None
         self._spawned_at = 0.0
         self._expected = set()
@@ -48,18 +65,23 @@ class Receiver:
 
     def start(self):
         os.makedirs(self.inbox, exist_ok=True)
-        self._spawn()
+        killed = stop_leftover(self.pid_file, self.inbox)
+        if killed:
+            log.warning("stopped a receiver left over from a crash", extra={"fields": {"processes": killed}})
+        if self._check_space():
+            self._spawn()
         self._supervisor = threading.Thread(target=self._supervise, name="receiver-supervisor", daemon=True)
         self._supervisor.start()
 
     def stop(self):
         self._stopping.set()
-        with self._lock:
-            proc, self._proc = self._proc, None
-        if proc is not None:
-            process.kill_group(proc)
+        self._kill()
         if self._supervisor is not None:
             self._supervisor.join(5)
+        try:
+            os.unlink(self.pid_file)
+        except FileNotFoundError:
+            pass
 
     @property
     def running(self):
@@ -87,7 +109,7 @@ class Receiver:
 
     def _command(self):
         return [
-            self.tool, "--fork", "-aet", self.ae_title, "-od", self.inbox, "-su", PREFIX,
+            self.tool, "--fork", "-aet", self.ae_title, "-od", self.inbox, "-su", PREFIX, "+uf",
             "+xa", "-dhl", "-ta", "30", "-ts", "600", str(self.port),
         ]
 
@@ -97,22 +119,54 @@ class Receiver:
         with self._lock:
             self._proc = proc
             self._spawned_at = time.monotonic()
+        with open(self.pid_file, "w", encoding="ascii") as handle:
+            handle.write("%d\n" % proc.pid)  # its process group: start() puts it in one of its own
         log.info("receiver started", extra={"fields": {"pid": proc.pid, "port": self.port, "ae": self.ae_title}})
+
+    def _kill(self):
+        with self._lock:
+            proc, self._proc = self._proc, None
+        if proc is not None:
+            process.kill_group(proc)
 
     def _relay_output(self, proc):
         for raw in proc.stdout:
             line = raw.decode("utf-8", "replace").rstrip()
             if line[:2] in ("E:", "F:"):
                 self.last_error = line[2:].strip()
+                if "write" in self.last_error.lower():
+                    self.write_failures += 1
                 log.warning("receiver: %s", self.last_error)
             else:
                 log.debug("receiver: %s", line)
         proc.stdout.close()
 
+    def _check_space(self):
+        """Pause storescp below limits.min_free_bytes, resume above; True if it may run."""
+        free = disk.free_bytes(self.inbox)
+        if free < self.min_free_bytes:
+            if not self.paused:
+                self.paused = ("stopped: the work dir has %d bytes free, below limits.min_free_bytes %d; "
+                               "it starts again when space is back" % (free, self.min_free_bytes))
+                log.warning("receiver stopped: the work dir is short of space",
+                            extra={"fields": {"free_bytes": free, "min_free_bytes": self.min_free_bytes}})
+                self._kill()
+            return False
+        if self.paused:
+            self.paused = ""
+            log.info("receiver resumes: free space is back", extra={"fields": {"free_bytes": free}})
+            self._spawn()
+        return True
+
     def _supervise(self):
         failures = 0
         next_sweep = time.monotonic() + SWEEP_EVERY_S
-        while not self._stopping.wait(0.5):
+        while not self._stopping.wait(SUPERVISE_EVERY_S):
+            if time.monotonic() >= next_sweep:
+                self.sweep()
+                next_sweep = time.monotonic() + SWEEP_EVERY_S
+            if not self._check_space():
+                continue
             proc = self._proc
             if proc is not None and proc.poll() is not None:
                 process.forget(proc)
@@ -128,9 +182,6 @@ class Receiver:
                     break
                 self.restarts += 1
                 self._spawn()
-            if time.monotonic() >= next_sweep:
-                self.sweep()
-                next_sweep = time.monotonic() + SWEEP_EVERY_S
 
     # -- study folders ----------------------------------------------------
 
@@ -153,34 +204,80 @@ class Receiver:
             with self._lock:
                 self._expected.discard(study_uid)
 
-    def forget(self, study_uid):
-        """Give up on an expected study and drop whatever arrived for it."""
-        with self._lock:
-            self._expected.discard(study_uid)
-        shutil.rmtree(self.study_dir(study_uid), ignore_errors=True)
+    def sweep(self):
+        """Remove everything in the inbox that no job expects; returns how many entries.
 
-    def sweep(self, max_age=UNCLAIMED_MAX_AGE_S):
-        """Remove what arrived unasked and has lain here longer than max_age."""
-        now = time.time()
+        Done under the lock that ``expect`` takes, so a study announced while
+        the sweep runs is never swept away under its C-MOVE.
+        """
+        removed = 0
         with self._lock:
             expected = {self.study_dir(uid) for uid in self._expected}
-        removed = 0
-        for entry in os.scandir(self.inbox):
-            if entry.path in expected:
-                continue
-            try:
-                if now - entry.stat(follow_symlinks=False).st_mtime < max_age:
+            for entry in os.scandir(self.inbox):
+                if entry.path in expected:
                     continue
-            except FileNotFoundError:
-                continue
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, ignore_errors=True)
-            else:
-                os.unlink(entry.path)
-            removed += 1
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    try:
+                        os.unlink(entry.path)
+                    except FileNotFoundError:
+                        continue
+                removed += 1
         if removed:
             log.warning("receiver: removed %d unrequested deliveries", removed)
         return removed
+
+
+def stop_leftover(pid_file, inbox):
+    """Kill the receiver a crashed server left running; returns how many processes.
+
+    Only processes of the recorded process group that are a storescp
+    writing to this very inbox are ours: a recycled pid is left alone.
+    """
+    try:
+        with open(pid_file, encoding="ascii") as handle:
+            group = int(handle.read().strip())
+    except (OSError, ValueError):
+        return 0
+    ours = [pid for pid in group_members(group) if _is_receiver(pid, inbox)]
+    if ours:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + LEFTOVER_WAIT_S
+        while time.monotonic() < deadline and any(_is_receiver(pid, inbox) for pid in ours):
+            time.sleep(0.05)
+    os.unlink(pid_file)
+    return len(ours)
+
+
+def group_members(group):
+    """The pids whose process group is ``group``, from /proc."""
+    members = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name, encoding="ascii", errors="replace") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == group:
+            members.append(int(name))
+    return members
+
+
+def _is_receiver(pid, inbox):
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as handle:
+            argv = [os.fsdecode(arg) for arg in handle.read().split(b"\0")]
+        with open("/proc/%d/stat" % pid, encoding="ascii", errors="replace") as handle:
+            state = handle.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z" and os.path.basename(argv[0]) == "storescp" and inbox in argv
 
 
 def listening_ports():

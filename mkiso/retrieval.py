@@ -5,12 +5,21 @@ images all land in the one receiver folder for that Study Instance UID.  So
 the first job runs the retrieval and the others wait for it and share its
 files; the folder goes when the last of them lets go.
 
-Nothing leaves here unchecked: the C-MOVE's final status and sub-operation
-counts, the number of files against what the PACS promised, and every
-file's StudyInstanceUID and PatientID against the C-FIND answer.  An
-incomplete or mixed-up study is an error, never a partial disc.
+Nothing leaves here unchecked (SPEC §3.4-3.6): before the C-MOVE an
+IMAGE-level C-FIND lists the study's SOP Instance UIDs (the manifest);
+afterwards the received images must be exactly those, each once, each with
+the StudyInstanceUID and PatientID of the C-FIND answer, and the C-MOVE's
+final status and sub-operation counts must agree.  An incomplete study, a
+foreign image (the receiver's port is open to anyone) or a duplicate is an
+error, never a disc.
+
+With ``pacs.retrieve: get`` the study comes by C-GET over our own
+association straight into the retrieval's folder: same checks, no receiver.
+A retrieval that fails while the work dir is short of space (or the
+receiver could not write) is a 507, not a 502.
 """
 
+import collections
 import logging
 import os
 import shutil
@@ -19,7 +28,7 @@ import threading
 
 import pydicom
 
-from . import errors
+from . import disk, errors
 
 log = logging.getLogger(__name__)
 
@@ -66,24 +75,20 @@ def _number(value):
         return None
 
 
-def verify(study, move, paths):
-    """Check a finished C-MOVE and its files against the C-FIND answer."""
+def verify(study, result, paths, manifest):
+    """Check a finished retrieval and its files against the C-FIND answers.
+
+    ``manifest`` is the study's SOP Instance UIDs from the IMAGE-level
+    C-FIND, or None where the PACS refused that query; then the C-MOVE's
+    counts and NumberOfStudyRelatedInstances are all there is to go by.
+    """
     what = "accession %s (study %s)" % (study.accession, study.study_uid)
-    if not move.succeeded:
+    if not result.succeeded:
         raise errors.UpstreamFailed(
             "The PACS did not deliver %s completely: %s; %s sent, %s failed."
-            % (what, move.status_text, move.completed, move.failed), code="incomplete_study")
+            % (what, result.status_text, result.completed, result.failed), code="incomplete_study")
     if not paths:
         raise errors.UpstreamFailed("The PACS sent no images for %s." % what, code="incomplete_study")
-    counted = move.completed is not None or move.warning is not None
-    if counted and move.delivered != len(paths):
-        raise errors.UpstreamFailed(
-            "The PACS reported %d images sent for %s but %d arrived." % (move.delivered, what, len(paths)),
-            code="incomplete_study")
-    if study.instances is not None and study.instances != len(paths):
-        raise errors.UpstreamFailed(
-            "The PACS lists %d images for %s but %d arrived." % (study.instances, what, len(paths)),
-            code="incomplete_study")
     files = [read_received(path) for path in paths]
     for received in files:
         if received.study_uid != study.study_uid:
@@ -94,7 +99,39 @@ def verify(study, move, paths):
             raise errors.UpstreamFailed(
                 "An image received for %s carries another Patient ID than the PACS' C-FIND answer; "
                 "the disc was not made." % what, code="wrong_patient")
+    arrived = collections.Counter(received.sop_uid for received in files)
+    twice = sum(1 for count in arrived.values() if count > 1)
+    if twice:
+        raise errors.UpstreamFailed(
+            "%d images of %s arrived more than once, with different contents possible; "
+            "the disc was not made." % (twice, what), code="unexpected_image")
+    if manifest is not None:
+        check_manifest(what, set(manifest), set(arrived))
+    counted = result.completed is not None or result.warning is not None
+    if counted and result.delivered != len(paths):
+        raise errors.UpstreamFailed(
+            "The PACS reported %d images sent for %s but %d arrived." % (result.delivered, what, len(paths)),
+            code="incomplete_study")
+    if study.instances is not None and study.instances != len(paths):
+        raise errors.UpstreamFailed(
+            "The PACS lists %d images for %s but %d arrived." % (study.instances, what, len(paths)),
+            code="incomplete_study")
     return files
+
+
+def check_manifest(what, listed, arrived):
+    """The received SOP Instance UIDs must be exactly those the PACS listed."""
+    unexpected = arrived - listed
+    if unexpected:
+        raise errors.UpstreamFailed(
+            "%d images arrived for %s that the PACS does not list for it (the study changed, or "
+            "something else sent to the receiver); the disc was not made." % (len(unexpected), what),
+            code="unexpected_image")
+    missing = listed - arrived
+    if missing:
+        raise errors.UpstreamFailed(
+            "%d of the %d images the PACS lists for %s did not arrive; the disc was not made."
+            % (len(missing), len(listed), what), code="incomplete_study")
 
 
 class Retrieval:
@@ -110,10 +147,11 @@ class Retrieval:
 
 
 class Retrievals:
-    def __init__(self, pacs, receiver, root):
+    def __init__(self, pacs, receiver, root, min_free_bytes):
         self.pacs = pacs
-        self.receiver = receiver
+        self.receiver = receiver  # None with pacs.retrieve: get
         self.root = root
+        self.min_free_bytes = min_free_bytes
         self._running = {}
         self._lock = threading.Lock()
 
@@ -155,14 +193,47 @@ class Retrievals:
     def _retrieve(self, retrieval):
         study = retrieval.study
         received = os.path.join(retrieval.folder, "received")
-        self.receiver.expect(study.study_uid)
+        manifest = self.pacs.list_instances(study.study_uid, retrieval.folder)
+        failures = self.receiver.write_failures if self.receiver else 0
         try:
-            move = self.pacs.move_study(study.study_uid)
-        except BaseException:
-            self.receiver.forget(study.study_uid)
+            result = self._fetch(study.study_uid, received)
+        except errors.UpstreamFailed:
+            self._raise_if_out_of_space(study, received, failures)
             raise
-        self.receiver.collect(study.study_uid, received)
+        if not result.succeeded:
+            self._raise_if_out_of_space(study, received, failures)
         paths = sorted(entry.path for entry in os.scandir(received) if entry.is_file())
-        retrieval.files = verify(study, move, paths)
+        retrieval.files = verify(study, result, paths, manifest)
         log.info("study retrieved", extra={"fields": {
-            "accession": study.accession, "study_uid": study.study_uid, "images": len(paths)}})
+            "accession": study.accession, "study_uid": study.study_uid, "images": len(paths),
+            "manifest": manifest is not None}})
+
+    def _fetch(self, study_uid, received):
+        """The study's files into ``received``: by C-GET, or by C-MOVE through the receiver.
+
+        Whatever the receiver got is taken into ``received`` even when the
+        C-MOVE failed, so that it goes with the retrieval's folder.
+        """
+        if self.receiver is None:
+            os.mkdir(received)
+            return self.pacs.get_study(study_uid, received)
+        self.receiver.expect(study_uid)
+        try:
+            return self.pacs.move_study(study_uid)
+        finally:
+            self.receiver.collect(study_uid, received)
+
+    def _raise_if_out_of_space(self, study, received, failures_before):
+        """A failed retrieval is a 507 when the disk, not the PACS, was the trouble.
+
+        Asked before anything is removed: the receiver could not write, or
+        was paused for want of space, or the work dir is below the limit now.
+        """
+        receiver = self.receiver
+        short = disk.free_bytes(received) < self.min_free_bytes
+        if receiver is not None:
+            short = short or receiver.paused or receiver.write_failures > failures_before
+        if short:
+            raise errors.InsufficientStorage(
+                "The work dir ran out of space while receiving accession %s; what had arrived was removed."
+                % study.accession, code="insufficient_storage")

@@ -52,7 +52,7 @@ class Server:
 
     def run(self):
         self.service.start()
-        if not self.service.receiver.wait_ready():
+        if self.service.receiver is not None and not self.service.receiver.wait_ready():
             log.warning("the receiver is not listening yet; health will say why")
         try:
             server = create_server(

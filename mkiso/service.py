@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 INBOX = "inbox"
 JOBS = "jobs"
 RETRIEVALS = "retrievals"
+RECEIVER_PID = "receiver.pid"
 
 
 class Service:
@@ -26,7 +27,9 @@ class Service:
         self.config = config
         self.work_dir = config.paths.work_dir
         self.pacs = pacs.Pacs(config)
-        self.receiver = receiver.Receiver(config, self.path(INBOX))
+        self.receiver = None  # with pacs.retrieve: get nothing listens
+        if config.pacs.retrieve == "move":
+            self.receiver = receiver.Receiver(config, self.path(INBOX), self.path(RECEIVER_PID))
         self.publisher = None
         if config.publisher.host:
             self.publisher = pacs.Peer(
@@ -47,10 +50,12 @@ class Service:
         self.remove_leftovers()
         for folder in (INBOX, JOBS, RETRIEVALS):
             os.makedirs(self.path(folder), exist_ok=True)
-        self.receiver.start()
+        if self.receiver is not None:
+            self.receiver.start()
 
     def stop(self):
-        self.receiver.stop()
+        if self.receiver is not None:
+            self.receiver.stop()
         killed = process.kill_all()
         if killed:
             log.warning("killed %d child processes still running at shutdown", killed)

@@ -6,6 +6,8 @@ import subprocess
 
 import pydicom
 
+from mkiso.receiver import listening_ports
+
 FILE_ID = re.compile(r"^[A-Z0-9_]{1,8}$")
 
 
@@ -61,3 +63,18 @@ def check_pdi(disc, expected_sop_uids):
     assert disc.sop_uids(images) == set(expected_sop_uids)
     assert "README.TXT" in disc.files and "DICOMDIR" in disc.files
     return dicomdir
+
+
+def download(wsgi_call, app, path, tmp_path, query, name="disc"):
+    """GET an ISO in-process; returns (response, opened disc, iso path)."""
+    response = wsgi_call(app, path, query=query)
+    assert response.status == 200, response.body[:500]
+    if app.config.pacs.retrieve == "get":  # SPEC §3.2: C-GET needs no open port
+        assert app.service.receiver is None
+        assert app.config.receiver.port not in listening_ports(), "nothing may listen with C-GET"
+    assert response.header("Content-Type") == "application/x-iso9660-image"
+    assert int(response.header("Content-Length")) == len(response.body)
+    iso_path = str(tmp_path / (name + ".iso"))
+    with open(iso_path, "wb") as handle:
+        handle.write(response.body)
+    return response, open_iso(iso_path, str(tmp_path / name)), iso_path

@@ -1,5 +1,8 @@
 """ISO downloads end to end: real dcmqrscp, real receiver, real dcmmkdir and
-genisoimage; every disc is opened and compared with what the PACS holds."""
+genisoimage; every disc is opened and compared with what the PACS holds.
+
+The disc tests run twice: retrieving by C-MOVE through the receiver, and by
+C-GET (``pacs.retrieve: get``), when nothing may listen on the receiver port."""
 
 import os
 import subprocess
@@ -9,7 +12,7 @@ import pydicom
 import pytest
 
 from mkiso import demo, web
-from discs import check_pdi, joliet_listing, open_iso, volume_id
+from discs import check_pdi, download, joliet_listing, volume_id
 
 
 @pytest.fixture
@@ -21,26 +24,14 @@ def viewer(tmp_path):
     return str(folder)
 
 
-@pytest.fixture
-def service(make_service, viewer):
-    return make_service(iso={"viewer_dir": viewer})
+@pytest.fixture(params=["move", "get"])
+def service(request, make_service, viewer):
+    return make_service(iso={"viewer_dir": viewer}, pacs={"retrieve": request.param})
 
 
 @pytest.fixture
 def app(service):
     return web.Application(service.config, service)
-
-
-def download(wsgi_call, app, path, tmp_path, query, name="disc"):
-    """GET an ISO in-process; returns (response, opened disc, iso path)."""
-    response = wsgi_call(app, path, query=query)
-    assert response.status == 200, response.body[:500]
-    assert response.header("Content-Type") == "application/x-iso9660-image"
-    assert int(response.header("Content-Length")) == len(response.body)
-    iso_path = str(tmp_path / (name + ".iso"))
-    with open(iso_path, "wb") as handle:
-        handle.write(response.body)
-    return response, open_iso(iso_path, str(tmp_path / name)), iso_path
 
 
 def test_single_download_is_a_complete_pdi_disc(wsgi_call, app, archive, tmp_path):
@@ -257,33 +248,3 @@ def test_pacs_refusing_our_ae_is_502(make_service, wsgi_call):
     response = wsgi_call(web.Application(service.config, service), "/api/iso/download",
                          query="accession_number=ACC2001")
     assert response.status == 502 and "association rejected" in response.json()["error"]
-
-
-def test_receiver_killed_while_idle_is_restarted(service, app, wsgi_call, archive, tmp_path):
-    old_pid = service.receiver.pid
-    os.kill(old_pid, 9)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and not (service.receiver.restarts and service.receiver.running):
-        time.sleep(0.1)
-    assert service.receiver.restarts == 1 and service.receiver.pid != old_pid
-    assert service.receiver.wait_ready()
-    health = wsgi_call(app, "/api/health").json()
-    assert health["checks"]["receiver"]["ok"] and "restarts: 1" in health["checks"]["receiver"]["detail"]
-    _, disc, _ = download(wsgi_call, app, "/api/iso/download", tmp_path, "accession_number=ACC2001")
-    check_pdi(disc, archive.sop_uids("ACC2001"))
-
-
-def test_receiver_down_shows_in_health(service, app, wsgi_call):
-    service.receiver.stop()
-    body = wsgi_call(app, "/api/health").json()
-    assert body["status"] == "degraded" and body["checks"]["receiver"]["ok"] is False
-
-
-def test_unrequested_deliveries_are_swept(service):
-    stray = os.path.join(service.receiver.inbox, "STUDY_1.2.3.4")
-    os.makedirs(stray)
-    with open(os.path.join(stray, "MR.1.2.3.4.5"), "wb") as handle:
-        handle.write(b"x")
-    assert service.receiver.sweep(max_age=3600) == 0
-    assert service.receiver.sweep(max_age=0) == 1
-    assert not os.path.exists(stray)

@@ -74,7 +74,7 @@ def move(completed, failed=0, status=0):
 
 def test_complete_study_passes(received):
     sample, study, paths = received
-    files = verify(study, move(3), paths)
+    files = verify(study, move(3), paths, None)
     assert {f.sop_uid for f in files} == set(sample.sop_uids)
     assert all(f.series_number == 1 for f in files)
 
@@ -87,7 +87,7 @@ def test_complete_study_passes(received):
 def test_bad_move_reports_are_502(received, result, message):
     _, study, paths = received
     with pytest.raises(errors.UpstreamFailed, match=message) as caught:
-        verify(study, result, paths)
+        verify(study, result, paths, None)
     assert caught.value.status == 502
 
 
@@ -95,13 +95,13 @@ def test_fewer_files_than_the_pacs_lists(received):
     _, study, paths = received
     study.instances = 5
     with pytest.raises(errors.UpstreamFailed, match="lists 5 images"):
-        verify(study, move(3), paths)
+        verify(study, move(3), paths, None)
 
 
 def test_no_files_at_all(received):
     _, study, _ = received
     with pytest.raises(errors.UpstreamFailed, match="sent no images"):
-        verify(study, move(None), [])
+        verify(study, move(None), [], None)
 
 
 def test_file_of_another_patient_stops_the_disc(received, tmp_path):
@@ -110,7 +110,7 @@ def test_file_of_another_patient_stops_the_disc(received, tmp_path):
     other.study_uid = study.study_uid
     paths = paths + demo.write_study(other, str(tmp_path / "other"))
     with pytest.raises(errors.UpstreamFailed, match="another Patient ID") as caught:
-        verify(study, move(4), paths)
+        verify(study, move(4), paths, None)
     assert caught.value.code == "wrong_patient"
 
 
@@ -119,7 +119,7 @@ def test_file_of_another_study_stops_the_disc(received, tmp_path):
     other = demo.SampleStudy("PAT-9", "TEST^ONE", "ACC9", series=(1,))
     paths = paths + demo.write_study(other, str(tmp_path / "other"))
     with pytest.raises(errors.UpstreamFailed, match="another study"):
-        verify(study, move(4), paths)
+        verify(study, move(4), paths, None)
 
 
 def test_unreadable_file_stops_the_disc(received, tmp_path):
@@ -128,5 +128,64 @@ def test_unreadable_file_stops_the_disc(received, tmp_path):
     with open(broken, "wb") as handle:
         handle.write(b"not dicom at all")
     with pytest.raises(errors.UpstreamFailed, match="could not be read as DICOM"):
-        verify(study, move(4), paths + [broken])
+        verify(study, move(4), paths + [broken], None)
     assert os.path.exists(broken)
+
+
+# -- the manifest (SPEC §3.6) ------------------------------------------------
+
+def test_manifest_equal_to_what_arrived_passes(received):
+    sample, study, paths = received
+    files = verify(study, move(3), paths, list(sample.sop_uids))
+    assert sorted(f.sop_uid for f in files) == sorted(sample.sop_uids)
+
+
+def test_manifest_missing_image_is_incomplete_with_the_number(received):
+    sample, study, paths = received
+    manifest = list(sample.sop_uids) + ["1.2.3.4.5.6.7"]
+    with pytest.raises(errors.UpstreamFailed, match="1 of the 4 images the PACS lists") as caught:
+        verify(study, move(3), paths, manifest)
+    assert caught.value.code == "incomplete_study"
+
+
+def test_image_not_in_the_manifest_is_unexpected(received, tmp_path):
+    sample, study, paths = received
+    extra = demo.SampleStudy("PAT-9", "TEST^ONE", "ACC9", series=(1,))
+    extra.study_uid = study.study_uid
+    paths = paths + demo.write_study(extra, str(tmp_path / "extra"))
+    with pytest.raises(errors.UpstreamFailed, match="1 images arrived .* that the PACS does not list") as caught:
+        verify(study, move(4), paths, list(sample.sop_uids))
+    assert caught.value.code == "unexpected_image"
+
+
+def test_an_image_twice_is_unexpected_even_without_a_manifest(received, tmp_path):
+    _, study, paths = received
+    twin = str(tmp_path / "twin")
+    with open(paths[0], "rb") as source, open(twin, "wb") as target:
+        target.write(source.read())
+    for manifest in (None, [f.sop_uid for f in verify(study, move(3), paths, None)]):
+        with pytest.raises(errors.UpstreamFailed, match="1 images of .* arrived more than once") as caught:
+            verify(study, move(3), paths + [twin], manifest)
+        assert caught.value.code == "unexpected_image"
+
+
+GET_SUCCESS = """\
+I: Received C-GET Response (Pending)
+I: Received C-STORE Request (MsgID 2)
+I: Sending C-STORE Response (Success)
+I: Received C-GET Response (Success)
+I: Final status report from last C-GET message:
+I:   Number of Remaining Suboperations : 0
+I:   Number of Completed Suboperations : 2
+I:   Number of Failed Suboperations    : 0
+I:   Number of Warning Suboperations   : 0
+"""
+
+
+def test_parse_get_output():
+    got = pacs.parse_get_output(GET_SUCCESS)
+    assert (got.status, got.completed, got.failed, got.warning) == (0, 2, 0, 0) and got.succeeded
+    failed = pacs.parse_get_output(GET_SUCCESS.replace("Response (Success)", "Response (Failed: UnableToProcess)")
+                                   .replace("Failed Suboperations    : 0", "Failed Suboperations    : 1"))
+    assert not failed.succeeded and failed.failed == 1 and "UnableToProcess" in failed.status_text
+    assert pacs.parse_get_output("F: Association Request Failed: connection refused") is None

@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 
 from mkiso import demo
-from conftest import write_config
+from conftest import DCMTK_DIR, write_config
 
 
 def children_of(pid):
@@ -19,24 +19,47 @@ def children_of(pid):
     return [int(line) for line in result.stdout.split()]
 
 
+def start_server(path, port):
+    proc = subprocess.Popen([sys.executable, "-m", "mkiso", "--config", path],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if not demo.wait_for_port(port, timeout=20):
+        proc.kill()
+        pytest.fail("server did not listen: %s" % proc.communicate()[0].decode())
+    return proc
+
+
+def health(base):
+    with urllib.request.urlopen(base + "/api/health", timeout=30) as answer:
+        return json.load(answer)
+
+
+def gone(pids, timeout=10):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(os.path.exists("/proc/%d" % pid) for pid in pids):
+        time.sleep(0.05)
+    return [pid for pid in pids if os.path.exists("/proc/%d" % pid)] == []
+
+
 @pytest.fixture
 def server_process(tmp_path, settings):
     settings["server"] = {"port": demo.free_port()}
     settings["receiver"]["port"] = demo.free_port()  # not the session's: only health is asked here
     path = write_config(tmp_path / "config.yaml", settings)
-    proc = subprocess.Popen([sys.executable, "-m", "mkiso", "--config", path],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    if not demo.wait_for_port(settings["server"]["port"], timeout=20):
-        proc.kill()
-        pytest.fail("server did not listen: %s" % proc.communicate()[0].decode())
-    yield proc, "http://127.0.0.1:%d" % settings["server"]["port"], settings
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    procs = [start_server(path, settings["server"]["port"])]
+
+    def restart():
+        procs.append(start_server(path, settings["server"]["port"]))
+        return procs[-1]
+
+    yield procs[0], "http://127.0.0.1:%d" % settings["server"]["port"], settings, restart
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_serves_health_and_exits_0_on_sigterm(server_process):
-    proc, base, settings = server_process
+    proc, base, settings, _ = server_process
     with urllib.request.urlopen(base + "/api/health?strict=1", timeout=30) as answer:
         body = json.load(answer)
         assert answer.headers["X-Request-ID"]
@@ -55,7 +78,69 @@ def test_serves_health_and_exits_0_on_sigterm(server_process):
 
 
 def test_sigint_also_stops_cleanly(server_process):
-    proc, _, _ = server_process
+    proc, _, _, _ = server_process
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=30)
     assert proc.returncode == 0
+
+
+def test_sigkill_leaves_no_child_and_a_restart_gets_the_receiver_port(server_process):
+    proc, base, settings, restart = server_process
+    children = children_of(proc.pid)
+    assert children and health(base)["checks"]["receiver"]["ok"]
+    proc.kill()
+    proc.wait()
+    assert gone(children), "a child outlived the SIGKILLed server (no parent-death signal)"
+    restart()
+    check = health(base)["checks"]["receiver"]
+    assert check["ok"] is True, check
+    assert "listening on port %d" % settings["receiver"]["port"] in check["detail"]
+
+
+def test_a_receiver_left_by_a_crash_is_stopped_at_start(tmp_path, settings):
+    """A storescp that outlived its server (as before the parent-death signal) holds the port."""
+    port = demo.free_port()
+    settings["server"] = {"port": port}
+    settings["receiver"]["port"] = demo.free_port()
+    work_dir = settings["paths"]["work_dir"]
+    inbox = os.path.join(work_dir, "inbox")
+    os.makedirs(inbox)
+    orphan = subprocess.Popen(
+        [os.path.join(DCMTK_DIR, "storescp"), "--fork", "-aet", "CDRECORD", "-od", inbox, "-su", "STUDY",
+         str(settings["receiver"]["port"])], start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert demo.wait_for_port(settings["receiver"]["port"])
+        with open(os.path.join(work_dir, "receiver.pid"), "w") as handle:
+            handle.write("%d\n" % orphan.pid)
+        server = start_server(write_config(tmp_path / "config.yaml", settings), port)
+        try:
+            orphan.wait(timeout=10)  # killed by the new server
+            check = health("http://127.0.0.1:%d" % port)["checks"]["receiver"]
+            assert check["ok"] is True, check
+        finally:
+            server.send_signal(signal.SIGTERM)
+            output = server.communicate(timeout=30)[0].decode()
+        assert "stopped a receiver left over from a crash" in output
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+            orphan.wait()
+
+
+def test_a_recorded_pid_that_is_not_our_receiver_is_left_alone(tmp_path, settings):
+    """After a reboot the recorded pid may belong to anything: only our storescp is killed."""
+    bystander = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        settings["server"] = {"port": demo.free_port()}
+        settings["receiver"]["port"] = demo.free_port()
+        os.makedirs(settings["paths"]["work_dir"])
+        with open(os.path.join(settings["paths"]["work_dir"], "receiver.pid"), "w") as handle:
+            handle.write("%d\n" % bystander.pid)
+        server = start_server(write_config(tmp_path / "config.yaml", settings), settings["server"]["port"])
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=30)
+        assert bystander.poll() is None, "an unrelated process was killed"
+    finally:
+        bystander.kill()
+        bystander.wait()
