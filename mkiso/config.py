@@ -95,6 +95,7 @@ SCHEMA = {
         "viewer_dir": (str, "", None),
         "volume_label": (str, "", None),
         "max_bytes": (int, 4700000000, _positive),
+        "dicomdir": (str, "builtin", _one_of("builtin", "dcmmkdir")),
     },
     "paths": {
         "work_dir": (str, "/var/spool/mkiso", None),

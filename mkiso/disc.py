@@ -6,9 +6,11 @@ of A-Z 0-9 _, no extension), one DICOMDIR at the root referencing every
 image, README.TXT and the viewer's files.  ``legacy`` reproduces the old
 scripts: the viewer at the root and the received files in a folder DICOMDIR/.
 
-The DICOMDIR is made by dcmmkdir with ``+I`` (missing StudyID, SeriesNumber
-or InstanceNumber are invented rather than the image dropped) and then read
-back: every staged image must be referenced and every reference staged.
+The DICOMDIR is written in process from the header fields already read
+(``mkiso.dicomdir``, linear time), or with ``iso.dicomdir: dcmmkdir`` by
+dcmmkdir ``+I`` (missing StudyID, SeriesNumber or InstanceNumber are
+invented rather than the image dropped), whose result is then read back:
+every staged image must be referenced and every reference staged.
 """
 
 import datetime
@@ -19,7 +21,7 @@ import warnings
 
 import pydicom
 
-from . import __version__, errors, fastcopy, process
+from . import __version__, dicomdir, errors, fastcopy, process
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,7 @@ def readme_text(studies, image_count):
 
 
 def stage(staging, files, studies, layout, viewer_dir):
-    """Lay the disc out in ``staging``; returns the disc paths of the images."""
+    """Lay the disc out in ``staging``; returns [(received file, disc path)] of the images."""
     if layout == "pdi":
         images, reserved = pdi_paths(files), PDI_RESERVED
     else:
@@ -104,10 +106,19 @@ def stage(staging, files, studies, layout, viewer_dir):
     if layout == "pdi":
         with open(os.path.join(staging, "README.TXT"), "w", encoding="ascii") as handle:
             handle.write(readme_text(studies, len(images)))
-    return [path for _, path in images]
+    return images
 
 
-def make_dicomdir(staging, dcmmkdir, timeout):
+def make_dicomdir(staging, images, how, dcmmkdir, timeout):
+    """The DICOMDIR at the root of ``staging``: written here (``builtin``) or by dcmmkdir."""
+    if how == "builtin":
+        dicomdir.write(os.path.join(staging, "DICOMDIR"), images)
+        return
+    run_dcmmkdir(staging, dcmmkdir, timeout)
+    check_dicomdir(staging, [path for _, path in images])
+
+
+def run_dcmmkdir(staging, dcmmkdir, timeout):
     """Run dcmmkdir over DICOM/ in the staging tree."""
     args = [dcmmkdir, "+I", "-Nxc", "-Nec", "-Nrc", "+F", "MKISO", "-nb", "+r", "+D", "DICOMDIR", "DICOM"]
     result = process.run_step(args, timeout, "dcmmkdir", cwd=staging, timeout_code="tool_timeout")

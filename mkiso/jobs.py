@@ -135,11 +135,10 @@ class Jobs:
         staging = os.path.join(folder, "disc")
         os.mkdir(staging)
         with self.retrieved(studies) as files:
-            image_paths = disc.stage(staging, files, studies, config.iso.layout, config.iso.viewer_dir)
+            images = disc.stage(staging, files, studies, config.iso.layout, config.iso.viewer_dir)
         if config.iso.layout == "pdi":
             dcmmkdir = os.path.join(config.tools.dcmtk_dir, "dcmmkdir")
-            disc.make_dicomdir(staging, dcmmkdir, config.timeouts.iso_s)
-            disc.check_dicomdir(staging, image_paths)
+            disc.make_dicomdir(staging, images, config.iso.dicomdir, dcmmkdir, config.timeouts.iso_s)
         label = disc.volume_label(config.iso.volume_label, accessions)
         size = disc.iso_size(config.tools.genisoimage, staging, label, config.timeouts.iso_s)
         if size > config.iso.max_bytes:
@@ -150,7 +149,7 @@ class Jobs:
         disc.make_iso(config.tools.genisoimage, staging, label, iso_path, config.timeouts.iso_s)
         shutil.rmtree(staging)
         log.info("iso built", extra={"fields": {
-            "accessions": ",".join(accessions), "studies": len(studies), "images": len(image_paths),
+            "accessions": ",".join(accessions), "studies": len(studies), "images": len(images),
             "bytes": size}})
         stem = delivery.patient_stem(self.patient_name(studies)) if named_by_patient else accessions[0]
         return Iso(iso_path, os.path.getsize(iso_path), stem, accessions[0], folder)

@@ -20,11 +20,13 @@ receiver could not write) is a 507, not a 502.
 """
 
 import collections
+import dataclasses
 import logging
 import os
 import shutil
 import tempfile
 import threading
+from typing import Optional, Tuple
 
 import pydicom
 
@@ -32,22 +34,38 @@ from . import disk, errors
 
 log = logging.getLogger(__name__)
 
+# What a disc needs from each image: the §3 checks, the PDI layout and the DICOMDIR records.
 HEADER_TAGS = [
-    "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SeriesNumber", "InstanceNumber", "SOPInstanceUID",
+    "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "StudyDate", "StudyTime", "AccessionNumber",
+    "Modality", "StudyDescription", "PatientName", "PatientID", "StudyInstanceUID", "SeriesInstanceUID",
+    "StudyID", "SeriesNumber", "InstanceNumber",
 ]
 
 
+@dataclasses.dataclass
 class ReceivedFile:
-    """An image as received, with the header fields the disc layout needs."""
+    """An image as received, with the header fields read once for everything after.
 
-    def __init__(self, path, patient_id, study_uid, series_uid, series_number, instance_number, sop_uid):
-        self.path = path
-        self.patient_id = patient_id
-        self.study_uid = study_uid
-        self.series_uid = series_uid
-        self.series_number = series_number
-        self.instance_number = instance_number
-        self.sop_uid = sop_uid
+    Plain strings, not the pydicom dataset: ten thousand of these stay small.
+    """
+
+    path: str
+    patient_id: str
+    study_uid: str
+    series_uid: str
+    series_number: Optional[int]
+    instance_number: Optional[int]
+    sop_uid: str
+    sop_class_uid: str = ""
+    transfer_syntax: str = ""
+    charset: Tuple[str, ...] = ()
+    patient_name: str = ""
+    study_date: str = ""
+    study_time: str = ""
+    study_description: str = ""
+    study_id: str = ""
+    accession: str = ""
+    modality: str = ""
 
 
 def read_received(path):
@@ -57,15 +75,31 @@ def read_received(path):
         raise errors.UpstreamFailed(
             "A received image could not be read as DICOM (%s); the disc was not made." % exc,
             code="bad_image")
+    charset = header.get("SpecificCharacterSet") or ()
+    meta = getattr(header, "file_meta", None)
     return ReceivedFile(
         path=path,
-        patient_id=str(header.get("PatientID", "") or ""),
-        study_uid=str(header.get("StudyInstanceUID", "") or ""),
-        series_uid=str(header.get("SeriesInstanceUID", "") or ""),
+        patient_id=_text(header, "PatientID"),
+        study_uid=_text(header, "StudyInstanceUID"),
+        series_uid=_text(header, "SeriesInstanceUID"),
         series_number=_number(header.get("SeriesNumber")),
         instance_number=_number(header.get("InstanceNumber")),
-        sop_uid=str(header.get("SOPInstanceUID", "") or ""),
+        sop_uid=_text(header, "SOPInstanceUID"),
+        sop_class_uid=_text(header, "SOPClassUID"),
+        transfer_syntax=str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else "",
+        charset=(str(charset),) if isinstance(charset, str) else tuple(str(value) for value in charset),
+        patient_name=_text(header, "PatientName"),
+        study_date=_text(header, "StudyDate"),
+        study_time=_text(header, "StudyTime"),
+        study_description=_text(header, "StudyDescription"),
+        study_id=_text(header, "StudyID"),
+        accession=_text(header, "AccessionNumber"),
+        modality=_text(header, "Modality"),
     )
+
+
+def _text(header, keyword):
+    return str(header.get(keyword, "") or "")
 
 
 def _number(value):
