@@ -4,6 +4,11 @@ The body is the server's ``wsgi.file_wrapper`` over the open ISO, so
 waitress sends it from the file (never a Python generator reading it), and
 the job's temp files are removed when the server closes that body: after
 the last byte, or as soon as the client goes away.
+
+A single ``Range: bytes=a-b`` (or ``a-``, ``-n``) is answered with 206 and
+``Content-Range``, so an interrupted 4 GB download resumes (``curl -C -``);
+an unsatisfiable one with 416.  Several ranges, or a malformed header, get
+the whole file (RFC 7233 allows ignoring them).
 """
 
 import re
@@ -11,11 +16,13 @@ import unicodedata
 import wsgiref.util
 from urllib.parse import quote
 
+from . import errors
 from .responses import Response
 
 ISO_TYPE = "application/x-iso9660-image"
 BLOCK = 1 << 20
 UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\"\'`:*?<>|;,%]+')
+SINGLE_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
 def clean_name(text):
@@ -44,16 +51,56 @@ def disposition(stem, fallback):
     return "attachment; filename=\"%s.iso\"; filename*=UTF-8''%s" % (plain, quote(utf8 + ".iso", safe=""))
 
 
-class RemovedOnClose:
-    """The open ISO; closing it (the server does, when done) removes the job's files."""
+def byte_range(header, size):
+    """(first, last) byte of a single satisfiable range, or None for the whole file.
 
-    def __init__(self, handle, cleanup):
+    Raises RangeNotSatisfiable for a range that starts past the end or asks
+    for no bytes.
+    """
+    match = SINGLE_RANGE.match((header or "").replace(" ", ""))
+    if match is None or match.group(1) == match.group(2) == "":
+        return None
+    first, last = match.group(1), match.group(2)
+    if first == "":
+        suffix = int(last)
+        if suffix == 0:
+            raise RangeNotSatisfiable(size)
+        return max(0, size - suffix), size - 1
+    first = int(first)
+    if last != "" and int(last) < first:
+        return None  # a-b with b before a is malformed: ignored
+    if first >= size:
+        raise RangeNotSatisfiable(size)
+    return first, size - 1 if last == "" else min(int(last), size - 1)
+
+
+class RangeNotSatisfiable(errors.MkisoError):
+    status = 416
+    code = "range_not_satisfiable"
+
+    def __init__(self, size):
+        super().__init__("The requested range is not within the %d bytes of the ISO." % size,
+                         headers=[("Content-Range", "bytes */%d" % size)])
+
+
+class RemovedOnClose:
+    """The open ISO from ``offset``, at most ``length`` bytes; closing it removes the job's files."""
+
+    def __init__(self, handle, cleanup, offset, length):
         self._handle = handle
         self._cleanup = cleanup
-        self.read = handle.read
+        self._remaining = length
+        handle.seek(offset)
         self.seek = handle.seek
         self.tell = handle.tell
         self.fileno = handle.fileno
+
+    def read(self, size=-1):
+        """Never past the answer's end, whichever server reads it."""
+        size = self._remaining if size is None or size < 0 else min(size, self._remaining)
+        data = self._handle.read(size)
+        self._remaining -= len(data)
+        return data
 
     def close(self):
         try:
@@ -65,13 +112,22 @@ class RemovedOnClose:
 
 
 def iso_response(environ, iso):
-    """200 with the ISO as a file-backed body; ``iso.cleanup`` runs on close."""
-    handle = open(iso.path, "rb")
-    body = RemovedOnClose(handle, iso.cleanup)
-    wrapper = environ.get("wsgi.file_wrapper", wsgiref.util.FileWrapper)
+    """200 (or 206 for a Range) with the ISO as a file-backed body; ``iso.cleanup`` runs on close."""
+    try:
+        wanted = byte_range(environ.get("HTTP_RANGE"), iso.size)
+    except RangeNotSatisfiable:
+        iso.cleanup()
+        raise
+    status, first, length = 200, 0, iso.size
     headers = [
         ("Content-Type", ISO_TYPE),
-        ("Content-Length", str(iso.size)),
+        ("Accept-Ranges", "bytes"),
         ("Content-Disposition", disposition(iso.stem, iso.fallback_stem)),
     ]
-    return Response(200, headers, wrapper(body, BLOCK), iso.size)
+    if wanted is not None:
+        status, first, length = 206, wanted[0], wanted[1] - wanted[0] + 1
+        headers.append(("Content-Range", "bytes %d-%d/%d" % (wanted[0], wanted[1], iso.size)))
+    headers.append(("Content-Length", str(length)))
+    body = RemovedOnClose(open(iso.path, "rb"), iso.cleanup, first, length)
+    wrapper = environ.get("wsgi.file_wrapper", wsgiref.util.FileWrapper)
+    return Response(status, headers, wrapper(body, BLOCK), length)

@@ -1,0 +1,76 @@
+"""Range and HEAD on ISO answers (SPEC §8): a unit matrix, then through real waitress."""
+
+import urllib.error
+import urllib.request
+
+import pytest
+
+from mkiso import delivery, web
+from test_concurrency import wait_until_clean
+
+SIZE = 1000
+
+
+@pytest.mark.parametrize("header, wanted", [
+    ("bytes=0-99", (0, 99)),
+    ("bytes=500-599", (500, 599)),
+    ("bytes=990-", (990, 999)),
+    ("bytes=-10", (990, 999)),
+    ("bytes=-5000", (0, 999)),
+    ("bytes=900-5000", (900, 999)),
+    ("bytes=999-999", (999, 999)),
+    (None, None),
+    ("", None),
+    ("bytes=-", None),
+    ("bytes=5-1", None),
+    ("bytes=0-1,5-6", None),
+    ("items=0-1", None),
+])
+def test_range_matrix(header, wanted):
+    assert delivery.byte_range(header, SIZE) == wanted
+
+
+@pytest.mark.parametrize("header", ["bytes=1000-", "bytes=5000-6000", "bytes=-0"])
+def test_unsatisfiable_ranges(header):
+    with pytest.raises(delivery.RangeNotSatisfiable) as caught:
+        delivery.byte_range(header, SIZE)
+    assert caught.value.status == 416
+    assert ("Content-Range", "bytes */1000") in caught.value.headers
+
+
+@pytest.fixture
+def server(make_service, live_server):
+    service = make_service()
+    return service, live_server(web.Application(service.config, service))
+
+
+def get(url, headers=None, method="GET"):
+    request = urllib.request.Request(url, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=120) as answer:
+            return answer.status, answer.headers, answer.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers, error.read()
+
+
+def test_ranges_through_waitress_give_the_same_bytes(server, tmp_path):
+    service, base = server
+    url = base + "/api/iso/download?accession_number=ACC2001"
+    status, headers, whole = get(url)
+    assert status == 200 and headers["Accept-Ranges"] == "bytes"
+    size = len(whole)
+    pieces = {"bytes=0-99": whole[:100], "bytes=70000-70999": whole[70000:71000],
+              "bytes=%d-" % (size - 3000): whole[-3000:], "bytes=-2048": whole[-2048:]}
+    for header, expected in pieces.items():
+        status, headers, body = get(url, {"Range": header})
+        assert status == 206, header
+        assert body == expected, header
+        first, last = (int(v) for v in headers["Content-Range"].split()[1].split("/")[0].split("-"))
+        assert headers["Content-Range"] == "bytes %d-%d/%d" % (first, last, size)
+        assert int(headers["Content-Length"]) == len(expected) == last - first + 1
+    status, headers, body = get(url, {"Range": "bytes=%d-" % size})
+    assert status == 416 and headers["Content-Range"] == "bytes */%d" % size
+    assert b"range_not_satisfiable" in body
+    status, headers, body = get(url, method="HEAD")
+    assert status == 200 and body == b"" and int(headers["Content-Length"]) == size
+    assert wait_until_clean(service) == []
