@@ -84,12 +84,20 @@ class RangeNotSatisfiable(errors.MkisoError):
 
 
 class RemovedOnClose:
-    """The open ISO from ``offset``, at most ``length`` bytes; closing it removes the job's files."""
+    """The open ISO from ``offset``, at most ``length`` bytes; closing it removes the job's files.
+
+    The server closes it when the answer ends: after the last byte, or when
+    the client went away.  The file position then tells how far sending
+    got (every server path advances it by what went out), which
+    ``on_close(sent)`` is told.
+    """
 
     def __init__(self, handle, cleanup, offset, length):
         self._handle = handle
         self._cleanup = cleanup
+        self._offset = offset
         self._remaining = length
+        self.on_close = None
         handle.seek(offset)
         self.seek = handle.seek
         self.tell = handle.tell
@@ -103,12 +111,16 @@ class RemovedOnClose:
         return data
 
     def close(self):
+        if self._cleanup is None:
+            return
         try:
+            sent = self._handle.tell() - self._offset if not self._handle.closed else 0
             self._handle.close()
         finally:
             cleanup, self._cleanup = self._cleanup, None
-            if cleanup is not None:
-                cleanup()
+            cleanup()
+        if self.on_close is not None:
+            self.on_close(sent)
 
 
 def iso_response(environ, iso):
@@ -130,4 +142,4 @@ def iso_response(environ, iso):
     headers.append(("Content-Length", str(length)))
     body = RemovedOnClose(open(iso.path, "rb"), iso.cleanup, first, length)
     wrapper = environ.get("wsgi.file_wrapper", wsgiref.util.FileWrapper)
-    return Response(status, headers, wrapper(body, BLOCK), length)
+    return Response(status, headers, wrapper(body, BLOCK), length, closer=body)

@@ -6,11 +6,18 @@ JSON_TYPE = "application/json; charset=utf-8"
 
 
 class Response:
-    def __init__(self, status, headers, body, length):
+    """``closer``, for a body sent after the handler returned, says when sending ended.
+
+    The web layer sets ``closer.on_close(sent)`` so that the access log line
+    of such an answer is written then, with the bytes really sent.
+    """
+
+    def __init__(self, status, headers, body, length, closer=None):
         self.status = status
         self.headers = headers
         self.body = body
         self.length = length
+        self.closer = closer
 
     @classmethod
     def json(cls, status, payload, headers=()):

@@ -15,6 +15,7 @@ import time
 from waitress.server import create_server
 
 from . import __version__, config as configuration, logs, web
+from .channel import SendfileChannel
 from .service import Service
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class Server:
                 ident="mkiso",
                 clear_untrusted_proxy_headers=True,
             )
+            server.channel_class = SendfileChannel  # file-backed bodies leave through sendfile
         except OSError as exc:
             log.error("cannot listen on %s:%s: %s", self.config.server.host, self.config.server.port, exc.strerror)
             self.service.stop()

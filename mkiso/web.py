@@ -100,11 +100,15 @@ class Application:
                 "An internal error occurred; the server log has the details under this request id."))
         response.headers.append(("X-Request-ID", request.request_id))
         start_response("%d %s" % (response.status, REASONS.get(response.status, "")), response.headers)
-        self._log_access(request, response, started)
         if request.method == "HEAD":
             if hasattr(response.body, "close"):
                 response.body.close()
+            self._log_access(request, response, started, 0)
             return []
+        if response.closer is not None:  # logged when sending ends, with what really went out
+            response.closer.on_close = lambda sent: self._log_access(request, response, started, sent)
+        else:
+            self._log_access(request, response, started, response.length)
         return response.body
 
     def _dispatch(self, request):
@@ -131,15 +135,17 @@ class Application:
             log.warning("%s", exc.message, extra={"fields": {"request_id": request.request_id, "status": exc.status}})
         return Response.json(exc.status, payload, exc.headers)
 
-    def _log_access(self, request, response, started):
+    def _log_access(self, request, response, started, sent):
         fields = {
             "method": request.method,
             "path": request.path,
             "status": response.status,
-            "bytes": response.length,
+            "bytes": sent,
             "duration_ms": int((time.monotonic() - started) * 1000),
             "request_id": request.request_id,
         }
+        if response.closer is not None and request.method != "HEAD":
+            fields["complete"] = "true" if sent == response.length else "false"
         if request.accessions:
             fields["accessions"] = ",".join(request.accessions)
         access_log.info("request", extra={"fields": fields})

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from mkiso import config as configuration, demo
+from mkiso.channel import SendfileChannel
 from mkiso.service import JOBS, RETRIEVALS, Service
 
 DCMTK_DIR = os.path.dirname(shutil.which("findscu") or "/usr/bin/findscu")
@@ -176,6 +177,7 @@ def live_server():
 
     def serve(app):
         server = create_server(app, host="127.0.0.1", port=0, threads=8, clear_untrusted_proxy_headers=True)
+        server.channel_class = SendfileChannel  # as mkiso-server runs it
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         servers.append(server)

@@ -1,6 +1,7 @@
 """Through a real waitress server: parallel jobs each get exactly their own
 study, and a job's files go when the response closes, even mid-transfer."""
 
+import logging
 import shutil
 import socket
 import time
@@ -16,7 +17,8 @@ from conftest import job_leftovers
 
 
 @pytest.fixture
-def server(make_service, live_server):
+def server(make_service, live_server, caplog):
+    caplog.set_level(logging.INFO, logger="mkiso.access")
     service = make_service(limits={"max_jobs": 8})
     return service, live_server(web.Application(service.config, service))
 
@@ -70,7 +72,12 @@ def test_head_sends_headers_only_and_cleans_up(server):
     assert wait_until_clean(service) == []
 
 
-def test_client_hanging_up_mid_transfer_removes_the_job_files(server):
+def access_lines(caplog, path_part):
+    return [r.fields for r in caplog.records
+            if r.name == "mkiso.access" and path_part in r.fields["path"] + "?" + r.fields.get("accessions", "")]
+
+
+def test_client_hanging_up_mid_transfer_removes_the_job_files(server, caplog):
     service, base = server
     port = int(base.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=60) as client:
@@ -80,7 +87,20 @@ def test_client_hanging_up_mid_transfer_removes_the_job_files(server):
         length = int(first.split(b"Content-Length: ")[1].split(b"\r\n")[0])
         assert length > 8 * 1024 * 1024
         assert job_leftovers(service), "the ISO should still be there while it is being sent"
+        assert access_lines(caplog, "BIG01") == [], "logged before the answer ended"
     assert wait_until_clean(service) == []
+    [line] = access_lines(caplog, "BIG01")
+    assert line["status"] == 200 and line["complete"] == "false"
+    assert 0 <= line["bytes"] < length
+
+
+def test_a_finished_download_is_logged_complete_with_its_bytes(server, caplog):
+    service, base = server
+    status, headers, body = fetch(base + "/api/iso/download?accession_number=ACC2001")
+    assert status == 200
+    assert wait_until_clean(service) == []
+    [line] = access_lines(caplog, "ACC2001")
+    assert line["complete"] == "true" and line["bytes"] == len(body) == int(headers["Content-Length"])
 
 
 def test_busy_beyond_max_jobs_is_503_with_retry_after(make_service, wsgi_call):

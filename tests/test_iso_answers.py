@@ -1,11 +1,14 @@
-"""Range and HEAD on ISO answers (SPEC §8): a unit matrix, then through real waitress."""
+"""ISO answers over HTTP (SPEC §8): Range and HEAD, and sendfile carrying the bytes."""
 
+import hashlib
+import os
 import urllib.error
 import urllib.request
 
 import pytest
 
-from mkiso import delivery, web
+from mkiso import channel, delivery, web
+from discs import check_pdi, open_iso
 from test_concurrency import wait_until_clean
 
 SIZE = 1000
@@ -73,4 +76,30 @@ def test_ranges_through_waitress_give_the_same_bytes(server, tmp_path):
     assert b"range_not_satisfiable" in body
     status, headers, body = get(url, method="HEAD")
     assert status == 200 and body == b"" and int(headers["Content-Length"]) == size
+    assert wait_until_clean(service) == []
+
+
+def test_the_iso_leaves_through_sendfile_byte_for_byte(server, archive, tmp_path, monkeypatch):
+    """Every byte of the body went through os.sendfile, and they are the file's bytes, in order."""
+    service, base = server
+    calls = []
+    sent = hashlib.sha256()
+    real_sendfile = os.sendfile
+
+    def counting_sendfile(out_fd, in_fd, offset, count):
+        done = real_sendfile(out_fd, in_fd, offset, count)
+        if done > 0:
+            calls.append(done)
+            sent.update(os.pread(in_fd, done, offset))
+        return done
+
+    monkeypatch.setattr(channel.os, "sendfile", counting_sendfile)
+    status, headers, body = get(base + "/api/iso/download?accession_number=BIG01")
+    assert status == 200 and len(body) == int(headers["Content-Length"]) > 8 * 1024 * 1024
+    assert calls, "sendfile was never called"
+    assert sum(calls) == len(body), "some bytes took another path"
+    assert sent.hexdigest() == hashlib.sha256(body).hexdigest()
+    iso_path = tmp_path / "big.iso"
+    iso_path.write_bytes(body)
+    check_pdi(open_iso(str(iso_path), str(tmp_path / "big")), archive.sop_uids("BIG01"))
     assert wait_until_clean(service) == []

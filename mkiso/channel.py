@@ -1,0 +1,87 @@
+"""A waitress channel that sends file-backed bodies with ``sendfile`` (SPEC §8).
+
+waitress sends a ``wsgi.file_wrapper`` body by reading it into Python
+buffers, a block at a time, and ``send``-ing those: every byte of a 4 GB
+ISO crosses into user space twice.  This channel hands such a body to the
+kernel instead: ``os.sendfile`` from the ISO's file descriptor straight to
+the socket, from the file's position, never past the answer's length.
+
+Its flush loop is waitress's own (the same in 2.1, as in Debian 12, and in
+3.x) with one more branch: a file buffer is sent by the kernel and then
+advanced through waitress's own ``skip``, so the buffer's ``remain``, the
+file position and the channel's byte counts stay exactly as waitress keeps
+them.  Everything else (headers, JSON, a body without a real file
+descriptor) is sent as waitress sends it.
+"""
+
+import errno
+import io
+import os
+import time
+
+from waitress.buffers import ReadOnlyFileBasedBuffer
+from waitress.channel import HTTPChannel
+
+CHUNK = 1 << 30  # bytes asked of the kernel per call; it sends what the socket takes
+_GONE = {errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN, errno.ECONNABORTED}
+
+
+def _file_descriptor(outbuf):
+    if not isinstance(outbuf, ReadOnlyFileBasedBuffer):
+        return None
+    try:
+        return outbuf.file.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return None
+
+
+class SendfileChannel(HTTPChannel):
+    def _flush_some(self, do_close=True):
+        """waitress's flush loop, with file buffers sent by the kernel."""
+        sent = 0
+        dobreak = False
+        while True:
+            outbuf = self.outbufs[0]
+            outbuflen = outbuf.__len__()
+            fd = _file_descriptor(outbuf)
+            while outbuflen > 0:
+                if fd is None:
+                    num_sent = self.send(outbuf.get(self.sendbuf_len), do_close=do_close)
+                else:
+                    num_sent = self._sendfile(outbuf, fd, do_close)
+                if num_sent:
+                    outbuf.skip(num_sent, True)
+                    outbuflen -= num_sent
+                    sent += num_sent
+                    self.total_outbufs_len -= num_sent
+                else:
+                    dobreak = True  # the socket is full (or gone): wait for the next writable
+                    break
+            else:
+                if len(self.outbufs) > 1:  # the last outbuf must stay, writable
+                    done = self.outbufs.pop(0)
+                    try:
+                        done.close()
+                    except Exception:
+                        self.logger.exception("Unexpected error when closing an outbuf")
+                else:
+                    dobreak = True
+            if dobreak:
+                break
+        if sent:
+            self.last_activity = time.time()
+            return True
+        return False
+
+    def _sendfile(self, outbuf, fd, do_close):
+        """As wasyncore's ``send``: the bytes sent, 0 when the socket is full or the client gone."""
+        try:
+            return os.sendfile(self.socket.fileno(), fd, outbuf.file.tell(), min(outbuf.remain, CHUNK))
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            if exc.errno not in _GONE:
+                raise
+            if do_close:
+                self.handle_close()
+            return 0
