@@ -14,6 +14,7 @@ spawner thread that lives as long as the process, never by a request's
 worker thread or a short-lived pool thread.
 """
 
+import collections
 import os
 import shutil
 import signal
@@ -24,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from . import errors
 
 SETPRIV = shutil.which("setpriv") or "/usr/bin/setpriv"
+TAIL_BYTES = 1 << 16
+PIPE_GRACE_S = 5
 
 _live = set()
 _live_lock = threading.Lock()
@@ -97,30 +100,63 @@ def kill_group(proc):
     forget(proc)
 
 
-def run(args, timeout, cwd=None):
+def run(args, timeout, cwd=None, on_line=None):
     """Run a tool to completion; its stdout and stderr come back merged.
 
+    Only the last TAIL_BYTES of the output are kept (where dcmtk puts its
+    final response and its errors): a C-MOVE of 10,000 images prints
+    megabytes.  ``on_line``, if given, sees every line as it comes.
     Raises ToolTimeout (after killing the group) when ``timeout`` passes.
     """
     proc = start(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    tail = OutputTail(on_line)
+    reader = threading.Thread(target=tail.read, args=(proc.stdout,), name="tool-output", daemon=True)
+    reader.start()
     try:
-        output, _ = proc.communicate(timeout=timeout)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_group(proc)
-        proc.stdout.close()
+        reader.join()
         raise ToolTimeout(args, timeout)
     except BaseException:
         kill_group(proc)
-        proc.stdout.close()
+        reader.join()
         raise
+    reader.join(PIPE_GRACE_S)
+    if reader.is_alive():  # something the tool forked still holds the pipe
+        kill_group(proc)
+        reader.join()
     forget(proc)
-    return Result(proc.returncode, output.decode("utf-8", "replace"))
+    return Result(proc.returncode, tail.text())
 
 
-def run_step(args, timeout, what, cwd=None, timeout_code="timeout"):
+class OutputTail:
+    """A tool's output read line by line, keeping only its last TAIL_BYTES."""
+
+    def __init__(self, on_line=None):
+        self._lines = collections.deque()
+        self._size = 0
+        self._on_line = on_line
+
+    def read(self, stream):
+        with stream:
+            for raw in stream:
+                line = raw.decode("utf-8", "replace")
+                if self._on_line is not None:
+                    self._on_line(line)
+                self._lines.append(line)
+                self._size += len(line)
+                while self._size > TAIL_BYTES and len(self._lines) > 1:
+                    self._size -= len(self._lines.popleft())
+
+    def text(self):
+        return "".join(self._lines)
+
+
+def run_step(args, timeout, what, cwd=None, timeout_code="timeout", on_line=None):
     """``run`` for a job's step: past its time a 504, a missing tool a 500, both naming ``what``."""
     try:
-        return run(args, timeout, cwd=cwd)
+        return run(args, timeout, cwd=cwd, on_line=on_line)
     except ToolTimeout:
         raise errors.UpstreamTimeout("%s did not finish within %ss." % (what, timeout), code=timeout_code)
     except ToolMissing as exc:

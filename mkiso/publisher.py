@@ -15,22 +15,24 @@ from . import errors, fastcopy, pacs, process
 
 log = logging.getLogger(__name__)
 
-_RESPONSE = re.compile(r"^I: Received Store Response \((?P<status>[^)]*)\)", re.M)
-_SENDING = re.compile(r"^I: Sending file: ", re.M)
+_RESPONSE = re.compile(r"^I: Received Store Response \((?P<status>[^)]*)\)")
+_SENDING = re.compile(r"^I: Sending file: ")
 
 
 class StoreReport:
-    """What storescu said about each image it sent."""
+    """What storescu said about each image it sent, counted line by line as it runs."""
 
-    def __init__(self, attempted, accepted):
-        self.attempted = attempted
-        self.accepted = accepted
+    def __init__(self):
+        self.attempted = 0
+        self.accepted = 0
 
-
-def parse_store_output(output):
-    statuses = [match.group("status") for match in _RESPONSE.finditer(output)]
-    accepted = sum(1 for status in statuses if status.startswith(("Success", "Warning")))
-    return StoreReport(len(_SENDING.findall(output)), accepted)
+    def feed(self, line):
+        if _SENDING.match(line):
+            self.attempted += 1
+            return
+        response = _RESPONSE.match(line)
+        if response and response.group("status").startswith(("Success", "Warning")):
+            self.accepted += 1
 
 
 class Publisher:
@@ -67,9 +69,9 @@ class Publisher:
         args = [self.tool, "-v", "-nh", "+sd", "+r"]
         args += pacs.association_args(self.our_ae, self.peer, self.connect_timeout)
         args += pacs.address_args(self.peer) + [batch]
+        report = StoreReport()
         result = process.run_step(args, self.store_timeout, "Sending to the publisher %s" % self.peer,
-                                  timeout_code="publisher_timeout")
-        report = parse_store_output(result.output)
+                                  timeout_code="publisher_timeout", on_line=report.feed)
         if report.attempted == 0:
             pacs.raise_for_failure(result.output, self.peer, "Sending to the publisher", code="publisher_failed")
         return report

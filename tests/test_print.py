@@ -134,7 +134,9 @@ def test_store_report_counts_refused_images():
         "I: Sending file: /c\nI: Received Store Response (Error: Out of Resources)\n"
         "I: Sending file: /d\n"
     )
-    report = publisher.parse_store_output(output)
+    report = publisher.StoreReport()
+    for line in output.splitlines():
+        report.feed(line)
     assert (report.attempted, report.accepted) == (4, 2)
 
 

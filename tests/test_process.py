@@ -50,3 +50,13 @@ def test_kill_all_takes_down_running_children():
     proc = process.start(["sleep", "60"])
     assert process.kill_all() == 1
     assert proc.poll() is not None
+
+
+def test_output_is_kept_as_a_bounded_tail_and_every_line_seen():
+    """A C-MOVE of 10,000 images prints megabytes; only the end (the final response) is kept."""
+    seen = []
+    script = "i=0; while [ $i -lt 200000 ]; do echo line $i; i=$((i+1)); done; echo FINAL"
+    result = process.run(["/bin/sh", "-c", script], timeout=60, on_line=seen.append)
+    assert len(seen) == 200001 and seen[0] == "line 0\n"
+    assert result.output.endswith("line 199999\nFINAL\n")
+    assert len(result.output) <= process.TAIL_BYTES + 100
