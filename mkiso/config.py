@@ -59,6 +59,12 @@ def _placeholder_url(value):
     return None
 
 
+def _accel_prefix(value):
+    if value and not (value.startswith("/") and value.endswith("/")):
+        return "must be empty or a location that starts and ends with / (e.g. /internal/mkiso/)"
+    return None
+
+
 NUMBER = (int, float)
 
 # section -> key -> (type, default, check)
@@ -67,7 +73,8 @@ SCHEMA = {
         "host": (str, "127.0.0.1", None),
         "port": (int, 8080, _port),
         "threads": (int, 8, _positive),
-        "x_accel_prefix": (str, "", None),
+        "x_accel_prefix": (str, "", _accel_prefix),
+        "x_accel_keep_s": (NUMBER, 600, _positive),
     },
     "pacs": {
         "ae_title": (str, REQUIRED, _ae_title),

@@ -9,9 +9,16 @@ A single ``Range: bytes=a-b`` (or ``a-``, ``-n``) is answered with 206 and
 ``Content-Range``, so an interrupted 4 GB download resumes (``curl -C -``);
 an unsatisfiable one with 416.  Several ranges, or a malformed header, get
 the whole file (RFC 7233 allows ignoring them).
+
+Behind nginx, with ``server.x_accel_prefix``, the answer is only headers:
+``X-Accel-Redirect`` names the ISO under the prefix, which nginx maps to
+the work dir, and nginx sends the file (Range and all).  The ISO is made
+readable for nginx's group and removed after ``server.x_accel_keep_s``.
 """
 
+import os
 import re
+import threading
 import unicodedata
 import wsgiref.util
 from urllib.parse import quote
@@ -143,3 +150,19 @@ def iso_response(environ, iso):
     body = RemovedOnClose(open(iso.path, "rb"), iso.cleanup, first, length)
     wrapper = environ.get("wsgi.file_wrapper", wsgiref.util.FileWrapper)
     return Response(status, headers, wrapper(body, BLOCK), length, closer=body)
+
+
+def accel_response(iso, prefix, work_dir, keep_s):
+    """200 with X-Accel-Redirect and no body: nginx sends the file; it goes after ``keep_s``."""
+    os.chmod(iso.folder, 0o750)
+    os.chmod(iso.path, 0o640)
+    remover = threading.Timer(keep_s, iso.cleanup)
+    remover.daemon = True
+    remover.start()
+    headers = [
+        ("Content-Type", ISO_TYPE),
+        ("Content-Disposition", disposition(iso.stem, iso.fallback_stem)),
+        ("X-Accel-Redirect", quote(prefix + os.path.relpath(iso.path, work_dir))),
+        ("Content-Length", "0"),
+    ]
+    return Response(200, headers, [b""], 0)

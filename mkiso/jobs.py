@@ -15,7 +15,7 @@ import tempfile
 import threading
 from contextlib import contextmanager
 
-from . import delivery, disc, disk, errors
+from . import delivery, disc, disk, errors, logs
 from .retrieval import Retrievals
 
 log = logging.getLogger(__name__)
@@ -131,16 +131,22 @@ class Jobs:
 
     def _make_iso(self, accessions, folder, named_by_patient):
         config = self.config
+        watch = logs.Stopwatch()
         studies = self.find(accessions, folder)
+        watch.lap("find")
         staging = os.path.join(folder, "disc")
         os.mkdir(staging)
         with self.retrieved(studies) as files:
+            watch.lap("retrieve")
             images = disc.stage(staging, files, studies, config.iso.layout, config.iso.viewer_dir)
+        watch.lap("stage")
         if config.iso.layout == "pdi":
             dcmmkdir = os.path.join(config.tools.dcmtk_dir, "dcmmkdir")
             disc.make_dicomdir(staging, images, config.iso.dicomdir, dcmmkdir, config.timeouts.iso_s)
+            watch.lap("dicomdir")
         label = disc.volume_label(config.iso.volume_label, accessions)
         size = disc.iso_size(config.tools.genisoimage, staging, label, config.timeouts.iso_s)
+        watch.lap("size")
         if size > config.iso.max_bytes:
             raise errors.TooLarge("The disc would hold %d bytes, more than iso.max_bytes %d."
                                   % (size, config.iso.max_bytes))
@@ -148,9 +154,10 @@ class Jobs:
         iso_path = os.path.join(folder, "disc.iso")
         disc.make_iso(config.tools.genisoimage, staging, label, iso_path, config.timeouts.iso_s)
         shutil.rmtree(staging)
-        log.info("iso built", extra={"fields": {
+        watch.lap("iso")
+        log.info("iso built", extra={"fields": dict({
             "accessions": ",".join(accessions), "studies": len(studies), "images": len(images),
-            "bytes": size}})
+            "bytes": size}, **watch.fields)})
         stem = delivery.patient_stem(self.patient_name(studies)) if named_by_patient else accessions[0]
         return Iso(iso_path, os.path.getsize(iso_path), stem, accessions[0], folder)
 

@@ -50,6 +50,23 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
+class Stopwatch:
+    """Milliseconds per phase of a piece of work, as log fields (``find_ms=...``).
+
+    They end up on the line that closes the work; the benchmark reads its
+    phase split from there.
+    """
+
+    def __init__(self):
+        self.fields = {}
+        self._last = time.monotonic()
+
+    def lap(self, phase):
+        now = time.monotonic()
+        self.fields[phase + "_ms"] = int((now - self._last) * 1000)
+        self._last = now
+
+
 def setup(level="info", fmt="text", stream=None):
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())

@@ -30,7 +30,7 @@ from typing import Optional, Tuple
 
 import pydicom
 
-from . import disk, errors
+from . import disk, errors, logs
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,9 @@ class Retrievals:
     def _retrieve(self, retrieval):
         study = retrieval.study
         received = os.path.join(retrieval.folder, "received")
+        watch = logs.Stopwatch()
         manifest = self.pacs.list_instances(study.study_uid, retrieval.folder)
+        watch.lap("manifest")
         failures = self.receiver.write_failures if self.receiver else 0
         try:
             result = self._fetch(study.study_uid, received)
@@ -236,11 +238,13 @@ class Retrievals:
             raise
         if not result.succeeded:
             self._raise_if_out_of_space(study, received, failures)
+        watch.lap("transfer")
         paths = sorted(entry.path for entry in os.scandir(received) if entry.is_file())
         retrieval.files = verify(study, result, paths, manifest)
-        log.info("study retrieved", extra={"fields": {
+        watch.lap("checks")
+        log.info("study retrieved", extra={"fields": dict({
             "accession": study.accession, "study_uid": study.study_uid, "images": len(paths),
-            "manifest": manifest is not None}})
+            "manifest": manifest is not None}, **watch.fields)})
 
     def _fetch(self, study_uid, received):
         """The study's files into ``received``: by C-GET, or by C-MOVE through the receiver.

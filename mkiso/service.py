@@ -50,6 +50,8 @@ class Service:
         self.remove_leftovers()
         for folder in (INBOX, JOBS, RETRIEVALS):
             os.makedirs(self.path(folder), exist_ok=True)
+        if self.config.server.x_accel_prefix:  # nginx (in our group) reads finished ISOs under jobs/
+            os.chmod(self.path(JOBS), 0o750)
         if self.receiver is not None:
             self.receiver.start()
 

@@ -163,11 +163,19 @@ class Application:
     def download(self, request):
         wanted = self._accessions(request, ("accession_number",), several=False)
         iso = self.service.jobs.make_iso(wanted, request.request_id, named_by_patient=False)
-        return delivery.iso_response(request.environ, iso)
+        return self._iso_answer(request, iso)
 
     def download_multiple(self, request):
         wanted = self._accessions(request, ("accession_numbers", "accession_number"), several=True)
         iso = self.service.jobs.make_iso(wanted, request.request_id, named_by_patient=True)
+        return self._iso_answer(request, iso)
+
+    def _iso_answer(self, request, iso):
+        """The ISO itself, or behind nginx (server.x_accel_prefix) a redirect for nginx to send it."""
+        server = self.config.server
+        if server.x_accel_prefix:
+            return delivery.accel_response(iso, server.x_accel_prefix, self.config.paths.work_dir,
+                                           server.x_accel_keep_s)
         return delivery.iso_response(request.environ, iso)
 
     def print_studies(self, request):
