@@ -1,19 +1,31 @@
-"""Benchmark: one download of a large study, end to end, against a reference.
+"""Benchmark: mkiso against the bare tools doing the same job, measured in one run.
 
-The reference is the same work done by hand with the bare tools in the same
-run: movescu into a plain storescp, then genisoimage over what arrived (no
-DICOMDIR, no checks).  mkiso's row is the HTTP download of the same study
-through a real mkiso-server.  A second table times the staging step (placing
-every file into the disc tree) with the Cython extension and the pure-Python
-twin.  Ratios, not absolute numbers, are what carries across machines.
+The yardstick (SPEC §8) is the job done by hand with the bare tools at their
+best: findscu; movescu into storescp (TCP_NODELAY=1); hard links into the
+8-character PDI tree; dcmmkdir (what a person must run for a valid disc);
+genisoimage to a file; the file read once.  mkiso's rows are HTTP downloads
+of the same study through a real mkiso-server, by C-MOVE and by C-GET,
+which check more (manifest, every header) on the way.  Every number is the
+median of --runs runs; ratios, not seconds, carry across machines.
 
-    .venv/bin/python bench/bench_download.py [--images 1000] [--image-kb 512]
+For each study size it prints: both sides' times and their ratio, the phase
+split of both (mkiso's from its own log lines), mkiso-server's peak RSS,
+delivery throughput against nginx sending the same ISO with sendfile, and,
+where Orthanc is the PACS, Orthanc's own media export (a ZIP with a DICOMDIR
+of images it already holds) as the peer row.  dcmqrscp's index holds only
+about 9,000 images, so sizes above 8,000 use Debian's orthanc.
+
+    .venv/bin/python bench/bench_download.py [--sizes 2000x512,10000x128] [--runs 3] [--pacs auto]
+
+Needs dcmtk, genisoimage, nginx and orthanc (Debian packages).
 """
 
 import argparse
-import functools
+import json
 import os
 import shutil
+import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,152 +38,319 @@ sys.path.insert(0, os.path.dirname(HERE))
 from mkiso import demo, fastcopy  # noqa: E402
 
 TOOL_ENV = dict(os.environ, TCP_NODELAY="1")
-REPEATS = 3
+DCMQRSCP_MAX_IMAGES = 8000
+BLOCK = 1 << 20
 
 
-def timed(function):
+def median(values):
+    return statistics.median(values)
+
+
+def run(args, **kwargs):
+    subprocess.run(args, env=TOOL_ENV, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)
+
+
+def fetch(url):
+    """GET, discarding the body: (seconds to headers, seconds in all, bytes)."""
     started = time.perf_counter()
-    result = function()
-    return time.perf_counter() - started, result
+    with urllib.request.urlopen(url, timeout=7200) as answer:
+        headers_at = time.perf_counter()
+        size = 0
+        while True:
+            chunk = answer.read(BLOCK)
+            if not chunk:
+                break
+            size += len(chunk)
+    return headers_at - started, time.perf_counter() - started, size
 
 
-def best_of(function):
-    """The fastest of REPEATS runs: the least disturbed by the rest of the machine."""
-    runs = [timed(function) for _ in range(REPEATS)]
-    return min(runs, key=lambda run: run[0])
+def start_process(args, port, log_path, timeout=60):
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=TOOL_ENV, start_new_session=True)
+    if not demo.wait_for_port(port, timeout=timeout):
+        stop_process(proc)
+        raise RuntimeError("%s did not start; see %s" % (args[0], log_path))
+    return proc
 
+
+def stop_process(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+# -- the PACS ------------------------------------------------------------------
+
+class Orthanc:
+    """Debian's Orthanc as a plain loopback process, loaded over C-STORE."""
+
+    ae_title = "ORTHANC"
+
+    def __init__(self, root, destinations):
+        self.root = root
+        self.port = demo.free_port()
+        self.http = "http://127.0.0.1:%d" % demo.free_port()
+        self.destinations = destinations
+        self.proc = None
+
+    def start(self):
+        os.makedirs(self.root, exist_ok=True)
+        config = {
+            "Name": "mkiso-bench", "StorageDirectory": self.root + "/db", "IndexDirectory": self.root + "/db",
+            "HttpPort": int(self.http.rsplit(":", 1)[1]), "DicomPort": self.port, "DicomAet": self.ae_title,
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
+            "StorageCompression": False, "DicomAlwaysAllowEcho": True, "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowFind": True, "DicomAlwaysAllowGet": True, "DicomAlwaysAllowMove": True,
+            "DicomModalities": {ae.lower(): [ae, "127.0.0.1", port] for ae, port in self.destinations.items()},
+            "Plugins": [], "HttpTimeout": 3600, "LimitFindInstances": 0, "LimitFindResults": 0,
+        }
+        path = os.path.join(self.root, "orthanc.json")
+        with open(path, "w") as handle:
+            json.dump(config, handle)
+        self.proc = start_process(["Orthanc", path], self.port, os.path.join(self.root, "orthanc.log"))
+
+    def load(self, folder, count):
+        run(["storescu", "-aec", self.ae_title, "+sd", "+r", "127.0.0.1", str(self.port), folder])
+        with urllib.request.urlopen(self.http + "/statistics") as answer:
+            held = json.load(answer)["CountInstances"]
+        if held != count:
+            raise RuntimeError("Orthanc holds %d of %d images" % (held, count))
+
+    def export_seconds(self, study_uid):
+        """Orthanc's own media export of the study: GET /studies/{id}/media, read whole."""
+        request = urllib.request.Request(self.http + "/tools/lookup", data=study_uid.encode(), method="POST")
+        with urllib.request.urlopen(request) as answer:
+            orthanc_id = json.load(answer)[0]["ID"]
+        return fetch(self.http + "/studies/%s/media" % orthanc_id)[1]
+
+    def stop(self):
+        stop_process(self.proc)
+
+
+class Dcmqrscp(demo.Dcmqrscp):
+    export_seconds = None
+
+    def __init__(self, root, destinations):
+        super().__init__(root, demo.free_port(), destinations)
+
+    def load(self, folder, count):
+        files = sorted(os.path.join(folder, name) for name in os.listdir(folder))
+        for at in range(0, len(files), 1000):  # dcmqridx takes the paths on its command line
+            subprocess.run(["dcmqridx", self.storage] + files[at:at + 1000], check=True, stdout=subprocess.DEVNULL)
+        assert len(files) == count
+
+
+# -- the reference: the bare tools by hand -------------------------------------
 
 def reference_run(root, pacs, study, ref_port):
-    """movescu into a bare storescp, then genisoimage: the floor mkiso builds on."""
-    inbox = os.path.join(root, "ref-inbox")
+    """One run of the job by hand; returns ({phase: seconds}, ISO path)."""
+    inbox, tree, iso = (os.path.join(root, name) for name in ("ref-inbox", "ref-tree", "ref.iso"))
+    for path in (inbox, tree):
+        shutil.rmtree(path, ignore_errors=True)
     os.makedirs(inbox)
-    scp = subprocess.Popen(["storescp", "-aet", "BENCHREF", "-od", inbox, "+xa", "-dhl", str(ref_port)],
-                           env=TOOL_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    demo.wait_for_port(ref_port)
+    phases = {}
+    scp = start_process(["storescp", "-aet", "BENCHREF", "-od", inbox, "+xa", "-dhl", str(ref_port)], ref_port,
+                        os.path.join(root, "ref-storescp.log"))
     try:
-        def run():
-            subprocess.run(["movescu", "-S", "-aet", "BENCHREF", "-aec", "ABPACS", "-aem", "BENCHREF",
-                            "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=" + study.study_uid,
-                            "127.0.0.1", str(pacs.port)], env=TOOL_ENV, check=True)
-            subprocess.run(["genisoimage", "-quiet", "-J", "-joliet-long", "-r", "-input-charset", "utf-8",
-                            "-o", os.path.join(root, "ref.iso"), inbox], check=True)
-            return os.path.getsize(os.path.join(root, "ref.iso"))
-        return best_of(run)
+        started = time.perf_counter()
+        run(["findscu", "-S", "-aet", "BENCHREF", "-aec", pacs.ae_title, "-k", "QueryRetrieveLevel=STUDY",
+             "-k", "AccessionNumber=" + study.accession, "-k", "StudyInstanceUID", "127.0.0.1", str(pacs.port)])
+        phases["find"] = time.perf_counter() - started
+        started = time.perf_counter()
+        run(["movescu", "-S", "-aet", "BENCHREF", "-aec", pacs.ae_title, "-aem", "BENCHREF",
+             "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=" + study.study_uid,
+             "127.0.0.1", str(pacs.port)])
+        phases["move"] = time.perf_counter() - started
     finally:
-        scp.kill()
-        scp.wait()
+        stop_process(scp)
+    started = time.perf_counter()
+    series = os.path.join(tree, "DICOM", "PAT00001", "STU00001", "SER00001")
+    os.makedirs(series)
+    for number, name in enumerate(sorted(os.listdir(inbox)), start=1):
+        os.link(os.path.join(inbox, name), os.path.join(series, "IMG%05d" % number))
+    phases["link"] = time.perf_counter() - started
+    started = time.perf_counter()
+    run(["dcmmkdir", "+I", "+r", "+D", "DICOMDIR", "DICOM"], cwd=tree)
+    phases["dicomdir"] = time.perf_counter() - started
+    started = time.perf_counter()
+    run(["genisoimage", "-quiet", "-J", "-joliet-long", "-r", "-o", iso, tree])
+    phases["iso"] = time.perf_counter() - started
+    started = time.perf_counter()
+    with open(iso, "rb") as handle:
+        while handle.read(BLOCK):
+            pass
+    phases["read"] = time.perf_counter() - started
+    return phases, iso
 
 
-def mkiso_run(root, pacs, receiver_port, accession, retrieve):
-    """A real mkiso-server retrieving by C-MOVE (through its receiver) or C-GET."""
+# -- mkiso ---------------------------------------------------------------------
+
+MKISO_PHASES = ("find", "manifest", "transfer", "checks", "stage", "dicomdir", "size", "iso")
+
+
+def mkiso_runs(root, pacs, receiver_port, accession, retrieve, runs):
+    """Downloads through a real mkiso-server: ([{phase: seconds}], peak RSS in KB)."""
     http_port = demo.free_port()
-    config = os.path.join(root, "config.yaml")
+    log_path = os.path.join(root, "mkiso-%s.log" % retrieve)
+    config = os.path.join(root, "mkiso-%s.yaml" % retrieve)
     with open(config, "w") as handle:
         handle.write(
-            "server: {port: %d}\npacs: {ae_title: ABPACS, host: 127.0.0.1, port: %d, retrieve: %s}\n"
+            "server: {port: %d}\npacs: {ae_title: %s, host: 127.0.0.1, port: %d, retrieve: %s}\n"
             "receiver: {port: %d}\npaths: {work_dir: %s}\nlimits: {min_free_bytes: 100000000}\n"
-            "logging: {level: warning}\n"
-            % (http_port, pacs.port, retrieve, receiver_port, os.path.join(root, "work")))
-    server = subprocess.Popen([sys.executable, "-m", "mkiso", "--config", config])
+            "timeouts: {move_s: 7200, iso_s: 7200}\nlogging: {level: info, format: json}\n"
+            % (http_port, pacs.ae_title, pacs.port, retrieve, receiver_port,
+               os.path.join(root, "work-" + retrieve)))
+    server = start_process([sys.executable, "-m", "mkiso", "--config", config], http_port, log_path)
+    results = []
     try:
-        demo.wait_for_port(http_port, timeout=30)
         url = "http://127.0.0.1:%d/api/iso/download?accession_number=%s" % (http_port, accession)
-
-        def run():
-            size = 0
-            with urllib.request.urlopen(url, timeout=3600) as answer:
-                while True:
-                    chunk = answer.read(1 << 20)
-                    if not chunk:
-                        return size
-                    size += len(chunk)
-        seconds, size = best_of(run)
+        for _ in range(runs):
+            with open(log_path) as log:
+                log.seek(0, 2)
+                first_byte, total, size = fetch(url)
+                time.sleep(0.2)  # the access line is written when the answer ends
+                lines = [json.loads(line) for line in log.read().splitlines() if line.startswith("{")]
+            phases = {"total": total, "send": total - first_byte, "bytes": size}
+            for line in lines:
+                for phase in MKISO_PHASES:
+                    if phase + "_ms" in line:
+                        phases[phase] = phases.get(phase, 0) + line[phase + "_ms"] / 1000
+            results.append(phases)
         with open("/proc/%d/status" % server.pid) as status:
             peak_kb = int([line for line in status if line.startswith("VmHWM")][0].split()[1])
-        return seconds, size, peak_kb
     finally:
-        server.terminate()
-        server.wait(60)
+        stop_process(server)
+    return results, peak_kb
 
 
-def staging_rows(source_files, root):
-    """Place every file into a fresh tree: links on the same fs, copies to tmpfs."""
-    rows = []
-    targets = {"link (same fs)": os.path.join(root, "stage")}
-    if os.path.isdir("/dev/shm"):
-        targets["copy (to tmpfs)"] = tempfile.mkdtemp(prefix="mkiso-bench-", dir="/dev/shm")
-    implementations = [("python", fastcopy.py_place_files)]
-    if fastcopy.IMPLEMENTATION == "cython":
-        from mkiso import _fastcopy
-        implementations.append(("cython", _fastcopy.place_files))
+def nginx_seconds(root, iso_path, runs):
+    """nginx (sendfile on) sending the same ISO, read by the same client."""
+    port = demo.free_port()
+    folder = os.path.join(root, "nginx")
+    os.makedirs(folder, exist_ok=True)
+    conf = os.path.join(folder, "nginx.conf")
+    with open(conf, "w") as handle:
+        handle.write(
+            "%sworker_processes 1; daemon off; error_log %s/error.log; pid %s/nginx.pid;\n"
+            "events {}\nhttp { access_log off; sendfile on; client_body_temp_path %s/b; proxy_temp_path %s/p;\n"
+            "fastcgi_temp_path %s/f; uwsgi_temp_path %s/u; scgi_temp_path %s/s;\n"
+            "server { listen 127.0.0.1:%d; location / { root %s; } } }\n"
+            % ("user root; " if os.geteuid() == 0 else "", folder, folder, folder, folder, folder, folder, folder,
+               port, os.path.dirname(iso_path)))
+    proc = start_process(["nginx", "-c", conf, "-p", folder], port, os.path.join(folder, "out.log"))
     try:
-        for kind, base in targets.items():
-            results = {}
-            for repeat in range(REPEATS):
-                # alternate the order so that neither side always runs on a warmer cache
-                for name, place in implementations[::1 if repeat % 2 == 0 else -1]:
-                    folder = os.path.join(base, name)
-                    os.makedirs(folder)
-                    pairs = [(path, os.path.join(folder, "IMG%05d" % i)) for i, path in enumerate(source_files)]
-                    seconds, _ = timed(functools.partial(place, pairs))
-                    results[name] = min(seconds, results.get(name, seconds))
-                    shutil.rmtree(folder)
-            rows.append((kind, results))
+        url = "http://127.0.0.1:%d/%s" % (port, os.path.basename(iso_path))
+        return median([fetch(url)[1] for _ in range(runs)])
     finally:
-        for base in targets.values():
-            shutil.rmtree(base, ignore_errors=True)
-    return rows
+        stop_process(proc)
+
+
+# -- one study size ------------------------------------------------------------
+
+def bench_size(images, image_kb, runs, root, pacs_choice):
+    receiver_port, ref_port = demo.free_port(), demo.free_port()
+    destinations = {"CDRECORD": receiver_port, "BENCHREF": ref_port}
+    study = demo.SampleStudy("BENCH-1", "BENCH^MARK", "BENCH%d" % images, series=(images,),
+                             image_bytes=image_kb * 1024)
+    print("%d images of %d KB: generating ..." % (images, image_kb), flush=True)
+    source = os.path.join(root, "source")
+    demo.write_study(study, source)
+    if pacs_choice == "orthanc" or (pacs_choice == "auto" and images > DCMQRSCP_MAX_IMAGES):
+        pacs = Orthanc(os.path.join(root, "orthanc"), destinations)
+        pacs.start()
+    else:
+        pacs = Dcmqrscp(os.path.join(root, "pacs"), destinations)
+        shutil.rmtree(pacs.storage)
+        shutil.copytree(source, pacs.storage, copy_function=os.link)
+        source = pacs.storage
+    print("  loading into %s ..." % type(pacs).__name__, flush=True)
+    if isinstance(pacs, Dcmqrscp):
+        pacs.load(source, images)
+        pacs.start()
+    else:
+        pacs.load(source, images)
+    try:
+        print("  reference runs ...", flush=True)
+        reference = []
+        for _ in range(runs):
+            phases, ref_iso = reference_run(root, pacs, study, ref_port)
+            reference.append(phases)
+        mkiso = {}
+        peaks = {}
+        for retrieve in ("move", "get"):
+            print("  mkiso runs (%s) ..." % retrieve, flush=True)
+            mkiso[retrieve], peaks[retrieve] = mkiso_runs(root, pacs, receiver_port, study.accession, retrieve, runs)
+        peer = None
+        if pacs.export_seconds is not None:
+            print("  Orthanc media export ...", flush=True)
+            peer = median([pacs.export_seconds(study.study_uid) for _ in range(runs)])
+        print("  nginx ...", flush=True)
+        nginx = nginx_seconds(root, ref_iso, runs)
+        iso_bytes = os.path.getsize(ref_iso)
+    finally:
+        pacs.stop()
+    report(images, image_kb, runs, type(pacs).__name__, reference, mkiso, peaks, peer, nginx, iso_bytes)
+
+
+def report(images, image_kb, runs, pacs_name, reference, mkiso, peaks, peer, nginx, iso_bytes):
+    ref_total = median([sum(phases.values()) for phases in reference])
+    print()
+    print("### %d images x %d KB (PACS: %s; medians of %d runs; ISO %d MB)"
+          % (images, image_kb, pacs_name, runs, iso_bytes >> 20))
+    print()
+    print("| run | seconds | ratio to reference |")
+    print("|---|---|---|")
+    print("| reference: findscu, movescu+storescp, links, dcmmkdir, genisoimage, read | %.2f | 1.00 |" % ref_total)
+    for retrieve, results in mkiso.items():
+        total = median([r["total"] for r in results])
+        print("| mkiso %s: GET /api/iso/download, all checks | %.2f | **%.2f** |"
+              % (retrieve, total, total / ref_total))
+    if peer is not None:
+        move_total = median([r["total"] for r in mkiso["move"]])
+        print("| peer: Orthanc media export (images already held) | %.2f | %.2f (mkiso move / Orthanc: %.2f) |"
+              % (peer, peer / ref_total, move_total / peer))
+    print()
+    print("Phase split (median seconds)")
+    print()
+    print("| reference | " + " | ".join(reference[0]) + " |")
+    print("|---|" + "---|" * len(reference[0]))
+    print("| | " + " | ".join("%.2f" % median([r[p] for r in reference]) for p in reference[0]) + " |")
+    print()
+    phases = MKISO_PHASES + ("send",)
+    print("| mkiso | " + " | ".join(phases) + " |")
+    print("|---|" + "---|" * len(phases))
+    for retrieve, results in mkiso.items():
+        print("| %s | " % retrieve + " | ".join("%.2f" % median([r.get(p, 0) for r in results]) for p in phases)
+              + " |")
+    print()
+    for retrieve, peak in peaks.items():
+        print("mkiso-server peak RSS (VmHWM), %s: %d MB" % (retrieve, peak // 1024))
+    send = median([r["send"] for r in mkiso["move"]])
+    size = median([r["bytes"] for r in mkiso["move"]])
+    print("Delivery: mkiso %.0f MB/s, nginx %.0f MB/s (same client, sendfile both): mkiso/nginx %.2f"
+          % (size / send / 2 ** 20, iso_bytes / nginx / 2 ** 20, (size / send) / (iso_bytes / nginx)))
+    print(flush=True)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=1000)
-    parser.add_argument("--image-kb", type=int, default=512)
+    parser.add_argument("--sizes", default="2000x512,10000x128",
+                        help="studies to time, IMAGESxKB each (default: %(default)s)")
+    parser.add_argument("--runs", type=int, default=3, help="runs per row; the median is shown")
+    parser.add_argument("--pacs", choices=("auto", "dcmqrscp", "orthanc"), default="auto",
+                        help="auto: dcmqrscp up to %d images, Orthanc above" % DCMQRSCP_MAX_IMAGES)
     args = parser.parse_args()
-    root = tempfile.mkdtemp(prefix="mkiso-bench-")
-    try:
-        receiver_port, ref_port = demo.free_port(), demo.free_port()
-        study = demo.SampleStudy("BENCH-1", "BENCH^MARK", "BENCH1000", series=(args.images,),
-                                 image_bytes=args.image_kb * 1024)
-        pacs = demo.Dcmqrscp(os.path.join(root, "pacs"), demo.free_port(),
-                             {"CDRECORD": receiver_port, "BENCHREF": ref_port})
-        print("generating %d images of %d KB ..." % (args.images, args.image_kb), flush=True)
-        files = pacs.add_studies([study])
-        pacs.start()
+    print("staging with %s placement (fastcopy)" % fastcopy.IMPLEMENTATION)
+    for size in args.sizes.split(","):
+        images, image_kb = (int(part) for part in size.lower().split("x"))
+        root = tempfile.mkdtemp(prefix="mkiso-bench-", dir=os.environ.get("MKISO_BENCH_DIR"))
         try:
-            ref_s, ref_bytes = reference_run(root, pacs, study, ref_port)
-            runs = {retrieve: mkiso_run(root, pacs, receiver_port, study.accession, retrieve)
-                    for retrieve in ("move", "get")}
+            bench_size(images, image_kb, args.runs, root, args.pacs)
         finally:
-            pacs.stop()
-        stage = staging_rows(files, root)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-    print()
-    print("End to end, one study of %d images (%d MB of images)" % (args.images, args.images * args.image_kb // 1024))
-    print("| run (best of %d) | seconds | ISO MB | MB/s | ratio to reference |" % REPEATS)
-    print("|---|---|---|---|---|")
-    print("| reference: movescu + storescp + genisoimage | %.2f | %d | %.0f | 1.00 |"
-          % (ref_s, ref_bytes >> 20, (ref_bytes >> 20) / ref_s))
-    for retrieve, (mkiso_s, mkiso_bytes, _) in runs.items():
-        print("| mkiso, pacs.retrieve: %s: GET /api/iso/download (find, manifest, %s, checks, DICOMDIR, ISO, "
-              "send) | %.2f | %d | %.0f | %.2f |"
-              % (retrieve, "C-" + retrieve.upper(), mkiso_s, mkiso_bytes >> 20, (mkiso_bytes >> 20) / mkiso_s,
-                 mkiso_s / ref_s))
-    print()
-    for retrieve, (_, mkiso_bytes, peak_kb) in runs.items():
-        print("mkiso-server peak RSS (VmHWM), %s: %d MB for a %d MB ISO" % (retrieve, peak_kb // 1024,
-                                                                         mkiso_bytes >> 20))
-    print()
-    print("Staging %d files into the disc tree" % len(files))
-    print("| placement (best of %d) | python twin s | cython s | python / cython |" % REPEATS)
-    print("|---|---|---|---|")
-    for kind, results in stage:
-        cython_s = results.get("cython")
-        print("| %s | %.3f | %s | %s |" % (
-            kind, results["python"], "%.3f" % cython_s if cython_s else "n/a",
-            "%.2f" % (results["python"] / cython_s) if cython_s else "n/a"))
+            shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

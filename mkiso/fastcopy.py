@@ -1,10 +1,17 @@
-"""Placing files into a staging tree: the C extension or its pure-Python twin.
+"""The per-file hot path: the C extension or its pure-Python twin.
 
-Both give the same result: a hard link where source and target share a file
-system, otherwise a copy into a new file (never over an existing one), and
-an OSError naming both paths when that is impossible.  The extension does it
-with the GIL released and in-kernel copies; ``MKISO_NO_CEXT=1`` forces the
-twin, which is what runs if the extension was not built.
+Placing files into a staging tree: both give the same result, a hard link
+where source and target share a file system, otherwise a copy into a new
+file (never over an existing one), and an OSError naming both paths when
+that is impossible.  The extension does it with the GIL released and
+in-kernel copies.
+
+Scanning headers: the extension picks the few tags a disc needs out of each
+file in C; its twin is pydicom itself (``mkiso.retrieval.read_received``),
+to which the extension hands every file it does not take on.
+
+``MKISO_NO_CEXT=1`` forces the twins, which is what runs if the extension
+was not built.
 """
 
 import errno
@@ -46,6 +53,11 @@ def py_place_files(pairs):
     return links, copies
 
 
+def py_scan_headers(paths):
+    """The twin of the C scan: no file is scanned here, pydicom reads them all."""
+    return [None] * len(paths)
+
+
 def _choose():
     if os.environ.get("MKISO_NO_CEXT") == "1":
         return None
@@ -60,3 +72,4 @@ _extension = _choose()
 IMPLEMENTATION = "cython" if _extension else "python"
 link_or_copy = _extension.link_or_copy if _extension else py_link_or_copy
 place_files = _extension.place_files if _extension else py_place_files
+scan_headers = _extension.scan_headers if _extension else py_scan_headers

@@ -29,12 +29,15 @@ import threading
 from typing import Optional, Tuple
 
 import pydicom
+import pydicom.charset
+from pydicom.valuerep import PersonName
 
-from . import disk, errors, logs
+from . import disk, errors, fastcopy, logs
 
 log = logging.getLogger(__name__)
 
 # What a disc needs from each image: the §3 checks, the PDI layout and the DICOMDIR records.
+# In tag order: mkiso._fastcopy.WANTED_TAGS lists the same tags.
 HEADER_TAGS = [
     "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "StudyDate", "StudyTime", "AccessionNumber",
     "Modality", "StudyDescription", "PatientName", "PatientID", "StudyInstanceUID", "SeriesInstanceUID",
@@ -102,6 +105,71 @@ def _text(header, keyword):
     return str(header.get(keyword, "") or "")
 
 
+# The VR of each HEADER_TAGS entry, for decoding what the C scan found.
+PERSON, TEXT = "PN", "text"
+TEXT_DELIMITERS = {0x0D, 0x0A, 0x09, 0x0C}  # pydicom's for text VRs
+_KINDS = {"PatientName": PERSON, "AccessionNumber": TEXT, "StudyDescription": TEXT, "PatientID": TEXT,
+          "StudyID": TEXT}
+
+
+def read_all(paths):
+    """Every file's header fields: from the C scan where it could, else from pydicom.
+
+    The scan only finds the bytes; they are decoded here as pydicom decodes
+    them (the tests hold the two paths equal), and anything unusual, such
+    as a multi-valued field, is left to pydicom.
+    """
+    return [_decode_scan(path, raw) or read_received(path)
+            for path, raw in zip(paths, fastcopy.scan_headers(paths), strict=True)]
+
+
+def _decode_scan(path, raw):
+    """A ReceivedFile from the scan's raw values, or None to leave the file to pydicom."""
+    if raw is None:
+        return None
+    syntax, values = raw
+    found = dict(zip(HEADER_TAGS, values, strict=True))
+    try:
+        charset = ()
+        if found["SpecificCharacterSet"]:
+            charset = tuple(part.decode("ascii").strip(" \0") for part in found["SpecificCharacterSet"].split(b"\\"))
+        encodings = pydicom.charset.convert_encodings(list(charset) or None)
+        fields = {}
+        for keyword, value in found.items():
+            kind = _KINDS.get(keyword)
+            if value is None:
+                fields[keyword] = ""
+            elif b"\\" in value and keyword != "SpecificCharacterSet":
+                return None  # multi-valued: as pydicom shows it
+            elif kind == PERSON:
+                fields[keyword] = str(PersonName(value.rstrip(b" \0"), encodings))
+            elif kind == TEXT:
+                fields[keyword] = pydicom.charset.decode_bytes(value, encodings, TEXT_DELIMITERS).rstrip("\0 ")
+            else:
+                fields[keyword] = value.decode("ascii").strip("\0 ")
+    except (UnicodeDecodeError, LookupError, ValueError):
+        return None
+    return ReceivedFile(
+        path=path,
+        patient_id=fields["PatientID"],
+        study_uid=fields["StudyInstanceUID"],
+        series_uid=fields["SeriesInstanceUID"],
+        series_number=_number(fields["SeriesNumber"]),
+        instance_number=_number(fields["InstanceNumber"]),
+        sop_uid=fields["SOPInstanceUID"],
+        sop_class_uid=fields["SOPClassUID"],
+        transfer_syntax=syntax.decode("ascii", "replace").rstrip("\0 "),
+        charset=charset,
+        patient_name=fields["PatientName"],
+        study_date=fields["StudyDate"],
+        study_time=fields["StudyTime"],
+        study_description=fields["StudyDescription"],
+        study_id=fields["StudyID"],
+        accession=fields["AccessionNumber"],
+        modality=fields["Modality"],
+    )
+
+
 def _number(value):
     try:
         return int(value)
@@ -123,7 +191,7 @@ def verify(study, result, paths, manifest):
             % (what, result.status_text, result.completed, result.failed), code="incomplete_study")
     if not paths:
         raise errors.UpstreamFailed("The PACS sent no images for %s." % what, code="incomplete_study")
-    files = [read_received(path) for path in paths]
+    files = read_all(paths)
     for received in files:
         if received.study_uid != study.study_uid:
             raise errors.UpstreamFailed(
