@@ -147,6 +147,9 @@ def iso_response(environ, iso):
         status, first, length = 206, wanted[0], wanted[1] - wanted[0] + 1
         headers.append(("Content-Range", "bytes %d-%d/%d" % (wanted[0], wanted[1], iso.size)))
     headers.append(("Content-Length", str(length)))
+    if iso.path is None:  # a HEAD: sized, never built
+        iso.cleanup()
+        return Response(status, headers, [], length)
     body = RemovedOnClose(open(iso.path, "rb"), iso.cleanup, first, length)
     wrapper = environ.get("wsgi.file_wrapper", wsgiref.util.FileWrapper)
     return Response(status, headers, wrapper(body, BLOCK), length, closer=body)

@@ -24,7 +24,7 @@ RETRY_AFTER_S = 30
 
 
 class Iso:
-    """A finished ISO waiting to be sent; ``cleanup`` removes the job folder."""
+    """A finished ISO waiting to be sent (``path`` None: sized, not built); ``cleanup`` removes the job folder."""
 
     def __init__(self, path, size, stem, fallback_stem, folder):
         self.path = path
@@ -115,21 +115,22 @@ class Jobs:
 
     # -- the download -----------------------------------------------------
 
-    def make_iso(self, accessions, request_id, named_by_patient):
+    def make_iso(self, accessions, request_id, named_by_patient, build=True):
         """Build the disc for ``accessions``; the caller sends and cleans up the Iso.
 
         The file is named after the accession, or with ``named_by_patient``
-        after the patient.
+        after the patient.  Without ``build`` (a HEAD) everything is done
+        and checked up to the ISO's exact size, and no ISO is written.
         """
         with self.job(request_id) as folder:
             try:
-                return self._make_iso(accessions, folder, named_by_patient)
+                return self._make_iso(accessions, folder, named_by_patient, build)
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
                     raise errors.InsufficientStorage("The work dir ran out of space while making the disc.")
                 raise
 
-    def _make_iso(self, accessions, folder, named_by_patient):
+    def _make_iso(self, accessions, folder, named_by_patient, build):
         config = self.config
         watch = logs.Stopwatch()
         studies = self.find(accessions, folder)
@@ -151,15 +152,17 @@ class Jobs:
             raise errors.TooLarge("The disc would hold %d bytes, more than iso.max_bytes %d."
                                   % (size, config.iso.max_bytes))
         self.check_free_space(size)
-        iso_path = os.path.join(folder, "disc.iso")
-        disc.make_iso(config.tools.genisoimage, staging, label, iso_path, config.timeouts.iso_s)
+        iso_path = None
+        if build:
+            iso_path = os.path.join(folder, "disc.iso")
+            disc.make_iso(config.tools.genisoimage, staging, label, iso_path, config.timeouts.iso_s)
+            watch.lap("iso")
         shutil.rmtree(staging)
-        watch.lap("iso")
         log.info("iso built", extra={"fields": dict({
             "accessions": ",".join(accessions), "studies": len(studies), "images": len(images),
             "bytes": size}, **watch.fields)})
         stem = delivery.patient_stem(self.patient_name(studies)) if named_by_patient else accessions[0]
-        return Iso(iso_path, os.path.getsize(iso_path), stem, accessions[0], folder)
+        return Iso(iso_path, os.path.getsize(iso_path) if build else size, stem, accessions[0], folder)
 
     def patient_name(self, studies):
         """The name a multi-study disc is called by: the patient API's, else the PACS'."""

@@ -162,17 +162,20 @@ class Application:
 
     def download(self, request):
         wanted = self._accessions(request, ("accession_number",), several=False)
-        iso = self.service.jobs.make_iso(wanted, request.request_id, named_by_patient=False)
-        return self._iso_answer(request, iso)
+        return self._iso_answer(request, wanted, named_by_patient=False)
 
     def download_multiple(self, request):
         wanted = self._accessions(request, ("accession_numbers", "accession_number"), several=True)
-        iso = self.service.jobs.make_iso(wanted, request.request_id, named_by_patient=True)
-        return self._iso_answer(request, iso)
+        return self._iso_answer(request, wanted, named_by_patient=True)
 
-    def _iso_answer(self, request, iso):
-        """The ISO itself, or behind nginx (server.x_accel_prefix) a redirect for nginx to send it."""
+    def _iso_answer(self, request, wanted, named_by_patient):
+        """The ISO itself, or behind nginx (server.x_accel_prefix) a redirect for nginx to send it.
+
+        A HEAD answered here needs the size only, so the ISO is not written.
+        """
         server = self.config.server
+        build = request.method != "HEAD" or bool(server.x_accel_prefix)
+        iso = self.service.jobs.make_iso(wanted, request.request_id, named_by_patient, build=build)
         if server.x_accel_prefix:
             return delivery.accel_response(iso, server.x_accel_prefix, self.config.paths.work_dir,
                                            server.x_accel_keep_s)

@@ -6,6 +6,7 @@ that each invents for a missing StudyID or SeriesNumber are only required
 to be there).  dciodvfy (dicom3tools) must report no error on ours.
 """
 
+import dataclasses
 import os
 import subprocess
 
@@ -185,3 +186,19 @@ def test_records_are_built_in_one_pass_over_the_images(staged):
     assert kinds.count(0) == len({image.patient_id for image, _ in images})
     assert kinds.count(1) == len({image.study_uid for image, _ in images})
     assert kinds.count(2) == len({image.series_uid for image, _ in images})
+
+
+def test_image_records_are_encoded_byte_for_byte_as_pydicom_encodes_them(staged):
+    """IMAGE records are written directly for speed; pydicom is the oracle."""
+    _, images = staged
+    assert any(image.instance_number is None for image, _ in images)  # the invented number too
+    for number, (image, path) in enumerate(images, start=1):
+        assert dicomdir.encode_image_record(image, path, number) == \
+            dicomdir._encode(dicomdir.image_record(image, path, number)), path
+
+
+def test_a_uid_that_is_not_ascii_is_left_to_pydicom(staged):
+    _, images = staged
+    image, path = images[0]
+    odd = dataclasses.replace(image, sop_uid="1.2.3.ä")
+    assert dicomdir.encode_image_record(odd, path, 1) == dicomdir._encode(dicomdir.image_record(odd, path, 1))

@@ -7,7 +7,7 @@ import urllib.request
 
 import pytest
 
-from mkiso import channel, delivery, web
+from mkiso import channel, delivery, disc, web
 from discs import check_pdi, open_iso
 from test_concurrency import wait_until_clean
 
@@ -102,4 +102,19 @@ def test_the_iso_leaves_through_sendfile_byte_for_byte(server, archive, tmp_path
     iso_path = tmp_path / "big.iso"
     iso_path.write_bytes(body)
     check_pdi(open_iso(str(iso_path), str(tmp_path / "big")), archive.sop_uids("BIG01"))
+    assert wait_until_clean(service) == []
+
+
+def test_head_sizes_the_disc_without_writing_it(server, monkeypatch):
+    service, base = server
+
+    def no_iso(*args):
+        raise AssertionError("HEAD must not write the ISO")
+
+    monkeypatch.setattr(disc, "make_iso", no_iso)
+    url = base + "/api/iso/download?accession_number=ACC2001"
+    status, headers, body = get(url, method="HEAD")
+    assert status == 200 and body == b"" and int(headers["Content-Length"]) > 0
+    assert headers["Accept-Ranges"] == "bytes"
+    assert get(url)[0] == 500  # the patch is live: a GET does write the ISO
     assert wait_until_clean(service) == []
