@@ -54,6 +54,7 @@ class Receiver:
         self.last_error = ""
         self.write_failures = 0
         self.paused = ""  # why storescp is stopped for want of space; "" when it is not
+        self._down_since = None  # since when it has not been listening (paused or not)
         self._proc = None
         self._spawned_at = 0.0
         self._expected = set()
@@ -65,6 +66,7 @@ class Receiver:
 
     def start(self):
         os.makedirs(self.inbox, exist_ok=True)
+        self._down_since = time.monotonic()  # until the supervisor sees it listen
         killed = stop_leftover(self.pid_file, self.inbox)
         if killed:
             log.warning("stopped a receiver left over from a crash", extra={"fields": {"processes": killed}})
@@ -95,15 +97,32 @@ class Receiver:
 
     @property
     def listening(self):
-        """storescp is alive and its port is in LISTEN state (no connection made to check)."""
-        return self.running and self.port in listening_ports()
+        """Our storescp holds a socket listening on the port (not merely: someone does)."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return False
+        ours = listening_sockets().get(self.port, set()) & socket_inodes(proc.pid)
+        return bool(ours)
+
+    def down_seconds(self):
+        """How long the receiver has been down against its will (0 while listening or paused).
+
+        Kept by the supervisor; the systemd watchdog stops when this grows
+        past its interval, so that systemd restarts the service.
+        """
+        since = self._down_since
+        if since is None or self.paused:
+            return 0.0
+        return time.monotonic() - since
 
     def wait_ready(self, timeout=10):
-        """Wait until storescp listens; False if it never did."""
+        """Wait until storescp listens; False if it did not, or exited (the supervisor restarts it)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.listening:
                 return True
+            if not self.running:
+                return False
             time.sleep(0.05)
         return False
 
@@ -162,6 +181,10 @@ class Receiver:
         failures = 0
         next_sweep = time.monotonic() + SWEEP_EVERY_S
         while not self._stopping.wait(SUPERVISE_EVERY_S):
+            if self.listening:
+                self._down_since = None
+            elif self._down_since is None:
+                self._down_since = time.monotonic()
             if time.monotonic() >= next_sweep:
                 self.sweep()
                 next_sweep = time.monotonic() + SWEEP_EVERY_S
@@ -280,21 +303,42 @@ def _is_receiver(pid, inbox):
     return state != "Z" and os.path.basename(argv[0]) == "storescp" and inbox in argv
 
 
-def listening_ports():
-    """The local TCP ports in LISTEN state, from /proc/net/tcp and tcp6.
+def listening_sockets():
+    """{port: {socket inode}} of the local TCP sockets in LISTEN state, from /proc.
 
     Read rather than probed: a test connection would make storescp fork a
     child that logs an aborted association.
     """
-    ports = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    sockets = {}
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):  # /proc/net is hidden by ProcSubset=pid
         try:
             with open(table, encoding="ascii") as handle:
                 next(handle)
                 for line in handle:
                     fields = line.split()
                     if fields[3] == "0A":  # TCP_LISTEN
-                        ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+                        sockets.setdefault(int(fields[1].rsplit(":", 1)[1], 16), set()).add(int(fields[9]))
         except OSError:
             continue
-    return ports
+    return sockets
+
+
+def listening_ports():
+    return set(listening_sockets())
+
+
+def socket_inodes(pid):
+    """The inodes of the sockets process ``pid`` has open."""
+    inodes = set()
+    try:
+        names = os.listdir("/proc/%d/fd" % pid)
+    except OSError:
+        return inodes
+    for name in names:
+        try:
+            target = os.readlink("/proc/%d/fd/%s" % (pid, name))
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[8:-1]))
+    return inodes

@@ -3,6 +3,10 @@
 The main loop is waitress's own asyncore loop, run a slice at a time so that
 SIGTERM/SIGINT can stop accepting at once, let running requests finish up to
 ``timeouts.shutdown_s``, and then take the children and temp files down.
+
+Under systemd (``Type=notify``) it says READY=1 once listening, WATCHDOG=1
+from that loop while the loop turns and the receiver is alive (down for
+less than the watchdog interval), and STOPPING=1 on the way out.
 """
 
 import argparse
@@ -17,6 +21,7 @@ from waitress.server import create_server
 from . import __version__, config as configuration, logs, web
 from .channel import SendfileChannel
 from .service import Service
+from .systemd import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +55,7 @@ class Server:
         self.config = config
         self.service = Service(config)
         self.stop_requested = None
+        self.systemd = Notifier()
 
     def run(self):
         self.service.start()
@@ -73,6 +79,7 @@ class Server:
             signal.signal(signum, self._request_stop)
         log.info("listening", extra={"fields": {
             "url": "http://%s:%s/" % (server.effective_host, server.effective_port), "version": __version__}})
+        self.systemd.ready()
         try:
             self._loop(server)
         finally:
@@ -91,8 +98,10 @@ class Server:
         while True:
             server.asyncore.loop(timeout=0.2, map=server._map, use_poll=True, count=1)
             if self.stop_requested is None:
+                self.systemd.watchdog(self._alive())
                 continue
             if accepting:
+                self.systemd.stopping()
                 server.accepting = False
                 server.del_channel()
                 server.socket.close()
@@ -100,6 +109,11 @@ class Server:
             waited = time.monotonic() - self.stop_requested
             if not _busy(server) or waited >= self.config.timeouts.shutdown_s:
                 return
+
+
+    def _alive(self):
+        receiver = self.service.receiver
+        return receiver is None or receiver.down_seconds() < self.systemd.watchdog_s
 
 
 def _busy(server):
