@@ -166,7 +166,9 @@ class Pacs:
         what = "IMAGE-level C-FIND of study %s" % study_uid
         with tempfile.TemporaryDirectory(prefix="manifest-", dir=scratch_dir) as out_dir:
             answers = os.path.join(out_dir, "answers.xml")
-            args = self._find_args(["-Xs", answers], "IMAGE", [("StudyInstanceUID", study_uid)],
+            # -od too: findscu insists on a writable output directory even for -Xs, and the
+            # service's working directory (/ under systemd) is not one.
+            args = self._find_args(["-Xs", answers, "-od", out_dir], "IMAGE", [("StudyInstanceUID", study_uid)],
                                    ("SeriesInstanceUID", "SOPInstanceUID"))
             result = self._run(args, self.find_timeout, what)
             final = _FINAL_FIND.search(result.output)
