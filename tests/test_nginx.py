@@ -1,8 +1,13 @@
-"""Behind a real nginx (Debian's): X-Accel-Redirect hands the ISO to nginx (SPEC §8)."""
+"""Behind a real nginx (Debian's), configured by the shipped snippet (debian/nginx/).
+
+The snippet is used as shipped but for the two things a test must change:
+mkiso's port (127.0.0.1:8080) and the spool dir (/var/spool/mkiso/).
+"""
 
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
@@ -15,6 +20,7 @@ from conftest import job_leftovers
 from discs import check_pdi, open_iso
 
 PREFIX = "/internal/mkiso/"
+SNIPPETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "debian", "nginx")
 
 NGINX_CONF = """\
 {user}
@@ -22,7 +28,7 @@ worker_processes 1;
 daemon off;
 error_log {root}/error.log warn;
 pid {root}/nginx.pid;
-events {{ worker_connections 256; }}
+events {{ worker_connections 1024; }}
 http {{
     access_log {root}/access.log;
     client_body_temp_path {root}/body;
@@ -33,22 +39,29 @@ http {{
     sendfile on;
     server {{
         listen 127.0.0.1:{port};
-        location / {{
-            proxy_pass http://127.0.0.1:{upstream};
-            proxy_buffering off;
-        }}
-        location {prefix} {{
-            internal;
-            alias {work_dir}/;
-        }}
+        include snippets/mkiso.conf;
     }}
 }}
 """
 
 
+def install_snippets(root, upstream, work_dir):
+    """The shipped snippets, pointed at this test's mkiso and work dir."""
+    os.makedirs(os.path.join(root, "snippets"))
+    for name in ("mkiso.conf", "mkiso-proxy.conf"):
+        with open(os.path.join(SNIPPETS, name)) as handle:
+            text = handle.read()
+        if name == "mkiso.conf":
+            assert text.count("http://127.0.0.1:8080;") == 2 and text.count("alias /var/spool/mkiso/;") == 1
+            text = text.replace("http://127.0.0.1:8080;", "http://127.0.0.1:%d;" % upstream)
+            text = text.replace("alias /var/spool/mkiso/;", "alias %s/;" % work_dir)
+        with open(os.path.join(root, "snippets", name), "w") as handle:
+            handle.write(text)
+
+
 @pytest.fixture
 def nginx(tmp_path):
-    """Start nginx in front of ``upstream`` with the x-accel location for ``work_dir``; yields its URL."""
+    """Start nginx with the shipped snippet in front of ``upstream`` and ``work_dir``; returns its URL."""
     if shutil.which("nginx") is None:
         pytest.fail("nginx is not installed (scripts/setup installs it)")
     procs = []
@@ -57,10 +70,9 @@ def nginx(tmp_path):
         root = tmp_path / "nginx"
         root.mkdir()
         port = demo.free_port()
+        install_snippets(str(root), upstream, work_dir)
         conf = root / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(
-            user="user root;" if os.geteuid() == 0 else "", root=root, port=port, upstream=upstream,
-            prefix=PREFIX, work_dir=work_dir))
+        conf.write_text(NGINX_CONF.format(user="user root;" if os.geteuid() == 0 else "", root=root, port=port))
         proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(root)], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(proc)
@@ -135,3 +147,101 @@ def test_the_internal_location_is_not_reachable_from_outside(behind_nginx):
     _, headers, _ = get(upstream + "/api/iso/download?accession_number=ACC2001")
     status, _, _ = get(front + headers["X-Accel-Redirect"])
     assert status == 404
+
+
+@pytest.fixture
+def plain_behind_nginx(make_service, live_server, nginx):
+    """mkiso without x-accel (it sends the ISO itself) behind the snippet."""
+    service = make_service()
+    upstream = live_server(web.Application(service.config, service))
+    return service, nginx(int(upstream.rsplit(":", 1)[1]), service.config.paths.work_dir), upstream
+
+
+@pytest.mark.parametrize("path, status, iso", [
+    ("/mkiso.php?accession_number=ACC2001", 200, True),
+    ("/mkiso2.php?accession_number=ACC2001", 200, True),
+    ("/mkiso_multiple.php?accession_numbers=MR.180505.026,ACC1002", 200, True),
+    ("/send_rimage_multiple.php?accession_number=ACC2001", 503, False),  # no publisher here: mkiso says so
+    ("/api/iso/download?accession_number=ACC3001", 200, True),
+    ("/api/health", 200, False),
+    ("/api/nothing-here", 404, False),
+])
+def test_legacy_urls_and_the_api_through_the_snippet(plain_behind_nginx, path, status, iso):
+    _, front, _ = plain_behind_nginx
+    got, headers, body = get(front + path)
+    assert got == status, body[:300]
+    assert headers["X-Request-ID"], "the answer must come from mkiso"
+    if iso:
+        assert headers["Content-Type"] == "application/x-iso9660-image"
+        assert int(headers["Content-Length"]) == len(body)
+    else:
+        assert headers["Content-Type"] == "application/json; charset=utf-8"
+
+
+def open_files_under(folder):
+    """Files under ``folder`` that some process holds open (nginx unlinks its temp files at once)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            links = [os.readlink("/proc/%s/fd/%s" % (pid, fd)) for fd in os.listdir("/proc/%s/fd" % pid)]
+        except OSError:
+            continue
+        found += [link for link in links if link.startswith(folder + os.sep)]
+    return found
+
+
+def test_nginx_does_not_spool_the_iso_to_its_temp_dir(plain_behind_nginx, tmp_path):
+    """A client that reads slowly: with buffering nginx would write the ISO to proxy_temp_path."""
+    _, front, _ = plain_behind_nginx
+    port = int(front.rsplit(":", 1)[1])
+    temp = tmp_path / "nginx" / "proxy"
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.sendall(b"GET /api/iso/download?accession_number=BIG01 HTTP/1.1\r\nHost: x\r\n"
+                       b"Connection: close\r\n\r\n")
+        head = client.recv(4096)
+        assert head.startswith(b"HTTP/1.1 200"), head[:200]
+        length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+        time.sleep(2)  # nginx would spool what the client does not take
+        assert open_files_under(str(temp)) == [], "nginx spooled the ISO to its temp dir"
+        received = len(head.split(b"\r\n\r\n", 1)[1])
+        while True:
+            chunk = client.recv(1 << 20)
+            if not chunk:
+                break
+            received += len(chunk)
+    assert received == length > 8 * 1024 * 1024
+
+
+def slow_clients(port, count=150):
+    """Connections that send a request line and a header, and then nothing more."""
+    clients = []
+    for _ in range(count):
+        client = socket.create_connection(("127.0.0.1", port), timeout=10)
+        client.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\nX-Slow: 1\r\n")
+        clients.append(client)
+    return clients
+
+
+def health_answers(base, timeout):
+    try:
+        with urllib.request.urlopen(base + "/api/health", timeout=timeout) as answer:
+            return answer.status == 200
+    except OSError:
+        return False
+
+
+def test_slow_clients_are_absorbed_by_nginx(plain_behind_nginx):
+    """150 half-open requests: straight at waitress they stop every answer, through nginx none."""
+    _, front, upstream = plain_behind_nginx
+    for base, stopped in ((upstream, True), (front, False)):
+        clients = slow_clients(int(base.rsplit(":", 1)[1]))
+        try:
+            started = time.monotonic()
+            assert health_answers(base, timeout=3) is not stopped, base
+            if not stopped:
+                assert time.monotonic() - started < 3
+        finally:
+            for client in clients:
+                client.close()
+        time.sleep(0.5)  # let waitress see the closed connections
