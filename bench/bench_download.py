@@ -6,13 +6,17 @@ best: findscu; movescu into storescp (TCP_NODELAY=1); hard links into the
 genisoimage to a file; the file read once.  mkiso's rows are HTTP downloads
 of the same study through a real mkiso-server, by C-MOVE and by C-GET,
 which check more (manifest, every header) on the way.  Every number is the
-median of --runs runs; ratios, not seconds, carry across machines.
+median of --runs runs, the two sides interleaved and each run started after
+a sync, so that no run pays for the previous one's disk writeback; ratios,
+not seconds, carry across machines.
 
 For each study size it prints: both sides' times and their ratio, the phase
 split of both (mkiso's from its own log lines), mkiso-server's peak RSS,
 delivery throughput against nginx sending the same ISO with sendfile, and,
-where Orthanc is the PACS, Orthanc's own media export (a ZIP with a DICOMDIR
-of images it already holds) as the peer row.  dcmqrscp's index holds only
+where Orthanc is the PACS, Orthanc's own media export (a deflated ZIP with a
+DICOMDIR of images it already holds) as the peer row.  The synthetic pixels
+are noise that deflates about 2:1, like real images: zeros would flatter a
+ZIP and not an ISO.  dcmqrscp's index holds only
 about 9,000 images, so sizes above 8,000 use Debian's orthanc.
 
     .venv/bin/python bench/bench_download.py [--sizes 2000x512,10000x128] [--runs 3] [--pacs auto]
@@ -191,39 +195,44 @@ def reference_run(root, pacs, study, ref_port):
 MKISO_PHASES = ("find", "manifest", "transfer", "checks", "stage", "dicomdir", "size", "iso")
 
 
-def mkiso_runs(root, pacs, receiver_port, accession, retrieve, runs):
-    """Downloads through a real mkiso-server: ([{phase: seconds}], peak RSS in KB)."""
-    http_port = demo.free_port()
-    log_path = os.path.join(root, "mkiso-%s.log" % retrieve)
-    config = os.path.join(root, "mkiso-%s.yaml" % retrieve)
-    with open(config, "w") as handle:
-        handle.write(
-            "server: {port: %d}\npacs: {ae_title: %s, host: 127.0.0.1, port: %d, retrieve: %s}\n"
-            "receiver: {port: %d}\npaths: {work_dir: %s}\nlimits: {min_free_bytes: 100000000}\n"
-            "timeouts: {move_s: 7200, iso_s: 7200}\nlogging: {level: info, format: json}\n"
-            % (http_port, pacs.ae_title, pacs.port, retrieve, receiver_port,
-               os.path.join(root, "work-" + retrieve)))
-    server = start_process([sys.executable, "-m", "mkiso", "--config", config], http_port, log_path)
-    results = []
-    try:
-        url = "http://127.0.0.1:%d/api/iso/download?accession_number=%s" % (http_port, accession)
-        for _ in range(runs):
-            with open(log_path) as log:
-                log.seek(0, 2)
-                first_byte, total, size = fetch(url)
-                time.sleep(0.2)  # the access line is written when the answer ends
-                lines = [json.loads(line) for line in log.read().splitlines() if line.startswith("{")]
-            phases = {"total": total, "send": total - first_byte, "bytes": size}
-            for line in lines:
-                for phase in MKISO_PHASES:
-                    if phase + "_ms" in line:
-                        phases[phase] = phases.get(phase, 0) + line[phase + "_ms"] / 1000
-            results.append(phases)
-        with open("/proc/%d/status" % server.pid) as status:
-            peak_kb = int([line for line in status if line.startswith("VmHWM")][0].split()[1])
-    finally:
-        stop_process(server)
-    return results, peak_kb
+class MkisoServer:
+    """A real mkiso-server retrieving by C-MOVE (through its receiver) or C-GET."""
+
+    def __init__(self, root, pacs, receiver_port, retrieve):
+        self.http_port = demo.free_port()
+        self.log_path = os.path.join(root, "mkiso-%s.log" % retrieve)
+        config = os.path.join(root, "mkiso-%s.yaml" % retrieve)
+        with open(config, "w") as handle:
+            handle.write(
+                "server: {port: %d}\npacs: {ae_title: %s, host: 127.0.0.1, port: %d, retrieve: %s}\n"
+                "receiver: {port: %d}\npaths: {work_dir: %s}\nlimits: {min_free_bytes: 100000000}\n"
+                "timeouts: {move_s: 7200, iso_s: 7200}\nlogging: {level: info, format: json}\n"
+                % (self.http_port, pacs.ae_title, pacs.port, retrieve, receiver_port,
+                   os.path.join(root, "work-" + retrieve)))
+        self.proc = start_process([sys.executable, "-m", "mkiso", "--config", config], self.http_port,
+                                  self.log_path)
+
+    def download(self, accession):
+        """One download; its phases in seconds, from the client and from the server's log lines."""
+        url = "http://127.0.0.1:%d/api/iso/download?accession_number=%s" % (self.http_port, accession)
+        with open(self.log_path) as log:
+            log.seek(0, 2)
+            first_byte, total, size = fetch(url)
+            time.sleep(0.2)  # the access line is written when the answer ends
+            lines = [json.loads(line) for line in log.read().splitlines() if line.startswith("{")]
+        phases = {"total": total, "send": total - first_byte, "bytes": size}
+        for line in lines:
+            for phase in MKISO_PHASES:
+                if phase + "_ms" in line:
+                    phases[phase] = phases.get(phase, 0) + line[phase + "_ms"] / 1000
+        return phases
+
+    def peak_kb(self):
+        with open("/proc/%d/status" % self.proc.pid) as status:
+            return int([line for line in status if line.startswith("VmHWM")][0].split()[1])
+
+    def stop(self):
+        stop_process(self.proc)
 
 
 def nginx_seconds(root, iso_path, runs):
@@ -254,7 +263,7 @@ def bench_size(images, image_kb, runs, root, pacs_choice):
     receiver_port, ref_port = demo.free_port(), demo.free_port()
     destinations = {"CDRECORD": receiver_port, "BENCHREF": ref_port}
     study = demo.SampleStudy("BENCH-1", "BENCH^MARK", "BENCH%d" % images, series=(images,),
-                             image_bytes=image_kb * 1024)
+                             image_bytes=image_kb * 1024, noise=True)  # compressible as real images are
     print("%d images of %d KB: generating ..." % (images, image_kb), flush=True)
     source = os.path.join(root, "source")
     demo.write_study(study, source)
@@ -273,16 +282,22 @@ def bench_size(images, image_kb, runs, root, pacs_choice):
     else:
         pacs.load(source, images)
     try:
-        print("  reference runs ...", flush=True)
-        reference = []
-        for _ in range(runs):
-            phases, ref_iso = reference_run(root, pacs, study, ref_port)
-            reference.append(phases)
-        mkiso = {}
-        peaks = {}
-        for retrieve in ("move", "get"):
-            print("  mkiso runs (%s) ..." % retrieve, flush=True)
-            mkiso[retrieve], peaks[retrieve] = mkiso_runs(root, pacs, receiver_port, study.accession, retrieve, runs)
+        servers = {retrieve: MkisoServer(root, pacs, receiver_port, retrieve) for retrieve in ("move", "get")}
+        reference, mkiso = [], {retrieve: [] for retrieve in servers}
+        try:
+            for number in range(1, runs + 1):
+                # Interleaved, each after a sync: every run starts without the last one's writeback.
+                print("  run %d: reference, mkiso move, mkiso get ..." % number, flush=True)
+                os.sync()
+                phases, ref_iso = reference_run(root, pacs, study, ref_port)
+                reference.append(phases)
+                for retrieve, server in servers.items():
+                    os.sync()
+                    mkiso[retrieve].append(server.download(study.accession))
+            peaks = {retrieve: server.peak_kb() for retrieve, server in servers.items()}
+        finally:
+            for server in servers.values():
+                server.stop()
         peer = None
         if pacs.export_seconds is not None:
             print("  Orthanc media export ...", flush=True)

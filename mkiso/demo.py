@@ -23,13 +23,14 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 PYDICOM_3 = int(pydicom.__version__.split(".")[0]) >= 3
+LOW_NIBBLE = bytes(value & 0x0F for value in range(256))
 
 
 class SampleStudy:
     """A made-up study: who, which accession, how many series and images."""
 
     def __init__(self, patient_id, patient_name, accession, series=(3,), modality="MR",
-                 study_id="1", series_numbers=True, image_bytes=128):
+                 study_id="1", series_numbers=True, image_bytes=128, noise=False):
         self.patient_id = patient_id
         self.patient_name = patient_name
         self.accession = accession
@@ -38,6 +39,7 @@ class SampleStudy:
         self.study_id = study_id
         self.series_numbers = series_numbers
         self.image_bytes = image_bytes
+        self.noise = noise  # pixels that compress about 2:1, as real images do, instead of zeros
         self.study_uid = generate_uid()
         self.sop_uids = []
 
@@ -108,7 +110,7 @@ def _image(study, sop_class, sop_uid, series_uid, series_number, number):
     ds.BitsStored = 12
     ds.HighBit = 11
     ds.PixelRepresentation = 0
-    ds.PixelData = bytes(side * side * 2)
+    ds.PixelData = os.urandom(side * side * 2).translate(LOW_NIBBLE) if study.noise else bytes(side * side * 2)
     return ds
 
 
