@@ -203,28 +203,24 @@ class Pacs:
 
     def move_study(self, study_uid):
         """C-MOVE one study by StudyInstanceUID alone to our own receiver."""
-        args = [self.tool("movescu"), "-d", "-S"]
-        args += association_args(self.our_ae, self.peer, self.find_timeout)
-        args += ["-aem", self.our_ae]
-        args += ["-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=" + study_uid]
-        what = "C-MOVE of study %s" % study_uid
-        result = self._run(args, self.move_timeout, what)
-        move = parse_move_output(result.output)
-        if move is None:
-            raise_for_failure(result.output, self.peer, what)
-        return move
+        return self._retrieve_study("C-MOVE", [self.tool("movescu"), "-d", "-S"], ["-aem", self.our_ae],
+                                    parse_move_output, study_uid)
 
     def get_study(self, study_uid, out_dir):
         """C-GET one study into ``out_dir`` over our own association: no port listens."""
-        args = [self.tool("getscu"), "-v", "-S", "-od", out_dir]
-        args += association_args(self.our_ae, self.peer, self.find_timeout)
+        return self._retrieve_study("C-GET", [self.tool("getscu"), "-v", "-S", "-od", out_dir], [],
+                                    parse_get_output, study_uid)
+
+    def _retrieve_study(self, service, command, extra, parse, study_uid):
+        """Run a retrieve SCU for one study; its final response (status, counts) or the error."""
+        args = command + association_args(self.our_ae, self.peer, self.find_timeout) + extra
         args += ["-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=" + study_uid]
-        what = "C-GET of study %s" % study_uid
+        what = "%s of study %s" % (service, study_uid)
         result = self._run(args, self.move_timeout, what)
-        got = parse_get_output(result.output)
-        if got is None:
+        final = parse(result.output)
+        if final is None:
             raise_for_failure(result.output, self.peer, what)
-        return got
+        return final
 
     def _run(self, args, timeout, what):
         return process.run_step(args + address_args(self.peer), timeout, "%s: %s" % (what, self.peer))

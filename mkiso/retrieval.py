@@ -80,24 +80,32 @@ def read_received(path):
             code="bad_image")
     charset = header.get("SpecificCharacterSet") or ()
     meta = getattr(header, "file_meta", None)
+    return _received(
+        path, {keyword: _text(header, keyword) for keyword in HEADER_TAGS},
+        str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else "",
+        (str(charset),) if isinstance(charset, str) else tuple(str(value) for value in charset))
+
+
+def _received(path, text, transfer_syntax, charset):
+    """A ReceivedFile from the header's values as text, by keyword (both readers end here)."""
     return ReceivedFile(
         path=path,
-        patient_id=_text(header, "PatientID"),
-        study_uid=_text(header, "StudyInstanceUID"),
-        series_uid=_text(header, "SeriesInstanceUID"),
-        series_number=_number(header.get("SeriesNumber")),
-        instance_number=_number(header.get("InstanceNumber")),
-        sop_uid=_text(header, "SOPInstanceUID"),
-        sop_class_uid=_text(header, "SOPClassUID"),
-        transfer_syntax=str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else "",
-        charset=(str(charset),) if isinstance(charset, str) else tuple(str(value) for value in charset),
-        patient_name=_text(header, "PatientName"),
-        study_date=_text(header, "StudyDate"),
-        study_time=_text(header, "StudyTime"),
-        study_description=_text(header, "StudyDescription"),
-        study_id=_text(header, "StudyID"),
-        accession=_text(header, "AccessionNumber"),
-        modality=_text(header, "Modality"),
+        patient_id=text["PatientID"],
+        study_uid=text["StudyInstanceUID"],
+        series_uid=text["SeriesInstanceUID"],
+        series_number=_number(text["SeriesNumber"]),
+        instance_number=_number(text["InstanceNumber"]),
+        sop_uid=text["SOPInstanceUID"],
+        sop_class_uid=text["SOPClassUID"],
+        transfer_syntax=transfer_syntax,
+        charset=charset,
+        patient_name=text["PatientName"],
+        study_date=text["StudyDate"],
+        study_time=text["StudyTime"],
+        study_description=text["StudyDescription"],
+        study_id=text["StudyID"],
+        accession=text["AccessionNumber"],
+        modality=text["Modality"],
     )
 
 
@@ -149,25 +157,7 @@ def _decode_scan(path, raw):
                 fields[keyword] = value.decode("ascii").strip("\0 ")
     except (UnicodeDecodeError, LookupError, ValueError):
         return None
-    return ReceivedFile(
-        path=path,
-        patient_id=fields["PatientID"],
-        study_uid=fields["StudyInstanceUID"],
-        series_uid=fields["SeriesInstanceUID"],
-        series_number=_number(fields["SeriesNumber"]),
-        instance_number=_number(fields["InstanceNumber"]),
-        sop_uid=fields["SOPInstanceUID"],
-        sop_class_uid=fields["SOPClassUID"],
-        transfer_syntax=syntax.decode("ascii", "replace").rstrip("\0 "),
-        charset=charset,
-        patient_name=fields["PatientName"],
-        study_date=fields["StudyDate"],
-        study_time=fields["StudyTime"],
-        study_description=fields["StudyDescription"],
-        study_id=fields["StudyID"],
-        accession=fields["AccessionNumber"],
-        modality=fields["Modality"],
-    )
+    return _received(path, fields, syntax.decode("ascii", "replace").rstrip("\0 "), charset)
 
 
 def _number(value):

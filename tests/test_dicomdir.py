@@ -197,6 +197,7 @@ def test_image_records_are_encoded_byte_for_byte_as_pydicom_encodes_them(staged)
             dicomdir._encode(dicomdir.image_record(image, path, number)), path
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # pydicom, on the deliberately bad UID
 def test_a_uid_that_is_not_ascii_is_left_to_pydicom(staged):
     _, images = staged
     image, path = images[0]

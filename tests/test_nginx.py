@@ -37,6 +37,7 @@ http {{
     uwsgi_temp_path {root}/uwsgi;
     scgi_temp_path {root}/scgi;
     sendfile on;
+    proxy_max_temp_file_size 1m;  # BIG01's ISO (11 MB) is larger than nginx's temp-file limit here
     server {{
         listen 127.0.0.1:{port};
         include snippets/mkiso.conf;

@@ -68,6 +68,13 @@ def received(tmp_path):
     return sample, study, paths
 
 
+def intruder(study, tmp_path, patient_id):
+    """One more image with the study's UID (and this Patient ID), as anyone could send to the receiver."""
+    extra = demo.SampleStudy(patient_id, "OTHER^ONE", "ACC9", series=(1,))
+    extra.study_uid = study.study_uid
+    return demo.write_study(extra, str(tmp_path / ("intruder-" + patient_id)))
+
+
 def move(completed, failed=0, status=0):
     return pacs.MoveResult(status, "Success" if status == 0 else "Failed", completed, failed, 0)
 
@@ -106,9 +113,7 @@ def test_no_files_at_all(received):
 
 def test_file_of_another_patient_stops_the_disc(received, tmp_path):
     _, study, paths = received
-    other = demo.SampleStudy("PAT-OTHER", "OTHER^ONE", "ACC9", series=(1,))
-    other.study_uid = study.study_uid
-    paths = paths + demo.write_study(other, str(tmp_path / "other"))
+    paths = paths + intruder(study, tmp_path, "PAT-OTHER")
     with pytest.raises(errors.UpstreamFailed, match="another Patient ID") as caught:
         verify(study, move(4), paths, None)
     assert caught.value.code == "wrong_patient"
@@ -150,9 +155,7 @@ def test_manifest_missing_image_is_incomplete_with_the_number(received):
 
 def test_image_not_in_the_manifest_is_unexpected(received, tmp_path):
     sample, study, paths = received
-    extra = demo.SampleStudy("PAT-9", "TEST^ONE", "ACC9", series=(1,))
-    extra.study_uid = study.study_uid
-    paths = paths + demo.write_study(extra, str(tmp_path / "extra"))
+    paths = paths + intruder(study, tmp_path, "PAT-9")
     with pytest.raises(errors.UpstreamFailed, match="1 images arrived .* that the PACS does not list") as caught:
         verify(study, move(4), paths, list(sample.sop_uids))
     assert caught.value.code == "unexpected_image"
