@@ -12,10 +12,16 @@ from . import errors
 MAX_LENGTH = 16
 
 
+def escape(value):
+    """The value as printable ASCII: other bytes as \\xNN (invalid UTF-8 arrives surrogate-escaped)."""
+    raw = value.encode("utf-8", "surrogateescape")
+    return "".join(chr(byte) if 0x20 <= byte <= 0x7E and byte != 0x5C else "\\x%02x" % byte for byte in raw)
+
+
 def check(accession):
     """Return the trimmed accession or raise BadRequest saying what is wrong."""
     value = accession.strip(" ")
-    shown = repr(value)
+    shown = "'%s'" % escape(value)
     if not value:
         raise errors.BadRequest("An accession number is empty.", code="bad_accession")
     if len(value) > MAX_LENGTH:
@@ -27,8 +33,10 @@ def check(accession):
             code="bad_accession")
     if "\\" in value:
         raise errors.BadRequest("Accession number %s contains a backslash." % shown, code="bad_accession")
-    if any(ord(char) < 32 or ord(char) == 127 for char in value):
-        raise errors.BadRequest("Accession number %s contains a control character." % shown, code="bad_accession")
+    if any(not 0x20 <= ord(char) <= 0x7E for char in value):
+        raise errors.BadRequest(
+            "Accession number %s contains a character that is not printable ASCII "
+            "(a control character, invalid UTF-8 or a look-alike)." % shown, code="bad_accession")
     if value.startswith("-"):
         raise errors.BadRequest("Accession number %s must not start with '-'." % shown, code="bad_accession")
     return value

@@ -61,7 +61,14 @@ class Jobs:
         folder = None
         try:
             self.check_free_space()
-            folder = tempfile.mkdtemp(prefix="job-%s-" % request_id[:32], dir=self.jobs_dir)
+            try:
+                folder = tempfile.mkdtemp(prefix="job-%s-" % request_id[:32], dir=self.jobs_dir)
+            except (PermissionError, OSError) as exc:
+                if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    raise
+                raise errors.Unavailable(
+                    "The work dir %s is not writable (%s); no disc can be made until it is."
+                    % (self.jobs_dir, exc.strerror), code="work_dir_unwritable")
             yield folder
         except BaseException:
             if folder:
@@ -73,13 +80,15 @@ class Jobs:
     # -- steps ------------------------------------------------------------
 
     def find(self, accessions, folder):
-        studies = []
+        studies, missing = [], []
         for accession in accessions:
             found = self.pacs.find_studies(accession, folder)
             if not found:
-                raise errors.NotFound("The PACS has no study for accession number %s." % accession,
-                                      code="study_not_found")
+                missing.append(accession)
             studies += found
+        if missing:
+            raise errors.NotFound("The PACS has no study for accession number%s %s."
+                                  % ("s" if len(missing) > 1 else "", ", ".join(missing)), code="study_not_found")
         unique = {}
         for study in studies:
             unique.setdefault(study.study_uid, study)

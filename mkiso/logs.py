@@ -14,8 +14,11 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNI
 
 
 def _quote(value):
+    """A field value for a text line; anything unprintable (C1, U+2028 ...) is \\u-escaped."""
     text = str(value)
-    if text == "" or any(c in text for c in ' "=\\') or not text.isprintable():
+    if not text.isprintable():
+        return json.dumps(text)
+    if text == "" or any(c in text for c in ' "=\\'):
         return json.dumps(text, ensure_ascii=False)
     return text
 
@@ -47,7 +50,8 @@ class JsonFormatter(logging.Formatter):
         entry.update(getattr(record, "fields", {}))
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
+        line = json.dumps(entry, ensure_ascii=False, default=str)
+        return line if line.isprintable() else json.dumps(entry, default=str)  # no raw C1 or U+2028
 
 
 class Stopwatch:

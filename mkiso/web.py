@@ -63,7 +63,8 @@ class Request:
         self.environ = environ
         self.method = environ.get("REQUEST_METHOD", "GET").upper()
         self.path = environ.get("PATH_INFO", "") or "/"
-        self.query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+        # Invalid UTF-8 stays visible (surrogate-escaped) for the checks to refuse and show escaped.
+        self.query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True, errors="surrogateescape")
         given = environ.get("HTTP_X_REQUEST_ID", "")
         self.request_id = given if SANE_REQUEST_ID.match(given) else uuid.uuid4().hex
         self.accessions = []  # filled by handlers that take them, for the access log
@@ -186,8 +187,11 @@ class Application:
         return Response.json(200, self.service.jobs.print_studies(wanted, request.request_id))
 
     def _accessions(self, request, names, several):
-        """Accessions from the first of ``names`` present; checked before anything runs."""
-        name = next((name for name in names if name in request.query), names[0])
+        """Accessions from whichever of ``names`` is given; checked before anything runs."""
+        given = [name for name in names if name in request.query]
+        if len(given) > 1:
+            raise errors.BadRequest("Give either %s or %s, not both." % tuple(given), code="bad_request")
+        name = given[0] if given else names[0]
         wanted = accessions.parse(request.param(name), name, several, self.config.limits.max_accessions)
         request.accessions = wanted
         return wanted

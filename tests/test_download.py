@@ -4,6 +4,7 @@ genisoimage; every disc is opened and compared with what the PACS holds.
 The disc tests run twice: retrieving by C-MOVE through the receiver, and by
 C-GET (``pacs.retrieve: get``), when nothing may listen on the receiver port."""
 
+import logging
 import os
 import subprocess
 import time
@@ -11,7 +12,7 @@ import time
 import pydicom
 import pytest
 
-from mkiso import demo, web
+from mkiso import demo, logs, web
 from discs import check_pdi, download, joliet_listing, volume_id
 
 
@@ -129,6 +130,12 @@ def test_one_unknown_among_several_is_404_naming_it(wsgi_call, app):
     assert response.status == 404 and "NOSUCH" in response.json()["error"]
 
 
+def test_every_unknown_accession_is_named_in_the_404(wsgi_call, app):
+    response = wsgi_call(app, "/api/iso/download-multiple", query="accession_numbers=NOSUCH1,ACC2001,NOSUCH2")
+    assert response.status == 404
+    assert response.json()["error"] == "The PACS has no study for accession numbers NOSUCH1, NOSUCH2."
+
+
 def test_two_patients_is_409(wsgi_call, app):
     response = wsgi_call(app, "/api/iso/download-multiple", query="accession_numbers=ACC2001,ACC3001")
     assert response.status == 409
@@ -181,6 +188,20 @@ BAD_INPUTS = [
     ("/api/iso/download-multiple", "accession_numbers=" + ",".join("A%d" % i for i in range(21)),
      "too_many_accessions"),
     ("/mkiso_multiple.php", "accession_numbers=A%0D", "bad_accession"),
+    # Anything but printable ASCII: C1 controls, U+2028, DEL, invalid UTF-8, look-alikes.
+    ("/api/iso/download", "accession_number=ACC%C2%852001", "bad_accession"),
+    ("/api/iso/download", "accession_number=ACC%C2%9B1", "bad_accession"),
+    ("/api/iso/download", "accession_number=ACC%E2%80%A81", "bad_accession"),
+    ("/api/iso/download", "accession_number=ACC%7F1", "bad_accession"),
+    ("/api/iso/download", "accession_number=ACC%FF1", "bad_accession"),
+    ("/api/iso/download", "accession_number=ACC%C3%281", "bad_accession"),
+    ("/api/iso/download", "accession_number=ACC%EF%BC%8A", "bad_accession"),
+    ("/api/iso/download", "accession_number=ACC%EF%BC%9F", "bad_accession"),
+    ("/api/iso/download", "accession_number=A%EF%BC%BCB", "bad_accession"),
+    ("/api/iso/download", "accession_number=M%C3%BCller", "bad_accession"),
+    # Both spellings at once: which one was meant?
+    ("/api/iso/download-multiple", "accession_numbers=ACC2001&accession_number=ACC1002", "bad_request"),
+    ("/api/iso/print", "accession_number=ACC2001&accession_numbers=ACC1002", "bad_request"),
 ]
 
 
@@ -193,6 +214,19 @@ def test_bad_input_is_400_and_the_pacs_is_not_asked(make_service, silent_pacs, w
     assert body["code"] == code and body["error"].endswith(".")
     with pytest.raises(BlockingIOError):
         silent_pacs.accept()
+
+
+def test_refused_values_are_shown_escaped_in_the_answer_and_the_log(make_service, silent_pacs, wsgi_call, caplog):
+    service = make_service()
+    app = web.Application(service.config, service)
+    with caplog.at_level(logging.INFO):
+        body = wsgi_call(app, "/api/iso/download\u0085", query="accession_number=ACC%C2%852001").json()
+        answer = wsgi_call(app, "/api/iso/download", query="accession_number=ACC%C2%852001").json()
+    assert answer["error"].startswith("Accession number 'ACC\\xc2\\x852001' contains a character")
+    assert body["code"] == "not_found"
+    lines = [logs.TextFormatter().format(record) for record in caplog.records]
+    lines += [logs.JsonFormatter().format(record) for record in caplog.records]
+    assert lines and all(line.isprintable() for line in lines), [line for line in lines if not line.isprintable()]
 
 
 def test_bad_input_error_names_the_problem(make_service, silent_pacs, wsgi_call):
@@ -248,3 +282,23 @@ def test_pacs_refusing_our_ae_is_502(make_service, wsgi_call):
     response = wsgi_call(web.Application(service.config, service), "/api/iso/download",
                          query="accession_number=ACC2001")
     assert response.status == 502 and "association rejected" in response.json()["error"]
+
+
+def test_an_unwritable_work_dir_is_503_with_a_sentence(make_service, wsgi_call, silent_pacs):
+    """The work dir read-only (a bind mount: root ignores file modes): 503, and health says why."""
+    service = make_service(timeouts={"find_s": 2})  # health's C-ECHO to the silent PACS
+    app = web.Application(service.config, service)
+    work_dir = service.config.paths.work_dir
+    subprocess.run(["mount", "--bind", work_dir, work_dir], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", work_dir], check=True)
+        response = wsgi_call(app, "/api/iso/download", query="accession_number=ACC2001")
+        with pytest.raises(BlockingIOError):
+            silent_pacs.accept()  # refused before the PACS was asked
+        health = wsgi_call(app, "/api/health").json()["checks"]["work_dir"]
+    finally:
+        subprocess.run(["umount", work_dir], check=True)
+    body = response.json()
+    assert response.status == 503 and body["code"] == "work_dir_unwritable", body
+    assert "is not writable (Read-only file system)" in body["error"]
+    assert health["ok"] is False and "not writable" in health["detail"]
