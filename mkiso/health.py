@@ -3,14 +3,22 @@
 Each check really exercises what it names: the tools are run, the work dir
 is written to, the PACS and publisher get a C-ECHO.  The two echoes run at
 the same time so a silent peer costs one timeout, not two.
+
+The costly checks (the tools and the C-ECHOs) are computed at most once per
+EXPENSIVE_EVERY_S and shared by every caller meanwhile, so that a flood of
+health calls costs one round of them.  The detail strings name paths, ports
+and AE titles: with auth on, a caller without the key sees only ok/not ok.
 """
 
 import os
 import tempfile
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from . import __version__, disk, pacs, process
 
+EXPENSIVE_EVERY_S = 5
 DCMTK_TOOLS = ("findscu", "movescu", "getscu", "storescp", "storescu", "echoscu", "dcmmkdir")
 
 
@@ -29,26 +37,41 @@ class Health:
         self.receiver = receiver
         self.pacs = pacs_client
         self.publisher = publisher
+        self._expensive = None  # (when, {name: Check})
+        self._expensive_lock = threading.Lock()
 
-    def report(self):
-        """{"status": "ok"|"degraded", "version": ..., "checks": {...}}."""
-        with ThreadPoolExecutor(2) as pool:
-            pacs_echo = pool.submit(self.check_pacs)
-            publisher_echo = pool.submit(self.check_publisher)
-            checks = {
-                "tools": self.check_tools(),
-                "work_dir": self.check_work_dir(),
-                "receiver": self.check_receiver(),
-                "pacs": pacs_echo.result(),
-                "publisher": publisher_echo.result(),
-                "viewer": self.check_viewer(),
-            }
-        healthy = all(check.ok for check in checks.values())
+    def report(self, detailed=True):
+        """{"status": "ok"|"degraded", "version": ..., "checks": {...}}; without ``detailed``
+        only the status and each check's ok."""
+        expensive = self.expensive_checks()
+        checks = {
+            "tools": expensive["tools"],
+            "work_dir": self.check_work_dir(),
+            "receiver": self.check_receiver(),
+            "pacs": expensive["pacs"],
+            "publisher": expensive["publisher"],
+            "viewer": self.check_viewer(),
+        }
+        status = "ok" if all(check.ok for check in checks.values()) else "degraded"
+        if not detailed:
+            return {"status": status, "checks": {name: {"ok": check.ok} for name, check in checks.items()}}
         return {
-            "status": "ok" if healthy else "degraded",
+            "status": status,
             "version": __version__,
             "checks": {name: check.as_dict() for name, check in checks.items()},
         }
+
+    def expensive_checks(self):
+        """The tools and the C-ECHOs, at most once per EXPENSIVE_EVERY_S; concurrent callers wait and share."""
+        with self._expensive_lock:
+            if self._expensive is None or time.monotonic() - self._expensive[0] >= EXPENSIVE_EVERY_S:
+                with ThreadPoolExecutor(2) as pool:
+                    pacs_echo = pool.submit(self.check_pacs)
+                    publisher_echo = pool.submit(self.check_publisher)
+                    checks = {"tools": self.check_tools(), "pacs": pacs_echo.result(),
+                              "publisher": publisher_echo.result()}
+                self._expensive = (time.monotonic(), checks)
+            return self._expensive[1]
 
     def tool_paths(self):
         paths = [os.path.join(self.config.tools.dcmtk_dir, name) for name in DCMTK_TOOLS]

@@ -123,12 +123,16 @@ class Application:
         return getattr(self, route.handler)(request)
 
     def _authenticate(self, request):
+        if not self._authorized(request):
+            raise errors.Unauthorized("A valid X-API-Key header is required.")
+
+    def _authorized(self, request):
+        """Auth is off, or the request carries the key (compared in constant time)."""
         auth = self.config.auth
         if not auth.enabled:
-            return
+            return True
         given = (request.header("X-API-Key") or "").encode("utf-8")
-        if not hmac.compare_digest(given, auth.api_key.encode("utf-8")):
-            raise errors.Unauthorized("A valid X-API-Key header is required.")
+        return hmac.compare_digest(given, auth.api_key.encode("utf-8"))
 
     def _error(self, request, exc):
         payload = {"error": exc.message, "code": exc.code, "request_id": request.request_id}
@@ -157,7 +161,7 @@ class Application:
         strict = request.param("strict")
         if strict not in (None, "", "0", "1"):
             raise errors.BadRequest("strict must be 0 or 1.")
-        report = self.service.health.report()
+        report = self.service.health.report(detailed=self._authorized(request))
         degraded = report["status"] != "ok"
         return Response.json(503 if degraded and strict == "1" else 200, report)
 

@@ -1,10 +1,13 @@
 """The health report against a real dcmqrscp and a real receiver."""
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from mkiso import config as configuration, demo, web
 from mkiso.service import Service
 from conftest import write_config
+
+CHECKS = ("tools", "work_dir", "receiver", "pacs", "publisher", "viewer")
 
 
 def test_all_ok_against_the_real_pacs(make_service, wsgi_call):
@@ -82,3 +85,35 @@ def test_receiver_port_taken_is_reported(settings, silent_listener, wsgi_call):
         service.stop()
     assert body["checks"]["receiver"]["ok"] is False
     assert "Address already in use" in body["checks"]["receiver"]["detail"]
+
+
+def test_a_flood_of_health_calls_runs_the_costly_checks_once(make_service, wsgi_call, monkeypatch):
+    service = make_service()
+    app = web.Application(service.config, service)
+    counts = {"tools": 0, "pacs": 0}
+    for name, method in (("tools", "check_tools"), ("pacs", "check_pacs")):
+        real = getattr(service.health, method)
+
+        def counted(real=real, name=name):
+            counts[name] += 1
+            return real()
+
+        monkeypatch.setattr(service.health, method, counted)
+    with ThreadPoolExecutor(50) as pool:
+        answers = list(pool.map(lambda _: wsgi_call(app, "/api/health"), range(200)))
+    assert {answer.status for answer in answers} == {200}
+    assert {answer.json()["status"] for answer in answers} == {"ok"}
+    assert 1 <= counts["tools"] <= 2 and 1 <= counts["pacs"] <= 2, counts  # 2: a call straddling the 5 s mark
+
+
+def test_with_auth_on_health_tells_a_stranger_only_ok_or_not(make_service, wsgi_call):
+    service = make_service(auth={"enabled": True, "api_key": "s3cret"})
+    app = web.Application(service.config, service)
+    stranger = wsgi_call(app, "/api/health")
+    assert stranger.status == 200
+    assert stranger.json() == {"status": "ok", "checks": {name: {"ok": True} for name in CHECKS}}
+    for secret in (service.config.paths.work_dir, str(service.config.receiver.port), "CDRECORD", "ABPACS"):
+        assert secret.encode() not in stranger.body
+    insider = wsgi_call(app, "/api/health", headers={"X-API-Key": "s3cret"}).json()
+    assert insider["version"] and all(check["detail"] for check in insider["checks"].values())
+    assert wsgi_call(app, "/api/health", headers={"X-API-Key": "wrong"}).json() == stranger.json()

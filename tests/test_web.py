@@ -10,7 +10,7 @@ class FakeHealth:
     def __init__(self, status="ok"):
         self.status = status
 
-    def report(self):
+    def report(self, detailed=True):
         return {"status": self.status, "version": "x", "checks": {}}
 
 
