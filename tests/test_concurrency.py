@@ -77,6 +77,15 @@ def access_lines(caplog, path_part):
             if r.name == "mkiso.access" and path_part in r.fields["path"] + "?" + r.fields.get("accessions", "")]
 
 
+def logged_access(caplog, path_part, timeout=10):
+    """The one access line of the answer, waited for: it is written just after the job's files go."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not access_lines(caplog, path_part):
+        time.sleep(0.02)
+    [line] = access_lines(caplog, path_part)
+    return line
+
+
 def test_client_hanging_up_mid_transfer_removes_the_job_files(server, caplog):
     service, base = server
     port = int(base.rsplit(":", 1)[1])
@@ -93,7 +102,7 @@ def test_client_hanging_up_mid_transfer_removes_the_job_files(server, caplog):
         assert job_leftovers(service), "the ISO should still be there while it is being sent"
         assert access_lines(caplog, "BIG01") == [], "logged before the answer ended"
     assert wait_until_clean(service) == []
-    [line] = access_lines(caplog, "BIG01")
+    line = logged_access(caplog, "BIG01")
     assert line["status"] == 200 and line["complete"] == "false"
     assert 0 <= line["bytes"] < length
 
@@ -103,7 +112,7 @@ def test_a_finished_download_is_logged_complete_with_its_bytes(server, caplog):
     status, headers, body = fetch(base + "/api/iso/download?accession_number=ACC2001")
     assert status == 200
     assert wait_until_clean(service) == []
-    [line] = access_lines(caplog, "ACC2001")
+    line = logged_access(caplog, "ACC2001")
     assert line["complete"] == "true" and line["bytes"] == len(body) == int(headers["Content-Length"])
 
 
