@@ -323,10 +323,6 @@ def listening_sockets():
     return sockets
 
 
-def listening_ports():
-    return set(listening_sockets())
-
-
 def socket_inodes(pid):
     """The inodes of the sockets process ``pid`` has open."""
     inodes = set()

@@ -6,7 +6,7 @@ import subprocess
 
 import pydicom
 
-from mkiso.receiver import listening_ports
+from mkiso.receiver import listening_sockets
 
 FILE_ID = re.compile(r"^[A-Z0-9_]{1,8}$")
 
@@ -71,7 +71,7 @@ def download(wsgi_call, app, path, tmp_path, query, name="disc"):
     assert response.status == 200, response.body[:500]
     if app.config.pacs.retrieve == "get":  # SPEC §3.2: C-GET needs no open port
         assert app.service.receiver is None
-        assert app.config.receiver.port not in listening_ports(), "nothing may listen with C-GET"
+        assert app.config.receiver.port not in listening_sockets(), "nothing may listen with C-GET"
     assert response.header("Content-Type") == "application/x-iso9660-image"
     assert int(response.header("Content-Length")) == len(response.body)
     iso_path = str(tmp_path / (name + ".iso"))

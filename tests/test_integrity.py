@@ -19,7 +19,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from mkiso import web
-from mkiso.receiver import listening_ports
+from mkiso.receiver import listening_sockets
 from conftest import DCMTK_DIR, job_leftovers
 from discs import check_pdi, download, open_iso
 
@@ -244,7 +244,7 @@ def test_with_c_get_nothing_listens_and_health_says_not_used(make_service, wsgi_
     service = make_service(pacs={"retrieve": "get"})
     body = wsgi_call(web.Application(service.config, service), "/api/health").json()
     assert body["checks"]["receiver"] == {"ok": True, "detail": "not used (pacs.retrieve: get)"}
-    assert receiver_port not in listening_ports()
+    assert receiver_port not in listening_sockets()
 
 
 # -- a small, full disk ---------------------------------------------------------
@@ -280,11 +280,11 @@ def test_receiver_pauses_below_min_free_bytes_and_resumes(small_work_dir, make_s
     with open(filler, "wb") as handle:
         handle.truncate(0)
         handle.write(b"\0" * (56 * 2 ** 20))
-    assert wait_for(lambda: port not in listening_ports(), 5), "the receiver kept listening on a full disk"
+    assert wait_for(lambda: port not in listening_sockets(), 5), "the receiver kept listening on a full disk"
     check = wsgi_call(app, "/api/health").json()["checks"]["receiver"]
     assert check["ok"] is False and "below limits.min_free_bytes" in check["detail"], check
     filler.unlink()
-    assert wait_for(lambda: port in listening_ports(), 5), "the receiver did not come back"
+    assert wait_for(lambda: port in listening_sockets(), 5), "the receiver did not come back"
     assert wsgi_call(app, "/api/health").json()["checks"]["receiver"]["ok"] is True
     _, disc, _ = download(wsgi_call, app, "/api/iso/download", tmp_path, "accession_number=ACC2001")
     check_pdi(disc, archive.sop_uids("ACC2001"))
