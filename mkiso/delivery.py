@@ -121,7 +121,7 @@ class RemovedOnClose:
         if self._cleanup is None:
             return
         try:
-            sent = self._handle.tell() - self._offset if not self._handle.closed else 0
+            sent = self._handle.tell() - self._offset
             self._handle.close()
         finally:
             cleanup, self._cleanup = self._cleanup, None

@@ -63,7 +63,7 @@ class Jobs:
             self.check_free_space()
             try:
                 folder = tempfile.mkdtemp(prefix="job-%s-" % request_id[:32], dir=self.jobs_dir)
-            except (PermissionError, OSError) as exc:
+            except OSError as exc:
                 if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                     raise
                 raise errors.Unavailable(

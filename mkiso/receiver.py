@@ -277,30 +277,35 @@ def stop_leftover(pid_file, inbox):
 
 
 def group_members(group):
-    """The pids whose process group is ``group``, from /proc."""
+    """The live pids whose process group is ``group``, from /proc."""
     members = []
     for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % name, encoding="ascii", errors="replace") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != "Z" and int(fields[2]) == group:
-            members.append(int(name))
+        if name.isdigit():
+            fields = _stat_fields(int(name))
+            if fields and int(fields[2]) == group:
+                members.append(int(name))
     return members
 
 
+def _stat_fields(pid):
+    """The fields of /proc/<pid>/stat after the command name (state, ppid, pgrp, ...),
+    or None for a process that is gone or a zombie."""
+    try:
+        with open("/proc/%d/stat" % pid, encoding="ascii", errors="replace") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields if fields and fields[0] != "Z" else None
+
+
 def _is_receiver(pid, inbox):
+    """A live storescp writing to ``inbox``."""
     try:
         with open("/proc/%d/cmdline" % pid, "rb") as handle:
             argv = [os.fsdecode(arg) for arg in handle.read().split(b"\0")]
-        with open("/proc/%d/stat" % pid, encoding="ascii", errors="replace") as handle:
-            state = handle.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
+    except OSError:
         return False
-    return state != "Z" and os.path.basename(argv[0]) == "storescp" and inbox in argv
+    return _stat_fields(pid) is not None and os.path.basename(argv[0]) == "storescp" and inbox in argv
 
 
 def listening_sockets():
