@@ -202,13 +202,16 @@ class MkisoServer:
         self.http_port = demo.free_port()
         self.log_path = os.path.join(root, "mkiso-%s.log" % retrieve)
         config = os.path.join(root, "mkiso-%s.yaml" % retrieve)
+        work_dir = os.path.join(root, "work-" + retrieve)
+        os.makedirs(work_dir, exist_ok=True)
         with open(config, "w") as handle:
             handle.write(
                 "server: {port: %d}\npacs: {ae_title: %s, host: 127.0.0.1, port: %d, retrieve: %s}\n"
                 "receiver: {port: %d}\npaths: {work_dir: %s}\nlimits: {min_free_bytes: 100000000}\n"
                 "timeouts: {move_s: 7200, iso_s: 7200}\nlogging: {level: info, format: json}\n"
-                % (self.http_port, pacs.ae_title, pacs.port, retrieve, receiver_port,
-                   os.path.join(root, "work-" + retrieve)))
+                "audit: {path: %s}\n"
+                % (self.http_port, pacs.ae_title, pacs.port, retrieve, receiver_port, work_dir,
+                   os.path.join(root, "audit-%s.log" % retrieve)))
         self.proc = start_process([sys.executable, "-m", "mkiso", "--config", config], self.http_port,
                                   self.log_path)
 

@@ -6,10 +6,17 @@ mistake stops start-up with one line that names the file and the key, so a
 typo never silently falls back to a default on a hospital's gateway.
 """
 
+import copy
+import ipaddress
 import os
+import re
+import shutil
+import tempfile
 import types
 
 import yaml
+
+from . import process
 
 REQUIRED = object()
 
@@ -65,6 +72,42 @@ def _accel_prefix(value):
     return None
 
 
+def _not_empty(value):
+    if not value.strip():
+        return "must not be empty"
+    return None
+
+
+def _networks(value):
+    for entry in value:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except (TypeError, ValueError):
+            return "must list IP addresses or networks (e.g. 127.0.0.1, 10.1.2.0/24); %r is not one" % (entry,)
+    return None
+
+
+def _named_keys(value):
+    for name, key in value.items():
+        if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9._-]{1,64}$", name):
+            return "names must be 1 to 64 letters, digits, dots, dashes or underscores; %r is not" % (name,)
+        if not isinstance(key, str) or len(key) < 16 or not key.isprintable():
+            return "%s: a key must be a string of at least 16 printable characters" % name
+    if len(set(value.values())) < len(value):
+        return "gives the same key two names; the audit could not tell the callers apart"
+    return None
+
+
+SYSLOG_URL = re.compile(r"^(udp|tcp)://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\]):([0-9]{1,5})$")
+
+
+def _syslog_url(value):
+    match = SYSLOG_URL.match(value)
+    if value and not (match and 1 <= int(match.group(3)) <= 65535):
+        return "must be empty or udp://host:port or tcp://host:port (e.g. udp://127.0.0.1:514)"
+    return None
+
+
 NUMBER = (int, float)
 
 # section -> key -> (type, default, check)
@@ -75,10 +118,11 @@ SCHEMA = {
         "threads": (int, 8, _positive),
         "x_accel_prefix": (str, "", _accel_prefix),
         "x_accel_keep_s": (NUMBER, 600, _positive),
+        "trusted_proxies": (list, ["127.0.0.1", "::1"], _networks),
     },
     "pacs": {
         "ae_title": (str, REQUIRED, _ae_title),
-        "host": (str, REQUIRED, None),
+        "host": (str, REQUIRED, _not_empty),
         "port": (int, REQUIRED, _port),
         "retrieve": (str, "move", _one_of("move", "get")),
     },
@@ -128,6 +172,11 @@ SCHEMA = {
         "enabled": (bool, False, None),
         "api_key": (str, "", None),
         "api_key_file": (str, "", None),
+        "keys": (dict, {}, _named_keys),
+    },
+    "audit": {
+        "path": (str, "/var/log/mkiso/audit.log", _not_empty),
+        "syslog": (str, "", _syslog_url),
     },
     "logging": {
         "level": (str, "info", _one_of("debug", "info", "warning", "error")),
@@ -135,7 +184,27 @@ SCHEMA = {
     },
 }
 
-TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", NUMBER: "a number"}
+TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", NUMBER: "a number",
+              list: "a list", dict: "a mapping"}
+
+# The dcmtk tools mkiso runs (tools.dcmtk_dir); health runs each one too.
+DCMTK_TOOLS = ("findscu", "movescu", "getscu", "storescp", "storescu", "echoscu", "dcmmkdir")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML whose mappings refuse a key given twice: otherwise the last one silently wins."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, "the key %r is given twice" % (key,), key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def config_path(explicit=None):
@@ -147,7 +216,7 @@ def load(path):
     """Read, validate and complete the configuration at ``path``."""
     try:
         with open(path, encoding="utf-8") as handle:
-            raw = yaml.safe_load(handle)
+            raw = yaml.load(handle, Loader=_Loader)
     except OSError as exc:
         raise ConfigError("%s: cannot read the configuration: %s" % (path, exc.strerror))
     except UnicodeDecodeError:
@@ -191,11 +260,11 @@ def _section(section, keys, given, path):
         if key not in given:
             if default is REQUIRED:
                 raise ConfigError("%s: missing required key %s" % (path, name))
-            values[key] = default
+            values[key] = copy.deepcopy(default)
             continue
         value = given[key]
-        if value is None and kind is str:
-            value = ""
+        if value is None and kind in (str, list, dict):
+            value = kind()
         if not _has_type(value, kind):
             raise ConfigError("%s: %s must be %s, not %r" % (path, name, TYPE_NAMES[kind], value))
         problem = check(value) if check else None
@@ -224,8 +293,56 @@ def _resolve_api_key(config, path):
             )
     elif os.environ.get("MKISO_API_KEY"):
         auth.api_key = os.environ["MKISO_API_KEY"]
-    if auth.enabled and not auth.api_key:
+    if auth.enabled and not auth.api_key and not auth.keys:
         raise ConfigError(
             "%s: auth.enabled is true but no key is set "
-            "(auth.api_key, auth.api_key_file or $MKISO_API_KEY)" % path
+            "(auth.api_key, auth.api_key_file, $MKISO_API_KEY or auth.keys)" % path
         )
+
+
+def tool_paths(config):
+    """Every executable mkiso runs, as configured."""
+    return [path for _, path in _tools(config)]
+
+
+def _tools(config):
+    """(where it is configured, path) of every executable mkiso runs."""
+    tools = [("tools.dcmtk_dir", os.path.join(config.tools.dcmtk_dir, name)) for name in DCMTK_TOOLS]
+    return tools + [("tools.genisoimage", config.tools.genisoimage), ("the system (util-linux)", process.SETPRIV)]
+
+
+def check_system(config):
+    """What the configuration points at must be there, as the user running this sees it.
+
+    Run by ``--check-config`` and before start-up, so a mistake stops the
+    service with its key named instead of failing on the first request.
+    Nothing is created here: the work dir must exist (mkiso makes only its
+    own folders inside), and the writability probes leave no file.
+    """
+    path = config.path
+    dcmtk_dir = config.tools.dcmtk_dir
+    if not os.path.isdir(dcmtk_dir):
+        raise ConfigError("%s: tools.dcmtk_dir %s is not a directory" % (path, dcmtk_dir))
+    for key, tool in _tools(config):
+        if not os.path.isfile(tool):
+            raise ConfigError("%s: %s: %s does not exist" % (path, key, tool))
+        if not shutil.which(tool):
+            raise ConfigError("%s: %s: %s is not executable" % (path, key, tool))
+    _check_writable_dir(path, "paths.work_dir", config.paths.work_dir)
+    _check_writable_dir(path, "audit.path", os.path.dirname(os.path.abspath(config.audit.path)))
+    if os.path.exists(config.audit.path) and not os.access(config.audit.path, os.W_OK):
+        raise ConfigError("%s: audit.path %s is not writable" % (path, config.audit.path))
+    viewer_dir = config.iso.viewer_dir
+    if viewer_dir and not os.path.isdir(viewer_dir):
+        raise ConfigError("%s: iso.viewer_dir %s is not a directory" % (path, viewer_dir))
+
+
+def _check_writable_dir(path, key, folder):
+    if not os.path.isdir(folder):
+        raise ConfigError("%s: %s: the folder %s does not exist (create it, owned by the service user)"
+                          % (path, key, folder))
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ConfigError("%s: %s: the folder %s is not writable: %s" % (path, key, folder, exc.strerror))

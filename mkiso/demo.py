@@ -209,6 +209,7 @@ receiver: {{ae_title: CDRECORD, port: {receiver_port}}}
 iso: {{viewer_dir: {viewer_dir}}}
 paths: {{work_dir: {work_dir}}}
 limits: {{min_free_bytes: 100000000}}
+audit: {{path: {audit_path}}}
 """
 
 
@@ -222,6 +223,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     shutil.rmtree(args.dir, ignore_errors=True)
     os.makedirs(os.path.join(args.dir, "viewer"))
+    os.makedirs(os.path.join(args.dir, "work"))
     with open(os.path.join(args.dir, "viewer", "VIEWER.TXT"), "w") as handle:
         handle.write("A DICOM viewer would be here (iso.viewer_dir).\n")
     pacs = Dcmqrscp(os.path.join(args.dir, "pacs"), args.pacs_port, {"CDRECORD": args.receiver_port})
@@ -232,7 +234,8 @@ def main(argv=None):
     with open(config_file, "w", encoding="utf-8") as handle:
         handle.write(DEMO_CONFIG.format(
             http_port=args.http_port, pacs_port=args.pacs_port, receiver_port=args.receiver_port,
-            viewer_dir=os.path.join(args.dir, "viewer"), work_dir=os.path.join(args.dir, "work")))
+            viewer_dir=os.path.join(args.dir, "viewer"), work_dir=os.path.join(args.dir, "work"),
+            audit_path=os.path.join(args.dir, "audit.log")))
     base = "http://127.0.0.1:%d" % args.http_port
     print("Demo PACS (dcmqrscp ABPACS) on 127.0.0.1:%d with accessions: %s" % (
         args.pacs_port, ", ".join(sorted({s.accession for s in studies}))))

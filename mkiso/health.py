@@ -16,10 +16,9 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from . import __version__, disk, pacs, process
+from . import __version__, config as configuration, disk, pacs, process
 
 EXPENSIVE_EVERY_S = 5
-DCMTK_TOOLS = ("findscu", "movescu", "getscu", "storescp", "storescu", "echoscu", "dcmmkdir")
 
 
 class Check:
@@ -73,13 +72,10 @@ class Health:
                 self._expensive = (time.monotonic(), checks)
             return self._expensive[1]
 
-    def tool_paths(self):
-        paths = [os.path.join(self.config.tools.dcmtk_dir, name) for name in DCMTK_TOOLS]
-        return paths + [self.config.tools.genisoimage, process.SETPRIV]
-
     def check_tools(self):
         broken = []
-        for path in self.tool_paths():
+        paths = configuration.tool_paths(self.config)
+        for path in paths:
             try:
                 result = process.run([path, "--version"], timeout=10)
             except (process.ToolMissing, process.ToolTimeout) as exc:
@@ -89,7 +85,7 @@ class Health:
                 broken.append("%s --version exited with %d" % (path, result.returncode))
         if broken:
             return Check(False, "; ".join(broken))
-        return Check(True, "%d tools found and runnable" % len(self.tool_paths()))
+        return Check(True, "%d tools found and runnable" % len(paths))
 
     def check_work_dir(self):
         work_dir = self.config.paths.work_dir

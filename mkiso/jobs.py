@@ -124,31 +124,33 @@ class Jobs:
 
     # -- the download -----------------------------------------------------
 
-    def make_iso(self, accessions, request_id, named_by_patient, build=True):
+    def make_iso(self, accessions, request_id, named_by_patient, export, build=True):
         """Build the disc for ``accessions``; the caller sends and cleans up the Iso.
 
         The file is named after the accession, or with ``named_by_patient``
         after the patient.  Without ``build`` (a HEAD) everything is done
         and checked up to the ISO's exact size, and no ISO is written.
+        What was found goes on ``export`` (audit.Export) as it is known.
         """
         with self.job(request_id) as folder:
             try:
-                return self._make_iso(accessions, folder, named_by_patient, build)
+                return self._make_iso(accessions, folder, named_by_patient, build, export)
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
                     raise errors.InsufficientStorage("The work dir ran out of space while making the disc.")
                 raise
 
-    def _make_iso(self, accessions, folder, named_by_patient, build):
+    def _make_iso(self, accessions, folder, named_by_patient, build, export):
         config = self.config
         watch = logs.Stopwatch()
-        studies = self.find(accessions, folder)
+        studies = export.studies = self.find(accessions, folder)
         watch.lap("find")
         staging = os.path.join(folder, "disc")
         os.mkdir(staging)
         with self.retrieved(studies) as files:
             watch.lap("retrieve")
             images = disc.stage(staging, files, studies, config.iso.layout, config.iso.viewer_dir)
+            export.images = len(images)
         watch.lap("stage")
         if config.iso.layout == "pdi":
             dcmmkdir = os.path.join(config.tools.dcmtk_dir, "dcmmkdir")
@@ -179,15 +181,18 @@ class Jobs:
 
     # -- print ------------------------------------------------------------
 
-    def print_studies(self, accessions, request_id):
-        """Relay every image of the accessions to the publisher (SPEC §5)."""
+    def print_studies(self, accessions, request_id, export):
+        """Relay every image of the accessions to the publisher (SPEC §5); what went where goes on ``export``."""
         if self.publisher is None:
             raise errors.Unavailable("Printing is not configured (publisher.host is empty).",
                                      code="publisher_not_configured")
         with self.job(request_id) as folder:
             try:
-                studies = self.find(accessions, folder)
+                studies = export.studies = self.find(accessions, folder)
+                peer = self.publisher.peer
+                export.destination = "%s@%s:%s" % (peer.ae_title, peer.host, peer.port)
                 with self.retrieved(studies) as files:
+                    export.images = len(files)
                     sent = self.publisher.send(files, folder)
             finally:
                 shutil.rmtree(folder, ignore_errors=True)

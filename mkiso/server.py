@@ -39,6 +39,7 @@ def main(argv=None):
     path = configuration.config_path(args.config)
     try:
         config = configuration.load(path)
+        configuration.check_system(config)
     except configuration.ConfigError as exc:
         print("mkiso: configuration error: %s" % exc, file=sys.stderr)
         return 2
@@ -58,7 +59,12 @@ class Server:
         self.systemd = Notifier()
 
     def run(self):
-        self.service.start()
+        try:
+            self.service.start()
+        except Exception:
+            log.exception("start-up failed; nothing is left running")
+            self.service.stop()
+            return 1
         if self.service.receiver is not None and not self.service.receiver.wait_ready():
             log.warning("the receiver is not listening yet; health will say why")
         try:
@@ -68,7 +74,7 @@ class Server:
                 port=self.config.server.port,
                 threads=self.config.server.threads,
                 ident="mkiso",
-                clear_untrusted_proxy_headers=True,
+                clear_untrusted_proxy_headers=False,  # X-Forwarded-For: web trusts server.trusted_proxies only
             )
             server.channel_class = SendfileChannel  # file-backed bodies leave through sendfile
         except OSError as exc:

@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 
-from . import health, pacs, process, receiver
+from . import audit, health, pacs, process, receiver
 from .jobs import Jobs
 from .patients import PatientApi
 from .publisher import Publisher
@@ -34,6 +34,7 @@ class Service:
         if config.publisher.host:
             self.publisher = pacs.Peer(
                 "Publisher", config.publisher.ae_title, config.publisher.host, config.publisher.port)
+        self.audit = audit.Audit(config)
         self.health = health.Health(config, self.receiver, self.pacs, self.publisher)
         self.jobs = Jobs(
             config, self.pacs, self.receiver, self.path(JOBS), self.path(RETRIEVALS),
@@ -45,11 +46,14 @@ class Service:
         return os.path.join(self.work_dir, *parts)
 
     def start(self):
-        """Clear a crash's leftovers, then start the receiver."""
-        os.makedirs(self.work_dir, exist_ok=True)
+        """Clear a crash's leftovers, then start the receiver.
+
+        The work dir itself must exist (``config.check_system``); only
+        mkiso's own folders are made inside it.
+        """
         self.remove_leftovers()
         for folder in (INBOX, JOBS, RETRIEVALS):
-            os.makedirs(self.path(folder), exist_ok=True)
+            os.mkdir(self.path(folder))
         if self.config.server.x_accel_prefix:  # nginx (in our group) reads finished ISOs under jobs/
             os.chmod(self.path(JOBS), 0o750)
         if self.receiver is not None:

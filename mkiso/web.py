@@ -6,14 +6,14 @@ Every response carries X-Request-ID and produces one access-log line;
 every exception becomes the JSON error body of SPEC §2 in ``_error``.
 """
 
-import hmac
 import logging
 import re
 import time
 import uuid
+from contextlib import contextmanager
 from urllib.parse import parse_qs
 
-from . import accessions, delivery, errors
+from . import accessions, audit, auth, delivery, errors
 from .responses import Response
 
 log = logging.getLogger("mkiso.web")
@@ -68,6 +68,8 @@ class Request:
         given = environ.get("HTTP_X_REQUEST_ID", "")
         self.request_id = given if SANE_REQUEST_ID.match(given) else uuid.uuid4().hex
         self.accessions = []  # filled by handlers that take them, for the access log
+        self.authorized = False  # set by the application from X-API-Key
+        self.caller = None  # the name of the caller's key, for the audit trail
 
     def param(self, name):
         """One query parameter's value, or None; given twice is an error."""
@@ -87,6 +89,7 @@ class Application:
         self.config = config
         self.service = service
         self.routes = _route_table(ROUTES)
+        self.keys = auth.Keys(config.auth)
 
     def __call__(self, environ, start_response):
         started = time.monotonic()
@@ -118,21 +121,11 @@ class Application:
             raise errors.NotFound("There is nothing at %s." % request.path)
         if request.method not in route.methods:
             raise errors.MethodNotAllowed(request.method, route.methods)
-        if not route.open_access:
-            self._authenticate(request)
-        return getattr(self, route.handler)(request)
-
-    def _authenticate(self, request):
-        if not self._authorized(request):
+        known, request.caller = self.keys.identify(request.header("X-API-Key"))
+        request.authorized = self.keys.allows(known)
+        if not route.open_access and not request.authorized:
             raise errors.Unauthorized("A valid X-API-Key header is required.")
-
-    def _authorized(self, request):
-        """Auth is off, or the request carries the key (compared in constant time)."""
-        auth = self.config.auth
-        if not auth.enabled:
-            return True
-        given = (request.header("X-API-Key") or "").encode("utf-8")
-        return hmac.compare_digest(given, auth.api_key.encode("utf-8"))
+        return getattr(self, route.handler)(request)
 
     def _error(self, request, exc):
         payload = {"error": exc.message, "code": exc.code, "request_id": request.request_id}
@@ -161,7 +154,7 @@ class Application:
         strict = request.param("strict")
         if strict not in (None, "", "0", "1"):
             raise errors.BadRequest("strict must be 0 or 1.")
-        report = self.service.health.report(detailed=self._authorized(request))
+        report = self.service.health.report(detailed=request.authorized)
         degraded = report["status"] != "ok"
         return Response.json(503 if degraded and strict == "1" else 200, report)
 
@@ -176,19 +169,55 @@ class Application:
     def _iso_answer(self, request, wanted, named_by_patient):
         """The ISO itself, or behind nginx (server.x_accel_prefix) a redirect for nginx to send it.
 
-        A HEAD answered here needs the size only, so the ISO is not written.
+        A HEAD answered here needs the size only, so the ISO is not written
+        (and nothing is exported: no audit line).
         """
         server = self.config.server
-        build = request.method != "HEAD" or bool(server.x_accel_prefix)
-        iso = self.service.jobs.make_iso(wanted, request.request_id, named_by_patient, build=build)
-        if server.x_accel_prefix:
-            return delivery.accel_response(iso, server.x_accel_prefix, self.config.paths.work_dir,
-                                           server.x_accel_keep_s)
-        return delivery.iso_response(request.environ, iso)
+        head = request.method == "HEAD"
+        build = not head or bool(server.x_accel_prefix)
+        with self._audited(request, "download", wanted, exports=not head) as export:
+            iso = self.service.jobs.make_iso(wanted, request.request_id, named_by_patient, build=build,
+                                             export=export)
+            if server.x_accel_prefix:
+                response = delivery.accel_response(iso, server.x_accel_prefix, self.config.paths.work_dir,
+                                                   server.x_accel_keep_s)
+                export.bytes = iso.size
+            else:
+                response = delivery.iso_response(request.environ, iso)
+                export.bytes = response.length
+            if not head:
+                try:
+                    self.service.audit.record(export, response.status)
+                except errors.MkisoError:
+                    if response.closer is not None:
+                        response.closer.close()
+                    iso.cleanup()
+                    raise
+            return response
 
     def print_studies(self, request):
         wanted = self._accessions(request, ("accession_number", "accession_numbers"), several=True)
-        return Response.json(200, self.service.jobs.print_studies(wanted, request.request_id))
+        with self._audited(request, "print", wanted) as export:
+            answer = self.service.jobs.print_studies(wanted, request.request_id, export)
+            self.service.audit.record(export, 200)
+        return Response.json(200, answer)
+
+    @contextmanager
+    def _audited(self, request, action, wanted, exports=True):
+        """The audit record of one export; a failure is recorded with its status and code here."""
+        export = audit.Export(action, request.request_id,
+                              audit.client_address(request.environ, self.config.server.trusted_proxies),
+                              request.caller, accessions=wanted)
+        try:
+            yield export
+        except Exception as exc:
+            if exports and not export.recorded:
+                failure = exc if isinstance(exc, errors.MkisoError) else errors.MkisoError("")
+                try:
+                    self.service.audit.record(export, failure.status, failure.code)
+                except errors.MkisoError:
+                    pass  # logged; the client hears of the first failure
+            raise
 
     def _accessions(self, request, names, several):
         """Accessions from whichever of ``names`` is given; checked before anything runs."""

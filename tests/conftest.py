@@ -58,10 +58,12 @@ class Archive:
 @pytest.fixture
 def settings(tmp_path, archive, receiver_port):
     """A config dict for a service against the archive; tests adjust it before use."""
+    os.makedirs(tmp_path / "work")
     return {
         "pacs": {"ae_title": "ABPACS", "host": "127.0.0.1", "port": archive.pacs.port},
         "receiver": {"ae_title": "CDRECORD", "port": receiver_port},
         "paths": {"work_dir": str(tmp_path / "work")},
+        "audit": {"path": str(tmp_path / "audit.log")},
         "tools": {"dcmtk_dir": DCMTK_DIR, "genisoimage": shutil.which("genisoimage") or "/usr/bin/genisoimage"},
         "timeouts": {"find_s": 10, "move_s": 60, "iso_s": 60, "store_s": 60, "shutdown_s": 5},
         "limits": {"min_free_bytes": 1000000},
@@ -138,9 +140,9 @@ class WsgiResponse:
         return json.loads(self.body.decode("utf-8"))
 
 
-def call(app, path, method="GET", query="", headers=None):
-    """Call a WSGI app in-process, as a server would, and read the whole answer."""
-    environ = {
+def call(app, path, method="GET", query="", headers=None, peer="127.0.0.1"):
+    """Call a WSGI app in-process, as a server would for a client at ``peer``, and read the whole answer."""
+    environ = {"REMOTE_ADDR": peer,
         "REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query, "SERVER_NAME": "localhost",
         "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.input": io.BytesIO(b""),
         "wsgi.errors": sys.stderr, "wsgi.url_scheme": "http", "wsgi.multithread": True,
@@ -176,7 +178,7 @@ def live_server():
     servers = []
 
     def serve(app):
-        server = create_server(app, host="127.0.0.1", port=0, threads=8, clear_untrusted_proxy_headers=True)
+        server = create_server(app, host="127.0.0.1", port=0, threads=8, clear_untrusted_proxy_headers=False)
         server.channel_class = SendfileChannel  # as mkiso-server runs it
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()

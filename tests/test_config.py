@@ -1,6 +1,7 @@
 """Configuration: defaults, every kind of mistake, and --check-config."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -81,6 +82,20 @@ def test_example_documents_every_key_with_its_default():
     ("pacs: {ae_title: A\n", "invalid YAML"),
     (MINIMAL + "auth: {enabled: true}\n", "auth.enabled is true but no key is set"),
     (MINIMAL + "auth: {api_key_file: /nonexistent/key}\n", "auth.api_key_file /nonexistent/key cannot be read"),
+    ("pacs: {ae_title: ABPACS, host: '', port: 11112}\n", "pacs.host must not be empty"),
+    ("pacs: {ae_title: ABPACS, host: ' ', port: 11112}\n", "pacs.host must not be empty"),
+    (MINIMAL + "pacs: {ae_title: OTHER, host: 10.0.0.9, port: 104}\n", "(line 2): the key 'pacs' is given twice"),
+    ("pacs: {ae_title: ABPACS, host: 127.0.0.1, port: 11112, port: 104}\n", "the key 'port' is given twice"),
+    (MINIMAL + "server: {trusted_proxies: 127.0.0.1}\n", "server.trusted_proxies must be a list"),
+    (MINIMAL + "server: {trusted_proxies: [nginx.local]}\n", "server.trusted_proxies must list IP addresses"),
+    (MINIMAL + "auth: {keys: [a, b]}\n", "auth.keys must be a mapping"),
+    (MINIMAL + "auth: {keys: {his: short}}\n", "auth.keys his: a key must be a string of at least 16"),
+    (MINIMAL + "auth: {keys: {'the his': 0123456789abcdef}}\n", "auth.keys names must be 1 to 64 letters"),
+    (MINIMAL + "auth: {keys: {his: 0123456789abcdef, desk: 0123456789abcdef}}\n",
+     "auth.keys gives the same key two names"),
+    (MINIMAL + "audit: {path: ''}\n", "audit.path must not be empty"),
+    (MINIMAL + "audit: {syslog: 'syslog.local:514'}\n", "audit.syslog must be empty or udp://host:port"),
+    (MINIMAL + "audit: {syslog: 'udp://syslog.local:99999'}\n", "audit.syslog must be empty or udp://host:port"),
 ])
 def test_each_mistake_names_the_key(tmp_path, monkeypatch, text, expected):
     monkeypatch.delenv("MKISO_API_KEY", raising=False)
@@ -123,10 +138,29 @@ def run_cli(*args, env=None):
                           timeout=60, env=env)
 
 
-def test_check_config_valid(tmp_path):
-    result = run_cli("--check-config", "--config", write(tmp_path, MINIMAL))
+@pytest.fixture
+def host(tmp_path):
+    """A config whose paths exist here, and a way to break one thing in it."""
+    work_dir = tmp_path / "work"
+    work_dir.mkdir()
+
+    def config(**sections):
+        given = {"pacs": {"ae_title": "ABPACS", "host": "127.0.0.1", "port": 11112},
+                 "paths": {"work_dir": str(work_dir)}, "audit": {"path": str(tmp_path / "audit.log")}}
+        for section, values in sections.items():
+            given.setdefault(section, {}).update(values)
+        return write(tmp_path, yaml.safe_dump(given))
+
+    config.work_dir = work_dir
+    config.root = tmp_path
+    return config
+
+
+def test_check_config_valid(host):
+    result = run_cli("--check-config", "--config", host())
     assert result.returncode == 0, result.stderr
     assert "is valid" in result.stdout
+    assert os.listdir(host.work_dir) == [] and not (host.root / "audit.log").exists()
 
 
 def test_check_config_invalid_exits_2_with_one_line(tmp_path):
@@ -137,9 +171,86 @@ def test_check_config_invalid_exits_2_with_one_line(tmp_path):
         "mkiso: configuration error: %s: server.port must be an integer, not 'nope'" % path]
 
 
-def test_check_config_uses_environment_path(tmp_path):
-    env = dict(os.environ, MKISO_CONFIG=write(tmp_path, MINIMAL))
+def test_check_config_uses_environment_path(host):
+    env = dict(os.environ, MKISO_CONFIG=host())
     assert run_cli("--check-config", env=env).returncode == 0
+
+
+CREATE_IT = " (create it, owned by the service user)"
+
+
+def tools_copy(root, broken=None, how=None):
+    """A dcmtk dir of links to the real tools, with ``broken`` missing or not executable."""
+    from mkiso.config import DCMTK_TOOLS
+    tools = root / "dcmtk"
+    tools.mkdir()
+    for name in DCMTK_TOOLS:
+        if name == broken and how == "missing":
+            continue
+        if name == broken and how == "not executable":
+            (tools / name).write_text("#!/bin/sh\n")
+            continue
+        (tools / name).symlink_to(shutil.which(name))
+    return str(tools)
+
+
+@pytest.mark.parametrize("breakage, expected", [
+    ("dcmtk_dir_missing", "tools.dcmtk_dir /nonexistent/dcmtk is not a directory"),
+    ("tool_missing", "tools.dcmtk_dir: {root}/dcmtk/movescu does not exist"),
+    ("tool_not_executable", "tools.dcmtk_dir: {root}/dcmtk/storescp is not executable"),
+    ("genisoimage_missing", "tools.genisoimage: /nonexistent/genisoimage does not exist"),
+    ("work_dir_missing", "paths.work_dir: the folder {root}/absent does not exist" + CREATE_IT),
+    ("work_dir_read_only", "paths.work_dir: the folder {root}/readonly is not writable: Read-only file system"),
+    ("audit_dir_missing", "audit.path: the folder {root}/no-logs does not exist" + CREATE_IT),
+    ("viewer_dir_missing", "iso.viewer_dir {root}/viewer is not a directory"),
+])
+@pytest.mark.parametrize("command", [("--check-config",), ()], ids=["check-config", "start"])
+def test_what_the_config_points_at_must_be_there(host, breakage, expected, command):
+    """Each mistake stops --check-config and start-up with exit 2, naming the key; nothing is created."""
+    root = host.root
+    sections = {
+        "dcmtk_dir_missing": {"tools": {"dcmtk_dir": "/nonexistent/dcmtk"}},
+        "tool_missing": {"tools": {"dcmtk_dir": lambda: tools_copy(root, "movescu", "missing")}},
+        "tool_not_executable": {"tools": {"dcmtk_dir": lambda: tools_copy(root, "storescp", "not executable")}},
+        "genisoimage_missing": {"tools": {"genisoimage": "/nonexistent/genisoimage"}},
+        "work_dir_missing": {"paths": {"work_dir": str(root / "absent")}},
+        "work_dir_read_only": {"paths": {"work_dir": str(root / "readonly")}},
+        "audit_dir_missing": {"audit": {"path": str(root / "no-logs" / "audit.log")}},
+        "viewer_dir_missing": {"iso": {"viewer_dir": str(root / "viewer")}},
+    }[breakage]
+    sections = {name: {key: value() if callable(value) else value for key, value in values.items()}
+                for name, values in sections.items()}
+    mounted = None
+    if breakage == "work_dir_read_only":
+        mounted = root / "readonly"
+        mounted.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mounted)]).returncode:
+            pytest.skip("a read-only tmpfs cannot be mounted here (needs root)")
+    try:
+        path = host(**sections)
+        before = sorted(os.listdir(root))
+        result = run_cli("--config", path, *command)
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(mounted)], check=True)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "mkiso: configuration error: %s: %s" % (path, expected.format(root=root))]
+    assert sorted(os.listdir(root)) == before and os.listdir(host.work_dir) == []
+
+
+def test_a_start_that_fails_after_the_checks_leaves_nothing(host, monkeypatch, caplog):
+    """Should the receiver fail to start anyway (a tool gone meanwhile), mkiso's folders go again."""
+    from mkiso import receiver, server
+
+    def vanished(self):
+        raise OSError("storescp vanished")
+
+    monkeypatch.setattr(receiver.Receiver, "start", vanished)
+    config = configuration.load(host())
+    assert server.Server(config).run() == 1
+    assert os.listdir(host.work_dir) == []
+    assert "start-up failed" in caplog.text
 
 
 def test_start_with_broken_config_exits_2(tmp_path):

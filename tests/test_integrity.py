@@ -262,6 +262,7 @@ def small_work_dir(settings, tmp_path):
         if result.returncode != 0:
             pytest.skip("a tmpfs cannot be mounted here (needs root): %s" % result.stderr.strip())
         mounted.append(point)
+        (point / "work").mkdir()
         settings["paths"]["work_dir"] = str(point / "work")
         return point
 

@@ -134,7 +134,6 @@ def test_a_recorded_pid_that_is_not_our_receiver_is_left_alone(tmp_path, setting
     try:
         settings["server"] = {"port": demo.free_port()}
         settings["receiver"]["port"] = demo.free_port()
-        os.makedirs(settings["paths"]["work_dir"])
         with open(os.path.join(settings["paths"]["work_dir"], "receiver.pid"), "w") as handle:
             handle.write("%d\n" % bystander.pid)
         server = start_server(write_config(tmp_path / "config.yaml", settings), settings["server"]["port"])

@@ -1,0 +1,108 @@
+"""The audit trail's copy for a central audit repository (IHE ATNA).
+
+Each export goes out as an RFC 5424 syslog message whose body is a DICOM
+audit message (PS3.15 A.5): a download is an "Export" event (110106: the
+images leave on a medium), a print a "DICOM Instances Transferred" event
+(110104: the images go to the publisher over DICOM).  Over UDP one
+datagram a message; over TCP octet-counted frames (RFC 6587).
+
+This copy is best effort: the audit file is the record, so a repository
+that is down costs a warning in the log, not the export.
+"""
+
+import logging
+import os
+import socket
+import xml.etree.ElementTree as ET
+
+log = logging.getLogger(__name__)
+
+FACILITY_AUTHPRIV, SEVERITY_NOTICE = 10, 5
+PRI = "<%d>" % (FACILITY_AUTHPRIV * 8 + SEVERITY_NOTICE)
+BOM = "\ufeff"
+TIMEOUT_S = 5
+
+EVENTS = {  # action -> EventID (DCM)
+    "download": ("110106", "Export"),
+    "print": ("110104", "DICOM Instances Transferred"),
+}
+
+
+def _code(parent, tag, code, system, text):
+    return ET.SubElement(parent, tag, {"csd-code": code, "codeSystemName": system, "originalText": text})
+
+
+def audit_message(entry, export, source_id):
+    """The DICOM audit message (XML) of one audit ``entry``."""
+    code, name = EVENTS[entry["action"]]
+    root = ET.Element("AuditMessage")
+    outcome = "0" if entry["code"] is None else ("4" if entry["status"] < 500 else "8")
+    event = ET.SubElement(root, "EventIdentification", {
+        "EventActionCode": "R", "EventDateTime": entry["time"], "EventOutcomeIndicator": outcome})
+    _code(event, "EventID", code, "DCM", name)
+    if entry["code"] is not None:
+        ET.SubElement(event, "EventOutcomeDescription").text = entry["code"]
+    requestor = ET.SubElement(root, "ActiveParticipant", {
+        "UserID": entry["caller"] or "unknown", "UserIsRequestor": "true",
+        "NetworkAccessPointID": entry["client"], "NetworkAccessPointTypeCode": "2"})
+    _code(requestor, "RoleIDCode", "110150", "DCM", "Application")
+    source = ET.SubElement(root, "ActiveParticipant", {
+        "UserID": source_id, "AlternativeUserID": str(os.getpid()), "UserIsRequestor": "false",
+        "NetworkAccessPointID": socket.gethostname(), "NetworkAccessPointTypeCode": "1"})
+    _code(source, "RoleIDCode", "110153", "DCM", "Source Role ID")
+    if entry["action"] == "download":
+        media = ET.SubElement(root, "ActiveParticipant", {
+            "UserID": entry["request_id"], "UserIsRequestor": "false"})
+        _code(media, "RoleIDCode", "110154", "DCM", "Destination Media")
+        _code(ET.SubElement(media, "MediaIdentifier"), "MediaType", "110033", "DCM", "DVD")
+    else:
+        destination = ET.SubElement(root, "ActiveParticipant", {
+            "UserID": export.destination, "UserIsRequestor": "false"})
+        _code(destination, "RoleIDCode", "110152", "DCM", "Destination Role ID")
+    ET.SubElement(root, "AuditSourceIdentification", {"AuditSourceID": source_id})
+    for study in export.studies:
+        item = ET.SubElement(root, "ParticipantObjectIdentification", {
+            "ParticipantObjectID": study.study_uid, "ParticipantObjectTypeCode": "2",
+            "ParticipantObjectTypeCodeRole": "3"})
+        _code(item, "ParticipantObjectIDTypeCode", "110180", "DCM", "Study Instance UID")
+        ET.SubElement(item, "Accession", {"Number": study.accession})
+    for patient_id, patient_name in sorted({(s.patient_id, s.patient_name) for s in export.studies}):
+        item = ET.SubElement(root, "ParticipantObjectIdentification", {
+            "ParticipantObjectID": patient_id, "ParticipantObjectTypeCode": "1",
+            "ParticipantObjectTypeCodeRole": "1"})
+        _code(item, "ParticipantObjectIDTypeCode", "2", "RFC-3881", "Patient Number")
+        ET.SubElement(item, "ParticipantObjectName").text = patient_name
+    return ET.tostring(root, encoding="unicode")
+
+
+def syslog_message(entry, export, source_id):
+    """An RFC 5424 message: header, no structured data, the audit message as UTF-8 (with BOM)."""
+    header = "%s1 %s %s mkiso %d DICOM+RFC3881 -" % (
+        PRI, entry["time"], socket.gethostname()[:255] or "-", os.getpid())
+    return (header + " " + BOM + audit_message(entry, export, source_id)).encode("utf-8")
+
+
+class Syslog:
+    """A sender to ``udp://host:port`` or ``tcp://host:port`` (config checked)."""
+
+    def __init__(self, url, source_id):
+        scheme, rest = url.split("://", 1)
+        host, port = rest.rsplit(":", 1)
+        self.tcp = scheme == "tcp"
+        self.address = (host.strip("[]"), int(port))
+        self.url = url
+        self.source_id = source_id
+
+    def send(self, entry, export):
+        message = syslog_message(entry, export, self.source_id)
+        try:
+            if self.tcp:
+                with socket.create_connection(self.address, timeout=TIMEOUT_S) as sock:
+                    sock.sendall(b"%d " % len(message) + message)
+            else:
+                family = socket.getaddrinfo(*self.address, type=socket.SOCK_DGRAM)[0][0]
+                with socket.socket(family, socket.SOCK_DGRAM) as sock:
+                    sock.sendto(message, self.address)
+        except OSError as exc:
+            log.warning("audit event not sent to %s: %s", self.url, exc.strerror or exc,
+                        extra={"fields": {"request_id": entry["request_id"]}})

@@ -1,0 +1,189 @@
+"""The audit trail (SPEC §11): who exported which patient's images, and when.
+
+The ordinary log holds no patient identifiers; this file is where they
+belong.  Every export (a download, a print), successful or not, appends one
+JSON line to ``audit.path`` (0600).  The file is reopened for each line, so
+logrotate may move it away at any time (the service never rotates it).
+
+A download whose line cannot be written is not handed out: ``record``
+raises, and the caller gets 507 (disk full) or 500 instead of the disc.
+With ``audit.syslog`` set, the same event also goes to a central audit
+repository as a DICOM audit message (``atna``); that copy is best effort,
+the file is the record.
+
+Run as ``python3 -m mkiso.audit`` it answers "who exported patient X
+between two dates" from the file.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import errno
+import gzip
+import ipaddress
+import json
+import logging
+import os
+import stat
+import sys
+import threading
+import time
+
+from . import atna, errors
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PATH = "/var/log/mkiso/audit.log"
+
+
+@dataclasses.dataclass
+class Export:
+    """One export as it happens; the job adds what it found, the web layer the outcome."""
+
+    action: str  # download | print
+    request_id: str
+    client: str
+    caller: str = None
+    accessions: list = dataclasses.field(default_factory=list)
+    studies: list = dataclasses.field(default_factory=list)  # pacs.Study, once found
+    images: int = 0
+    bytes: int = 0
+    destination: str = ""  # print: the publisher
+    recorded: bool = False
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    time: datetime.datetime = dataclasses.field(
+        default_factory=lambda: datetime.datetime.now(datetime.timezone.utc))
+
+    def entry(self, status, code):
+        return {
+            "time": self.time.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "request_id": self.request_id,
+            "client": self.client,
+            "caller": self.caller,
+            "action": self.action,
+            "accessions": list(self.accessions),
+            "study_uids": [study.study_uid for study in self.studies],
+            "patient_ids": sorted({study.patient_id for study in self.studies}),
+            "images": self.images,
+            "bytes": self.bytes,
+            "status": status,
+            "code": code,
+            "duration_ms": int((time.monotonic() - self.started) * 1000),
+        }
+
+
+class Audit:
+    def __init__(self, config):
+        self.path = config.audit.path
+        self.syslog = atna.Syslog(config.audit.syslog, config.receiver.ae_title) if config.audit.syslog else None
+        self._lock = threading.Lock()
+
+    def record(self, export, status, code=None):
+        """Append the export's line; an export without its line must not happen, so this raises."""
+        export.recorded = True
+        entry = export.entry(status, code)
+        data = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
+        try:
+            with self._lock:
+                self._append(data)
+        except OSError as exc:
+            log.error("cannot write the audit trail %s: %s", self.path, exc.strerror,
+                      extra={"fields": {"request_id": export.request_id}})
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise errors.InsufficientStorage(
+                    "The audit trail cannot be written (no space left); nothing is exported without it.",
+                    code="audit_failed")
+            raise errors.MkisoError(
+                "The audit trail cannot be written; nothing is exported without it.", code="audit_failed")
+        if self.syslog is not None:
+            self.syslog.send(entry, export)
+
+    def _append(self, data):
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISREG(mode) and mode & 0o077:
+                os.fchmod(fd, 0o600)
+            if os.write(fd, data) != len(data):  # a regular file writes all of it, or fails
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def client_address(environ, trusted_proxies):
+    """The client's address: the peer's, or behind a trusted proxy what it says in X-Forwarded-For.
+
+    Walks X-Forwarded-For from the right (the entry the nearest proxy
+    added) past every trusted proxy; a proxy not trusted cannot lie.
+    """
+    trusted = [ipaddress.ip_network(entry, strict=False) for entry in trusted_proxies]
+    address = environ.get("REMOTE_ADDR", "")
+    hops = [hop.strip() for hop in environ.get("HTTP_X_FORWARDED_FOR", "").split(",") if hop.strip()]
+    while _is_trusted(address, trusted) and hops:
+        hop = hops.pop()
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            break  # garbage from the proxy's own client: keep the last address we can vouch for
+        address = hop
+    return address
+
+
+def _is_trusted(address, networks):
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
+# -- the query command ---------------------------------------------------------
+
+
+def _date(text):
+    return datetime.date.fromisoformat(text).isoformat()
+
+
+def matches(entry, patient=None, accession=None, since=None, until=None):
+    """Whether an audit line is about ``patient``/``accession`` within [since, until] (dates, inclusive)."""
+    day = entry.get("time", "")[:10]
+    return ((patient is None or patient in entry.get("patient_ids", []))
+            and (accession is None or accession in entry.get("accessions", []))
+            and (since is None or day >= since)
+            and (until is None or day <= until))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python3 -m mkiso.audit",
+        description="Print the audit lines (JSON) of exports of a patient or accession, e.g. "
+                    "who exported patient P123 in March: --patient P123 --since 2026-03-01 --until 2026-03-31")
+    parser.add_argument("--patient", help="a Patient ID")
+    parser.add_argument("--accession", help="an accession number")
+    parser.add_argument("--since", type=_date, help="first day, YYYY-MM-DD (UTC)")
+    parser.add_argument("--until", type=_date, help="last day, YYYY-MM-DD (UTC)")
+    parser.add_argument("files", nargs="*", default=[DEFAULT_PATH],
+                        help="audit files, rotated (.gz) ones too (default %s)" % DEFAULT_PATH)
+    args = parser.parse_args(argv)
+    found = 0
+    for path in args.files:
+        try:
+            handle = (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8")
+        except OSError as exc:
+            parser.exit(2, "%s: %s\n" % (path, exc.strerror))
+        with handle:
+            for number, line in enumerate(handle, 1):
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    print("%s:%d: not an audit line" % (path, number), file=sys.stderr)
+                    continue
+                if matches(entry, args.patient, args.accession, args.since, args.until):
+                    print(json.dumps(entry, ensure_ascii=False))
+                    found += 1
+    return 0 if found else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

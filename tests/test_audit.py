@@ -1,0 +1,284 @@
+"""The audit trail (SPEC §11): one line per export, the right client and caller, no export without it."""
+
+import gzip
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from mkiso import audit, web
+from test_print import FakeRimage
+
+KEYS = {"his": "his-key-0123456789", "desk-1": "desk-key-0123456789"}
+LINE_KEYS = {"time", "request_id", "client", "caller", "action", "accessions", "study_uids", "patient_ids",
+             "images", "bytes", "status", "code", "duration_ms"}
+
+
+def audit_lines(service):
+    path = service.config.audit.path
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def app_for(service):
+    return web.Application(service.config, service)
+
+
+def test_a_download_is_one_line_naming_the_patient_the_caller_and_the_client(make_service, wsgi_call, archive,
+                                                                            caplog):
+    service = make_service(auth={"enabled": True, "keys": KEYS},
+                           server={"trusted_proxies": ["127.0.0.1", "10.1.0.0/16"]})
+    response = wsgi_call(app_for(service), "/mkiso_multiple.php", query="accession_numbers=MR.180505.026,ACC1002",
+                         headers={"X-API-Key": KEYS["desk-1"], "X-Forwarded-For": "192.0.2.7, 10.1.2.3"},
+                         peer="127.0.0.1")
+    assert response.status == 200, response.body
+    [line] = audit_lines(service)
+    assert set(line) == LINE_KEYS
+    studies = archive.by_accession("MR.180505.026") + archive.by_accession("ACC1002")
+    assert line["time"].endswith("Z") and line["time"][:2] == "20"
+    assert line["request_id"] == response.header("X-Request-ID")
+    assert line["client"] == "192.0.2.7"  # past both trusted proxies
+    assert line["caller"] == "desk-1"
+    assert (line["action"], line["accessions"]) == ("download", ["MR.180505.026", "ACC1002"])
+    assert sorted(line["study_uids"]) == sorted(study.study_uid for study in studies)
+    assert line["patient_ids"] == ["PAT-1001"]
+    assert line["images"] == len(archive.sop_uids("MR.180505.026", "ACC1002"))
+    assert line["bytes"] == len(response.body)
+    assert (line["status"], line["code"]) == (200, None) and line["duration_ms"] >= 0
+    assert stat.S_IMODE(os.stat(service.config.audit.path).st_mode) == 0o600
+    assert "PAT-1001" not in caplog.text and "Müller" not in caplog.text  # identifiers only in the trail
+
+
+def test_forwarded_for_from_an_untrusted_peer_is_ignored(make_service, wsgi_call):
+    service = make_service()
+    response = wsgi_call(app_for(service), "/api/iso/download", query="accession_number=ACC2001",
+                         headers={"X-Forwarded-For": "10.9.9.9"}, peer="192.0.2.50")
+    assert response.status == 200
+    [line] = audit_lines(service)
+    assert line["client"] == "192.0.2.50" and line["caller"] is None
+
+
+@pytest.mark.parametrize("peer, forwarded, expected", [
+    ("127.0.0.1", "", "127.0.0.1"),
+    ("127.0.0.1", "192.0.2.1", "192.0.2.1"),
+    ("127.0.0.1", "6.6.6.6, 192.0.2.1", "192.0.2.1"),  # the client wrote 6.6.6.6 itself: not believed
+    ("127.0.0.1", "192.0.2.1, 10.0.0.5", "192.0.2.1"),  # through two trusted proxies
+    ("127.0.0.1", "not-an-address", "127.0.0.1"),
+    ("::1", "2001:db8::7", "2001:db8::7"),
+    ("198.51.100.4", "192.0.2.1", "198.51.100.4"),  # not a trusted proxy
+])
+def test_client_address(peer, forwarded, expected):
+    environ = {"REMOTE_ADDR": peer, "HTTP_X_FORWARDED_FOR": forwarded}
+    assert audit.client_address(environ, ["127.0.0.1", "::1", "10.0.0.0/8"]) == expected
+
+
+def test_failures_are_recorded_with_status_and_code(make_service, wsgi_call):
+    service = make_service()
+    response = wsgi_call(app_for(service), "/api/iso/download-multiple", query="accession_numbers=NOPE1,NOPE2")
+    assert response.status == 404
+    [line] = audit_lines(service)
+    assert (line["status"], line["code"], line["study_uids"], line["images"]) == (404, "study_not_found", [], 0)
+    assert line["accessions"] == ["NOPE1", "NOPE2"]
+
+
+def test_refused_before_any_export_is_not_an_export(make_service, wsgi_call):
+    """A bad parameter, a wrong key or a HEAD (sized, never built) reach no patient data: no line."""
+    service = make_service(auth={"enabled": True, "keys": KEYS})
+    app = app_for(service)
+    assert wsgi_call(app, "/api/iso/download", query="accession_number=A*",
+                     headers={"X-API-Key": KEYS["his"]}).status == 400
+    assert wsgi_call(app, "/api/iso/download", query="accession_number=ACC2001",
+                     headers={"X-API-Key": "wrong-key-0123456789"}).status == 401
+    assert wsgi_call(app, "/api/iso/download", method="HEAD", query="accession_number=ACC2001",
+                     headers={"X-API-Key": KEYS["his"]}).status == 200
+    assert audit_lines(service) == []
+
+
+def test_named_keys_and_the_unnamed_key(make_service, wsgi_call):
+    service = make_service(auth={"enabled": True, "api_key": "the-old-single-key", "keys": KEYS})
+    app = app_for(service)
+    for key in ("the-old-single-key", KEYS["his"]):
+        response = wsgi_call(app, "/api/iso/download", query="accession_number=ACC2001", headers={"X-API-Key": key})
+        assert response.status == 200
+    assert [line["caller"] for line in audit_lines(service)] == [None, "his"]
+
+
+def test_a_print_is_one_line(make_service, wsgi_call, archive, tmp_path):
+    rimage = FakeRimage(str(tmp_path / "rimage"))
+    try:
+        service = make_service(publisher={"host": "127.0.0.1", "port": rimage.port})
+        response = wsgi_call(app_for(service), "/send_rimage_multiple.php", query="accession_number=ACC2001")
+    finally:
+        rimage.stop()
+    assert response.status == 200, response.body
+    [line] = audit_lines(service)
+    assert (line["action"], line["status"], line["patient_ids"]) == ("print", 200, ["PAT-2001"])
+    assert line["images"] == len(archive.sop_uids("ACC2001"))
+
+
+@pytest.fixture
+def full_audit_dir(tmp_path):
+    """A folder on a tmpfs with no space left (root only)."""
+    point = tmp_path / "full"
+    point.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(point)]).returncode:
+        pytest.skip("a tmpfs cannot be mounted here (needs root)")
+    subprocess.run(["dd", "if=/dev/zero", "of=%s" % (point / "filler"), "bs=4k"], capture_output=True)
+    yield point
+    subprocess.run(["umount", str(point)], check=True)
+
+
+def test_no_disc_without_its_audit_line_disk_full(make_service, wsgi_call, full_audit_dir):
+    service = make_service(audit={"path": str(full_audit_dir / "audit.log")})
+    response = wsgi_call(app_for(service), "/api/iso/download", query="accession_number=ACC2001")
+    assert response.status == 507, response.body[:200]
+    assert response.json()["code"] == "audit_failed"
+    assert "audit trail cannot be written" in response.json()["error"]
+    # make_service checks that no job files are left behind
+
+
+def test_no_disc_without_its_audit_line_unwritable(make_service, wsgi_call, tmp_path, caplog):
+    service = make_service()
+    os.mkdir(service.config.audit.path)  # the path turned into a folder: every write fails
+    response = wsgi_call(app_for(service), "/api/iso/download", query="accession_number=ACC2001")
+    assert (response.status, response.json()["code"]) == (500, "audit_failed")
+    assert "cannot write the audit trail" in caplog.text
+
+
+def test_no_disc_without_its_audit_line_behind_nginx(make_service, wsgi_call):
+    """With X-Accel-Redirect the ISO would stay for nginx: it goes at once when the line fails."""
+    service = make_service(server={"x_accel_prefix": "/internal/mkiso/"})
+    os.mkdir(service.config.audit.path)
+    response = wsgi_call(app_for(service), "/api/iso/download", query="accession_number=ACC2001")
+    assert (response.status, response.json()["code"]) == (500, "audit_failed")
+    assert response.header("X-Accel-Redirect") is None
+
+
+def test_an_existing_trail_is_kept_private(make_service, wsgi_call):
+    service = make_service()
+    with open(service.config.audit.path, "w") as handle:
+        handle.write("")
+    os.chmod(service.config.audit.path, 0o644)
+    assert wsgi_call(app_for(service), "/api/iso/download", query="accession_number=ACC2001").status == 200
+    assert stat.S_IMODE(os.stat(service.config.audit.path).st_mode) == 0o600
+
+
+# -- syslog --------------------------------------------------------------------
+
+
+def parse_syslog(message, expected_event):
+    """An RFC 5424 message with a DICOM audit message: check the frame, return the XML root."""
+    text = message.decode("utf-8")
+    header, body = text.split(" \ufeff", 1)
+    pri_version, timestamp, hostname, app, procid, msgid, structured = header.split(" ")
+    assert pri_version == "<85>1" and app == "mkiso" and msgid == "DICOM+RFC3881" and structured == "-"
+    assert timestamp.endswith("Z") and procid == str(os.getpid())
+    root = ET.fromstring(body)
+    assert root.tag == "AuditMessage"
+    event = root.find("EventIdentification/EventID")
+    assert (event.get("csd-code"), event.get("codeSystemName")) == expected_event
+    return root
+
+
+def participants(root, type_code):
+    return [item.get("ParticipantObjectID") for item in root.findall("ParticipantObjectIdentification")
+            if item.get("ParticipantObjectTypeCode") == type_code]
+
+
+def test_syslog_over_udp_carries_a_dicom_export_event(make_service, wsgi_call, archive):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(10)
+        service = make_service(audit={"syslog": "udp://127.0.0.1:%d" % sock.getsockname()[1]},
+                               auth={"keys": KEYS})
+        response = wsgi_call(app_for(service), "/api/iso/download", query="accession_number=ACC2001",
+                             headers={"X-API-Key": KEYS["his"]})
+        assert response.status == 200
+        root = parse_syslog(sock.recv(65536), ("110106", "DCM"))
+    assert participants(root, "1") == ["PAT-2001"]
+    assert participants(root, "2") == [study.study_uid for study in archive.by_accession("ACC2001")]
+    requestor = [p for p in root.findall("ActiveParticipant") if p.get("UserIsRequestor") == "true"]
+    assert [(p.get("UserID"), p.get("NetworkAccessPointID")) for p in requestor] == [("his", "127.0.0.1")]
+    roles = {p.find("RoleIDCode").get("csd-code") for p in root.findall("ActiveParticipant")}
+    assert {"110153", "110154"} <= roles  # source and destination media
+    assert root.find("EventIdentification").get("EventOutcomeIndicator") == "0"
+
+
+def test_syslog_over_tcp_is_octet_counted_and_a_print_is_a_transfer(make_service, wsgi_call, tmp_path):
+    received = []
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def accept():
+        connection, _ = listener.accept()
+        with connection:
+            data = b""
+            while chunk := connection.recv(65536):
+                data += chunk
+        received.append(data)
+
+    thread = threading.Thread(target=accept)
+    thread.start()
+    rimage = FakeRimage(str(tmp_path / "rimage"))
+    try:
+        service = make_service(audit={"syslog": "tcp://127.0.0.1:%d" % listener.getsockname()[1]},
+                               publisher={"host": "127.0.0.1", "port": rimage.port})
+        assert wsgi_call(app_for(service), "/api/iso/print", query="accession_number=ACC2001").status == 200
+        thread.join(10)
+    finally:
+        rimage.stop()
+        listener.close()
+    [frame] = received
+    length, message = frame.split(b" ", 1)
+    assert int(length) == len(message)
+    root = parse_syslog(message, ("110104", "DCM"))
+    destination = [p.get("UserID") for p in root.findall("ActiveParticipant")
+                   if p.find("RoleIDCode").get("csd-code") == "110152"]
+    assert destination == ["RIMAGE@127.0.0.1:%d" % rimage.port]
+
+
+def test_a_syslog_that_is_down_costs_a_warning_not_the_export(make_service, wsgi_call, caplog):
+    closed = socket.create_server(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    service = make_service(audit={"syslog": "tcp://127.0.0.1:%d" % port})
+    assert wsgi_call(app_for(service), "/api/iso/download", query="accession_number=ACC2001").status == 200
+    assert len(audit_lines(service)) == 1
+    assert "audit event not sent to tcp://127.0.0.1:%d" % port in caplog.text
+
+
+# -- the query command ---------------------------------------------------------
+
+
+def test_who_exported_patient_x_between_two_dates(tmp_path):
+    lines = [
+        {"time": "2026-03-01T08:00:00.000Z", "patient_ids": ["P1"], "accessions": ["A1"], "caller": "his"},
+        {"time": "2026-03-15T09:00:00.000Z", "patient_ids": ["P2"], "accessions": ["A2"], "caller": "desk"},
+        {"time": "2026-03-31T23:59:59.000Z", "patient_ids": ["P1"], "accessions": ["A3"], "caller": "desk"},
+        {"time": "2026-04-01T00:00:00.000Z", "patient_ids": ["P1"], "accessions": ["A4"], "caller": "his"},
+    ]
+    path = tmp_path / "audit.log"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines[2:]) + "garbage\n")
+    with gzip.open(tmp_path / "audit.log.2.gz", "wt") as rotated:  # as logrotate leaves it
+        rotated.write("".join(json.dumps(line) + "\n" for line in lines[:2]))
+
+    def query(*args):
+        return subprocess.run([sys.executable, "-m", "mkiso.audit"] + list(args)
+                              + [str(tmp_path / "audit.log.2.gz"), str(path)],
+                              capture_output=True, text=True, timeout=30)
+
+    result = query("--patient", "P1", "--since", "2026-03-01", "--until", "2026-03-31")
+    assert result.returncode == 0
+    assert [json.loads(line)["accessions"] for line in result.stdout.splitlines()] == [["A1"], ["A3"]]
+    assert "not an audit line" in result.stderr
+    assert [json.loads(line)["accessions"] for line in query("--accession", "A4").stdout.splitlines()] == [["A4"]]
+    assert query("--patient", "P9").returncode == 1
+    bad = query("--since", "March")
+    assert bad.returncode == 2 and "--since" in bad.stderr
