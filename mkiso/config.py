@@ -174,6 +174,14 @@ SCHEMA = {
         "api_key_file": (str, "", None),
         "keys": (dict, {}, _named_keys),
     },
+    "jobs": {
+        "keep_s": (NUMBER, 3600, _positive),
+        "max_queued": (int, 16, _not_negative),
+    },
+    "cache": {
+        "max_bytes": (int, 20000000000, _not_negative),
+        "ttl_s": (NUMBER, 14400, _positive),
+    },
     "audit": {
         "path": (str, "/var/log/mkiso/audit.log", _not_empty),
         "syslog": (str, "", _syslog_url),

@@ -130,12 +130,17 @@ class RemovedOnClose:
             self.on_close(sent)
 
 
-def iso_response(environ, iso):
-    """200 (or 206 for a Range) with the ISO as a file-backed body; ``iso.cleanup`` runs on close."""
+def iso_response(environ, iso, remove=True):
+    """200 (or 206 for a Range) with the ISO as a file-backed body.
+
+    With ``remove`` (a synchronous download) ``iso.cleanup`` runs when the
+    answer is closed; a job's ISO stays until the job expires.
+    """
+    cleanup = iso.cleanup if remove else _keep
     try:
         wanted = byte_range(environ.get("HTTP_RANGE"), iso.size)
     except RangeNotSatisfiable:
-        iso.cleanup()
+        cleanup()
         raise
     status, first, length = 200, 0, iso.size
     headers = [
@@ -148,20 +153,26 @@ def iso_response(environ, iso):
         headers.append(("Content-Range", "bytes %d-%d/%d" % (wanted[0], wanted[1], iso.size)))
     headers.append(("Content-Length", str(length)))
     if iso.path is None:  # a HEAD: sized, never built
-        iso.cleanup()
+        cleanup()
         return Response(status, headers, [], length)
-    body = RemovedOnClose(open(iso.path, "rb"), iso.cleanup, first, length)
+    body = RemovedOnClose(open(iso.path, "rb"), cleanup, first, length)
     wrapper = environ.get("wsgi.file_wrapper", wsgiref.util.FileWrapper)
     return Response(status, headers, wrapper(body, BLOCK), length, closer=body)
 
 
+def _keep():
+    """The cleanup of an ISO that outlives its answer (a job's)."""
+
+
 def accel_response(iso, prefix, work_dir, keep_s):
-    """200 with X-Accel-Redirect and no body: nginx sends the file; it goes after ``keep_s``."""
+    """200 with X-Accel-Redirect and no body: nginx sends the file; it goes after ``keep_s`` (None: a
+    job's ISO, which goes when the job expires)."""
     os.chmod(iso.folder, 0o750)
     os.chmod(iso.path, 0o640)
-    remover = threading.Timer(keep_s, iso.cleanup)
-    remover.daemon = True
-    remover.start()
+    if keep_s is not None:
+        remover = threading.Timer(keep_s, iso.cleanup)
+        remover.daemon = True
+        remover.start()
     headers = [
         ("Content-Type", ISO_TYPE),
         ("Content-Disposition", disposition(iso.stem, iso.fallback_stem)),

@@ -90,6 +90,7 @@ def _image(study, sop_class, sop_uid, series_uid, series_number, number):
     ds.StudyDate = "20240115"
     ds.StudyTime = "101500"
     ds.AccessionNumber = study.accession
+    ds.StudyDescription = "%s sample study" % study.modality
     ds.Modality = study.modality
     ds.PatientName = study.patient_name
     ds.PatientID = study.patient_id

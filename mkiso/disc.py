@@ -14,6 +14,7 @@ every staged image must be referenced and every reference staged.
 """
 
 import datetime
+import hashlib
 import logging
 import os
 import re
@@ -81,6 +82,17 @@ def viewer_paths(viewer_dir, reserved):
                 continue
             placed.append((os.path.join(folder, name), path))
     return placed
+
+
+def viewer_digest(viewer_dir):
+    """What the viewer's content is, for the disc cache's key: each file's path, size and mtime."""
+    digest = hashlib.sha256()
+    for folder, names in sorted((folder, sorted(names)) for folder, _, names in os.walk(viewer_dir or "")):
+        for name in names:
+            stat = os.stat(os.path.join(folder, name))
+            digest.update(("%s\0%d\0%d\n" % (os.path.join(folder, name), stat.st_size, stat.st_mtime_ns)).encode(
+                "utf-8", "surrogateescape"))
+    return digest.hexdigest()
 
 
 def readme_text(studies, image_count):

@@ -49,6 +49,13 @@ class Conflict(MkisoError):
     code = "multiple_patients"
 
 
+class Cancelled(MkisoError):
+    """The job was cancelled (DELETE /api/jobs/{id}) while this request waited for it."""
+
+    status = 409
+    code = "cancelled"
+
+
 class TooLarge(MkisoError):
     status = 413
     code = "disc_too_large"

@@ -31,8 +31,9 @@ class Check:
 
 
 class Health:
-    def __init__(self, config, receiver, pacs_client, publisher):
+    def __init__(self, config, receiver, pacs_client, publisher, cache):
         self.config = config
+        self.cache = cache
         self.receiver = receiver
         self.pacs = pacs_client
         self.publisher = publisher
@@ -50,6 +51,7 @@ class Health:
             "pacs": expensive["pacs"],
             "publisher": expensive["publisher"],
             "viewer": self.check_viewer(),
+            "cache": self.check_cache(),
         }
         status = "ok" if all(check.ok for check in checks.values()) else "degraded"
         if not detailed:
@@ -128,6 +130,12 @@ class Health:
             os.path.join(self.config.tools.dcmtk_dir, "echoscu"),
             self.config.receiver.ae_title, self.publisher, self.config.timeouts.find_s,
         ))
+
+    def check_cache(self):
+        if not self.cache.enabled:
+            return Check(True, "off (cache.max_bytes: 0)")
+        entries, size = self.cache.stats()
+        return Check(True, "%d discs, %d bytes of %d" % (entries, size, self.cache.max_bytes))
 
     def check_viewer(self):
         viewer_dir = self.config.iso.viewer_dir

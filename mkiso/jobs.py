@@ -1,10 +1,13 @@
-"""A job: accession numbers in, a checked disc (or relayed images) out.
+"""A job's steps: accession numbers in, a checked disc (or relayed images) out.
 
 find every study (404 names the accession without one), refuse a mix of
-patients (409), retrieve each study once (shared with concurrent jobs),
-stage the disc, make and check the DICOMDIR, size it (413/507), build the
-ISO.  A job owns one folder under the work dir; it is removed on any
-failure, and on success when the ISO's response is closed.
+patients (409), list each study's images (the manifest), answer from the
+disc cache when the same disc was made before, else retrieve each study
+once (shared with concurrent jobs), stage the disc, make and check the
+DICOMDIR, size it (413/507), build the ISO and keep it in the cache.  A job
+owns one folder under the work dir; it is removed on any failure, and on
+success when the ISO is no longer needed.  ``registry`` runs these steps
+as jobs (slots, queue, state, cancel).
 """
 
 import errno
@@ -12,15 +15,12 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
 from contextlib import contextmanager
 
 from . import delivery, disc, disk, errors, logs
 from .retrieval import Retrievals
 
 log = logging.getLogger(__name__)
-
-RETRY_AFTER_S = 30
 
 
 class Iso:
@@ -38,44 +38,32 @@ class Iso:
 
 
 class Jobs:
-    def __init__(self, config, pacs, receiver, jobs_dir, retrievals_dir, publisher, patient_api):
+    def __init__(self, config, pacs, receiver, jobs_dir, retrievals_dir, publisher, patient_api, cache):
         self.config = config
         self.pacs = pacs
         self.publisher = publisher
         self.patient_api = patient_api
         self.jobs_dir = jobs_dir
+        self.cache = cache
         self.retrievals = Retrievals(pacs, receiver, retrievals_dir, config.limits.min_free_bytes)
-        self._slots = threading.BoundedSemaphore(config.limits.max_jobs)
 
     @contextmanager
-    def job(self, request_id):
-        """A job slot and folder; 503 when all slots are taken.
-
-        The folder is removed if the job fails; on success it holds the
-        result and the caller removes it once the result is delivered.
-        """
-        if not self._slots.acquire(blocking=False):
-            raise errors.Unavailable(
-                "All %d job slots are busy; try again shortly." % self.config.limits.max_jobs,
-                code="busy", retry_after=RETRY_AFTER_S)
-        folder = None
+    def folder(self, job):
+        """The job's folder, removed if the job fails; on success the caller removes it once delivered."""
+        self.check_free_space()
         try:
-            self.check_free_space()
-            try:
-                folder = tempfile.mkdtemp(prefix="job-%s-" % request_id[:32], dir=self.jobs_dir)
-            except OSError as exc:
-                if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-                    raise
-                raise errors.Unavailable(
-                    "The work dir %s is not writable (%s); no disc can be made until it is."
-                    % (self.jobs_dir, exc.strerror), code="work_dir_unwritable")
+            folder = tempfile.mkdtemp(prefix="job-%s-" % job.id, dir=self.jobs_dir)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            raise errors.Unavailable(
+                "The work dir %s is not writable (%s); no disc can be made until it is."
+                % (self.jobs_dir, exc.strerror), code="work_dir_unwritable")
+        try:
             yield folder
         except BaseException:
-            if folder:
-                shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(folder, ignore_errors=True)
             raise
-        finally:
-            self._slots.release()
 
     # -- steps ------------------------------------------------------------
 
@@ -96,6 +84,14 @@ class Jobs:
         self.check_one_patient(studies)
         return studies
 
+    def manifests(self, job, studies, folder):
+        """Each study's SOP Instance UIDs (None where the PACS refuses IMAGE-level queries)."""
+        job.step("manifest")
+        manifests = {study.study_uid: self.pacs.list_instances(study.study_uid, folder) for study in studies}
+        job.images_expected = sum(len(manifests[study.study_uid]) if manifests[study.study_uid] is not None
+                                  else (study.instances or 0) for study in studies)
+        return manifests
+
     def check_one_patient(self, studies):
         patients = {study.patient_id for study in studies}
         if len(patients) > 1 and not self.config.limits.allow_multi_patient:
@@ -104,60 +100,78 @@ class Jobs:
                 % (", ".join(sorted({s.accession for s in studies})), len(patients)))
 
     @contextmanager
-    def retrieved(self, studies):
+    def retrieved(self, job, studies, manifests):
         """Every study's verified files, released when the block ends."""
+        job.step("retrieve")
         held = []
         try:
             for study in studies:
-                held.append(self.retrievals.get(study))
+                held.append(self.retrievals.get(study, manifests[study.study_uid], watch=job.watch))
             yield [received for retrieval in held for received in retrieval.files]
         finally:
             for retrieval in held:
                 self.retrievals.release(retrieval)
 
     def check_free_space(self, needed=0):
-        free = disk.free_bytes(self.jobs_dir)
+        """507 unless ``needed`` bytes fit above limits.min_free_bytes, after evicting cached discs."""
         wanted = needed + self.config.limits.min_free_bytes
+        free = disk.free_bytes(self.jobs_dir)
+        if free < wanted and self.cache.free(wanted - free):
+            free = disk.free_bytes(self.jobs_dir)
         if free < wanted:
             raise errors.InsufficientStorage(
                 "The work dir has %d bytes free; this needs %d (including limits.min_free_bytes)." % (free, wanted))
 
     # -- the download -----------------------------------------------------
 
-    def make_iso(self, accessions, request_id, named_by_patient, export, build=True):
-        """Build the disc for ``accessions``; the caller sends and cleans up the Iso.
+    def make_iso(self, job, build=True):
+        """Build the disc for ``job.accessions``; the caller sends and cleans up the Iso.
 
-        The file is named after the accession, or with ``named_by_patient``
+        The file is named after the accession, or with ``job.named_by_patient``
         after the patient.  Without ``build`` (a HEAD) everything is done
         and checked up to the ISO's exact size, and no ISO is written.
-        What was found goes on ``export`` (audit.Export) as it is known.
+        What was found goes on ``job.export`` (the audit record) as it is known.
         """
-        with self.job(request_id) as folder:
+        with self.folder(job) as folder:
             try:
-                return self._make_iso(accessions, folder, named_by_patient, build, export)
+                return self._make_iso(job, folder, build)
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
                     raise errors.InsufficientStorage("The work dir ran out of space while making the disc.")
                 raise
 
-    def _make_iso(self, accessions, folder, named_by_patient, build, export):
-        config = self.config
+    def _make_iso(self, job, folder, build):
+        config, accessions, export = self.config, job.accessions, job.export
         watch = logs.Stopwatch()
         studies = export.studies = self.find(accessions, folder)
         watch.lap("find")
+        manifests = self.manifests(job, studies, folder)
+        watch.lap("manifest")
+        stem = delivery.patient_stem(self.patient_name(studies)) if job.named_by_patient else accessions[0]
+        label = disc.volume_label(config.iso.volume_label, accessions)
+        key = None  # no manifest, no key: such a disc is not cached
+        if None not in manifests.values():
+            key = self.cache.key(manifests, layout=config.iso.layout, dicomdir=config.iso.dicomdir, label=label,
+                                 viewer=disc.viewer_digest(config.iso.viewer_dir))
+            cached = self._from_cache(job, key, os.path.join(folder, "disc.iso"))
+            if cached is not None:
+                export.bytes = job.disc_bytes
+                return Iso(cached, job.disc_bytes, stem, accessions[0], folder)
         staging = os.path.join(folder, "disc")
         os.mkdir(staging)
-        with self.retrieved(studies) as files:
+        with self.retrieved(job, studies, manifests) as files:
             watch.lap("retrieve")
+            job.step("stage")
             images = disc.stage(staging, files, studies, config.iso.layout, config.iso.viewer_dir)
             export.images = len(images)
         watch.lap("stage")
         if config.iso.layout == "pdi":
+            job.step("dicomdir")
             dcmmkdir = os.path.join(config.tools.dcmtk_dir, "dcmmkdir")
             disc.make_dicomdir(staging, images, config.iso.dicomdir, dcmmkdir, config.timeouts.iso_s)
             watch.lap("dicomdir")
-        label = disc.volume_label(config.iso.volume_label, accessions)
-        size = disc.iso_size(config.tools.genisoimage, staging, label, config.timeouts.iso_s)
+        job.step("size")
+        size = job.disc_bytes = disc.iso_size(config.tools.genisoimage, staging, label, config.timeouts.iso_s)
         watch.lap("size")
         if size > config.iso.max_bytes:
             raise errors.TooLarge("The disc would hold %d bytes, more than iso.max_bytes %d."
@@ -165,15 +179,29 @@ class Jobs:
         self.check_free_space(size)
         iso_path = None
         if build:
+            job.step("iso")
             iso_path = os.path.join(folder, "disc.iso")
             disc.make_iso(config.tools.genisoimage, staging, label, iso_path, config.timeouts.iso_s)
             watch.lap("iso")
+            if key:
+                self.cache.store(key, iso_path)
         shutil.rmtree(staging)
         log.info("iso built", extra={"fields": dict({
             "accessions": ",".join(accessions), "studies": len(studies), "images": len(images),
-            "bytes": size}, **watch.fields)})
-        stem = delivery.patient_stem(self.patient_name(studies)) if named_by_patient else accessions[0]
-        return Iso(iso_path, os.path.getsize(iso_path) if build else size, stem, accessions[0], folder)
+            "bytes": size, "request_id": job.request_id}, **watch.fields)})
+        export.bytes = os.path.getsize(iso_path) if build else size
+        return Iso(iso_path, export.bytes, stem, accessions[0], folder)
+
+    def _from_cache(self, job, key, iso_path):
+        """The cached ISO linked to ``iso_path``, or None when this disc is not cached."""
+        size = self.cache.fetch(key, iso_path)
+        if size is None:
+            return None
+        job.export.images = job.images_expected
+        job.disc_bytes = size
+        log.info("iso from the cache", extra={"fields": {
+            "accessions": ",".join(job.accessions), "bytes": size, "request_id": job.request_id}})
+        return iso_path
 
     def patient_name(self, studies):
         """The name a multi-study disc is called by: the patient API's, else the PACS'."""
@@ -181,21 +209,43 @@ class Jobs:
 
     # -- print ------------------------------------------------------------
 
-    def print_studies(self, accessions, request_id, export):
-        """Relay every image of the accessions to the publisher (SPEC §5); what went where goes on ``export``."""
+    def print_studies(self, job):
+        """Relay every image of the accessions to the publisher (SPEC §5); what went where goes on the export."""
         if self.publisher is None:
             raise errors.Unavailable("Printing is not configured (publisher.host is empty).",
                                      code="publisher_not_configured")
-        with self.job(request_id) as folder:
+        export = job.export
+        with self.folder(job) as folder:
             try:
-                studies = export.studies = self.find(accessions, folder)
+                studies = export.studies = self.find(job.accessions, folder)
+                manifests = self.manifests(job, studies, folder)
                 peer = self.publisher.peer
                 export.destination = "%s@%s:%s" % (peer.ae_title, peer.host, peer.port)
-                with self.retrieved(studies) as files:
+                with self.retrieved(job, studies, manifests) as files:
                     export.images = len(files)
+                    job.step("send")
                     sent = self.publisher.send(files, folder)
+                    export.bytes = job.progress()["bytes_received"]
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
         log.info("sent to publisher", extra={"fields": {
-            "accessions": ",".join(accessions), "studies": len(studies), "images": sent}})
-        return {"status": "sent", "accessions": accessions, "studies": len(studies), "instances": sent}
+            "accessions": ",".join(job.accessions), "studies": len(studies), "images": sent}})
+        return {"status": "sent", "accessions": job.accessions, "studies": len(studies), "instances": sent}
+
+    # -- what the desk page shows ---------------------------------------------
+
+    def describe(self, accessions):
+        """What the PACS holds for the accessions (GET /api/studies): C-FINDs and manifests, no retrieval."""
+        with tempfile.TemporaryDirectory(prefix="studies-", dir=self.jobs_dir) as folder:
+            studies = self.find(accessions, folder)
+            described = []
+            for study in studies:
+                manifest = self.pacs.list_instances(study.study_uid, folder)
+                described.append({
+                    "accession": study.accession, "study_uid": study.study_uid,
+                    "patient_name": study.patient_name, "patient_id": study.patient_id,
+                    "date": study.study_date, "description": study.description, "modalities": study.modalities,
+                    "series": len(set(manifest.values())) if manifest is not None else None,
+                    "images": len(manifest) if manifest is not None else study.instances,
+                })
+        return described

@@ -29,6 +29,7 @@ FIND_KEYS = (
     "PatientID",
     "PatientName",
     "StudyDate",
+    "StudyDescription",
     "ModalitiesInStudy",
     "NumberOfStudyRelatedInstances",
     "SpecificCharacterSet",
@@ -51,13 +52,16 @@ class Peer:
 class Study:
     """One C-FIND answer: a study the PACS holds for an accession number."""
 
-    def __init__(self, accession, study_uid, patient_id, patient_name, study_date="", instances=None):
+    def __init__(self, accession, study_uid, patient_id, patient_name, study_date="", instances=None,
+                 description="", modalities=()):
         self.accession = accession
         self.study_uid = study_uid
         self.patient_id = patient_id
         self.patient_name = patient_name
         self.study_date = study_date
         self.instances = instances
+        self.description = description
+        self.modalities = list(modalities)
 
     def __repr__(self):
         return "Study(accession=%r, study_uid=%r)" % (self.accession, self.study_uid)
@@ -84,6 +88,7 @@ class MoveResult:
 
 
 SOP_INSTANCE_UID = "0008,0018"
+SERIES_INSTANCE_UID = "0020,000e"  # as dcmtk's XML writes tags: lower-case hex
 
 
 def association_args(calling_ae, peer, timeout):
@@ -158,7 +163,7 @@ class Pacs:
             return [self._study(accession, os.path.join(out_dir, name)) for name in sorted(os.listdir(out_dir))]
 
     def list_instances(self, study_uid, scratch_dir):
-        """The study's SOP Instance UIDs from an IMAGE-level C-FIND (the manifest).
+        """The study's images from an IMAGE-level C-FIND (the manifest): {SOP UID: series UID}.
 
         None when the PACS refuses IMAGE-level queries (a failure status in
         its final response); any other failure is an error as usual.
@@ -180,7 +185,7 @@ class Pacs:
                     log.warning("the PACS refuses IMAGE-level C-FIND (%s); retrievals are checked against "
                                 "its counts only", final.group("status"))
                 return None
-            return read_sop_uids(answers)
+            return read_manifest(answers)
 
     def _study(self, accession, path):
         answer = pydicom.dcmread(path, force=True)
@@ -199,6 +204,8 @@ class Pacs:
             patient_name=str(answer.get("PatientName", "") or ""),
             study_date=str(answer.get("StudyDate", "") or ""),
             instances=int(instances) if instances not in (None, "") else None,
+            description=str(answer.get("StudyDescription", "") or ""),
+            modalities=_values(answer.get("ModalitiesInStudy")),
         )
 
     def move_study(self, study_uid):
@@ -226,15 +233,28 @@ class Pacs:
         return process.run_step(args + address_args(self.peer), timeout, "%s: %s" % (what, self.peer))
 
 
-def read_sop_uids(path):
-    """The SOP Instance UIDs in findscu's single XML file of answers (-Xs)."""
-    uids = []
+def _values(value):
+    """A possibly multi-valued text element as a list of strings."""
+    if value in (None, ""):
+        return []
+    if isinstance(value, str):
+        return [value]
+    return [str(item) for item in value]
+
+
+def read_manifest(path):
+    """{SOP Instance UID: Series Instance UID} from findscu's single XML file of answers (-Xs)."""
+    manifest = {}
+    values = {}
     for _, element in ElementTree.iterparse(path):
-        if element.tag == "element" and element.get("tag") == SOP_INSTANCE_UID:
-            uids.append((element.text or "").strip())
+        tag = (element.get("tag") or "").lower()
+        if element.tag == "element" and tag in (SOP_INSTANCE_UID, SERIES_INSTANCE_UID):
+            values[tag] = (element.text or "").strip()
         elif element.tag == "data-set":
+            manifest[values.get(SOP_INSTANCE_UID, "")] = values.get(SERIES_INSTANCE_UID, "")
+            values = {}
             element.clear()
-    return uids
+    return manifest
 
 
 _FINAL_FIND = re.compile(r"Received Final Find Response \((?P<status>[^)]*)\)")

@@ -12,6 +12,10 @@ Python runs between fork and exec).  Linux sends that signal when the
 *thread* that forked the child exits, so every child is forked by one
 spawner thread that lives as long as the process, never by a request's
 worker thread or a short-lived pool thread.
+
+A tool started inside ``owned_by(job)`` belongs to that job: cancelling the
+job kills its tools (``kill_owned``), and the job's thread then stops with
+``errors.Cancelled`` at the next step (``check_cancelled``).
 """
 
 import collections
@@ -21,6 +25,7 @@ import signal
 import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 from . import errors
 
@@ -31,6 +36,7 @@ PIPE_GRACE_S = 5
 _live = set()
 _live_lock = threading.Lock()
 _spawner = ThreadPoolExecutor(1, thread_name_prefix="spawner")
+_owner = threading.local()
 
 
 class ToolTimeout(Exception):
@@ -80,9 +86,43 @@ def start(args, **kwargs):
             subprocess.Popen, command, env=tool_environment(), start_new_session=True, **kwargs).result()
     except OSError as exc:
         raise ToolMissing([SETPRIV], exc.strerror or exc)
+    proc.owner = current_owner()
     with _live_lock:
         _live.add(proc)
     return proc
+
+
+@contextmanager
+def owned_by(owner):
+    """Tools started by this thread in the block belong to ``owner`` (anything with ``cancelled``)."""
+    _owner.value = owner
+    try:
+        yield
+    finally:
+        _owner.value = None
+
+
+def current_owner():
+    return getattr(_owner, "value", None)
+
+
+def check_cancelled():
+    """Stop the thread's job here if it was cancelled."""
+    owner = current_owner()
+    if owner is not None and owner.cancelled:
+        raise errors.Cancelled("The job was cancelled.")
+
+
+def kill_owned(owner):
+    """Kill the process groups of the owner's running tools; their threads reap them."""
+    with _live_lock:
+        procs = [proc for proc in _live if proc.owner is owner]
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return len(procs)
 
 
 def forget(proc):
@@ -127,6 +167,7 @@ def run(args, timeout, cwd=None, on_line=None):
         kill_group(proc)
         reader.join()
     forget(proc)
+    check_cancelled()  # killed for a cancel: not a tool failure to parse
     return Result(proc.returncode, tail.text())
 
 

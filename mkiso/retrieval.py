@@ -26,15 +26,18 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from typing import Optional, Tuple
 
 import pydicom
 import pydicom.charset
 from pydicom.valuerep import PersonName
 
-from . import disk, errors, fastcopy, logs
+from . import disk, errors, fastcopy, logs, process
 
 log = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S = 0.5
 
 # What a disc needs from each image: the §3 checks, the PDI layout and the DICOMDIR records.
 # In tag order: mkiso._fastcopy.WANTED_TAGS lists the same tags.
@@ -229,13 +232,48 @@ def check_manifest(what, listed, arrived):
 class Retrieval:
     """One study's C-MOVE and verified files; shared while anyone uses it."""
 
-    def __init__(self, study, folder):
+    def __init__(self, study, folder, watched):
         self.study = study
         self.folder = folder
+        self.watched = watched  # where its images land while it runs
         self.files = []
         self.error = None
+        self.cancelled = False
         self.users = 0
         self.done = threading.Event()
+        self._arrived = (float("-inf"), 0, 0)
+
+    def arrived(self):
+        """(images, bytes) received so far, for progress; counted at most every PROGRESS_EVERY_S."""
+        when, count, size = self._arrived
+        if when is None:  # finished: the final count
+            return count, size
+        now = time.monotonic()
+        if now - when >= PROGRESS_EVERY_S:
+            count, size = self._count()
+            self._arrived = (now, count, size)
+        return count, size
+
+    def freeze(self):
+        """Count once more and keep that: the folders are about to go."""
+        count, size = self._count()
+        self._arrived = (None, count, size)
+
+    def _count(self):
+        count = size = 0
+        for folder in self.watched:
+            try:
+                entries = list(os.scandir(folder))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                try:
+                    if entry.is_file():
+                        size += entry.stat().st_size
+                        count += 1
+                except FileNotFoundError:
+                    pass  # moved on meanwhile
+        return count, size
 
 
 class Retrievals:
@@ -247,33 +285,58 @@ class Retrievals:
         self._running = {}
         self._lock = threading.Lock()
 
-    def get(self, study):
+    def get(self, study, manifest, watch=None):
         """The study's verified files: retrieved now, or by a job already at it.
 
-        The caller must ``release`` what it got.
+        ``manifest`` is the study's image list (``Pacs.list_instances``);
+        ``watch``, if given, is told of the retrieval (for progress).  The
+        caller must ``release`` what it got.  When the job that ran a shared
+        retrieval was cancelled, the others run it again themselves.
         """
+        while True:
+            retrieval, owner = self._join(study)
+            if watch is not None:
+                watch(retrieval)
+            if owner:
+                self._run(retrieval, manifest)
+            else:
+                try:
+                    while not retrieval.done.wait(0.5):
+                        process.check_cancelled()
+                except BaseException:
+                    self.release(retrieval)
+                    raise
+            if retrieval.error is None:
+                return retrieval
+            self.release(retrieval)
+            if not (retrieval.cancelled and not owner):
+                raise retrieval.error
+
+    def _join(self, study):
         with self._lock:
             retrieval = self._running.get(study.study_uid)
             owner = retrieval is None
             if owner:
-                retrieval = Retrieval(study, tempfile.mkdtemp(prefix="study-", dir=self.root))
+                folder = tempfile.mkdtemp(prefix="study-", dir=self.root)
+                watched = [os.path.join(folder, "received")]
+                if self.receiver is not None:
+                    watched.insert(0, self.receiver.study_dir(study.study_uid))
+                retrieval = Retrieval(study, folder, watched)
                 self._running[study.study_uid] = retrieval
             retrieval.users += 1
-        if owner:
-            try:
-                self._retrieve(retrieval)
-            except BaseException as exc:
-                retrieval.error = exc
-            finally:
-                with self._lock:
-                    del self._running[study.study_uid]
-                retrieval.done.set()
-        else:
-            retrieval.done.wait()
-        if retrieval.error is not None:
-            self.release(retrieval)
-            raise retrieval.error
-        return retrieval
+        return retrieval, owner
+
+    def _run(self, retrieval, manifest):
+        try:
+            self._retrieve(retrieval, manifest)
+        except BaseException as exc:
+            retrieval.error = exc
+            retrieval.cancelled = isinstance(exc, errors.Cancelled)
+        finally:
+            retrieval.freeze()
+            with self._lock:
+                del self._running[retrieval.study.study_uid]
+            retrieval.done.set()
 
     def release(self, retrieval):
         with self._lock:
@@ -282,12 +345,10 @@ class Retrievals:
         if last:
             shutil.rmtree(retrieval.folder, ignore_errors=True)
 
-    def _retrieve(self, retrieval):
+    def _retrieve(self, retrieval, manifest):
         study = retrieval.study
         received = os.path.join(retrieval.folder, "received")
         watch = logs.Stopwatch()
-        manifest = self.pacs.list_instances(study.study_uid, retrieval.folder)
-        watch.lap("manifest")
         failures = self.receiver.write_failures if self.receiver else 0
         try:
             result = self._fetch(study.study_uid, received)

@@ -72,7 +72,7 @@ class Server:
                 web.Application(self.config, self.service),
                 host=self.config.server.host,
                 port=self.config.server.port,
-                threads=self.config.server.threads,
+                threads=self.config.server.threads + web.EVENT_STREAMS,  # event streams hold a thread each
                 ident="mkiso",
                 clear_untrusted_proxy_headers=False,  # X-Forwarded-For: web trusts server.trusted_proxies only
             )

@@ -7,9 +7,12 @@ the way out; the web application only ever talks to it.
 import logging
 import os
 import shutil
+import threading
 
 from . import audit, health, pacs, process, receiver
+from .cache import DiscCache
 from .jobs import Jobs
+from .registry import Registry
 from .patients import PatientApi
 from .publisher import Publisher
 
@@ -19,7 +22,10 @@ log = logging.getLogger(__name__)
 INBOX = "inbox"
 JOBS = "jobs"
 RETRIEVALS = "retrievals"
+CACHE = "cache"
+FOLDERS = (INBOX, JOBS, RETRIEVALS, CACHE)
 RECEIVER_PID = "receiver.pid"
+HOUSEKEEPING_EVERY_S = 5
 
 
 class Service:
@@ -35,12 +41,18 @@ class Service:
             self.publisher = pacs.Peer(
                 "Publisher", config.publisher.ae_title, config.publisher.host, config.publisher.port)
         self.audit = audit.Audit(config)
-        self.health = health.Health(config, self.receiver, self.pacs, self.publisher)
+        # Behind nginx the ISOs it sends (cached ones too) must be readable by its group.
+        self.cache = DiscCache(self.path(CACHE), config.cache.max_bytes, config.cache.ttl_s,
+                               mode=0o640 if config.server.x_accel_prefix else 0o600)
+        self.health = health.Health(config, self.receiver, self.pacs, self.publisher, self.cache)
         self.jobs = Jobs(
             config, self.pacs, self.receiver, self.path(JOBS), self.path(RETRIEVALS),
             publisher=Publisher(config, self.publisher) if self.publisher else None,
-            patient_api=PatientApi(config.patient_api),
+            patient_api=PatientApi(config.patient_api), cache=self.cache,
         )
+        self.registry = Registry(config, self.jobs, self.audit)
+        self._stopping = threading.Event()
+        self._housekeeper = None
 
     def path(self, *parts):
         return os.path.join(self.work_dir, *parts)
@@ -52,14 +64,26 @@ class Service:
         mkiso's own folders are made inside it.
         """
         self.remove_leftovers()
-        for folder in (INBOX, JOBS, RETRIEVALS):
+        for folder in FOLDERS:
             os.mkdir(self.path(folder))
         if self.config.server.x_accel_prefix:  # nginx (in our group) reads finished ISOs under jobs/
             os.chmod(self.path(JOBS), 0o750)
         if self.receiver is not None:
             self.receiver.start()
+        self._housekeeper = threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True)
+        self._housekeeper.start()
+
+    def _housekeeping(self):
+        """Finished jobs and cached discs go when their time is up, requests or not."""
+        while not self._stopping.wait(HOUSEKEEPING_EVERY_S):
+            self.registry.reap()
+            self.cache.expire()
 
     def stop(self):
+        self._stopping.set()
+        if self._housekeeper is not None:
+            self._housekeeper.join(5)
+        self.registry.discard_all()
         if self.receiver is not None:
             self.receiver.stop()
         killed = process.kill_all()
@@ -68,5 +92,5 @@ class Service:
         self.remove_leftovers()
 
     def remove_leftovers(self):
-        for folder in (INBOX, JOBS, RETRIEVALS):
+        for folder in FOLDERS:
             shutil.rmtree(self.path(folder), ignore_errors=True)

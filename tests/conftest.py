@@ -15,7 +15,7 @@ import threading
 import pytest
 import yaml
 
-from mkiso import config as configuration, demo
+from mkiso import config as configuration, demo, web
 from mkiso.channel import SendfileChannel
 from mkiso.service import JOBS, RETRIEVALS, Service
 
@@ -67,6 +67,7 @@ def settings(tmp_path, archive, receiver_port):
         "tools": {"dcmtk_dir": DCMTK_DIR, "genisoimage": shutil.which("genisoimage") or "/usr/bin/genisoimage"},
         "timeouts": {"find_s": 10, "move_s": 60, "iso_s": 60, "store_s": 60, "shutdown_s": 5},
         "limits": {"min_free_bytes": 1000000},
+        "cache": {"max_bytes": 0},  # every download really retrieves; the cache's tests turn it on
     }
 
 
@@ -102,8 +103,10 @@ def make_service(tmp_path, settings):
 
 
 def job_leftovers(service):
-    """What jobs and retrievals left in the service's work dir."""
-    return [name for folder in (JOBS, RETRIEVALS) for name in os.listdir(service.path(folder))]
+    """What jobs and retrievals left in the service's work dir (a ready job's disc is not left over)."""
+    kept = {os.path.basename(job.iso.folder) for job in service.registry.recent()
+            if job.state == "ready" and job.iso is not None}
+    return [name for folder in (JOBS, RETRIEVALS) for name in os.listdir(service.path(folder)) if name not in kept]
 
 
 @pytest.fixture
@@ -140,11 +143,11 @@ class WsgiResponse:
         return json.loads(self.body.decode("utf-8"))
 
 
-def call(app, path, method="GET", query="", headers=None, peer="127.0.0.1"):
+def call(app, path, method="GET", query="", headers=None, peer="127.0.0.1", body=b""):
     """Call a WSGI app in-process, as a server would for a client at ``peer``, and read the whole answer."""
-    environ = {"REMOTE_ADDR": peer,
+    environ = {"REMOTE_ADDR": peer, "CONTENT_LENGTH": str(len(body)),
         "REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query, "SERVER_NAME": "localhost",
-        "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.input": io.BytesIO(b""),
+        "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.input": io.BytesIO(body),
         "wsgi.errors": sys.stderr, "wsgi.url_scheme": "http", "wsgi.multithread": True,
         "wsgi.multiprocess": False, "wsgi.run_once": False, "wsgi.version": (1, 0),
     }
@@ -178,7 +181,8 @@ def live_server():
     servers = []
 
     def serve(app):
-        server = create_server(app, host="127.0.0.1", port=0, threads=8, clear_untrusted_proxy_headers=False)
+        server = create_server(app, host="127.0.0.1", port=0, threads=8 + web.EVENT_STREAMS,
+                               clear_untrusted_proxy_headers=False)
         server.channel_class = SendfileChannel  # as mkiso-server runs it
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()

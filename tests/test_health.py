@@ -7,7 +7,7 @@ from mkiso import config as configuration, demo, web
 from mkiso.service import Service
 from conftest import write_config
 
-CHECKS = ("tools", "work_dir", "receiver", "pacs", "publisher", "viewer")
+CHECKS = ("tools", "work_dir", "receiver", "pacs", "publisher", "viewer", "cache")
 
 
 def test_all_ok_against_the_real_pacs(make_service, wsgi_call):
@@ -16,7 +16,7 @@ def test_all_ok_against_the_real_pacs(make_service, wsgi_call):
     body = response.json()
     assert response.status == 200, body
     assert body["status"] == "ok"
-    assert set(body["checks"]) == {"tools", "work_dir", "receiver", "pacs", "publisher", "viewer"}
+    assert set(body["checks"]) == set(CHECKS)
     assert all(check["ok"] for check in body["checks"].values())
     assert "C-ECHO" in body["checks"]["pacs"]["detail"]
     assert body["checks"]["publisher"]["detail"] == "not configured"

@@ -1,0 +1,157 @@
+"""The disc cache (SPEC §9): the same disc again without a C-MOVE; a changed study gets a new one."""
+
+import logging
+import os
+import stat
+import time
+
+import pytest
+
+from mkiso import demo, service as service_module, web
+from mkiso.cache import DiscCache
+from conftest import DCMTK_DIR
+from discs import check_pdi, open_iso
+
+ON = {"max_bytes": 10 ** 9, "ttl_s": 3600}
+
+
+def retrievals(caplog):
+    """How many studies were really retrieved from the PACS (one log line each)."""
+    return sum(1 for record in caplog.records if record.getMessage() == "study retrieved")
+
+
+def download(wsgi_call, app, accession):
+    response = wsgi_call(app, "/api/iso/download", query="accession_number=" + accession)
+    assert response.status == 200, response.body[:300]
+    return response.body
+
+
+def test_the_same_disc_again_is_served_from_the_cache(make_service, wsgi_call, caplog, archive, tmp_path):
+    caplog.set_level(logging.INFO)
+    service = make_service(cache=ON)
+    app = web.Application(service.config, service)
+    first = download(wsgi_call, app, "ACC2001")
+    assert retrievals(caplog) == 1
+    head = wsgi_call(app, "/api/iso/download", method="HEAD", query="accession_number=ACC2001")
+    assert head.header("Content-Length") == str(len(first))
+    resumed = wsgi_call(app, "/api/iso/download", query="accession_number=ACC2001", headers={"Range": "bytes=1000-"})
+    assert resumed.status == 206 and resumed.body == first[1000:]  # a resume across requests: same bytes
+    again = download(wsgi_call, app, "ACC2001")
+    assert again == first
+    assert retrievals(caplog) == 1, "the cached disc must not need a C-MOVE"
+    assert "iso from the cache" in caplog.text
+    iso_path = tmp_path / "again.iso"
+    iso_path.write_bytes(again)
+    check_pdi(open_iso(str(iso_path), str(tmp_path / "again")), archive.sop_uids("ACC2001"))
+    [cached] = os.listdir(service.path("cache"))
+    assert stat.S_IMODE(os.stat(service.path("cache", cached)).st_mode) == 0o600
+    health = wsgi_call(app, "/api/health").json()["checks"]["cache"]
+    assert health["ok"] and health["detail"].startswith("1 discs, %d bytes" % len(first))
+    job = wsgi_call(app, "/api/jobs", method="POST", body=b'{"accessions": ["ACC2001"]}').json()
+    deadline = time.monotonic() + 30
+    while job["state"] != "ready" and time.monotonic() < deadline:
+        job = wsgi_call(app, "/api/jobs/" + job["id"]).json()
+    path, query = job["links"]["iso"].split("?", 1)
+    assert wsgi_call(app, path, query=query).body == first
+    assert retrievals(caplog) == 1
+
+
+def test_a_different_disc_is_not_taken_from_the_cache(make_service, wsgi_call, caplog):
+    caplog.set_level(logging.INFO)
+    service = make_service(cache=ON)
+    app = web.Application(service.config, service)
+    download(wsgi_call, app, "ACC2001")
+    multiple = wsgi_call(app, "/api/iso/download-multiple", query="accession_numbers=ACC2001,DUP01")
+    assert multiple.status == 200
+    assert retrievals(caplog) == 1 + 3  # ACC2001 again (another disc: other label, more studies) and DUP01's two
+
+
+def test_the_off_switch(make_service, wsgi_call, caplog):
+    caplog.set_level(logging.INFO)
+    service = make_service(cache={"max_bytes": 0})
+    app = web.Application(service.config, service)
+    download(wsgi_call, app, "ACC2001")
+    download(wsgi_call, app, "ACC2001")
+    assert retrievals(caplog) == 2
+    assert os.listdir(service.path("cache")) == []
+    assert wsgi_call(app, "/api/health").json()["checks"]["cache"]["detail"] == "off (cache.max_bytes: 0)"
+
+
+@pytest.fixture
+def own_pacs(tmp_path, receiver_port, settings):
+    """A PACS of this test's own, whose study the test may change."""
+    pacs = demo.Dcmqrscp(str(tmp_path / "own-pacs"), demo.free_port(), {"CDRECORD": receiver_port},
+                         dcmtk_dir=DCMTK_DIR)
+    study = demo.SampleStudy("PAT-5001", "GROWING^STUDY", "GROW01", series=(3,))
+    pacs.add_studies([study])
+    pacs.start()
+    settings["pacs"]["port"] = pacs.port
+    yield pacs, study
+    pacs.stop()
+
+
+def test_an_image_added_to_the_study_makes_a_new_disc(own_pacs, make_service, wsgi_call, caplog, tmp_path):
+    caplog.set_level(logging.INFO)
+    pacs, study = own_pacs
+    service = make_service(cache=ON)
+    app = web.Application(service.config, service)
+    first = download(wsgi_call, app, "GROW01")
+    added = demo.SampleStudy(study.patient_id, study.patient_name, study.accession, series=(1,))
+    added.study_uid = study.study_uid
+    pacs.add_studies([added])
+    second = download(wsgi_call, app, "GROW01")
+    assert retrievals(caplog) == 2 and second != first
+    iso_path = tmp_path / "grown.iso"
+    iso_path.write_bytes(second)
+    check_pdi(open_iso(str(iso_path), str(tmp_path / "grown")), set(study.sop_uids) | set(added.sop_uids))
+    assert download(wsgi_call, app, "GROW01") == second and retrievals(caplog) == 2
+
+
+def test_cached_discs_never_outlive_ttl(make_service, wsgi_call, monkeypatch):
+    monkeypatch.setattr(service_module, "HOUSEKEEPING_EVERY_S", 0.2)
+    service = make_service(cache={"max_bytes": 10 ** 9, "ttl_s": 1})
+    download(wsgi_call, web.Application(service.config, service), "ACC2001")
+    assert len(os.listdir(service.path("cache"))) == 1
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and os.listdir(service.path("cache")):
+        time.sleep(0.1)
+    assert os.listdir(service.path("cache")) == []  # with no request to trigger it
+
+
+# -- the cache itself, on plain files ----------------------------------------------
+
+
+def iso_file(folder, name, size):
+    path = os.path.join(folder, name)
+    with open(path, "wb") as handle:
+        handle.write(os.urandom(size))
+    return path
+
+
+def test_least_recently_used_go_first_past_max_bytes(tmp_path):
+    root = tmp_path / "cache"
+    root.mkdir()
+    cache = DiscCache(str(root), max_bytes=2500, ttl_s=3600)
+    for name in "abc":
+        cache.store(name, iso_file(str(tmp_path), name + ".iso", 1000))
+        if name == "b":
+            assert cache.fetch("a", str(tmp_path / "a-used.iso")) == 1000  # a is used: b is now oldest
+    assert sorted(os.listdir(root)) == ["a.iso", "c.iso"]
+    assert cache.stats() == (2, 2000)
+    assert cache.fetch("b", str(tmp_path / "b-again.iso")) is None
+    cache.store("huge", iso_file(str(tmp_path), "huge.iso", 3000))  # larger than the whole cache: not kept
+    assert cache.stats() == (2, 2000)
+    assert cache.free(1) == 1000 and sorted(os.listdir(root)) == ["c.iso"]
+
+
+def test_a_fetched_disc_survives_eviction(tmp_path):
+    root = tmp_path / "cache"
+    root.mkdir()
+    cache = DiscCache(str(root), max_bytes=1000, ttl_s=3600)
+    original = iso_file(str(tmp_path), "a.iso", 1000)
+    cache.store("a", original)
+    os.unlink(original)  # the job that made it is done
+    cache.fetch("a", str(tmp_path / "sending.iso"))
+    cache.store("b", iso_file(str(tmp_path), "b.iso", 1000))  # evicts a
+    assert os.listdir(root) == ["b.iso"]
+    assert os.path.getsize(tmp_path / "sending.iso") == 1000  # the download's own link still reads
