@@ -198,20 +198,22 @@ MKISO_PHASES = ("find", "manifest", "transfer", "checks", "stage", "dicomdir", "
 class MkisoServer:
     """A real mkiso-server retrieving by C-MOVE (through its receiver) or C-GET."""
 
-    def __init__(self, root, pacs, receiver_port, retrieve):
+    def __init__(self, root, pacs, receiver_port, retrieve, cache_bytes=0):
+        """``cache_bytes`` 0 (the cache off): every download really retrieves, as the rows must."""
         self.http_port = demo.free_port()
-        self.log_path = os.path.join(root, "mkiso-%s.log" % retrieve)
-        config = os.path.join(root, "mkiso-%s.yaml" % retrieve)
-        work_dir = os.path.join(root, "work-" + retrieve)
+        name = retrieve + ("-cached" if cache_bytes else "")
+        self.log_path = os.path.join(root, "mkiso-%s.log" % name)
+        config = os.path.join(root, "mkiso-%s.yaml" % name)
+        work_dir = os.path.join(root, "work-" + name)
         os.makedirs(work_dir, exist_ok=True)
         with open(config, "w") as handle:
             handle.write(
                 "server: {port: %d}\npacs: {ae_title: %s, host: 127.0.0.1, port: %d, retrieve: %s}\n"
                 "receiver: {port: %d}\npaths: {work_dir: %s}\nlimits: {min_free_bytes: 100000000}\n"
                 "timeouts: {move_s: 7200, iso_s: 7200}\nlogging: {level: info, format: json}\n"
-                "audit: {path: %s}\n"
+                "audit: {path: %s}\ncache: {max_bytes: %d}\n"
                 % (self.http_port, pacs.ae_title, pacs.port, retrieve, receiver_port, work_dir,
-                   os.path.join(root, "audit-%s.log" % retrieve)))
+                   os.path.join(root, "audit-%s.log" % name), cache_bytes))
         self.proc = start_process([sys.executable, "-m", "mkiso", "--config", config], self.http_port,
                                   self.log_path)
 
@@ -301,6 +303,14 @@ def bench_size(images, image_kb, runs, root, pacs_choice):
         finally:
             for server in servers.values():
                 server.stop()
+        print("  mkiso with its disc cache: a first download, then the same disc again ...", flush=True)
+        cached_server = MkisoServer(root, pacs, receiver_port, "move", cache_bytes=50 * 10 ** 9)
+        try:
+            os.sync()
+            cached = [cached_server.download(study.accession)["total"]]
+            cached += [cached_server.download(study.accession)["total"] for _ in range(runs)]
+        finally:
+            cached_server.stop()
         peer = None
         if pacs.export_seconds is not None:
             print("  Orthanc media export ...", flush=True)
@@ -310,10 +320,10 @@ def bench_size(images, image_kb, runs, root, pacs_choice):
         iso_bytes = os.path.getsize(ref_iso)
     finally:
         pacs.stop()
-    report(images, image_kb, runs, type(pacs).__name__, reference, mkiso, peaks, peer, nginx, iso_bytes)
+    report(images, image_kb, runs, type(pacs).__name__, reference, mkiso, peaks, peer, nginx, iso_bytes, cached)
 
 
-def report(images, image_kb, runs, pacs_name, reference, mkiso, peaks, peer, nginx, iso_bytes):
+def report(images, image_kb, runs, pacs_name, reference, mkiso, peaks, peer, nginx, iso_bytes, cached):
     ref_total = median([sum(phases.values()) for phases in reference])
     print()
     print("### %d images x %d KB (PACS: %s; medians of %d runs; ISO %d MB)"
@@ -326,6 +336,10 @@ def report(images, image_kb, runs, pacs_name, reference, mkiso, peaks, peer, ngi
         total = median([r["total"] for r in results])
         print("| mkiso %s: GET /api/iso/download, all checks | %.2f | **%.2f** |"
               % (retrieve, total, total / ref_total))
+    print("| mkiso move, cache on: the first download | %.2f | %.2f |" % (cached[0], cached[0] / ref_total))
+    again = median(cached[1:])
+    print("| mkiso move, cache on: the same disc again (C-FINDs, no C-MOVE) | %.2f | %.2f |"
+          % (again, again / ref_total))
     if peer is not None:
         move_total = median([r["total"] for r in mkiso["move"]])
         print("| peer: Orthanc media export (images already held) | %.2f | %.2f (mkiso move / Orthanc: %.2f) |"

@@ -327,3 +327,22 @@ def test_the_desk_page_is_one_self_contained_file(make_service, wsgi_call, app_o
     text = page.body.decode()
     for external in ("http://", "https://", "src=\"/", "href=\"/"):
         assert external not in text, external
+
+
+def test_a_print_job_ends_done_with_the_publishers_answer(make_service, wsgi_call, app_of, archive, tmp_path):
+    from test_print import FakeRimage
+    rimage = FakeRimage(str(tmp_path / "rimage"))
+    try:
+        service = make_service(publisher={"host": "127.0.0.1", "port": rimage.port})
+        app = app_of(service)
+        job = post_job(wsgi_call, app, ["ACC2001"], action="print")
+        assert job.status == 202
+        job = wait_for(wsgi_call, app, job.json()["id"], ("done", "failed"))
+        assert rimage.received_sop_uids() == archive.sop_uids("ACC2001")
+    finally:
+        rimage.stop()
+    assert job["state"] == "done" and job["action"] == "print", job
+    assert job["result"] == {"status": "sent", "accessions": ["ACC2001"], "studies": 1,
+                             "instances": len(archive.sop_uids("ACC2001"))}
+    assert "iso" not in job["links"]
+    assert wsgi_call(app, "/api/jobs/%s/iso" % job["id"]).json()["code"] == "no_disc"

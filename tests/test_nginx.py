@@ -4,6 +4,7 @@ The snippet is used as shipped but for the two things a test must change:
 mkiso's port (127.0.0.1:8080) and the spool dir (/var/spool/mkiso/).
 """
 
+import json
 import os
 import shutil
 import signal
@@ -53,8 +54,8 @@ def install_snippets(root, upstream, work_dir):
         with open(os.path.join(SNIPPETS, name)) as handle:
             text = handle.read()
         if name == "mkiso.conf":
-            assert text.count("http://127.0.0.1:8080;") == 2 and text.count("alias /var/spool/mkiso/;") == 1
-            text = text.replace("http://127.0.0.1:8080;", "http://127.0.0.1:%d;" % upstream)
+            assert text.count("http://127.0.0.1:8080") == 3 and text.count("alias /var/spool/mkiso/;") == 1
+            text = text.replace("http://127.0.0.1:8080", "http://127.0.0.1:%d" % upstream)
             text = text.replace("alias /var/spool/mkiso/;", "alias %s/;" % work_dir)
         with open(os.path.join(root, "snippets", name), "w") as handle:
             handle.write(text)
@@ -247,3 +248,25 @@ def test_slow_clients_are_absorbed_by_nginx(plain_behind_nginx):
             for client in clients:
                 client.close()
         time.sleep(0.5)  # let waitress see the closed connections
+
+
+def test_the_desk_page_and_a_job_through_nginx(behind_nginx, archive, tmp_path):
+    """/mkiso/ is the page; a job's events pass unbuffered; its ISO goes out by X-Accel-Redirect."""
+    service, _, front = behind_nginx
+    status, headers, page = get(front + "/mkiso/")
+    assert status == 200 and b"Patient CD/DVD" in page and headers["Content-Security-Policy"]
+    request = urllib.request.Request(front + "/api/jobs", data=json.dumps({"accessions": ["ACC2001"]}).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        job = json.loads(answer.read())
+    events = []
+    with urllib.request.urlopen(front + job["links"]["events"], timeout=30) as stream:
+        for line in stream:
+            if line.startswith(b"data: "):
+                events.append(json.loads(line[6:]))
+    assert events[-1]["state"] == "ready" and len(events) >= 2
+    status, headers, body = get(front + events[-1]["links"]["iso"])
+    assert status == 200 and "X-Accel-Redirect" not in headers and len(body) == events[-1]["progress"]["disc_bytes"]
+    (tmp_path / "job.iso").write_bytes(body)
+    check_pdi(open_iso(str(tmp_path / "job.iso"), str(tmp_path / "job")), archive.sop_uids("ACC2001"))
+    assert get(front + events[-1]["links"]["iso"])[2] == body  # a job's disc stays for a second fetch

@@ -1,0 +1,141 @@
+"""The desk page in a real browser: Debian's chromium, headless, driven by selenium and chromedriver."""
+
+import os
+import time
+
+import pytest
+
+from mkiso import web
+from discs import check_pdi, open_iso
+from test_jobs import slow_receiver_tools
+
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is installed in the venv (requirements-dev)")
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture
+def browser(tmp_path):
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.skip("Debian's chromium and chromium-driver are not installed (scripts/setup installs them)")
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1280,800", "--user-data-dir=%s" % (tmp_path / "profile")):
+        options.add_argument(flag)
+    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                              "download.prompt_for_download": False})
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    driver.downloads = downloads
+    yield driver
+    driver.quit()
+
+
+def wait(driver, condition, timeout=60):
+    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda _: condition())
+
+
+def visible_text(driver, element_id):
+    return driver.find_element(By.ID, element_id).text
+
+
+def open_page(browser, live_server, service):
+    base = live_server(web.Application(service.config, service))
+    browser.get(base + "/")
+    return base
+
+
+def look_up(browser, accessions, paste=False):
+    """Type the accessions (or paste them: lines at once, as from a worklist) and press Look up."""
+    field = browser.find_element(By.ID, "accessions")
+    field.clear()
+    if paste:
+        browser.execute_script("arguments[0].value = arguments[1]", field, accessions)
+    else:
+        field.send_keys(accessions)
+    browser.find_element(By.ID, "lookup").click()
+
+
+def test_paste_two_accessions_make_the_disc_and_download_it(browser, live_server, make_service, archive, tmp_path):
+    service = make_service()
+    open_page(browser, live_server, service)
+    look_up(browser, "MR.180505.026\nACC1002\n", paste=True)
+    wait(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, "#studies tr")) == 2)
+    rows = [row.text for row in browser.find_elements(By.CSS_SELECTOR, "#studies tr")]
+    assert all("Müller, Jürgen" in row and "PAT-1001" in row and "2024-01-15" in row for row in rows), rows
+    assert "2 studies found, 7 images." in visible_text(browser, "message")
+    browser.find_element(By.ID, "download").click()
+    bar = browser.find_element(By.ID, "bar")
+    wait(browser, lambda: bar.get_attribute("value") == "100")
+    link = browser.find_element(By.ID, "iso-link")
+    assert link.is_displayed() and "token=" in link.get_attribute("href")
+    assert "The disc is ready" in visible_text(browser, "status")
+    browser.save_screenshot(str(tmp_path / "desk-ready.png"))
+    assert "Müller" not in browser.current_url and "PAT-1001" not in link.get_attribute("href")
+    link.click()
+    wait(browser, lambda: [name for name in os.listdir(browser.downloads) if name.endswith(".iso")])
+    [name] = [name for name in os.listdir(browser.downloads) if name.endswith(".iso")]
+    assert name == "Müller_Jürgen.iso"  # the RFC 6266 filename* as the browser saves it
+    disc = open_iso(str(browser.downloads / name), str(tmp_path / "downloaded"))
+    check_pdi(disc, archive.sop_uids("MR.180505.026", "ACC1002"))
+    assert os.path.getsize(tmp_path / "desk-ready.png") > 10000
+
+
+def test_an_unknown_accession_is_a_sentence(browser, live_server, make_service):
+    open_page(browser, live_server, make_service())
+    look_up(browser, "NOPE99")
+    wait(browser, lambda: "NOPE99" in visible_text(browser, "message"))
+    message = visible_text(browser, "message")
+    assert message == "The PACS has no study for accession number NOPE99."
+    assert not browser.find_element(By.ID, "found").is_displayed()
+
+
+def test_cancel_from_the_page(browser, live_server, make_service, tmp_path):
+    service = make_service(tools={"dcmtk_dir": slow_receiver_tools(tmp_path)})
+    open_page(browser, live_server, service)
+    look_up(browser, "BIG01")
+    wait(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, "#studies tr")) == 1)
+    browser.find_element(By.ID, "download").click()
+    wait(browser, lambda: "Receiving images: " in visible_text(browser, "status")
+         and not visible_text(browser, "status").startswith("Receiving images: 0 "))
+    browser.find_element(By.ID, "cancel").click()
+    wait(browser, lambda: visible_text(browser, "status") == "Cancelled. Nothing was kept.")
+    [job] = service.registry.recent()
+    assert job.state == "cancelled"
+    browser.save_screenshot(str(tmp_path / "desk-cancelled.png"))
+
+
+def test_the_page_asks_for_the_key_and_keeps_it_for_the_tab_only(browser, live_server, make_service):
+    key = "desk-key-0123456789"
+    service = make_service(auth={"enabled": True, "keys": {"desk-1": key}})
+    open_page(browser, live_server, service)
+    look_up(browser, "ACC2001")
+    wait(browser, lambda: browser.find_element(By.ID, "key-panel").is_displayed())
+    assert visible_text(browser, "message") == "Please enter the API key first."
+    browser.find_element(By.ID, "api-key").send_keys(key + "\n")
+    wait(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, "#studies tr")) == 1)
+    assert browser.execute_script("return sessionStorage.getItem('mkiso-api-key')") == key
+    assert browser.execute_script("return localStorage.length") == 0
+    browser.find_element(By.ID, "download").click()
+    wait(browser, lambda: browser.find_element(By.ID, "bar").get_attribute("value") == "100")
+    with open(service.config.audit.path) as handle:
+        assert '"caller": "desk-1"' in handle.read()
+
+
+def test_keyboard_only(browser, live_server, make_service):
+    """Type, Enter to look up, the focus moves on to the download button, Enter starts it."""
+    from selenium.webdriver.common.keys import Keys
+    open_page(browser, live_server, make_service())
+    active = browser.switch_to.active_element
+    assert active.get_attribute("id") == "accessions"
+    active.send_keys("ACC2001" + Keys.ENTER)
+    wait(browser, lambda: browser.switch_to.active_element.get_attribute("id") == "download")
+    browser.switch_to.active_element.send_keys(Keys.ENTER)
+    wait(browser, lambda: browser.switch_to.active_element.get_attribute("id") == "iso-link")
+    time.sleep(0.1)
+    assert "The disc is ready" in visible_text(browser, "status")
