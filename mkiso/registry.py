@@ -72,8 +72,10 @@ class Job:
         return self.export.request_id
 
     def watch(self, retrieval):
-        """A retrieval this job waits for: its arrivals count in the progress."""
-        self.retrievals.append(retrieval)
+        """A retrieval this job waits for: its arrivals count in the progress (a retried one replaces
+        the first try)."""
+        uid = retrieval.study.study_uid
+        self.retrievals = [known for known in self.retrievals if known.study.study_uid != uid] + [retrieval]
 
     def progress(self):
         received = size = 0
