@@ -146,6 +146,9 @@ SCHEMA = {
         "viewer_dir": (str, "", None),
         "volume_label": (str, "", None),
         "max_bytes": (int, 4700000000, _positive),
+        "media": (str, "dvd", _one_of("cd", "dvd", "dvd-dl", "bd", "none")),
+        "headroom_bytes": (int, 20000000, _not_negative),
+        "transcode": (str, "keep", _one_of("keep", "explicit-le")),
         "dicomdir": (str, "builtin", _one_of("builtin", "dcmmkdir")),
     },
     "paths": {
@@ -196,7 +199,8 @@ TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", NUMBER:
               list: "a list", dict: "a mapping"}
 
 # The dcmtk tools mkiso runs (tools.dcmtk_dir); health runs each one too.
-DCMTK_TOOLS = ("findscu", "movescu", "getscu", "storescp", "storescu", "echoscu", "dcmmkdir")
+DCMTK_TOOLS = ("findscu", "movescu", "getscu", "storescp", "storescu", "echoscu", "dcmmkdir", "dcmdjpeg", "dcmdrle",
+               "dcmconv")
 
 
 class _Loader(yaml.SafeLoader):

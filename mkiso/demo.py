@@ -30,7 +30,7 @@ class SampleStudy:
     """A made-up study: who, which accession, how many series and images."""
 
     def __init__(self, patient_id, patient_name, accession, series=(3,), modality="MR",
-                 study_id="1", series_numbers=True, image_bytes=128, noise=False):
+                 study_id="1", series_numbers=True, image_bytes=128, noise=False, study_date="20240115"):
         self.patient_id = patient_id
         self.patient_name = patient_name
         self.accession = accession
@@ -40,6 +40,7 @@ class SampleStudy:
         self.series_numbers = series_numbers
         self.image_bytes = image_bytes
         self.noise = noise  # pixels that compress about 2:1, as real images do, instead of zeros
+        self.study_date = study_date
         self.study_uid = generate_uid()
         self.sop_uids = []
 
@@ -87,7 +88,7 @@ def _image(study, sop_class, sop_uid, series_uid, series_number, number):
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = sop_uid
-    ds.StudyDate = "20240115"
+    ds.StudyDate = study.study_date
     ds.StudyTime = "101500"
     ds.AccessionNumber = study.accession
     ds.StudyDescription = "%s sample study" % study.modality
@@ -145,8 +146,10 @@ def wait_for_port(port, timeout=10.0, host="127.0.0.1"):
 class Dcmqrscp:
     """A real dcmqrscp PACS on loopback, with its config written here."""
 
-    def __init__(self, root, port, destinations, ae_title="ABPACS", dcmtk_dir="/usr/bin"):
+    def __init__(self, root, port, destinations, ae_title="ABPACS", dcmtk_dir="/usr/bin", options=()):
+        """``options`` go to dcmqrscp, e.g. ("-xs",) to send JPEG Lossless images as they are stored."""
         self.root = root
+        self.options = list(options)
         self.port = port
         self.destinations = dict(destinations)  # AE title -> port on 127.0.0.1
         self.ae_title = ae_title
@@ -183,7 +186,7 @@ class Dcmqrscp:
         env = dict(os.environ, TCP_NODELAY="1")
         with open(self.log_file, "ab") as log:
             self.proc = subprocess.Popen(
-                [os.path.join(self.dcmtk_dir, "dcmqrscp"), "-c", self.config_file, str(self.port)],
+                [os.path.join(self.dcmtk_dir, "dcmqrscp"), "-c", self.config_file] + self.options + [str(self.port)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                 start_new_session=True,
             )

@@ -151,9 +151,9 @@ def records(placed):
         yield 3, encode_image_record(image, disc_path, numbers[3])
 
 
-def _file_set(first, last):
+def _file_set(first, last, file_set_id):
     file_set = Dataset()
-    file_set.FileSetID = "MKISO"
+    file_set.FileSetID = file_set_id  # the disc's media profile (SPEC §10), or MKISO
     file_set.OffsetOfTheFirstDirectoryRecordOfTheRootDirectoryEntity = first
     file_set.OffsetOfTheLastDirectoryRecordOfTheRootDirectoryEntity = last
     file_set.FileSetConsistencyFlag = 0
@@ -174,7 +174,7 @@ def _file_meta():
     return buffer.getvalue()
 
 
-def write(path, placed):
+def write(path, placed, file_set_id="MKISO"):
     """Write the DICOMDIR for ``placed`` ([(received file, disc path)] in PDI order) to ``path``."""
     encoded = []
     levels = []
@@ -184,7 +184,7 @@ def write(path, placed):
         encoded.append(bytearray(item))
         levels.append(level)
     meta = _file_meta()  # once: a new UID could change its length and every offset after it
-    head = PREAMBLE + meta + _file_set(0, 0)
+    head = PREAMBLE + meta + _file_set(0, 0, file_set_id)
     position = len(head) + len(RECORD_SEQUENCE) + 4
     offsets = []
     for item in encoded:
@@ -203,7 +203,7 @@ def write(path, placed):
         last_at_level[level + 1:] = [None] * (3 - level)
     roots = [offsets[i] for i, level in enumerate(levels) if level == 0]
     with open(path, "wb") as handle:
-        handle.write(PREAMBLE + meta + _file_set(roots[0], roots[-1]))
+        handle.write(PREAMBLE + meta + _file_set(roots[0], roots[-1], file_set_id))
         handle.write(RECORD_SEQUENCE + struct.pack("<I", position - len(head) - len(RECORD_SEQUENCE) - 4))
         for item in encoded:
             handle.write(ITEM + struct.pack("<I", len(item)))

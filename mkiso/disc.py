@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import re
+import struct
 import warnings
 
 import pydicom
@@ -95,18 +96,29 @@ def viewer_digest(viewer_dir):
     return digest.hexdigest()
 
 
-def readme_text(studies, image_count):
-    return (
-        "This disc holds %d DICOM stud%s with %d images (DICOMDIR at the root lists every image).\r\n"
-        "Open it with the DICOM viewer on the disc or any DICOM viewer.\r\n"
-        "Made by mkiso %s on %s.\r\n"
-        % (len(studies), "y" if len(studies) == 1 else "ies", image_count, __version__,
-           datetime.date.today().isoformat())
-    )
+def viewer_bytes(viewer_dir):
+    """What the viewer's files take on a disc, in whole sectors."""
+    total = 0
+    for folder, _, names in os.walk(viewer_dir or ""):
+        for name in names:
+            total += -(-os.path.getsize(os.path.join(folder, name)) // SECTOR) * SECTOR
+    return total
 
 
-def stage(staging, files, studies, layout, viewer_dir):
-    """Lay the disc out in ``staging``; returns [(received file, disc path)] of the images."""
+def readme_text(studies, image_count, number=1, of=1, profile=""):
+    lines = ["This disc holds %d DICOM stud%s with %d images (DICOMDIR at the root lists every image)."
+             % (len(studies), "y" if len(studies) == 1 else "ies", image_count)]
+    if of > 1:
+        lines.append("This is disc %d of %d; each disc can be read on its own." % (number, of))
+    if profile:
+        lines.append("DICOM media profile: " + profile)
+    lines.append("Open it with the DICOM viewer on the disc or any DICOM viewer.")
+    lines.append("Made by mkiso %s on %s." % (__version__, datetime.date.today().isoformat()))
+    return "".join(line + "\r\n" for line in lines)
+
+
+def stage(staging, files, studies, layout, viewer_dir, number=1, of=1, profile=""):
+    """Lay disc ``number`` of ``of`` out in ``staging``; returns [(received file, disc path)] of the images."""
     if layout == "pdi":
         images, reserved = pdi_paths(files), PDI_RESERVED
     else:
@@ -117,22 +129,22 @@ def stage(staging, files, studies, layout, viewer_dir):
     fastcopy.place_files([(source, os.path.join(staging, path)) for source, path in pairs])
     if layout == "pdi":
         with open(os.path.join(staging, "README.TXT"), "w", encoding="ascii") as handle:
-            handle.write(readme_text(studies, len(images)))
+            handle.write(readme_text(studies, len(images), number, of, profile))
     return images
 
 
-def make_dicomdir(staging, images, how, dcmmkdir, timeout):
+def make_dicomdir(staging, images, how, dcmmkdir, timeout, file_set_id="MKISO"):
     """The DICOMDIR at the root of ``staging``: written here (``builtin``) or by dcmmkdir."""
     if how == "builtin":
-        dicomdir.write(os.path.join(staging, "DICOMDIR"), images)
+        dicomdir.write(os.path.join(staging, "DICOMDIR"), images, file_set_id)
         return
-    run_dcmmkdir(staging, dcmmkdir, timeout)
+    run_dcmmkdir(staging, dcmmkdir, timeout, file_set_id)
     check_dicomdir(staging, [path for _, path in images])
 
 
-def run_dcmmkdir(staging, dcmmkdir, timeout):
+def run_dcmmkdir(staging, dcmmkdir, timeout, file_set_id="MKISO"):
     """Run dcmmkdir over DICOM/ in the staging tree."""
-    args = [dcmmkdir, "+I", "-Nxc", "-Nec", "-Nrc", "+F", "MKISO", "-nb", "+r", "+D", "DICOMDIR", "DICOM"]
+    args = [dcmmkdir, "+I", "-Nxc", "-Nec", "-Nrc", "+F", file_set_id, "-nb", "+r", "+D", "DICOMDIR", "DICOM"]
     result = process.run_step(args, timeout, "dcmmkdir", cwd=staging, timeout_code="tool_timeout")
     if result.returncode != 0 or not os.path.exists(os.path.join(staging, "DICOMDIR")):
         raise errors.MkisoError("dcmmkdir could not make the DICOMDIR: %s" % process.failure_reason(result.output),
@@ -167,13 +179,44 @@ def volume_label(configured, accessions):
     return label or "MKISO"
 
 
-def genisoimage_args(genisoimage, staging, label):
-    return [genisoimage, "-quiet", "-J", "-joliet-long", "-r", "-input-charset", "utf-8", "-V", label, staging]
+def disc_label(label, number, of):
+    """The volume label of disc ``number`` of ``of``: the set's label, numbered when there are several."""
+    if of == 1:
+        return label
+    suffix = "_%d" % number
+    return label[:32 - len(suffix)] + suffix
 
 
-def iso_size(genisoimage, staging, label, timeout):
+def genisoimage_args(genisoimage, staging, label, number=1, of=1):
+    args = [genisoimage, "-quiet", "-J", "-joliet-long", "-r", "-input-charset", "utf-8",
+            "-V", disc_label(label, number, of)]
+    if of > 1:  # the set's name; its size and this disc's number: set_volume_sequence (genisoimage can't)
+        args += ["-volset", label]
+    return args + [staging]
+
+
+def set_volume_sequence(iso_path, number, of):
+    """Write the ISO 9660 volume set size and sequence number into every volume descriptor.
+
+    genisoimage refuses -volset-size above 1 ("not yet supported"), so the
+    fields (ECMA-119 8.4.16-17: 16-bit, both byte orders, at offsets 120 and
+    124 of the primary and each supplementary descriptor) are set here.
+    """
+    with open(iso_path, "r+b") as handle:
+        for sector in range(16, 64):
+            handle.seek(sector * SECTOR)
+            head = handle.read(6)
+            if len(head) < 6 or head[1:6] != b"CD001" or head[0] == 255:
+                return
+            if head[0] in (1, 2):  # primary, supplementary (Joliet)
+                handle.seek(sector * SECTOR + 120)
+                handle.write(struct.pack("<H", of) + struct.pack(">H", of)
+                             + struct.pack("<H", number) + struct.pack(">H", number))
+
+
+def iso_size(genisoimage, staging, label, timeout, number=1, of=1):
     """The exact size the ISO will have, from genisoimage -print-size."""
-    args = genisoimage_args(genisoimage, staging, label)
+    args = genisoimage_args(genisoimage, staging, label, number, of)
     result = process.run_step(args[:1] + ["-print-size"] + args[1:], timeout, "genisoimage",
                               timeout_code="tool_timeout")
     sectors = re.findall(r"^\s*(\d+)\s*$", result.output, re.M)
@@ -183,11 +226,14 @@ def iso_size(genisoimage, staging, label, timeout):
     return int(sectors[-1]) * SECTOR
 
 
-def make_iso(genisoimage, staging, label, iso_path, timeout):
-    args = genisoimage_args(genisoimage, staging, label)
+def make_iso(genisoimage, staging, label, iso_path, timeout, number=1, of=1):
+    """Write the ISO of ``staging``: disc ``number`` of a set of ``of``."""
+    args = genisoimage_args(genisoimage, staging, label, number, of)
     result = process.run_step(args[:1] + ["-o", iso_path] + args[1:], timeout, "genisoimage",
                               timeout_code="tool_timeout")
     if result.returncode != 0 or not os.path.exists(iso_path):
         if "No space left" in result.output:
             raise errors.InsufficientStorage("The work dir ran out of space while writing the ISO.")
         raise errors.MkisoError("genisoimage failed: %s" % process.failure_reason(result.output), code="iso_failed")
+    if of > 1:
+        set_volume_sequence(iso_path, number, of)

@@ -10,12 +10,13 @@ class MkisoError(Exception):
     status = 500
     code = "internal_error"
 
-    def __init__(self, message, code=None, headers=None):
+    def __init__(self, message, code=None, headers=None, details=None):
         super().__init__(message)
         self.message = message
         if code:
             self.code = code
         self.headers = list(headers or [])
+        self.details = dict(details or {})  # more fields of the error body (413: "discs")
 
 
 class BadRequest(MkisoError):

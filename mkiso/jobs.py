@@ -10,6 +10,7 @@ success when the ISO is no longer needed.  ``registry`` runs these steps
 as jobs (slots, queue, state, cancel).
 """
 
+import dataclasses
 import errno
 import logging
 import os
@@ -17,21 +18,41 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 
-from . import delivery, disc, disk, errors, logs
+from . import delivery, disc, disk, errors, logs, media
 from .retrieval import Retrievals
 
 log = logging.getLogger(__name__)
 
 
-class Iso:
-    """A finished ISO waiting to be sent (``path`` None: sized, not built); ``cleanup`` removes the job folder."""
+PLAN_ATTEMPTS = 3
 
-    def __init__(self, path, size, stem, fallback_stem, folder):
+
+@dataclasses.dataclass
+class Layout:
+    """One disc staged and sized, not yet written."""
+
+    staging: str
+    images: list
+    size: int
+    number: int
+
+
+class Iso:
+    """A finished ISO waiting to be sent (``path`` None: sized, not built); ``cleanup`` removes the job folder.
+
+    A job split over several discs has one Iso each (``number`` of ``of``),
+    all in the one job folder.
+    """
+
+    def __init__(self, path, size, stem, fallback_stem, folder, images=0, number=1, of=1):
         self.path = path
         self.size = size
-        self.stem = stem
-        self.fallback_stem = fallback_stem
+        self.stem = stem if of == 1 else "%s_disc%d" % (stem, number)
+        self.fallback_stem = fallback_stem if of == 1 else "%s_disc%d" % (fallback_stem, number)
         self.folder = folder
+        self.images = images
+        self.number = number
+        self.of = of
 
     def cleanup(self):
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -152,45 +173,92 @@ class Jobs:
         key = None  # no manifest, no key: such a disc is not cached
         if None not in manifests.values():
             key = self.cache.key(manifests, layout=config.iso.layout, dicomdir=config.iso.dicomdir, label=label,
-                                 viewer=disc.viewer_digest(config.iso.viewer_dir))
+                                 viewer=disc.viewer_digest(config.iso.viewer_dir), media=config.iso.media,
+                                 capacity=media.capacity(config.iso), transcode=config.iso.transcode)
             cached = self._from_cache(job, key, os.path.join(folder, "disc.iso"))
             if cached is not None:
                 export.bytes = job.disc_bytes
-                return Iso(cached, job.disc_bytes, stem, accessions[0], folder)
-        staging = os.path.join(folder, "disc")
-        os.mkdir(staging)
+                return [Iso(cached, job.disc_bytes, stem, accessions[0], folder, images=job.images_expected)]
         with self.retrieved(job, studies, manifests) as files:
             watch.lap("retrieve")
-            job.step("stage")
-            images = disc.stage(staging, files, studies, config.iso.layout, config.iso.viewer_dir)
-            export.images = len(images)
+            if config.iso.transcode == "explicit-le":
+                job.step("transcode")
+                transcoded = os.path.join(folder, "transcoded")
+                os.mkdir(transcoded)
+                files = media.transcode(files, transcoded, config.tools.dcmtk_dir, config.timeouts.iso_s)
+                watch.lap("transcode")
+            laid = self._lay_out(job, folder, files, studies, label)
         watch.lap("stage")
+        export.images = sum(len(layout.images) for layout in laid)
+        job.disc_bytes = sum(layout.size for layout in laid)
+        self.check_free_space(job.disc_bytes)
+        isos = []
+        for layout in laid:
+            iso_path = None
+            if build:
+                job.step("iso")
+                iso_path = os.path.join(folder, "disc-%d.iso" % layout.number if len(laid) > 1 else "disc.iso")
+                disc.make_iso(config.tools.genisoimage, layout.staging, label, iso_path, config.timeouts.iso_s,
+                              layout.number, len(laid))
+            shutil.rmtree(layout.staging)
+            size = os.path.getsize(iso_path) if build else layout.size
+            isos.append(Iso(iso_path, size, stem, accessions[0], folder, len(layout.images), layout.number,
+                            len(laid)))
+        shutil.rmtree(os.path.join(folder, "transcoded"), ignore_errors=True)
+        watch.lap("iso")
+        if key and build and len(isos) == 1:
+            self.cache.store(key, isos[0].path)
+        log.info("iso built", extra={"fields": dict({
+            "accessions": ",".join(accessions), "studies": len(studies), "images": export.images,
+            "discs": len(isos), "bytes": job.disc_bytes, "request_id": job.request_id}, **watch.fields)})
+        export.bytes = sum(iso.size for iso in isos)
+        return isos
+
+    def _lay_out(self, job, folder, files, studies, label):
+        """Plan, stage, index and size every disc; plan again, tighter, while genisoimage finds one too big.
+
+        Without ``job.split`` more than one disc is a 413 saying how many:
+        the same number a split job makes.
+        """
+        config = self.config
+        limit = media.capacity(config.iso)
+        fixed = media.BASE + disc.viewer_bytes(config.iso.viewer_dir)
+        budget = limit
+        for _ in range(PLAN_ATTEMPTS):
+            groups = media.plan(files, budget, fixed)
+            if len(groups) > 1 and not job.split:
+                raise errors.TooLarge(
+                    "These studies need %d discs of %s; ask for a job with split, or fewer accession numbers."
+                    % (len(groups), media.describe(config.iso)), code="needs_split", details={"discs": len(groups)})
+            laid = [self._stage_disc(job, folder, number, len(groups), group, studies, label)
+                    for number, group in enumerate(groups, start=1)]
+            over = max(layout.size for layout in laid) - limit
+            if over <= 0:
+                return laid
+            for layout in laid:
+                shutil.rmtree(layout.staging)
+            budget -= over + 8 * disc.SECTOR
+        raise errors.TooLarge("The disc cannot be laid out within %s." % media.describe(config.iso),
+                              code="disc_too_large")
+
+    def _stage_disc(self, job, folder, number, of, files, studies, label):
+        config = self.config
+        job.step("stage")
+        staging = os.path.join(folder, "disc-%d" % number)
+        os.mkdir(staging)
+        here = {received.study_uid for received in files}
+        profile = media.profile({received.transfer_syntax for received in files}, config.iso.media)
+        images = disc.stage(staging, files, [study for study in studies if study.study_uid in here],
+                            config.iso.layout, config.iso.viewer_dir, number, of,
+                            profile.text if config.iso.layout == "pdi" else "")
         if config.iso.layout == "pdi":
             job.step("dicomdir")
             dcmmkdir = os.path.join(config.tools.dcmtk_dir, "dcmmkdir")
-            disc.make_dicomdir(staging, images, config.iso.dicomdir, dcmmkdir, config.timeouts.iso_s)
-            watch.lap("dicomdir")
+            disc.make_dicomdir(staging, images, config.iso.dicomdir, dcmmkdir, config.timeouts.iso_s,
+                               profile.file_set_id)
         job.step("size")
-        size = job.disc_bytes = disc.iso_size(config.tools.genisoimage, staging, label, config.timeouts.iso_s)
-        watch.lap("size")
-        if size > config.iso.max_bytes:
-            raise errors.TooLarge("The disc would hold %d bytes, more than iso.max_bytes %d."
-                                  % (size, config.iso.max_bytes))
-        self.check_free_space(size)
-        iso_path = None
-        if build:
-            job.step("iso")
-            iso_path = os.path.join(folder, "disc.iso")
-            disc.make_iso(config.tools.genisoimage, staging, label, iso_path, config.timeouts.iso_s)
-            watch.lap("iso")
-            if key:
-                self.cache.store(key, iso_path)
-        shutil.rmtree(staging)
-        log.info("iso built", extra={"fields": dict({
-            "accessions": ",".join(accessions), "studies": len(studies), "images": len(images),
-            "bytes": size, "request_id": job.request_id}, **watch.fields)})
-        export.bytes = os.path.getsize(iso_path) if build else size
-        return Iso(iso_path, export.bytes, stem, accessions[0], folder)
+        size = disc.iso_size(config.tools.genisoimage, staging, label, config.timeouts.iso_s, number, of)
+        return Layout(staging, images, size, number)
 
     def _from_cache(self, job, key, iso_path):
         """The cached ISO linked to ``iso_path``, or None when this disc is not cached."""
@@ -225,12 +293,16 @@ class Jobs:
                     export.images = len(files)
                     job.step("send")
                     sent = self.publisher.send(files, folder)
+                    discs = len(media.plan(files, media.capacity(self.config.iso),
+                                           media.BASE + disc.viewer_bytes(self.config.iso.viewer_dir)))
                     export.bytes = job.progress()["bytes_received"]
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
         log.info("sent to publisher", extra={"fields": {
             "accessions": ",".join(job.accessions), "studies": len(studies), "images": sent}})
-        return {"status": "sent", "accessions": job.accessions, "studies": len(studies), "instances": sent}
+        # The publisher composes its own discs; how many of iso.media it will need, as mkiso would split them.
+        return {"status": "sent", "accessions": job.accessions, "studies": len(studies), "instances": sent,
+                "discs": discs, "media": self.config.iso.media}
 
     # -- what the desk page shows ---------------------------------------------
 

@@ -43,6 +43,7 @@ class Job:
     accessions: list
     export: audit.Export
     named_by_patient: bool = False
+    split: bool = False  # a download too big for one disc makes several (else 413 needs_split)
     synchronous: bool = False
     id: str = dataclasses.field(default_factory=lambda: secrets.token_hex(16))  # 128 random bits
     token: str = dataclasses.field(default_factory=lambda: secrets.token_urlsafe(32))  # for the ISO link
@@ -55,7 +56,8 @@ class Job:
     images_expected: Optional[int] = None
     disc_bytes: Optional[int] = None
     retrievals: list = dataclasses.field(default_factory=list)
-    iso: object = None  # jobs.Iso once a download is ready
+    iso: object = None  # jobs.Iso once a download of one disc is ready
+    discs: list = dataclasses.field(default_factory=list)  # every disc's jobs.Iso
     answer: Optional[dict] = None  # a print's answer
     cancelled: bool = False
     registry: object = dataclasses.field(default=None, repr=False)
@@ -88,13 +90,17 @@ class Job:
 
     def as_dict(self, keep_s):
         links = {"self": "/api/jobs/" + self.id, "events": "/api/jobs/%s/events" % self.id}
-        if self.state == "ready" and self.iso is not None:
+        ready = self.state == "ready"
+        if ready and self.iso is not None:
             links["iso"] = "/api/jobs/%s/iso?token=%s" % (self.id, self.token)
+        discs = [{"number": iso.number, "bytes": iso.size, "images": iso.images,
+                  "links": {"iso": "/api/jobs/%s/discs/%d/iso?token=%s" % (self.id, iso.number, self.token)}}
+                 for iso in (self.discs if ready else [])]
         return {
             "id": self.id, "action": self.action, "accessions": list(self.accessions), "state": self.state,
             "progress": self.progress(), "error": self.error, "created": _iso_time(self.created),
             "updated": _iso_time(self.updated), "expires": _iso_time(self.ended + keep_s if self.ended else None),
-            "links": links, "result": self.answer,
+            "links": links, "discs": discs, "result": self.answer,
         }
 
 
@@ -170,7 +176,8 @@ class Registry:
                     if job.action == "print":
                         job.answer = self.steps.print_studies(job)
                     else:
-                        job.iso = self.steps.make_iso(job, build)
+                        job.discs = self.steps.make_iso(job, build)
+                        job.iso = job.discs[0] if len(job.discs) == 1 else None
                     process.check_cancelled()
                 except Exception as exc:
                     if not job.cancelled:
@@ -183,8 +190,8 @@ class Registry:
                 try:
                     self.audit.record(job.export, 200)
                 except errors.MkisoError as exc:
-                    iso, job.iso = job.iso, None
-                    if iso is not None:
+                    discs, job.iso, job.discs = job.discs, None, []
+                    for iso in discs:
                         iso.cleanup()
                     self._failed(job, exc, audited)
                     raise
@@ -278,9 +285,10 @@ class Registry:
             self._discard(job)
 
     def _discard(self, job):
-        iso, job.iso = job.iso, None
-        if iso is not None and not job.synchronous:
-            iso.cleanup()
+        discs, job.iso, job.discs = job.discs, None, []
+        if not job.synchronous:
+            for iso in discs:
+                iso.cleanup()
 
     def discard_all(self):
         """At shutdown: every ready job's files go (they would be leftovers anyway)."""

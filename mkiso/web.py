@@ -70,6 +70,7 @@ PATTERN_ROUTES = [
     (re.compile("^/api/jobs/%s$" % JOB_ID), Route("job", methods=("GET", "DELETE"))),
     (re.compile("^/api/jobs/%s/events$" % JOB_ID), Route("job_events")),
     (re.compile("^/api/jobs/%s/iso$" % JOB_ID), Route("job_iso", token_access=True)),
+    (re.compile("^/api/jobs/%s/discs/(?P<number>[1-9][0-9]{0,3})/iso$" % JOB_ID), Route("job_iso", token_access=True)),
 ]
 
 
@@ -165,7 +166,7 @@ class Application:
         raise errors.NotFound("There is nothing at %s." % request.path)
 
     def _error(self, request, exc):
-        payload = {"error": exc.message, "code": exc.code, "request_id": request.request_id}
+        payload = dict(exc.details, error=exc.message, code=exc.code, request_id=request.request_id)
         if exc.status >= 500:
             log.warning("%s", exc.message, extra={"fields": {"request_id": request.request_id, "status": exc.status}})
         return Response.json(exc.status, payload, exc.headers)
@@ -258,9 +259,14 @@ class Application:
             if "," in item:
                 raise errors.BadRequest("Accession number '%s' contains a comma." % accessions.escape(item),
                                         code="bad_accession")
+        split = body.get("split", False)
+        if not isinstance(split, bool):
+            raise errors.BadRequest("split must be true or false.")
         wanted = accessions.parse(",".join(given), "accessions", True, self.config.limits.max_accessions)
         request.accessions = wanted
-        job = registry.submit(self._new_job(request, action, wanted, named_by_patient=len(wanted) > 1))
+        job = self._new_job(request, action, wanted, named_by_patient=len(wanted) > 1)
+        job.split = split
+        registry.submit(job)
         return Response.json(202, job.as_dict(registry.keep_s), [("Location", "/api/jobs/" + job.id)])
 
     def _json_body(self, request):
@@ -317,21 +323,30 @@ class Application:
             self._streams.release()
 
     def job_iso(self, request):
+        """A ready job's disc: ``/iso`` when it made one, ``/discs/{n}/iso`` for each of several."""
         registry = self.service.registry
         job = registry.get(request.match["job_id"])
         if not request.authorized:
             token = (request.param("token") or "").encode("utf-8", "surrogateescape")
             if not hmac.compare_digest(token, job.token.encode("ascii")):
                 raise errors.Unauthorized("A valid X-API-Key header or the job's download token is required.")
-        if job.state != "ready" or job.iso is None:
+        if job.state != "ready":
             if job.state in ("failed", "cancelled", "done"):
                 raise errors.NotFound("Job %s has no disc (it is %s)." % (job.id, job.state), code="no_disc")
             raise errors.Conflict("The disc of job %s is not ready yet (%s)." % (job.id, job.progress()["phase"]),
                                   code="not_ready")
+        number = int(request.match.get("number") or 0)
+        if number == 0 and len(job.discs) > 1:
+            raise errors.Conflict("Job %s made %d discs; fetch each from /api/jobs/%s/discs/<n>/iso."
+                                  % (job.id, len(job.discs), job.id), code="several_discs")
+        if number > len(job.discs):
+            raise errors.NotFound("Job %s has %d disc%s." % (job.id, len(job.discs), "s" * (len(job.discs) > 1)),
+                                  code="no_disc")
+        iso = job.discs[max(number, 1) - 1]
         server = self.config.server
         if server.x_accel_prefix:
-            return delivery.accel_response(job.iso, server.x_accel_prefix, self.config.paths.work_dir, None)
-        return delivery.iso_response(request.environ, job.iso, remove=False)
+            return delivery.accel_response(iso, server.x_accel_prefix, self.config.paths.work_dir, None)
+        return delivery.iso_response(request.environ, iso, remove=False)
 
     def studies(self, request):
         wanted = self._accessions(request, ("accession_numbers", "accession_number"), several=True)

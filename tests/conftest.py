@@ -104,8 +104,8 @@ def make_service(tmp_path, settings):
 
 def job_leftovers(service):
     """What jobs and retrievals left in the service's work dir (a ready job's disc is not left over)."""
-    kept = {os.path.basename(job.iso.folder) for job in service.registry.recent()
-            if job.state == "ready" and job.iso is not None}
+    kept = {os.path.basename(iso.folder) for job in service.registry.recent() if job.state == "ready"
+            for iso in job.discs}
     return [name for folder in (JOBS, RETRIEVALS) for name in os.listdir(service.path(folder)) if name not in kept]
 
 

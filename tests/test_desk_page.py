@@ -139,3 +139,22 @@ def test_keyboard_only(browser, live_server, make_service):
     wait(browser, lambda: browser.switch_to.active_element.get_attribute("id") == "iso-link")
     time.sleep(0.1)
     assert "The disc is ready" in visible_text(browser, "status")
+
+
+def test_a_request_too_big_for_one_disc_lists_every_disc(browser, live_server, make_service, tmp_path):
+    """With a tiny test medium the patient's two studies need several discs: one link each."""
+    from mkiso import media
+    service = make_service(iso={"media": "cd", "max_bytes": media.BASE + 10000, "headroom_bytes": 0})
+    open_page(browser, live_server, service)
+    look_up(browser, "MR.180505.026, ACC1002")
+    wait(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, "#studies tr")) == 2)
+    browser.find_element(By.ID, "download").click()
+    wait(browser, lambda: browser.find_element(By.ID, "bar").get_attribute("value") == "100")
+    [job] = service.registry.recent()
+    links = browser.find_elements(By.CSS_SELECTOR, "#disc-links a")
+    assert len(job.discs) > 1 and len(links) == len(job.discs)
+    assert [link.text.split(" (")[0] for link in links] == [
+        "Disc %d of %d" % (n, len(job.discs)) for n in range(1, len(job.discs) + 1)]
+    assert not browser.find_element(By.ID, "iso-link").is_displayed()
+    assert browser.switch_to.active_element.text.startswith("Disc 1 of")
+    browser.save_screenshot(str(tmp_path / "desk-discs.png"))

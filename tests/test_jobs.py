@@ -15,7 +15,7 @@ from conftest import job_leftovers
 from discs import check_pdi, open_iso
 
 JOB_KEYS = {"id", "action", "accessions", "state", "progress", "error", "created", "updated", "expires", "links",
-            "result"}
+            "discs", "result"}
 PROGRESS_KEYS = {"phase", "images_expected", "images_received", "bytes_received", "disc_bytes"}
 
 
@@ -343,6 +343,6 @@ def test_a_print_job_ends_done_with_the_publishers_answer(make_service, wsgi_cal
         rimage.stop()
     assert job["state"] == "done" and job["action"] == "print", job
     assert job["result"] == {"status": "sent", "accessions": ["ACC2001"], "studies": 1,
-                             "instances": len(archive.sop_uids("ACC2001"))}
+                             "instances": len(archive.sop_uids("ACC2001")), "discs": 1, "media": "dvd"}
     assert "iso" not in job["links"]
     assert wsgi_call(app, "/api/jobs/%s/iso" % job["id"]).json()["code"] == "no_disc"

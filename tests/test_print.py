@@ -50,7 +50,7 @@ def test_print_one_accession(make_service, rimage, wsgi_call, archive):
     response = wsgi_call(print_app(make_service, rimage.port), "/api/iso/print", query="accession_number=ACC2001")
     assert response.status == 200, response.body
     assert response.json() == {"status": "sent", "accessions": ["ACC2001"], "studies": 1,
-                               "instances": len(archive.sop_uids("ACC2001"))}
+                               "instances": len(archive.sop_uids("ACC2001")), "discs": 1, "media": "dvd"}
     assert rimage.received_sop_uids() == archive.sop_uids("ACC2001")
 
 
