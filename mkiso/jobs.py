@@ -52,7 +52,6 @@ class Iso:
         self.folder = folder
         self.images = images
         self.number = number
-        self.of = of
 
     def cleanup(self):
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -221,11 +220,9 @@ class Jobs:
         the same number a split job makes.
         """
         config = self.config
-        limit = media.capacity(config.iso)
-        fixed = media.BASE + disc.viewer_bytes(config.iso.viewer_dir)
-        budget = limit
+        limit = budget = media.capacity(config.iso)
         for _ in range(PLAN_ATTEMPTS):
-            groups = media.plan(files, budget, fixed)
+            groups = self.plan(files, budget)
             if len(groups) > 1 and not job.split:
                 raise errors.TooLarge(
                     "These studies need %d discs of %s; ask for a job with split, or fewer accession numbers."
@@ -240,6 +237,10 @@ class Jobs:
             budget -= over + 8 * disc.SECTOR
         raise errors.TooLarge("The disc cannot be laid out within %s." % media.describe(config.iso),
                               code="disc_too_large")
+
+    def plan(self, files, budget):
+        """``files`` split into discs of ``budget`` bytes, each also holding the viewer (media.plan)."""
+        return media.plan(files, budget, media.BASE + disc.viewer_bytes(self.config.iso.viewer_dir))
 
     def _stage_disc(self, job, folder, number, of, files, studies, label):
         config = self.config
@@ -293,8 +294,7 @@ class Jobs:
                     export.images = len(files)
                     job.step("send")
                     sent = self.publisher.send(files, folder)
-                    discs = len(media.plan(files, media.capacity(self.config.iso),
-                                           media.BASE + disc.viewer_bytes(self.config.iso.viewer_dir)))
+                    discs = len(self.plan(files, media.capacity(self.config.iso)))
                     export.bytes = job.progress()["bytes_received"]
             finally:
                 shutil.rmtree(folder, ignore_errors=True)

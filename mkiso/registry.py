@@ -180,6 +180,7 @@ class Registry:
                         job.iso = job.discs[0] if len(job.discs) == 1 else None
                     process.check_cancelled()
                 except Exception as exc:
+                    _drop_discs(job)  # made just before a cancel took: they go too
                     if not job.cancelled:
                         self._failed(job, exc, audited)
                         raise
@@ -190,9 +191,7 @@ class Registry:
                 try:
                     self.audit.record(job.export, 200)
                 except errors.MkisoError as exc:
-                    discs, job.iso, job.discs = job.discs, None, []
-                    for iso in discs:
-                        iso.cleanup()
+                    _drop_discs(job)
                     self._failed(job, exc, audited)
                     raise
             self.update(job, state="done" if job.action == "print" or job.synchronous else "ready",
@@ -226,9 +225,6 @@ class Registry:
             if ended:
                 job.ended = job.updated
             self._changed.notify_all()
-
-    def phase(self, job, phase):
-        self.update(job, phase=phase)
 
     def get(self, job_id):
         with self._changed:
@@ -285,13 +281,21 @@ class Registry:
             self._discard(job)
 
     def _discard(self, job):
-        discs, job.iso, job.discs = job.discs, None, []
-        if not job.synchronous:
-            for iso in discs:
-                iso.cleanup()
+        """A ready job's discs go (a synchronous request's went with its answer)."""
+        if job.synchronous:
+            job.iso, job.discs = None, []
+        else:
+            _drop_discs(job)
 
     def discard_all(self):
         """At shutdown: every ready job's files go (they would be leftovers anyway)."""
         with self._changed:
             for job in self._jobs.values():
                 self._discard(job)
+
+
+def _drop_discs(job):
+    """Remove the job's discs and forget them."""
+    discs, job.iso, job.discs = job.discs, None, []
+    for iso in discs:
+        iso.cleanup()
