@@ -290,15 +290,19 @@ def bench_size(images, image_kb, runs, root, pacs_choice):
         servers = {retrieve: MkisoServer(root, pacs, receiver_port, retrieve) for retrieve in ("move", "get")}
         reference, mkiso = [], {retrieve: [] for retrieve in servers}
         try:
+            rows = ["reference"] + list(servers)
             for number in range(1, runs + 1):
-                # Interleaved, each after a sync: every run starts without the last one's writeback.
-                print("  run %d: reference, mkiso move, mkiso get ..." % number, flush=True)
-                os.sync()
-                phases, ref_iso = reference_run(root, pacs, study, ref_port)
-                reference.append(phases)
-                for retrieve, server in servers.items():
+                # Interleaved, each after a sync: every run starts without the last one's writeback;
+                # the order turns each round, so that no row always follows the same one.
+                order = rows[number - 1:] + rows[:number - 1]
+                print("  run %d: %s ..." % (number, ", ".join(order)), flush=True)
+                for row in order:
                     os.sync()
-                    mkiso[retrieve].append(server.download(study.accession))
+                    if row == "reference":
+                        phases, ref_iso = reference_run(root, pacs, study, ref_port)
+                        reference.append(phases)
+                    else:
+                        mkiso[row].append(servers[row].download(study.accession))
             peaks = {retrieve: server.peak_kb() for retrieve, server in servers.items()}
         finally:
             for server in servers.values():
