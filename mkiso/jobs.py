@@ -186,8 +186,7 @@ class Jobs:
                 os.mkdir(transcoded)
                 files = media.transcode(files, transcoded, config.tools.dcmtk_dir, config.timeouts.iso_s)
                 watch.lap("transcode")
-            laid = self._lay_out(job, folder, files, studies, label)
-        watch.lap("stage")
+            laid = self._lay_out(job, folder, files, studies, label, watch)
         export.images = sum(len(layout.images) for layout in laid)
         job.disc_bytes = sum(layout.size for layout in laid)
         self.check_free_space(job.disc_bytes)
@@ -213,7 +212,7 @@ class Jobs:
         export.bytes = sum(iso.size for iso in isos)
         return isos
 
-    def _lay_out(self, job, folder, files, studies, label):
+    def _lay_out(self, job, folder, files, studies, label, watch):
         """Plan, stage, index and size every disc; plan again, tighter, while genisoimage finds one too big.
 
         Without ``job.split`` more than one disc is a 413 saying how many:
@@ -227,7 +226,7 @@ class Jobs:
                 raise errors.TooLarge(
                     "These studies need %d discs of %s; ask for a job with split, or fewer accession numbers."
                     % (len(groups), media.describe(config.iso)), code="needs_split", details={"discs": len(groups)})
-            laid = [self._stage_disc(job, folder, number, len(groups), group, studies, label)
+            laid = [self._stage_disc(job, folder, number, len(groups), group, studies, label, watch)
                     for number, group in enumerate(groups, start=1)]
             over = max(layout.size for layout in laid) - limit
             if over <= 0:
@@ -242,7 +241,7 @@ class Jobs:
         """``files`` split into discs of ``budget`` bytes, each also holding the viewer (media.plan)."""
         return media.plan(files, budget, media.BASE + disc.viewer_bytes(self.config.iso.viewer_dir))
 
-    def _stage_disc(self, job, folder, number, of, files, studies, label):
+    def _stage_disc(self, job, folder, number, of, files, studies, label, watch):
         config = self.config
         job.step("stage")
         staging = os.path.join(folder, "disc-%d" % number)
@@ -252,13 +251,16 @@ class Jobs:
         images = disc.stage(staging, files, [study for study in studies if study.study_uid in here],
                             config.iso.layout, config.iso.viewer_dir, number, of,
                             profile.text if config.iso.layout == "pdi" else "")
+        watch.lap("stage")
         if config.iso.layout == "pdi":
             job.step("dicomdir")
             dcmmkdir = os.path.join(config.tools.dcmtk_dir, "dcmmkdir")
             disc.make_dicomdir(staging, images, config.iso.dicomdir, dcmmkdir, config.timeouts.iso_s,
                                profile.file_set_id)
+            watch.lap("dicomdir")
         job.step("size")
         size = disc.iso_size(config.tools.genisoimage, staging, label, config.timeouts.iso_s, number, of)
+        watch.lap("size")
         return Layout(staging, images, size, number)
 
     def _from_cache(self, job, key, iso_path):

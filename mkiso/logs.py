@@ -66,8 +66,10 @@ class Stopwatch:
         self._last = time.monotonic()
 
     def lap(self, phase):
+        """The time since the last lap goes to ``phase`` (added up when a phase comes again, disc by disc)."""
         now = time.monotonic()
-        self.fields[phase + "_ms"] = int((now - self._last) * 1000)
+        key = phase + "_ms"
+        self.fields[key] = self.fields.get(key, 0) + int((now - self._last) * 1000)
         self._last = now
 
 

@@ -302,3 +302,15 @@ def test_an_unwritable_work_dir_is_503_with_a_sentence(make_service, wsgi_call, 
     assert response.status == 503 and body["code"] == "work_dir_unwritable", body
     assert "is not writable (Read-only file system)" in body["error"]
     assert health["ok"] is False and "not writable" in health["detail"]
+
+
+def test_the_iso_line_carries_the_phase_split(make_service, wsgi_call, caplog):
+    """The benchmark reads where the time went from this line: every phase, in milliseconds."""
+    caplog.set_level(logging.INFO, logger="mkiso.jobs")
+    service = make_service()
+    assert wsgi_call(web.Application(service.config, service), "/api/iso/download",
+                     query="accession_number=ACC2001").status == 200
+    [line] = [record for record in caplog.records if record.getMessage() == "iso built"]
+    for phase in ("find", "manifest", "retrieve", "stage", "dicomdir", "size", "iso"):
+        assert isinstance(line.fields[phase + "_ms"], int) and line.fields[phase + "_ms"] >= 0, phase
+    assert line.fields["discs"] == 1 and line.fields["images"] == 4
