@@ -198,7 +198,7 @@ class Jobs:
                 iso_path = os.path.join(folder, "disc-%d.iso" % layout.number if len(laid) > 1 else "disc.iso")
                 disc.make_iso(config.tools.genisoimage, layout.staging, label, iso_path, config.timeouts.iso_s,
                               layout.number, len(laid))
-            shutil.rmtree(layout.staging)
+            disk.remove_soon(layout.staging)
             size = os.path.getsize(iso_path) if build else layout.size
             isos.append(Iso(iso_path, size, stem, accessions[0], folder, len(layout.images), layout.number,
                             len(laid)))

@@ -346,3 +346,15 @@ def test_a_print_job_ends_done_with_the_publishers_answer(make_service, wsgi_cal
                              "instances": len(archive.sop_uids("ACC2001")), "discs": 1, "media": "dvd"}
     assert "iso" not in job["links"]
     assert wsgi_call(app, "/api/jobs/%s/iso" % job["id"]).json()["code"] == "no_disc"
+
+
+def test_a_ready_jobs_folder_keeps_only_its_disc(make_service, wsgi_call, app_of):
+    """The staging tree (the last links to the images) goes in the background once the ISO is written."""
+    service = make_service()
+    app = app_of(service)
+    job = wait_for(wsgi_call, app, post_job(wsgi_call, app, ["ACC2001"]).json()["id"], ("ready",))
+    [folder] = os.listdir(service.path("jobs"))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and os.listdir(service.path("jobs", folder)) != ["disc.iso"]:
+        time.sleep(0.05)
+    assert os.listdir(service.path("jobs", folder)) == ["disc.iso"], job
