@@ -19,14 +19,11 @@ import collections
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 import threading
 import time
 
 from . import __version__
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass

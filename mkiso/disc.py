@@ -96,13 +96,15 @@ def viewer_digest(viewer_dir):
     return digest.hexdigest()
 
 
+def sectors(size):
+    """``size`` bytes rounded up to whole 2,048-byte sectors, as a file takes them on a disc."""
+    return -(-size // SECTOR) * SECTOR
+
+
 def viewer_bytes(viewer_dir):
     """What the viewer's files take on a disc, in whole sectors."""
-    total = 0
-    for folder, _, names in os.walk(viewer_dir or ""):
-        for name in names:
-            total += -(-os.path.getsize(os.path.join(folder, name)) // SECTOR) * SECTOR
-    return total
+    return sum(sectors(os.path.getsize(os.path.join(folder, name)))
+               for folder, _, names in os.walk(viewer_dir or "") for name in names)
 
 
 def readme_text(studies, image_count, number=1, of=1, profile=""):

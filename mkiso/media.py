@@ -18,13 +18,10 @@ is an error naming its transfer syntax, never a silent copy.
 """
 
 import dataclasses
-import logging
 import os
 
 from . import errors, process
-from .disc import SECTOR
-
-log = logging.getLogger(__name__)
+from .disc import SECTOR, sectors
 
 CAPACITY = {"cd": 700000000, "dvd": 4700000000, "dvd-dl": 8500000000, "bd": 25000000000, "none": None}
 NAMES = {"cd": "CD", "dvd": "DVD", "dvd-dl": "dual-layer DVD", "bd": "Blu-ray disc", "none": "disc"}
@@ -69,10 +66,6 @@ def describe(iso):
 # -- the plan --------------------------------------------------------------
 
 
-def sectors(size):
-    return -(-size // SECTOR) * SECTOR
-
-
 def cost(received):
     return sectors(os.path.getsize(received.path)) + PER_IMAGE
 
@@ -85,6 +78,7 @@ def plan(files, limit, fixed):
     too big, then its series, then its images.  Returns a list of lists.
     """
     room = limit - fixed
+    costs = {received.path: cost(received) for received in files}  # one stat a file
     studies = {}
     for received in files:
         studies.setdefault(received.study_uid, []).append(received)
@@ -106,7 +100,7 @@ def plan(files, limit, fixed):
         used += size
 
     for study in ordered:
-        size = sum(cost(image) for image in study)
+        size = sum(costs[image.path] for image in study)
         if size <= room:
             place(study, size)
             continue
@@ -115,12 +109,12 @@ def plan(files, limit, fixed):
             series.setdefault(image.series_uid, []).append(image)
         for images in sorted(series.values(), key=lambda group: (_number(group[0].series_number),
                                                                  group[0].series_uid)):
-            size = sum(cost(image) for image in images)
+            size = sum(costs[image.path] for image in images)
             if size <= room:
                 place(images, size)
                 continue
             for image in sorted(images, key=lambda item: (_number(item.instance_number), item.sop_uid)):
-                single = cost(image)
+                single = costs[image.path]
                 if single > room:
                     raise errors.TooLarge(
                         "One image (%d bytes) does not fit on an empty disc of %d bytes." % (single, limit),
