@@ -7,12 +7,14 @@ genisoimage to a file; the file read once.  mkiso's rows are HTTP downloads
 of the same study through a real mkiso-server, by C-MOVE and by C-GET,
 which check more (manifest, every header) on the way.  Every number is the
 median of --runs runs, the two sides interleaved and each run started after
-a sync, so that no run pays for the previous one's disk writeback; ratios,
-not seconds, carry across machines.
+a sync, so that no run pays for the previous one's disk writeback, and
+each side removing its files when its run ends, as mkiso does; ratios, not
+seconds, carry across machines.
 
 For each study size it prints: both sides' times and their ratio, the phase
 split of both (mkiso's from its own log lines), mkiso-server's peak RSS,
-delivery throughput against nginx sending the same ISO with sendfile, and,
+delivery throughput of mkiso and of nginx (sendfile) sending the same cached
+ISO in turns, and,
 where Orthanc is the PACS, Orthanc's own media export (a deflated ZIP with a
 DICOMDIR of images it already holds) as the peer row.  The synthetic pixels
 are noise that deflates about 2:1, like real images: zeros would flatter a
@@ -150,10 +152,16 @@ class Dcmqrscp(demo.Dcmqrscp):
 # -- the reference: the bare tools by hand -------------------------------------
 
 def reference_run(root, pacs, study, ref_port):
-    """One run of the job by hand; returns ({phase: seconds}, ISO path)."""
+    """One run of the job by hand; returns {phase: seconds}.
+
+    Its files are removed when it ends, untimed, as mkiso removes a job's
+    files when the answer is sent: so that neither side's writes land in
+    memory the other just freed.  On this kind of VM that is worth a factor:
+    memory freed a few seconds ago has been handed back to the host (free
+    page reporting), and writing a page cache into it costs several times
+    more kernel time than into memory freed a moment before.
+    """
     inbox, tree, iso = (os.path.join(root, name) for name in ("ref-inbox", "ref-tree", "ref.iso"))
-    for path in (inbox, tree):
-        shutil.rmtree(path, ignore_errors=True)
     os.makedirs(inbox)
     phases = {}
     scp = start_process(["storescp", "-aet", "BENCHREF", "-od", inbox, "+xa", "-dhl", str(ref_port)], ref_port,
@@ -187,7 +195,10 @@ def reference_run(root, pacs, study, ref_port):
         while handle.read(BLOCK):
             pass
     phases["read"] = time.perf_counter() - started
-    return phases, iso
+    for path in (inbox, tree):
+        shutil.rmtree(path)
+    os.remove(iso)
+    return phases
 
 
 # -- mkiso ---------------------------------------------------------------------
@@ -204,7 +215,7 @@ class MkisoServer:
         name = retrieve + ("-cached" if cache_bytes else "")
         self.log_path = os.path.join(root, "mkiso-%s.log" % name)
         config = os.path.join(root, "mkiso-%s.yaml" % name)
-        work_dir = os.path.join(root, "work-" + name)
+        work_dir = self.work_dir = os.path.join(root, "work-" + name)
         os.makedirs(work_dir, exist_ok=True)
         with open(config, "w") as handle:
             handle.write(
@@ -240,26 +251,31 @@ class MkisoServer:
         stop_process(self.proc)
 
 
-def nginx_seconds(root, iso_path, runs):
-    """nginx (sendfile on) sending the same ISO, read by the same client."""
-    port = demo.free_port()
-    folder = os.path.join(root, "nginx")
-    os.makedirs(folder, exist_ok=True)
-    conf = os.path.join(folder, "nginx.conf")
-    with open(conf, "w") as handle:
-        handle.write(
-            "%sworker_processes 1; daemon off; error_log %s/error.log; pid %s/nginx.pid;\n"
-            "events {}\nhttp { access_log off; sendfile on; client_body_temp_path %s/b; proxy_temp_path %s/p;\n"
-            "fastcgi_temp_path %s/f; uwsgi_temp_path %s/u; scgi_temp_path %s/s;\n"
-            "server { listen 127.0.0.1:%d; location / { root %s; } } }\n"
-            % ("user root; " if os.geteuid() == 0 else "", folder, folder, folder, folder, folder, folder, folder,
-               port, os.path.dirname(iso_path)))
-    proc = start_process(["nginx", "-c", conf, "-p", folder], port, os.path.join(folder, "out.log"))
-    try:
-        url = "http://127.0.0.1:%d/%s" % (port, os.path.basename(iso_path))
-        return median([fetch(url)[1] for _ in range(runs)])
-    finally:
-        stop_process(proc)
+class Nginx:
+    """nginx (sendfile on) serving the files of ``folder``."""
+
+    def __init__(self, root, folder):
+        self.port = demo.free_port()
+        home = os.path.join(root, "nginx")
+        os.makedirs(home, exist_ok=True)
+        conf = os.path.join(home, "nginx.conf")
+        with open(conf, "w") as handle:
+            handle.write(
+                "%sworker_processes 1; daemon off; error_log %s/error.log; pid %s/nginx.pid;\n"
+                "events {}\nhttp { access_log off; sendfile on; client_body_temp_path %s/b; proxy_temp_path %s/p;\n"
+                "fastcgi_temp_path %s/f; uwsgi_temp_path %s/u; scgi_temp_path %s/s;\n"
+                "server { listen 127.0.0.1:%d; location / { root %s; } } }\n"
+                % ("user root; " if os.geteuid() == 0 else "", home, home, home, home, home, home, home,
+                   self.port, folder))
+        self.proc = start_process(["nginx", "-c", conf, "-p", home], self.port, os.path.join(home, "out.log"))
+
+    def send_seconds(self, name):
+        """Seconds from the headers to the last byte, as mkiso's ``send``."""
+        first_byte, total, _ = fetch("http://127.0.0.1:%d/%s" % (self.port, name))
+        return total - first_byte
+
+    def stop(self):
+        stop_process(self.proc)
 
 
 # -- one study size ------------------------------------------------------------
@@ -294,40 +310,49 @@ def bench_size(images, image_kb, runs, root, pacs_choice):
             for number in range(1, runs + 1):
                 # Interleaved, each after a sync: every run starts without the last one's writeback;
                 # the order turns each round, so that no row always follows the same one.
-                order = rows[number - 1:] + rows[:number - 1]
+                turn = (number - 1) % len(rows)
+                order = rows[turn:] + rows[:turn]
                 print("  run %d: %s ..." % (number, ", ".join(order)), flush=True)
                 for row in order:
                     os.sync()
                     if row == "reference":
-                        phases, ref_iso = reference_run(root, pacs, study, ref_port)
-                        reference.append(phases)
+                        reference.append(reference_run(root, pacs, study, ref_port))
                     else:
                         mkiso[row].append(servers[row].download(study.accession))
             peaks = {retrieve: server.peak_kb() for retrieve, server in servers.items()}
         finally:
             for server in servers.values():
                 server.stop()
-        print("  mkiso with its disc cache: a first download, then the same disc again ...", flush=True)
+        print("  mkiso with its disc cache: a first download, then the same disc again, "
+              "alternated with nginx sending that cached file ...", flush=True)
         cached_server = MkisoServer(root, pacs, receiver_port, "move", cache_bytes=50 * 10 ** 9)
+        cache_dir = os.path.join(cached_server.work_dir, "cache")
+        nginx = Nginx(root, cache_dir)
         try:
             os.sync()
             cached = [cached_server.download(study.accession)["total"]]
-            cached += [cached_server.download(study.accession)["total"] for _ in range(runs)]
+            iso_name, = os.listdir(cache_dir)
+            delivery = {"mkiso": [], "nginx": []}
+            for _ in range(runs):
+                again = cached_server.download(study.accession)
+                cached.append(again["total"])
+                delivery["mkiso"].append(again["send"])
+                delivery["nginx"].append(nginx.send_seconds(iso_name))
+            iso_bytes = os.path.getsize(os.path.join(cache_dir, iso_name))
         finally:
+            nginx.stop()
             cached_server.stop()
         peer = None
         if pacs.export_seconds is not None:
             print("  Orthanc media export ...", flush=True)
             peer = median([pacs.export_seconds(study.study_uid) for _ in range(runs)])
-        print("  nginx ...", flush=True)
-        nginx = nginx_seconds(root, ref_iso, runs)
-        iso_bytes = os.path.getsize(ref_iso)
     finally:
         pacs.stop()
-    report(images, image_kb, runs, type(pacs).__name__, reference, mkiso, peaks, peer, nginx, iso_bytes, cached)
+    report(images, image_kb, runs, type(pacs).__name__, reference, mkiso, peaks, peer, delivery, iso_bytes,
+           cached)
 
 
-def report(images, image_kb, runs, pacs_name, reference, mkiso, peaks, peer, nginx, iso_bytes, cached):
+def report(images, image_kb, runs, pacs_name, reference, mkiso, peaks, peer, delivery, iso_bytes, cached):
     ref_total = median([sum(phases.values()) for phases in reference])
     print()
     print("### %d images x %d KB (PACS: %s; medians of %d runs; ISO %d MB)"
@@ -364,10 +389,9 @@ def report(images, image_kb, runs, pacs_name, reference, mkiso, peaks, peer, ngi
     print()
     for retrieve, peak in peaks.items():
         print("mkiso-server peak RSS (VmHWM), %s: %d MB" % (retrieve, peak // 1024))
-    send = median([r["send"] for r in mkiso["move"]])
-    size = median([r["bytes"] for r in mkiso["move"]])
-    print("Delivery: mkiso %.0f MB/s, nginx %.0f MB/s (same client, sendfile both): mkiso/nginx %.2f"
-          % (size / send / 2 ** 20, iso_bytes / nginx / 2 ** 20, (size / send) / (iso_bytes / nginx)))
+    rates = {server: iso_bytes / median(seconds) / 2 ** 20 for server, seconds in delivery.items()}
+    print("Delivery of the same cached ISO, alternated (same client, sendfile both): mkiso %.0f MB/s, "
+          "nginx %.0f MB/s: mkiso/nginx %.2f" % (rates["mkiso"], rates["nginx"], rates["mkiso"] / rates["nginx"]))
     print(flush=True)
 
 
