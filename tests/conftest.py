@@ -176,6 +176,7 @@ def wsgi_call():
 @pytest.fixture
 def live_server():
     """Serve a WSGI app with waitress in a thread on a free port; yields its base URL."""
+    from waitress import wasyncore
     from waitress.server import create_server
 
     servers = []
@@ -186,10 +187,12 @@ def live_server():
         server.channel_class = SendfileChannel  # as mkiso-server runs it
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
-        servers.append(server)
+        servers.append((server, thread))
         return "http://127.0.0.1:%s" % server.effective_port
 
     yield serve
-    for server in servers:
-        server.close()
+    for server, thread in servers:
+        # Closed by the server's own loop thread: closed from here, its sockets could go while it polls them.
+        server.trigger.pull_trigger(lambda server=server: wasyncore.close_all(server._map))
+        thread.join(10)
         server.task_dispatcher.shutdown()
