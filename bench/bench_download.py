@@ -387,6 +387,7 @@ def report(images, image_kb, runs, pacs_name, reference, mkiso, peaks, peer, del
         print("| %s | " % retrieve + " | ".join("%.2f" % median([r.get(p, 0) for r in results]) for p in phases)
               + " |")
     print()
+    print("mkiso's iso and send overlap: the answer starts with the ISO's first bytes (send: first to last byte).")
     for retrieve, peak in peaks.items():
         print("mkiso-server peak RSS (VmHWM), %s: %d MB" % (retrieve, peak // 1024))
     rates = {server: iso_bytes / median(seconds) / 2 ** 20 for server, seconds in delivery.items()}

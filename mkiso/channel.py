@@ -12,6 +12,11 @@ advanced through waitress's own ``skip``, so the buffer's ``remain``, the
 file position and the channel's byte counts stay exactly as waitress keeps
 them.  Everything else (headers, JSON, a body without a real file
 descriptor) is sent as waitress sends it.
+
+An ISO still being written (the body's ``build``) is sent up to what the
+file holds; with nothing more to send yet the channel is not writable, and
+the build wakes the server's loop (``pull_trigger``) as the file grows.  A
+build that failed closes the connection: the answer ends short.
 """
 
 import errno
@@ -35,7 +40,34 @@ def _file_descriptor(outbuf):
         return None
 
 
+def _build(outbuf):
+    """The build still writing this buffer's file, if any."""
+    return getattr(getattr(outbuf, "file", None), "build", None)
+
+
 class SendfileChannel(HTTPChannel):
+    def writable(self):
+        """waitress's, but not while the next bytes to send are not yet written."""
+        if self.will_close or self.close_when_flushed:
+            return True
+        if not self.total_outbufs_len:
+            return False
+        head = next((outbuf for outbuf in list(self.outbufs) if len(outbuf)), None)
+        return head is None or not self._waiting(head)
+
+    def _waiting(self, outbuf):
+        """Whether the next byte of ``outbuf`` is not yet written.
+
+        Asked by the loop thread without the outbuf lock, while a task thread
+        may be sending (and closing) this buffer: so no call on its file,
+        only numbers; a stale one at worst costs one needless write event.
+        """
+        build = _build(outbuf)
+        if build is None:
+            return False
+        build.wake = self.server.pull_trigger  # before looking: growth after the look wakes the loop
+        return build.error is None and build.written <= outbuf.file.end - outbuf.remain
+
     def _flush_some(self, do_close=True):
         """waitress's flush loop, with file buffers sent by the kernel."""
         sent = 0
@@ -74,9 +106,21 @@ class SendfileChannel(HTTPChannel):
         return False
 
     def _sendfile(self, outbuf, fd, do_close):
-        """As wasyncore's ``send``: the bytes sent, 0 when the socket is full or the client gone."""
+        """As wasyncore's ``send``: the bytes sent, 0 when the socket is full, the client gone, or the
+        file not yet written that far."""
+        position = outbuf.file.tell()
+        count = min(outbuf.remain, CHUNK)
+        build = _build(outbuf)
+        if build is not None:
+            if build.error is not None:
+                if do_close:
+                    self.handle_close()
+                return 0
+            count = min(count, build.written - position)
+            if count <= 0:
+                return 0
         try:
-            return os.sendfile(self.socket.fileno(), fd, outbuf.file.tell(), min(outbuf.remain, CHUNK))
+            return os.sendfile(self.socket.fileno(), fd, position, count)
         except BlockingIOError:
             return 0
         except OSError as exc:

@@ -228,11 +228,16 @@ def iso_size(genisoimage, staging, label, timeout, number=1, of=1):
     return int(sectors[-1]) * SECTOR
 
 
-def make_iso(genisoimage, staging, label, iso_path, timeout, number=1, of=1):
-    """Write the ISO of ``staging``: disc ``number`` of a set of ``of``."""
+def make_iso(genisoimage, staging, label, iso_path, timeout, number=1, of=1, on_tick=None):
+    """Write the ISO of ``staging``: disc ``number`` of a set of ``of``.
+
+    genisoimage writes its output front to back, never going back (it can
+    write to a pipe), so what the file holds while it runs is final: a
+    download may send it as it grows (``on_tick`` is called while it runs).
+    """
     args = genisoimage_args(genisoimage, staging, label, number, of)
     result = process.run_step(args[:1] + ["-o", iso_path] + args[1:], timeout, "genisoimage",
-                              timeout_code="tool_timeout")
+                              timeout_code="tool_timeout", on_tick=on_tick)
     if result.returncode != 0 or not os.path.exists(iso_path):
         if "No space left" in result.output:
             raise errors.InsufficientStorage("The work dir ran out of space while writing the ISO.")

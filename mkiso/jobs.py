@@ -12,6 +12,7 @@ as jobs (slots, queue, state, cancel).
 
 import dataclasses
 import errno
+import functools
 import logging
 import os
 import shutil
@@ -38,10 +39,12 @@ class Layout:
 
 
 class Iso:
-    """A finished ISO waiting to be sent (``path`` None: sized, not built); ``cleanup`` removes the job folder.
+    """An ISO waiting to be sent (``path`` None: sized, not built); ``cleanup`` removes the job folder.
 
-    A job split over several discs has one Iso each (``number`` of ``of``),
-    all in the one job folder.
+    ``size`` is genisoimage's -print-size, which the written file must
+    match.  A job split over several discs has one Iso each (``number`` of
+    ``of``), all in the one job folder.  ``build`` is set while the ISO is
+    still being written (a synchronous download, SPEC §8).
     """
 
     def __init__(self, path, size, stem, fallback_stem, folder, images=0, number=1, of=1):
@@ -52,8 +55,17 @@ class Iso:
         self.folder = folder
         self.images = images
         self.number = number
+        self.build = None
 
     def cleanup(self):
+        """Remove the job folder; an ISO still being written is given up first, and goes when it stopped."""
+        if self.build is None:
+            self._remove()
+        else:
+            self.build.give_up()
+            self.build.when_ended(self._remove)
+
+    def _remove(self):
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
@@ -190,27 +202,42 @@ class Jobs:
         export.images = sum(len(layout.images) for layout in laid)
         job.disc_bytes = sum(layout.size for layout in laid)
         self.check_free_space(job.disc_bytes)
-        isos = []
-        for layout in laid:
-            iso_path = None
-            if build:
+        export.bytes = job.disc_bytes
+        isos = [Iso(os.path.join(folder, "disc-%d.iso" % layout.number if len(laid) > 1 else "disc.iso")
+                    if build else None, layout.size, stem, accessions[0], folder, len(layout.images),
+                    layout.number, len(laid)) for layout in laid]
+        rest = functools.partial(self._write_isos, job, laid, isos, label, key if build else None, watch,
+                                 len(studies))
+        if build and job.stream and len(isos) == 1:
+            isos[0].build = delivery.Build(isos[0], job, rest)  # the answer goes out while it is written
+            isos[0].build.begun()
+        else:
+            rest()
+        return isos
+
+    def _write_isos(self, job, laid, isos, label, key, watch, studies, on_tick=None):
+        """Write each disc's ISO (none for a HEAD), exactly the size genisoimage announced; then cache it."""
+        try:
+            for layout, iso in zip(laid, isos, strict=True):
+                if iso.path is None:
+                    continue
                 job.step("iso")
-                iso_path = os.path.join(folder, "disc-%d.iso" % layout.number if len(laid) > 1 else "disc.iso")
-                disc.make_iso(config.tools.genisoimage, layout.staging, label, iso_path, config.timeouts.iso_s,
-                              layout.number, len(laid))
-            disk.remove_soon(layout.staging)
-            size = os.path.getsize(iso_path) if build else layout.size
-            isos.append(Iso(iso_path, size, stem, accessions[0], folder, len(layout.images), layout.number,
-                            len(laid)))
-        shutil.rmtree(os.path.join(folder, "transcoded"), ignore_errors=True)
+                disc.make_iso(self.config.tools.genisoimage, layout.staging, label, iso.path,
+                              self.config.timeouts.iso_s, layout.number, len(laid), on_tick=on_tick)
+                written = os.path.getsize(iso.path)
+                if written != iso.size:
+                    raise errors.MkisoError("genisoimage wrote %d bytes where it announced %d."
+                                            % (written, iso.size), code="iso_failed")
+        finally:
+            for layout in laid:
+                disk.remove_soon(layout.staging)
+            shutil.rmtree(os.path.join(isos[0].folder, "transcoded"), ignore_errors=True)
         watch.lap("iso")
-        if key and build and len(isos) == 1:
+        if key and len(isos) == 1:
             self.cache.store(key, isos[0].path)
         log.info("iso built", extra={"fields": dict({
-            "accessions": ",".join(accessions), "studies": len(studies), "images": export.images,
+            "accessions": ",".join(job.accessions), "studies": studies, "images": job.export.images,
             "discs": len(isos), "bytes": job.disc_bytes, "request_id": job.request_id}, **watch.fields)})
-        export.bytes = sum(iso.size for iso in isos)
-        return isos
 
     def _lay_out(self, job, folder, files, studies, label, watch):
         """Plan, stage, index and size every disc; plan again, tighter, while genisoimage finds one too big.

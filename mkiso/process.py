@@ -24,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -32,6 +33,7 @@ from . import errors
 SETPRIV = shutil.which("setpriv") or "/usr/bin/setpriv"
 TAIL_BYTES = 1 << 16
 PIPE_GRACE_S = 5
+TICK_S = 0.01
 
 _live = set()
 _live_lock = threading.Lock()
@@ -140,12 +142,13 @@ def kill_group(proc):
     forget(proc)
 
 
-def run(args, timeout, cwd=None, on_line=None):
+def run(args, timeout, cwd=None, on_line=None, on_tick=None):
     """Run a tool to completion; its stdout and stderr come back merged.
 
     Only the last TAIL_BYTES of the output are kept (where dcmtk puts its
     final response and its errors): a C-MOVE of 10,000 images prints
-    megabytes.  ``on_line``, if given, sees every line as it comes.
+    megabytes.  ``on_line``, if given, sees every line as it comes;
+    ``on_tick`` is called every TICK_S while the tool runs.
     Raises ToolTimeout (after killing the group) when ``timeout`` passes.
     """
     proc = start(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -153,7 +156,7 @@ def run(args, timeout, cwd=None, on_line=None):
     reader = threading.Thread(target=tail.read, args=(proc.stdout,), name="tool-output", daemon=True)
     reader.start()
     try:
-        proc.wait(timeout=timeout)
+        _wait(proc, timeout, on_tick)
     except subprocess.TimeoutExpired:
         kill_group(proc)
         reader.join()
@@ -169,6 +172,21 @@ def run(args, timeout, cwd=None, on_line=None):
     forget(proc)
     check_cancelled()  # killed for a cancel: not a tool failure to parse
     return Result(proc.returncode, tail.text())
+
+
+def _wait(proc, timeout, on_tick):
+    if on_tick is None:
+        proc.wait(timeout=timeout)
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            proc.wait(timeout=max(0.0, min(TICK_S, deadline - time.monotonic())))
+            return
+        except subprocess.TimeoutExpired:
+            if time.monotonic() >= deadline:
+                raise
+            on_tick()
 
 
 class OutputTail:
@@ -194,10 +212,10 @@ class OutputTail:
         return "".join(self._lines)
 
 
-def run_step(args, timeout, what, cwd=None, timeout_code="timeout", on_line=None):
+def run_step(args, timeout, what, cwd=None, timeout_code="timeout", on_line=None, on_tick=None):
     """``run`` for a job's step: past its time a 504, a missing tool a 500, both naming ``what``."""
     try:
-        return run(args, timeout, cwd=cwd, on_line=on_line)
+        return run(args, timeout, cwd=cwd, on_line=on_line, on_tick=on_tick)
     except ToolTimeout:
         raise errors.UpstreamTimeout("%s did not finish within %ss." % (what, timeout), code=timeout_code)
     except ToolMissing as exc:

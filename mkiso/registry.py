@@ -45,6 +45,7 @@ class Job:
     named_by_patient: bool = False
     split: bool = False  # a download too big for one disc makes several (else 413 needs_split)
     synchronous: bool = False
+    stream: bool = False  # a synchronous download whose answer may start while its ISO is written
     id: str = dataclasses.field(default_factory=lambda: secrets.token_hex(16))  # 128 random bits
     token: str = dataclasses.field(default_factory=lambda: secrets.token_urlsafe(32))  # for the ISO link
     state: str = "queued"
@@ -168,8 +169,13 @@ class Registry:
             log.exception("job failed", extra={"fields": {"request_id": job.request_id}})
 
     def _execute(self, job, build, audited):
-        """The job's steps, its audit line, its end state; frees the slot."""
+        """The job's steps, its audit line, its end state; frees the slot.
+
+        A streamed ISO (``jobs.Build``) is still being written when this
+        returns: the job ends, and frees its slot, when genisoimage does.
+        """
         self.update(job, state="running", phase="find")
+        building = None
         try:
             with process.owned_by(job):
                 try:
@@ -194,13 +200,34 @@ class Registry:
                     _drop_discs(job)
                     self._failed(job, exc, audited)
                     raise
+            building = job.iso.build if job.iso is not None else None
+            if building is not None:
+                building.when_ended(lambda: self._built(job, building))
+                return job.iso
             self.update(job, state="done" if job.action == "print" or job.synchronous else "ready",
                         phase="ready" if job.action == "download" else "done", ended=True)
             return job.iso if job.action == "download" else job.answer
         finally:
-            with self._changed:
-                self._running -= 1
-                self._changed.notify_all()
+            if building is None:
+                self._free_slot()
+
+    def _built(self, job, build):
+        """A streamed ISO is written, or failed while its answer went out (which was then cut short)."""
+        try:
+            if build.error is None:
+                self.update(job, state="done", phase="ready", ended=True)
+                return
+            if not isinstance(build.error, errors.Cancelled):
+                log.warning("the ISO could not be written; its answer was cut short", exc_info=build.error,
+                            extra={"fields": {"request_id": job.request_id}})
+            self._failed(job, build.error, audited=False)  # the export's line was written before the first byte
+        finally:
+            self._free_slot()
+
+    def _free_slot(self):
+        with self._changed:
+            self._running -= 1
+            self._changed.notify_all()
 
     def _failed(self, job, exc, audited):
         failure = exc if isinstance(exc, errors.MkisoError) else errors.MkisoError(

@@ -221,6 +221,7 @@ class Application:
         server = self.config.server
         head = request.method == "HEAD"
         job = self._new_job(request, "download", wanted, named_by_patient)
+        job.stream = not head and not server.x_accel_prefix  # sent while written (nginx needs it whole)
         iso = self.service.registry.run(job, build=not head or bool(server.x_accel_prefix), audited=not head)
         if server.x_accel_prefix:
             return delivery.accel_response(iso, server.x_accel_prefix, self.config.paths.work_dir,

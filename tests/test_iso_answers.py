@@ -110,7 +110,7 @@ def test_the_iso_leaves_through_sendfile_byte_for_byte(server, archive, tmp_path
 def test_head_sizes_the_disc_without_writing_it(server, monkeypatch):
     service, base = server
 
-    def no_iso(*args):
+    def no_iso(*args, **kwargs):
         raise AssertionError("HEAD must not write the ISO")
 
     monkeypatch.setattr(disc, "make_iso", no_iso)

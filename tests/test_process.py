@@ -30,6 +30,16 @@ def test_timeout_kills_the_tool_and_what_it_forked(tmp_path):
     assert process.kill_all() == 0
 
 
+def test_on_tick_is_called_while_the_tool_runs_and_the_timeout_still_holds():
+    ticks = []
+    with pytest.raises(process.ToolTimeout, match="ran longer than 0.3s"):
+        process.run(["sleep", "5"], timeout=0.3, on_tick=lambda: ticks.append(time.monotonic()))
+    assert len(ticks) >= 5, "on_tick was not called while the tool ran"
+    result = process.run(["/bin/sh", "-c", "exit 4"], timeout=10, on_tick=lambda: None)
+    assert result.returncode == 4
+    assert process.kill_all() == 0
+
+
 def test_output_and_exit_status_come_back():
     result = process.run(["/bin/sh", "-c", "echo out; echo err >&2; exit 3"], timeout=10)
     assert result.returncode == 3
