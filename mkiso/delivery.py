@@ -193,6 +193,7 @@ class Build:
                 self._write(on_tick=self._grown)
         except BaseException as exc:
             self.error = exc
+        self._write = None  # and with it the disc's image list: the job outlives the build
         with self._lock:
             if self.error is None:
                 self.written = self.iso.size  # the last bytes: only now that the whole ISO is checked

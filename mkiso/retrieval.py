@@ -339,10 +339,16 @@ class Retrievals:
             retrieval.done.set()
 
     def release(self, retrieval):
+        """The caller is done with the retrieval's files; the last one out removes them.
+
+        The file list goes too: finished jobs keep their retrievals (for the
+        progress they report until they expire), not 10,000 headers each.
+        """
         with self._lock:
             retrieval.users -= 1
             last = retrieval.users == 0
         if last:
+            retrieval.files = []
             shutil.rmtree(retrieval.folder, ignore_errors=True)
 
     def _retrieve(self, retrieval, manifest):

@@ -7,6 +7,7 @@ failing half-way, writing more than it announced, or failing before the
 first byte.  The other discs are the real genisoimage's.
 """
 
+import gc
 import logging
 import os
 import socket
@@ -18,7 +19,7 @@ import types
 import pytest
 from waitress.buffers import ReadOnlyFileBasedBuffer
 
-from mkiso import channel, delivery, web
+from mkiso import channel, delivery, retrieval, web
 from discs import check_pdi, open_iso
 from test_concurrency import fetch, logged_access, wait_until_clean
 
@@ -184,3 +185,15 @@ def test_the_loop_thread_asks_nothing_of_a_file_a_task_thread_may_be_closing(tmp
     assert loop._waiting(buffer)
     build.written = 10000
     assert not loop._waiting(buffer)
+
+
+def test_finished_downloads_keep_no_image_headers(serve):
+    """Jobs are kept for the API until they expire; the headers of their images are not (10,000 images
+    are about 15 MB of them), or memory would grow with every download."""
+    service, base = serve("/usr/bin/genisoimage")
+    for accession in ("BIG01", "ACC2001", "BIG01"):
+        assert fetch(base + "/api/iso/download?accession_number=" + accession)[0] == 200
+    assert wait_until_clean(service) == []
+    assert [job.state for job in service.registry.recent()] == ["done"] * 3
+    gc.collect()
+    assert [o for o in gc.get_objects() if isinstance(o, retrieval.ReceivedFile)] == []
