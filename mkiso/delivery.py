@@ -106,7 +106,7 @@ class RemovedOnClose:
     got (every server path advances it by what went out), which
     ``on_close(sent)`` is told.
 
-    ``build`` (``jobs.Build``) is set while genisoimage still writes the
+    ``build`` (a ``Build``) is set while genisoimage still writes the
     file: no byte is sent before it is written.  The sendfile channel sends
     up to ``build.written`` and waits to be woken; any other reader blocks
     in ``read`` until its bytes are there.  The file's end, as the server

@@ -206,8 +206,7 @@ class Jobs:
         isos = [Iso(os.path.join(folder, "disc-%d.iso" % layout.number if len(laid) > 1 else "disc.iso")
                     if build else None, layout.size, stem, accessions[0], folder, len(layout.images),
                     layout.number, len(laid)) for layout in laid]
-        rest = functools.partial(self._write_isos, job, laid, isos, label, key if build else None, watch,
-                                 len(studies))
+        rest = functools.partial(self._write_isos, job, laid, isos, label, key, watch, len(studies))
         if build and job.stream and len(isos) == 1:
             isos[0].build = delivery.Build(isos[0], job, rest)  # the answer goes out while it is written
             isos[0].build.begun()
@@ -233,7 +232,7 @@ class Jobs:
                 disk.remove_soon(layout.staging)
             shutil.rmtree(os.path.join(isos[0].folder, "transcoded"), ignore_errors=True)
         watch.lap("iso")
-        if key and len(isos) == 1:
+        if key and len(isos) == 1 and isos[0].path is not None:
             self.cache.store(key, isos[0].path)
         log.info("iso built", extra={"fields": dict({
             "accessions": ",".join(job.accessions), "studies": studies, "images": job.export.images,
@@ -307,11 +306,15 @@ class Jobs:
 
     # -- print ------------------------------------------------------------
 
-    def print_studies(self, job):
-        """Relay every image of the accessions to the publisher (SPEC §5); what went where goes on the export."""
+    def require_publisher(self):
+        """503 when no publisher is configured: asked before a print job is queued, and when it runs."""
         if self.publisher is None:
             raise errors.Unavailable("Printing is not configured (publisher.host is empty).",
                                      code="publisher_not_configured")
+
+    def print_studies(self, job):
+        """Relay every image of the accessions to the publisher (SPEC §5); what went where goes on the export."""
+        self.require_publisher()
         export = job.export
         with self.folder(job) as folder:
             try:

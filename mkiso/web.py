@@ -249,9 +249,8 @@ class Application:
         action = body.get("action", "download")
         if action not in ("download", "print"):
             raise errors.BadRequest("action must be download or print.")
-        if action == "print" and self.service.jobs.publisher is None:
-            raise errors.Unavailable("Printing is not configured (publisher.host is empty).",
-                                     code="publisher_not_configured")
+        if action == "print":
+            self.service.jobs.require_publisher()
         given = body.get("accessions")
         if not isinstance(given, list) or not all(isinstance(item, str) for item in given):
             raise errors.BadRequest("accessions must be a list of accession numbers (strings).",
