@@ -75,7 +75,10 @@ class Health:
             return self._expensive[1]
 
     def check_tools(self):
+        """Each tool run as jobs run it (through setpriv): a sandbox that refuses
+        them is named once, with the tools it stops."""
         broken = []
+        failing = {}  # why: [tool]
         paths = configuration.tool_paths(self.config)
         for path in paths:
             try:
@@ -84,7 +87,9 @@ class Health:
                 broken.append(str(exc))
                 continue
             if result.returncode != 0:
-                broken.append("%s --version exited with %d" % (path, result.returncode))
+                why = process.refusal(result.output) or "--version exited with %d" % result.returncode
+                failing.setdefault(why, []).append(os.path.basename(path))
+        broken += ["%s cannot run: %s" % (", ".join(tools), why) for why, tools in failing.items()]
         if broken:
             return Check(False, "; ".join(broken))
         return Check(True, "%d tools found and runnable" % len(paths))
@@ -108,6 +113,8 @@ class Health:
             return Check(True, "not used (pacs.retrieve: get)")
         if receiver.paused:
             return Check(False, "storescp " + receiver.paused)
+        if receiver.refused and not receiver.listening:
+            return Check(False, "storescp cannot run: " + receiver.refused)
         if receiver.listening:
             return Check(
                 True,

@@ -222,8 +222,39 @@ def run_step(args, timeout, what, cwd=None, timeout_code="timeout", on_line=None
         raise errors.MkisoError("%s: %s" % (what, exc), code="tool_missing")
 
 
+# What a tool prints when a system call it needs is refused (EPERM), and which
+# call that is.  Under systemd's SystemCallFilter a refused call leaves no
+# trace in the journal or the kernel log: the tool's own words are all there is.
+REFUSALS = (
+    ("setpriv: activate capabilities: Operation not permitted", "setpriv", "capset"),
+    ("Panic cannot set back effective uid", "genisoimage", "setreuid"),
+)
+NOT_PERMITTED = ("Operation not permitted", "Permission denied")
+
+
+def refusal(output):
+    """The sentence for a tool the system refused to let run, or "".
+
+    Names the tool and, where known, the refused system call, so that a
+    sandbox that is too tight (a drop-in, a hardened kernel) is seen at once
+    in the error, the log and health instead of as a bare exit status.
+    """
+    for line in output.splitlines():
+        for signature, tool, call in REFUSALS:
+            if signature in line:
+                return "%s was refused %s by the service's sandbox (%s)" % (tool, call, line.strip())
+    for line in output.splitlines():
+        if line.startswith("setpriv: ") and any(words in line for words in NOT_PERMITTED):
+            return "setpriv was refused by the service's sandbox (%s)" % line.strip()
+    return ""
+
+
 def failure_reason(output):
-    """What a failed tool said: its error lines (dcmtk's F:/E:), else its last line."""
+    """What a failed tool said: a refusal by the sandbox (see ``refusal``), its
+    error lines (dcmtk's F:/E:), else its last line."""
+    refused = refusal(output)
+    if refused:
+        return refused
     lines = [line[3:].strip() for line in output.splitlines() if line[:3] in ("F: ", "E: ")]
     for line in lines:
         if line.startswith("Reason:"):

@@ -54,6 +54,7 @@ class Receiver:
         self.last_error = ""
         self.write_failures = 0
         self.paused = ""  # why storescp is stopped for want of space; "" when it is not
+        self.refused = ""  # why the system will not let storescp run (process.refusal); "" when it does
         self._down_since = None  # since when it has not been listening (paused or not)
         self._proc = None
         self._spawned_at = 0.0
@@ -108,10 +109,12 @@ class Receiver:
         """How long the receiver has been down against its will (0 while listening or paused).
 
         Kept by the supervisor; the systemd watchdog stops when this grows
-        past its interval, so that systemd restarts the service.
+        past its interval, so that systemd restarts the service.  Not while
+        the system refuses to let storescp run (``refused``): a restart loop
+        cannot mend a sandbox; health and the log say why instead.
         """
         since = self._down_since
-        if since is None or self.paused:
+        if since is None or self.paused or self.refused:
             return 0.0
         return time.monotonic() - since
 
@@ -151,7 +154,12 @@ class Receiver:
     def _relay_output(self, proc):
         for raw in proc.stdout:
             line = raw.decode("utf-8", "replace").rstrip()
-            if line[:2] in ("E:", "F:"):
+            refused = process.refusal(line)
+            if refused:
+                if refused != self.refused:
+                    log.error("the receiver cannot run: %s", refused)
+                self.refused = self.last_error = refused
+            elif line[:2] in ("E:", "F:"):
                 self.last_error = line[2:].strip()
                 if "write" in self.last_error.lower():
                     self.write_failures += 1

@@ -3,7 +3,7 @@
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from mkiso import config as configuration, demo, web
+from mkiso import config as configuration, demo, process, web
 from mkiso.service import Service
 from conftest import write_config
 
@@ -117,3 +117,40 @@ def test_with_auth_on_health_tells_a_stranger_only_ok_or_not(make_service, wsgi_
     insider = wsgi_call(app, "/api/health", headers={"X-API-Key": "s3cret"}).json()
     assert insider["version"] and all(check["detail"] for check in insider["checks"].values())
     assert wsgi_call(app, "/api/health", headers={"X-API-Key": "wrong"}).json() == stranger.json()
+
+
+REFUSED_SETPRIV = """#!/bin/sh
+# util-linux's setpriv under SystemCallFilter=~@privileged: capset is refused (EPERM)
+echo "setpriv: activate capabilities: Operation not permitted" >&2
+exit 127
+"""
+
+
+def test_a_sandbox_that_refuses_setpriv_is_named_not_a_restart_loop(settings, tmp_path, monkeypatch, wsgi_call):
+    """Every tool runs through setpriv; a sandbox refusing its capset stops them all. Health names
+    the refused call for the tools and the receiver, the log says it, and the watchdog is not starved
+    (a restart of the service would meet the same sandbox)."""
+    fake = tmp_path / "setpriv"
+    fake.write_text(REFUSED_SETPRIV)
+    fake.chmod(0o755)
+    monkeypatch.setattr(process, "SETPRIV", str(fake))
+    config = configuration.load(write_config(tmp_path / "config.yaml", settings))
+    service = Service(config)
+    service.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not service.receiver.refused and time.monotonic() < deadline:
+            time.sleep(0.1)
+        body = wsgi_call(web.Application(config, service), "/api/health").json()
+        sentence = "setpriv was refused capset by the service's sandbox"
+        assert body["checks"]["receiver"]["ok"] is False
+        assert body["checks"]["receiver"]["detail"].startswith("storescp cannot run: " + sentence)
+        tools = body["checks"]["tools"]
+        assert tools["ok"] is False and tools["detail"].count(sentence) == 1, tools
+        assert "findscu, movescu" in tools["detail"] and "genisoimage" in tools["detail"]
+        time.sleep(1.5)  # down for a while, yet not "down against its will": systemd would not help
+        assert service.receiver.down_seconds() == 0
+        answer = wsgi_call(web.Application(config, service), "/api/iso/download", query="accession_number=ACC2001")
+        assert answer.status >= 500 and sentence in answer.json()["error"], answer.body[:300]
+    finally:
+        service.stop()

@@ -70,3 +70,21 @@ def test_output_is_kept_as_a_bounded_tail_and_every_line_seen():
     assert len(seen) == 200001 and seen[0] == "line 0\n"
     assert result.output.endswith("line 199999\nFINAL\n")
     assert len(result.output) <= process.TAIL_BYTES + 100
+
+
+@pytest.mark.parametrize("output, sentence", [
+    ("setpriv: activate capabilities: Operation not permitted\n",
+     "setpriv was refused capset by the service's sandbox (setpriv: activate capabilities: Operation not permitted)"),
+    ("genisoimage: Operation not permitted. Panic cannot set back effective uid.\n",
+     "genisoimage was refused setreuid by the service's sandbox "
+     "(genisoimage: Operation not permitted. Panic cannot set back effective uid.)"),
+    ("setpriv: setresuid failed: Operation not permitted\n",
+     "setpriv was refused by the service's sandbox (setpriv: setresuid failed: Operation not permitted)"),
+    ("E: Association Request Failed: Peer aborted Association\n", ""),
+    ("genisoimage: Permission denied. Unable to open disc image file 'x.iso'.\n", ""),
+])
+def test_a_refusal_by_the_sandbox_is_named(output, sentence):
+    """util-linux's and genisoimage's own words, as they print them under SystemCallFilter."""
+    assert process.refusal(output) == sentence
+    if sentence:
+        assert process.failure_reason("W: something\n" + output) == sentence
