@@ -47,32 +47,42 @@ http {{
 """
 
 
-def install_snippets(root, upstream, work_dir):
-    """The shipped snippets, pointed at this test's mkiso and work dir."""
+def install_snippets(root, upstream, work_dir, his_key=None):
+    """The shipped snippets, pointed at this test's mkiso, work dir and HIS key file.
+
+    The key file is empty, as the package creates it, unless ``his_key`` is
+    given: then it holds the line an admin puts there.
+    """
     os.makedirs(os.path.join(root, "snippets"))
     for name in ("mkiso.conf", "mkiso-proxy.conf"):
         with open(os.path.join(SNIPPETS, name)) as handle:
             text = handle.read()
         if name == "mkiso.conf":
             assert text.count("http://127.0.0.1:8080") == 3 and text.count("alias /var/spool/mkiso/;") == 1
+            assert text.count("include /etc/nginx/mkiso-his-key.conf;") == 1
             text = text.replace("http://127.0.0.1:8080", "http://127.0.0.1:%d" % upstream)
             text = text.replace("alias /var/spool/mkiso/;", "alias %s/;" % work_dir)
+            text = text.replace("/etc/nginx/mkiso-his-key.conf", os.path.join(root, "mkiso-his-key.conf"))
         with open(os.path.join(root, "snippets", name), "w") as handle:
             handle.write(text)
+    with open(os.path.join(root, "mkiso-his-key.conf"), "w") as handle:
+        if his_key:
+            handle.write('proxy_set_header X-API-Key "%s";\n' % his_key)
 
 
 @pytest.fixture
 def nginx(tmp_path):
-    """Start nginx with the shipped snippet in front of ``upstream`` and ``work_dir``; returns its URL."""
+    """Start nginx with the shipped snippet in front of ``upstream`` and ``work_dir`` (and the HIS's
+    key in its key file, if given); returns its URL."""
     if shutil.which("nginx") is None:
         pytest.fail("nginx is not installed (scripts/setup installs it)")
     procs = []
 
-    def start(upstream, work_dir):
+    def start(upstream, work_dir, his_key=None):
         root = tmp_path / "nginx"
         root.mkdir()
         port = demo.free_port()
-        install_snippets(str(root), upstream, work_dir)
+        install_snippets(str(root), upstream, work_dir, his_key)
         conf = root / "nginx.conf"
         conf.write_text(NGINX_CONF.format(user="user root;" if os.geteuid() == 0 else "", root=root, port=port))
         proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(root)], stdout=subprocess.DEVNULL,
@@ -270,3 +280,37 @@ def test_the_desk_page_and_a_job_through_nginx(behind_nginx, archive, tmp_path):
     (tmp_path / "job.iso").write_bytes(body)
     check_pdi(open_iso(str(tmp_path / "job.iso"), str(tmp_path / "job")), archive.sop_uids("ACC2001"))
     assert get(front + events[-1]["links"]["iso"])[2] == body  # a job's disc stays for a second fetch
+
+
+HIS_KEY = "his-0123456789abcdef-key"
+DESK_KEY = "desk-0123456789abcdef-key"
+
+
+@pytest.fixture
+def keyed_behind_nginx(make_service, live_server, nginx):
+    """mkiso with auth on and named keys, behind the snippet whose HIS key file holds the HIS's key."""
+    service = make_service(auth={"enabled": True, "keys": {"his": HIS_KEY, "desk-1": DESK_KEY}})
+    upstream = live_server(web.Application(service.config, service))
+    return service, nginx(int(upstream.rsplit(":", 1)[1]), service.config.paths.work_dir, HIS_KEY)
+
+
+def test_the_his_key_reaches_the_legacy_urls_only(keyed_behind_nginx):
+    """nginx adds the HIS's key to the four legacy URLs, which the HIS calls without one;
+    everything else needs the caller's own key and is audited under its name."""
+    service, front = keyed_behind_nginx
+    status, headers, body = get(front + "/mkiso.php?accession_number=ACC2001")
+    assert status == 200 and headers["Content-Type"] == "application/x-iso9660-image", body[:300]
+    # a client's own (wrong) key on a legacy URL is replaced by the HIS's, not passed on
+    assert get(front + "/mkiso2.php?accession_number=ACC2001", {"X-API-Key": "wrong"})[0] == 200
+    for path in ("/api/studies?accession_numbers=ACC2001", "/api/jobs",
+                 "/api/iso/download?accession_number=ACC2001"):
+        assert get(front + path)[0] == 401, path
+        assert get(front + path, {"X-API-Key": "wrong"})[0] == 401, path
+        assert get(front + path, {"X-API-Key": HIS_KEY + "x"})[0] == 401, path
+    status, _, body = get(front + "/api/studies?accession_numbers=ACC2001", {"X-API-Key": DESK_KEY})
+    assert status == 200 and json.loads(body)["studies"], body[:300]
+    assert get(front + "/mkiso/")[0] == 200  # the page itself; it asks the clerk for the desk's key
+    with open(service.config.audit.path, encoding="utf-8") as handle:
+        lines = [json.loads(line) for line in handle]
+    exports = [line for line in lines if line["action"] == "download"]
+    assert [line["caller"] for line in exports] == ["his", "his"], lines
