@@ -192,7 +192,10 @@ def live_server():
 
     yield serve
     for server, thread in servers:
+        # Worker threads first, while the loop still turns for them: a task
+        # that ends after the trigger is closed pulls it (os.write on a closed,
+        # maybe reused, fd: EBADF in waitress' trigger.py).
+        server.task_dispatcher.shutdown()
         # Closed by the server's own loop thread: closed from here, its sockets could go while it polls them.
         server.trigger.pull_trigger(lambda server=server: wasyncore.close_all(server._map))
         thread.join(10)
-        server.task_dispatcher.shutdown()
