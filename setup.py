@@ -25,8 +25,9 @@ setup(
     description="Turn accession numbers into a patient DICOM CD/DVD",
     packages=["mkiso"],
     package_data={"mkiso": ["desk.html"]},  # the desk page, served at /
-    ext_modules=cythonize(extensions, compiler_directives={"language_level": "3"}),
+    # force: the C file is always this Cython's, never one another Cython left in the tree
+    ext_modules=cythonize(extensions, compiler_directives={"language_level": "3"}, force=True),
     python_requires=">=3.9",
     install_requires=["waitress>=2.1", "PyYAML>=5.4", "pydicom>=2.3"],
-    entry_points={"console_scripts": ["mkiso-server = mkiso.server:main"]},
+    entry_points={"console_scripts": ["mkiso-server = mkiso.server:main", "mkiso-audit = mkiso.audit:main"]},
 )

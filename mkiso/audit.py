@@ -156,7 +156,7 @@ def matches(entry, patient=None, accession=None, since=None, until=None):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        prog="python3 -m mkiso.audit",
+        prog="mkiso-audit",
         description="Print the audit lines (JSON) of exports of a patient or accession, e.g. "
                     "who exported patient P123 in March: --patient P123 --since 2026-03-01 --until 2026-03-31")
     parser.add_argument("--patient", help="a Patient ID")

@@ -11,6 +11,7 @@ import ipaddress
 import os
 import re
 import shutil
+import socket
 import tempfile
 import types
 
@@ -219,9 +220,17 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+INSTALLED_CONFIG = "/etc/mkiso/config.yaml"
+
+
 def config_path(explicit=None):
-    """--config PATH, else $MKISO_CONFIG, else ./config.yaml."""
-    return explicit or os.environ.get("MKISO_CONFIG") or "config.yaml"
+    """--config PATH, else $MKISO_CONFIG, else ./config.yaml where it exists, else
+    the installed /etc/mkiso/config.yaml: ``mkiso-server --check-config`` run
+    anywhere on a gateway checks the file the service reads."""
+    chosen = explicit or os.environ.get("MKISO_CONFIG")
+    if chosen:
+        return chosen
+    return "config.yaml" if os.path.exists("config.yaml") else INSTALLED_CONFIG
 
 
 def load(path):
@@ -347,6 +356,21 @@ def check_system(config):
     viewer_dir = config.iso.viewer_dir
     if viewer_dir and not os.path.isdir(viewer_dir):
         raise ConfigError("%s: iso.viewer_dir %s is not a directory" % (path, viewer_dir))
+
+
+def unresolved_hosts(config):
+    """Warnings for peers whose host name does not resolve now (DNS may be down
+    at the moment, or come up later: a warning, not an error)."""
+    warnings = []
+    peers = [("pacs.host", config.pacs.host, config.pacs.port)]
+    if config.publisher.host:
+        peers.append(("publisher.host", config.publisher.host, config.publisher.port))
+    for key, host, port in peers:
+        try:
+            socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as exc:
+            warnings.append("%s: %s %s does not resolve: %s" % (config.path, key, host, exc))
+    return warnings
 
 
 def _check_writable_dir(path, key, folder):

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="mkiso-server", description="Patient CD/DVD service for a PACS.")
-    parser.add_argument("--config", metavar="PATH", help="YAML configuration (default: $MKISO_CONFIG or ./config.yaml)")
+    parser.add_argument("--config", metavar="PATH", help="YAML configuration (default: $MKISO_CONFIG, else "
+                        "./config.yaml where it exists, else %s)" % configuration.INSTALLED_CONFIG)
     parser.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
     parser.add_argument("--version", action="version", version="mkiso " + __version__)
     return parser.parse_args(argv)
@@ -44,6 +45,8 @@ def main(argv=None):
         print("mkiso: configuration error: %s" % exc, file=sys.stderr)
         return 2
     if args.check_config:
+        for warning in configuration.unresolved_hosts(config):
+            print("mkiso: warning: %s" % warning, file=sys.stderr)
         print("mkiso: configuration %s is valid" % path)
         return 0
     logs.setup(config.logging.level, config.logging.format)

@@ -125,12 +125,27 @@ def test_api_key_from_file_and_environment(tmp_path, monkeypatch):
     assert config.auth.api_key == "from-env"
 
 
-def test_config_path_order(monkeypatch):
+def test_config_path_order(monkeypatch, tmp_path):
+    """--config, else $MKISO_CONFIG, else ./config.yaml where it exists, else the installed file."""
     monkeypatch.delenv("MKISO_CONFIG", raising=False)
-    assert configuration.config_path() == "config.yaml"
-    monkeypatch.setenv("MKISO_CONFIG", "/etc/mkiso/config.yaml")
+    monkeypatch.chdir(tmp_path)
     assert configuration.config_path() == "/etc/mkiso/config.yaml"
+    (tmp_path / "config.yaml").write_text(MINIMAL)
+    assert configuration.config_path() == "config.yaml"
+    monkeypatch.setenv("MKISO_CONFIG", "/srv/other.yaml")
+    assert configuration.config_path() == "/srv/other.yaml"
     assert configuration.config_path("/x.yaml") == "/x.yaml"
+
+
+def test_check_config_elsewhere_names_the_installed_file(tmp_path):
+    """Run from a folder without config.yaml, the check reads /etc/mkiso/config.yaml (absent here)."""
+    env = {key: value for key, value in os.environ.items() if key != "MKISO_CONFIG"}
+    if os.path.exists("/etc/mkiso/config.yaml"):
+        pytest.skip("mkiso is installed on this machine: its config would be checked")
+    result = subprocess.run([sys.executable, "-m", "mkiso", "--check-config"], capture_output=True, text=True,
+                            timeout=60, env=env, cwd=str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.startswith("mkiso: configuration error: /etc/mkiso/config.yaml: cannot read")
 
 
 def run_cli(*args, env=None):
@@ -169,6 +184,19 @@ def test_check_config_invalid_exits_2_with_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "mkiso: configuration error: %s: server.port must be an integer, not 'nope'" % path]
+
+
+def test_check_config_warns_of_a_host_that_does_not_resolve(host):
+    """A name that does not resolve now is a warning (DNS may come later), the file is still valid."""
+    result = run_cli("--check-config", "--config", host(pacs={"host": "no-such-pacs.invalid"},
+                                                       publisher={"host": "no-such-rimage.invalid"}))
+    assert result.returncode == 0, result.stderr
+    warnings = result.stderr.strip().splitlines()
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith("mkiso: warning: %s: pacs.host no-such-pacs.invalid does not resolve: "
+                                  % host.root.joinpath("config.yaml"))
+    assert "publisher.host no-such-rimage.invalid does not resolve" in warnings[1]
+    assert run_cli("--check-config", "--config", host()).stderr == ""  # 127.0.0.1 resolves
 
 
 def test_check_config_uses_environment_path(host):
