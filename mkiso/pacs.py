@@ -24,12 +24,23 @@ from . import errors, process
 
 log = logging.getLogger(__name__)
 
-FIND_KEYS = (
-    "StudyInstanceUID",
-    "PatientID",
+# What the PACS says now about the patient and the study: everything of it that reaches a disc's
+# DICOMDIR records or its file name.  The disc cache's key holds all of it (SPEC §9), so that a
+# name corrected or a patient merged under the same UIDs makes a new disc.
+IDENTITY_KEYS = (
     "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientSex",
     "StudyDate",
+    "StudyTime",
     "StudyDescription",
+    "AccessionNumber",
+    "StudyID",
+    "ReferringPhysicianName",
+)
+FIND_KEYS = ("StudyInstanceUID",) + IDENTITY_KEYS + (
     "ModalitiesInStudy",
     "NumberOfStudyRelatedInstances",
     "SpecificCharacterSet",
@@ -53,7 +64,7 @@ class Study:
     """One C-FIND answer: a study the PACS holds for an accession number."""
 
     def __init__(self, accession, study_uid, patient_id, patient_name, study_date="", instances=None,
-                 description="", modalities=()):
+                 description="", modalities=(), identity=None):
         self.accession = accession
         self.study_uid = study_uid
         self.patient_id = patient_id
@@ -62,6 +73,7 @@ class Study:
         self.instances = instances
         self.description = description
         self.modalities = list(modalities)
+        self.identity = dict(identity or {})  # IDENTITY_KEYS as the PACS answered them, as text
 
     def __repr__(self):
         return "Study(accession=%r, study_uid=%r)" % (self.accession, self.study_uid)
@@ -149,7 +161,8 @@ class Pacs:
         for key, value in match:
             args += ["-k", "%s=%s" % (key, value)]
         for key in returned:
-            args += ["-k", key]
+            if key not in dict(match):  # a match key comes back anyway; given empty it would match all
+                args += ["-k", key]
         return args
 
     def find_studies(self, accession, scratch_dir):
@@ -206,6 +219,7 @@ class Pacs:
             instances=int(instances) if instances not in (None, "") else None,
             description=str(answer.get("StudyDescription", "") or ""),
             modalities=_values(answer.get("ModalitiesInStudy")),
+            identity={key: str(answer.get(key, "") or "") for key in IDENTITY_KEYS},
         )
 
     def move_study(self, study_uid):

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import threading
 
@@ -107,6 +108,28 @@ def job_leftovers(service):
     kept = {os.path.basename(iso.folder) for job in service.registry.recent() if job.state == "ready"
             for iso in job.discs}
     return [name for folder in (JOBS, RETRIEVALS) for name in os.listdir(service.path(folder)) if name not in kept]
+
+
+@pytest.fixture
+def small_work_dir(settings, tmp_path):
+    """Put the work dir on a tmpfs of the given size (root only; skipped, saying why, elsewhere)."""
+    mounted = []
+
+    def mount(size):
+        point = tmp_path / "tmpfs"
+        point.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%s,mode=0700" % size, "tmpfs", str(point)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip("a tmpfs cannot be mounted here (needs root): %s" % result.stderr.strip())
+        mounted.append(point)
+        (point / "work").mkdir()
+        settings["paths"]["work_dir"] = str(point / "work")
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], check=True)
 
 
 @pytest.fixture
