@@ -24,7 +24,7 @@ setup(
     version=VERSION,
     description="Turn accession numbers into a patient DICOM CD/DVD",
     packages=["mkiso"],
-    package_data={"mkiso": ["desk.html"]},  # the desk page, served at /
+    package_data={"mkiso": ["desk.html", "desk.js"]},  # the desk page and its script, served at / and /desk.js
     ext_modules=cythonize(extensions, compiler_directives={"language_level": "3"}),
     python_requires=">=3.9",
     install_requires=["waitress>=2.1", "PyYAML>=5.4", "pydicom>=2.3"],

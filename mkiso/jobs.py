@@ -373,17 +373,23 @@ class Jobs:
 
     # -- what the desk page shows ---------------------------------------------
 
-    def describe(self, accessions):
-        """What the PACS holds for the accessions (GET /api/studies): C-FINDs and manifests, no retrieval."""
+    def describe(self, accessions, export):
+        """What the PACS holds for the accessions (GET /api/studies): C-FINDs and manifests, no retrieval.
+
+        The studies found go on ``export`` (the lookup's audit line).  A
+        PACS that leaves ModalitiesInStudy empty (dcmqrscp does) is asked
+        for its series' modalities instead: the clerk tells studies apart by them.
+        """
         with tempfile.TemporaryDirectory(prefix="studies-", dir=self.jobs_dir) as folder:
-            studies = self.find(accessions, folder)
+            studies = export.studies = self.find(accessions, folder)
             described = []
             for study in studies:
                 manifest = self.pacs.list_instances(study.study_uid, folder)
                 described.append({
                     "accession": study.accession, "study_uid": study.study_uid,
                     "patient_name": study.patient_name, "patient_id": study.patient_id,
-                    "date": study.study_date, "description": study.description, "modalities": study.modalities,
+                    "date": study.study_date, "description": study.description,
+                    "modalities": study.modalities or self.pacs.series_modalities(study.study_uid, folder),
                     "series": len(set(manifest.values())) if manifest is not None else None,
                     "images": len(manifest) if manifest is not None else study.instances,
                 })

@@ -167,13 +167,24 @@ class Pacs:
 
     def find_studies(self, accession, scratch_dir):
         """C-FIND at STUDY level with the accession number as an exact key."""
-        what = "C-FIND for accession %s" % accession
+        answers = self._find("C-FIND for accession %s" % accession, scratch_dir, "STUDY",
+                             [("AccessionNumber", accession)], FIND_KEYS)
+        return [self._study(accession, answer) for answer in answers]
+
+    def series_modalities(self, study_uid, scratch_dir):
+        """The study's modalities from a SERIES-level C-FIND: where the PACS leaves ModalitiesInStudy empty."""
+        answers = self._find("SERIES-level C-FIND of study %s" % study_uid, scratch_dir, "SERIES",
+                             [("StudyInstanceUID", study_uid)], ("Modality",))
+        return sorted({str(answer.get("Modality", "") or "") for answer in answers} - {""})
+
+    def _find(self, what, scratch_dir, level, match, returned):
+        """Every answer of a C-FIND, as datasets; a failure is the error of SPEC §2."""
         with tempfile.TemporaryDirectory(prefix="find-", dir=scratch_dir) as out_dir:
-            args = self._find_args(["-X", "-od", out_dir], "STUDY", [("AccessionNumber", accession)], FIND_KEYS)
+            args = self._find_args(["-X", "-od", out_dir], level, match, returned)
             result = self._run(args, self.find_timeout, what)
             if "Received Final Find Response (Success)" not in result.output:
                 raise_for_failure(result.output, self.peer, what)
-            return [self._study(accession, os.path.join(out_dir, name)) for name in sorted(os.listdir(out_dir))]
+            return [pydicom.dcmread(os.path.join(out_dir, name), force=True) for name in sorted(os.listdir(out_dir))]
 
     def list_instances(self, study_uid, scratch_dir):
         """The study's images from an IMAGE-level C-FIND (the manifest): {SOP UID: series UID}.
@@ -200,8 +211,7 @@ class Pacs:
                 return None
             return read_manifest(answers)
 
-    def _study(self, accession, path):
-        answer = pydicom.dcmread(path, force=True)
+    def _study(self, accession, answer):
         study_uid = str(answer.get("StudyInstanceUID", "") or "")
         found = str(answer.get("AccessionNumber", "") or "")
         if not study_uid or found != accession:

@@ -175,7 +175,8 @@ def call(app, path, method="GET", query="", headers=None, peer="127.0.0.1", body
         "wsgi.multiprocess": False, "wsgi.run_once": False, "wsgi.version": (1, 0),
     }
     for name, value in (headers or {}).items():
-        environ["HTTP_" + name.upper().replace("-", "_")] = value
+        key = name.upper().replace("-", "_")
+        environ[key if key == "CONTENT_TYPE" else "HTTP_" + key] = value
     captured = {}
 
     def start_response(status, response_headers, exc_info=None):

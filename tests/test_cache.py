@@ -51,7 +51,8 @@ def test_the_same_disc_again_is_served_from_the_cache(make_service, wsgi_call, c
     assert stat.S_IMODE(os.stat(service.path("cache", cached)).st_mode) == 0o600
     health = wsgi_call(app, "/api/health").json()["checks"]["cache"]
     assert health["ok"] and health["detail"].startswith("1 discs, %d bytes" % len(first))
-    job = wsgi_call(app, "/api/jobs", method="POST", body=b'{"accessions": ["ACC2001"]}').json()
+    job = wsgi_call(app, "/api/jobs", method="POST", body=b'{"accessions": ["ACC2001"]}',
+                    headers={"Content-Type": "application/json"}).json()
     deadline = time.monotonic() + 30
     while job["state"] != "ready" and time.monotonic() < deadline:
         job = wsgi_call(app, "/api/jobs/" + job["id"]).json()
@@ -123,6 +124,9 @@ def correct_in_the_pacs(pacs, study, **changes):
     subprocess.run([os.path.join(DCMTK_DIR, "dcmqridx"), pacs.storage] + paths, check=True)
 
 
+PATIENT = ("PatientName", "PatientID")
+
+
 def patient_on_disc(iso, folder):
     """(name, ID) in the disc's DICOMDIR PATIENT record and in every image: one pair, or the test fails."""
     disc = open_iso(str(iso), str(folder))
@@ -163,18 +167,18 @@ def test_a_patient_corrected_in_the_pacs_gets_a_new_disc(correctable_pacs, make_
     app = web.Application(service.config, service)
     (tmp_path / "first.iso").write_bytes(download(wsgi_call, app, "FIX01"))
     kept = download(wsgi_call, app, "KEEP01")
-    assert dict(zip(("PatientName", "PatientID"), patient_on_disc(tmp_path / "first.iso", tmp_path / "first")))[
+    assert dict(zip(PATIENT, patient_on_disc(tmp_path / "first.iso", tmp_path / "first"), strict=True))[
         keyword] == before
     correct_in_the_pacs(pacs, study, **{keyword: after})
     (tmp_path / "second.iso").write_bytes(download(wsgi_call, app, "FIX01"))
     assert retrievals(caplog) == 3, "the corrected study must be retrieved again, not taken from the cache"
-    name, patient_id = patient_on_disc(tmp_path / "second.iso", tmp_path / "second")
-    assert {"PatientName": name, "PatientID": patient_id}[keyword] == after
+    second = dict(zip(PATIENT, patient_on_disc(tmp_path / "second.iso", tmp_path / "second"), strict=True))
+    assert second[keyword] == after
     check_pdi(open_iso(str(tmp_path / "second.iso"), str(tmp_path / "checked")), study.sop_uids)
     assert len(os.listdir(service.path("cache"))) == 3  # a new entry beside the first two
     assert download(wsgi_call, app, "KEEP01") == kept and retrievals(caplog) == 3  # unchanged: the cache's
     with open(service.config.audit.path) as handle:
-        assert json.loads(handle.readlines()[2])["patient_ids"] == [patient_id]
+        assert json.loads(handle.readlines()[2])["patient_ids"] == [second["PatientID"]]
 
 
 IMAGE = 512 * 1024  # bytes of pixels per image: a study's size in MiB is half its image count

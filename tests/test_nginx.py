@@ -199,7 +199,7 @@ def test_nginx_does_not_spool_the_iso_to_its_temp_dir(plain_behind_nginx, tmp_pa
     temp = tmp_path / "nginx" / "proxy"
     with socket.create_connection(("127.0.0.1", port), timeout=20) as client:
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        client.sendall(b"GET /api/iso/download?accession_number=BIG01 HTTP/1.1\r\nHost: x\r\n"
+        client.sendall(b"GET /api/iso/download?accession_number=BIG01 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                        b"Connection: close\r\n\r\n")
         head = client.recv(4096)
         assert head.startswith(b"HTTP/1.1 200"), head[:200]
@@ -221,7 +221,7 @@ def slow_clients(port, count=150):
     clients = []
     for _ in range(count):
         client = socket.create_connection(("127.0.0.1", port), timeout=10)
-        client.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\nX-Slow: 1\r\n")
+        client.sendall(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: 1\r\n")
         clients.append(client)
     return clients
 
