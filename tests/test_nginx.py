@@ -54,7 +54,7 @@ def install_snippets(root, upstream, work_dir):
         with open(os.path.join(SNIPPETS, name)) as handle:
             text = handle.read()
         if name == "mkiso.conf":
-            assert text.count("http://127.0.0.1:8080") == 3 and text.count("alias /var/spool/mkiso/;") == 1
+            assert text.count("http://127.0.0.1:8080") == 4 and text.count("alias /var/spool/mkiso/;") == 1
             text = text.replace("http://127.0.0.1:8080", "http://127.0.0.1:%d" % upstream)
             text = text.replace("alias /var/spool/mkiso/;", "alias %s/;" % work_dir)
         with open(os.path.join(root, "snippets", name), "w") as handle:
@@ -255,6 +255,8 @@ def test_the_desk_page_and_a_job_through_nginx(behind_nginx, archive, tmp_path):
     service, _, front = behind_nginx
     status, headers, page = get(front + "/mkiso/")
     assert status == 200 and b"Patient CD/DVD" in page and headers["Content-Security-Policy"]
+    status, headers, script = get(front + "/mkiso/desk.js")  # the page's relative script, at /mkiso/ too
+    assert status == 200 and b"function lookUp" in script and b'src="desk.js"' in page
     request = urllib.request.Request(front + "/api/jobs", data=json.dumps({"accessions": ["ACC2001"]}).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")
     with urllib.request.urlopen(request, timeout=30) as answer:
