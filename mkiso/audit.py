@@ -3,8 +3,8 @@
 The ordinary log holds no patient identifiers; this file is where they
 belong.  Every export (a download, a print), successful or not, appends one
 JSON line to ``audit.path`` (0600); so does every lookup (``query``): it
-shows patient names and IDs to whoever asks.  The file is reopened for each line, so
-logrotate may move it away at any time (the service never rotates it).
+shows patient names and IDs to whoever asks.  The file is reopened for
+each line, so logrotate may move it away at any time (the service never rotates it).
 
 A download whose line cannot be written is not handed out: ``record``
 raises, and the caller gets 507 (disk full) or 500 instead of the disc.

@@ -4,9 +4,9 @@
 name; ``auth.keys`` names keys, one per system or desk, so that the audit
 trail can say who asked.  With named keys a caller sees and cancels only
 its own jobs, and only the job's own caller is shown its download token;
-a key named in ``auth.admin_keys`` sees every job.  A given key is compared with every key, each in
-constant time, so the time taken tells nothing about which one nearly
-matched.
+a key named in ``auth.admin_keys`` sees every job.  A given key is
+compared with every key, each in constant time, so the time taken tells
+nothing about which one nearly matched.
 """
 
 import hmac

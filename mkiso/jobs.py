@@ -355,8 +355,7 @@ class Jobs:
             try:
                 studies = export.studies = self.find(job.accessions, folder)
                 manifests = self.manifests(job, studies, folder)
-                peer = self.publisher.peer
-                export.destination = "%s@%s:%s" % (peer.ae_title, peer.host, peer.port)
+                export.destination = self.publisher.peer.address
                 with self.retrieved(job, studies, manifests) as files:
                     export.images = len(files)
                     job.step("send")
@@ -381,6 +380,7 @@ class Jobs:
         for its series' modalities instead: the clerk tells studies apart by them.
         """
         with tempfile.TemporaryDirectory(prefix="studies-", dir=self.jobs_dir) as folder:
+            export.destination = self.pacs.peer.address  # who was asked
             studies = export.studies = self.find(accessions, folder)
             described = []
             for study in studies:

@@ -56,8 +56,12 @@ class Peer:
         self.host = host
         self.port = port
 
+    @property
+    def address(self):
+        return "%s@%s:%s" % (self.ae_title, self.host, self.port)
+
     def __str__(self):
-        return "%s %s@%s:%s" % (self.name, self.ae_title, self.host, self.port)
+        return "%s %s" % (self.name, self.address)
 
 
 class Study:

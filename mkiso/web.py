@@ -51,6 +51,14 @@ def page_headers(page):
         ("X-Frame-Options", "DENY"), ("Cache-Control", "no-cache"),
     ]
 
+def _static(path, content_type, headers_of):
+    """A file of the package as the answer, with the headers ``headers_of(its bytes)`` adds."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    headers = [("Content-Type", content_type), ("Content-Length", str(len(data)))] + headers_of(data)
+    return Response(200, headers, [data], len(data))
+
+
 REASONS = {
     200: "OK", 202: "Accepted", 206: "Partial Content", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
     404: "Not Found", 405: "Method Not Allowed", 409: "Conflict", 413: "Payload Too Large",
@@ -224,17 +232,10 @@ class Application:
         return Response.json(503 if degraded and strict == "1" else 200, report)
 
     def desk_page(self, request):
-        with open(DESK_PAGE, "rb") as handle:
-            page = handle.read()
-        headers = [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(page)))]
-        return Response(200, headers + page_headers(page), [page], len(page))
+        return _static(DESK_PAGE, "text/html; charset=utf-8", page_headers)
 
     def desk_script(self, request):
-        with open(DESK_SCRIPT, "rb") as handle:
-            script = handle.read()
-        headers = [("Content-Type", "text/javascript; charset=utf-8"), ("Content-Length", str(len(script))),
-                   ("Cache-Control", "no-cache")]
-        return Response(200, headers, [script], len(script))
+        return _static(DESK_SCRIPT, "text/javascript; charset=utf-8", lambda script: [("Cache-Control", "no-cache")])
 
     def desk_settings(self, request):
         """What the desk page must know before the clerk types: whether to offer printing, whether to ask
