@@ -9,7 +9,12 @@ through it.  Two doors are closed here:
   not ours is refused (403) for everything but fetching the desk page
   itself.  Ours is a page served under the request's own host name (ports
   and scheme aside: nginx in front ends TLS and passes ``$host`` without
-  the port) or one listed in ``server.allowed_origins``.
+  the port) or one listed in ``server.allowed_origins``.  A browser sends
+  no Origin with a plain GET of an image or a script; it says
+  ``Sec-Fetch-Site: cross-site`` then, and such a fetch of anything but the
+  page is refused too (an ``<img>`` on another site would otherwise start a
+  download).  Following a link (``Sec-Fetch-Mode: navigate``, the HIS's
+  own links to the legacy URLs) stays allowed.
 - ``Host``: comparing Origin with Host is worthless when the Host is the
   attacker's: with DNS rebinding, evil.example first resolves to the
   attacker and then to the gateway, and the browser takes the gateway for
@@ -66,10 +71,13 @@ class Origins:
 
     def check_origin(self, request, page):
         """403 for a request another web page made, unless it fetches the desk page (``page``) itself."""
-        origin = request.header("Origin")
-        if origin is None or (page and request.method in ("GET", "HEAD")):
+        if page and request.method in ("GET", "HEAD"):
             return
-        if not self.own(origin, host_name(request.header("Host"))):
+        if request.header("Sec-Fetch-Site") == "cross-site" and request.header("Sec-Fetch-Mode") != "navigate":
+            raise errors.Forbidden("Another web site's page asked for this in passing (%s); refused."
+                                   % (request.header("Sec-Fetch-Dest") or "a resource")[:30])
+        origin = request.header("Origin")
+        if origin is not None and not self.own(origin, host_name(request.header("Host"))):
             raise errors.Forbidden("Requests from other web pages (%s) are refused; add the origin to "
                                    "server.allowed_origins if it is one of ours." % origin[:100])
 

@@ -63,6 +63,18 @@ def test_a_foreign_origin_cannot_start_or_cancel_and_our_own_can(served, tmp_pat
     assert status == 200 and json.loads(body)["state"] == "cancelled"
 
 
+def test_an_image_on_another_site_cannot_start_a_download_but_a_link_may(served):
+    """<img src=".../mkiso.php?..."> elsewhere: no Origin, but Sec-Fetch-Site: cross-site."""
+    service, base = served()
+    url = base + "/mkiso.php?accession_number=ACC2001"
+    image = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "image"}
+    status, _, body = send(url, headers=image)
+    assert status == 403 and json.loads(body)["code"] == "foreign_origin"
+    assert service.registry.recent() == []
+    link = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}
+    assert send(url, headers=link)[0] == 200  # the HIS's link to the legacy URL, clicked
+
+
 def test_the_page_itself_may_be_fetched_from_anywhere(served):
     _, base = served()
     for path in ("/", "/desk.js"):
