@@ -3,7 +3,9 @@
 Each export goes out as an RFC 5424 syslog message whose body is a DICOM
 audit message (PS3.15 A.5): a download is an "Export" event (110106: the
 images leave on a medium), a print a "DICOM Instances Transferred" event
-(110104: the images go to the publisher over DICOM).  Over UDP one
+(110104: the images go to the publisher over DICOM), a lookup of the desk
+page a "Query" event (110112: the PACS was asked, patients were shown).
+Over UDP one
 datagram a message; over TCP octet-counted frames (RFC 6587).
 
 This copy is best effort: the audit file is the record, so a repository
@@ -25,6 +27,7 @@ TIMEOUT_S = 5
 EVENTS = {  # action -> EventID (DCM)
     "download": ("110106", "Export"),
     "print": ("110104", "DICOM Instances Transferred"),
+    "query": ("110112", "Query"),
 }
 
 
@@ -38,7 +41,8 @@ def audit_message(entry, export, source_id):
     root = ET.Element("AuditMessage")
     outcome = "0" if entry["code"] is None else ("4" if entry["status"] < 500 else "8")
     event = ET.SubElement(root, "EventIdentification", {
-        "EventActionCode": "R", "EventDateTime": entry["time"], "EventOutcomeIndicator": outcome})
+        "EventActionCode": "E" if entry["action"] == "query" else "R", "EventDateTime": entry["time"],
+        "EventOutcomeIndicator": outcome})
     _code(event, "EventID", code, "DCM", name)
     if entry["code"] is not None:
         ET.SubElement(event, "EventOutcomeDescription").text = entry["code"]

@@ -2,8 +2,9 @@
 
 The ordinary log holds no patient identifiers; this file is where they
 belong.  Every export (a download, a print), successful or not, appends one
-JSON line to ``audit.path`` (0600).  The file is reopened for each line, so
-logrotate may move it away at any time (the service never rotates it).
+JSON line to ``audit.path`` (0600); so does every lookup (``query``): it
+shows patient names and IDs to whoever asks.  The file is reopened for
+each line, so logrotate may move it away at any time (the service never rotates it).
 
 A download whose line cannot be written is not handed out: ``record``
 raises, and the caller gets 507 (disk full) or 500 instead of the disc.
@@ -28,6 +29,7 @@ import stat
 import sys
 import threading
 import time
+from contextlib import contextmanager
 
 from . import atna, errors
 
@@ -40,7 +42,7 @@ DEFAULT_PATH = "/var/log/mkiso/audit.log"
 class Export:
     """One export as it happens; the job adds what it found, the web layer the outcome."""
 
-    action: str  # download | print
+    action: str  # download | print | query
     request_id: str
     client: str
     caller: str = None
@@ -97,6 +99,24 @@ class Audit:
                 "The audit trail cannot be written; nothing is exported without it.", code="audit_failed")
         if self.syslog is not None:
             self.syslog.send(entry, export)
+
+    @contextmanager
+    def recording(self, export):
+        """The export's line once the block ends: 200, or the status of the error that ended it.
+
+        When the block failed, a line that cannot be written is logged (by
+        ``record``) and the caller hears the block's own error.
+        """
+        try:
+            yield export
+        except Exception as exc:
+            failure = exc if isinstance(exc, errors.MkisoError) else errors.MkisoError("")
+            try:
+                self.record(export, failure.status, failure.code)
+            except errors.MkisoError:
+                pass
+            raise
+        self.record(export, 200)
 
     def _append(self, data):
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)

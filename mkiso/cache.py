@@ -3,10 +3,14 @@
 A second click, a HEAD before the GET, a resumed download or the same
 patient's disc asked for twice would otherwise redo the C-MOVE and the
 build (and two builds are not byte-identical, so a resume across them is
-impossible).  The key is everything a disc's bytes depend on: the sorted
-SOP Instance UIDs of every study on it (the manifest, SPEC §3.6), the
-layout, the DICOMDIR writer, the volume label, the viewer's content and
-mkiso's version.  A study that changed has another key.
+impossible).  The key is everything a disc's bytes and name depend on: the
+sorted SOP Instance UIDs of every study on it (the manifest, SPEC §3.6),
+what the PACS says now about the patient and each study (name, ID, birth
+date, ... as ``pacs.IDENTITY_KEYS``; a correction or a merge keeps the UIDs
+and changes these), the layout, the DICOMDIR writer, the volume label, the
+viewer's content and mkiso's version.  A study that changed has another key.
+A changed image under an unchanged SOP Instance UID is beyond any query:
+``cache.ttl_s`` bounds how long such a disc could be handed out.
 
 Entries are hard links to the job's ISO (no copy); a job served from the
 cache gets a hard link of its own, so eviction never pulls a file from
@@ -47,10 +51,12 @@ class DiscCache:
         return self.max_bytes > 0
 
     @staticmethod
-    def key(manifests, **disc):
-        """The key of a disc of the studies whose manifests (study UID -> SOP UIDs) are given."""
+    def key(studies, manifests, **disc):
+        """The key of a disc of ``studies`` (pacs.Study: what the PACS answered now) and their manifests
+        (study UID -> SOP UIDs)."""
         content = {
-            "studies": sorted((uid, sorted(sops)) for uid, sops in manifests.items()),
+            "studies": sorted([study.study_uid, sorted(manifests[study.study_uid]), study.identity]
+                              for study in studies),
             "disc": disc,
             "version": __version__,
         }

@@ -99,6 +99,29 @@ def _named_keys(value):
     return None
 
 
+ORIGIN = re.compile(r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?$|^https?://\[[0-9A-Fa-f:]+\](:[0-9]{1,5})?$")
+
+
+def _origins(value):
+    for entry in value:
+        if not isinstance(entry, str) or not ORIGIN.match(entry.rstrip("/")):
+            return "must list origins as a browser sends them, scheme://host[:port] (e.g. https://pacs-gw.example.org)"
+    return None
+
+
+def _host_names(value):
+    for entry in value:
+        if not isinstance(entry, str) or not re.match(r"^(\*|[A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\])$", entry):
+            return "must list host names (e.g. pacs-gw.example.org), or * for any; %r is not one" % (entry,)
+    return None
+
+
+def _key_names(value):
+    if not all(isinstance(name, str) for name in value):
+        return "must list names of auth.keys"
+    return None
+
+
 SYSLOG_URL = re.compile(r"^(udp|tcp)://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\]):([0-9]{1,5})$")
 
 
@@ -120,6 +143,8 @@ SCHEMA = {
         "x_accel_prefix": (str, "", _accel_prefix),
         "x_accel_keep_s": (NUMBER, 600, _positive),
         "trusted_proxies": (list, ["127.0.0.1", "::1"], _networks),
+        "allowed_origins": (list, [], _origins),
+        "allowed_hosts": (list, [], _host_names),
     },
     "pacs": {
         "ae_title": (str, REQUIRED, _ae_title),
@@ -177,6 +202,7 @@ SCHEMA = {
         "api_key": (str, "", None),
         "api_key_file": (str, "", None),
         "keys": (dict, {}, _named_keys),
+        "admin_keys": (list, [], _key_names),
     },
     "jobs": {
         "keep_s": (NUMBER, 3600, _positive),
@@ -314,6 +340,9 @@ def _resolve_api_key(config, path):
             )
     elif os.environ.get("MKISO_API_KEY"):
         auth.api_key = os.environ["MKISO_API_KEY"]
+    unknown = [name for name in auth.admin_keys if name not in auth.keys]
+    if unknown:
+        raise ConfigError("%s: auth.admin_keys names %s, which auth.keys does not name" % (path, ", ".join(unknown)))
     if auth.enabled and not auth.api_key and not auth.keys:
         raise ConfigError(
             "%s: auth.enabled is true but no key is set "

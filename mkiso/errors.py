@@ -29,6 +29,13 @@ class Unauthorized(MkisoError):
     code = "unauthorized"
 
 
+class Forbidden(MkisoError):
+    """A request another web page made through a clerk's browser, or to a host name that is not ours."""
+
+    status = 403
+    code = "foreign_origin"
+
+
 class NotFound(MkisoError):
     status = 404
     code = "not_found"
@@ -60,6 +67,11 @@ class Cancelled(MkisoError):
 class TooLarge(MkisoError):
     status = 413
     code = "disc_too_large"
+
+
+class UnsupportedMediaType(MkisoError):
+    status = 415
+    code = "unsupported_media_type"
 
 
 class UpstreamFailed(MkisoError):

@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 
 from . import delivery, disc, disk, errors, logs, media
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 
 PLAN_ATTEMPTS = 3
+RESUME_WAIT_S = 5  # for the receiver to listen again once cached discs made room
 
 
 @dataclasses.dataclass
@@ -138,11 +140,42 @@ class Jobs:
         held = []
         try:
             for study in studies:
-                held.append(self.retrievals.get(study, manifests[study.study_uid], watch=job.watch))
+                held.append(self._retrieve(job, study, manifests[study.study_uid]))
             yield [received for retrieval in held for received in retrieval.files]
         finally:
             for retrieval in held:
                 self.retrievals.release(retrieval)
+
+    def _retrieve(self, job, study, manifest):
+        """The study's verified files; a retrieval short of space makes cached discs give way and runs again.
+
+        The PACS reports no sizes, so how much room a study needs is known
+        only as it arrives: what came before the space ran out, scaled to
+        the images expected, is what the least recently used cached discs
+        give way for.  Every round evicts at least one, so this ends; with
+        none left to evict, the 507 stands.
+        """
+        while True:
+            try:
+                return self.retrievals.get(study, manifest, watch=job.watch)
+            except errors.InsufficientStorage:
+                freed = self.cache.free(self._room_for(job, study, manifest))
+                if not freed:
+                    raise
+            log.info("cached discs evicted to make room", extra={"fields": {
+                "accession": study.accession, "bytes": freed, "request_id": job.request_id}})
+            receiver = self.retrievals.receiver  # paused for want of space: it resumes within a moment
+            deadline = time.monotonic() + RESUME_WAIT_S
+            while receiver is not None and not receiver.listening and time.monotonic() < deadline:
+                time.sleep(0.1)
+
+    def _room_for(self, job, study, manifest):
+        """Bytes to free for ``study``'s retrieval, estimated from what arrived of it (at least 1)."""
+        count, size = next((retrieval.arrived() for retrieval in job.retrievals
+                            if retrieval.study.study_uid == study.study_uid), (0, 0))
+        expected = len(manifest) if manifest is not None else (study.instances or count)
+        estimate = size * expected // count if count else 0
+        return max(1, estimate + self.config.limits.min_free_bytes - disk.free_bytes(self.jobs_dir))
 
     def check_free_space(self, needed=0):
         """507 unless ``needed`` bytes fit above limits.min_free_bytes, after evicting cached discs."""
@@ -179,13 +212,15 @@ class Jobs:
         watch.lap("find")
         manifests = self.manifests(job, studies, folder)
         watch.lap("manifest")
-        stem = delivery.patient_stem(self.patient_name(studies)) if job.named_by_patient else accessions[0]
+        named = self.patient_name(studies) if job.named_by_patient else None
+        stem = delivery.patient_stem(named) if named is not None else accessions[0]
         label = disc.volume_label(config.iso.volume_label, accessions)
         key = None  # no manifest, no key: such a disc is not cached
         if None not in manifests.values():
-            key = self.cache.key(manifests, layout=config.iso.layout, dicomdir=config.iso.dicomdir, label=label,
-                                 viewer=disc.viewer_digest(config.iso.viewer_dir), media=config.iso.media,
-                                 capacity=media.capacity(config.iso), transcode=config.iso.transcode)
+            key = self.cache.key(studies, manifests, layout=config.iso.layout, dicomdir=config.iso.dicomdir,
+                                 label=label, viewer=disc.viewer_digest(config.iso.viewer_dir), named=named,
+                                 media=config.iso.media, capacity=media.capacity(config.iso),
+                                 transcode=config.iso.transcode)
             cached = self._from_cache(job, key, os.path.join(folder, "disc.iso"))
             if cached is not None:
                 export.bytes = job.disc_bytes
@@ -320,8 +355,7 @@ class Jobs:
             try:
                 studies = export.studies = self.find(job.accessions, folder)
                 manifests = self.manifests(job, studies, folder)
-                peer = self.publisher.peer
-                export.destination = "%s@%s:%s" % (peer.ae_title, peer.host, peer.port)
+                export.destination = self.publisher.peer.address
                 with self.retrieved(job, studies, manifests) as files:
                     export.images = len(files)
                     job.step("send")
@@ -338,17 +372,24 @@ class Jobs:
 
     # -- what the desk page shows ---------------------------------------------
 
-    def describe(self, accessions):
-        """What the PACS holds for the accessions (GET /api/studies): C-FINDs and manifests, no retrieval."""
+    def describe(self, accessions, export):
+        """What the PACS holds for the accessions (GET /api/studies): C-FINDs and manifests, no retrieval.
+
+        The studies found go on ``export`` (the lookup's audit line).  A
+        PACS that leaves ModalitiesInStudy empty (dcmqrscp does) is asked
+        for its series' modalities instead: the clerk tells studies apart by them.
+        """
         with tempfile.TemporaryDirectory(prefix="studies-", dir=self.jobs_dir) as folder:
-            studies = self.find(accessions, folder)
+            export.destination = self.pacs.peer.address  # who was asked
+            studies = export.studies = self.find(accessions, folder)
             described = []
             for study in studies:
                 manifest = self.pacs.list_instances(study.study_uid, folder)
                 described.append({
                     "accession": study.accession, "study_uid": study.study_uid,
                     "patient_name": study.patient_name, "patient_id": study.patient_id,
-                    "date": study.study_date, "description": study.description, "modalities": study.modalities,
+                    "date": study.study_date, "description": study.description,
+                    "modalities": study.modalities or self.pacs.series_modalities(study.study_uid, folder),
                     "series": len(set(manifest.values())) if manifest is not None else None,
                     "images": len(manifest) if manifest is not None else study.instances,
                 })

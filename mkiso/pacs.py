@@ -24,12 +24,23 @@ from . import errors, process
 
 log = logging.getLogger(__name__)
 
-FIND_KEYS = (
-    "StudyInstanceUID",
-    "PatientID",
+# What the PACS says now about the patient and the study: everything of it that reaches a disc's
+# DICOMDIR records or its file name.  The disc cache's key holds all of it (SPEC §9), so that a
+# name corrected or a patient merged under the same UIDs makes a new disc.
+IDENTITY_KEYS = (
     "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientSex",
     "StudyDate",
+    "StudyTime",
     "StudyDescription",
+    "AccessionNumber",
+    "StudyID",
+    "ReferringPhysicianName",
+)
+FIND_KEYS = ("StudyInstanceUID",) + IDENTITY_KEYS + (
     "ModalitiesInStudy",
     "NumberOfStudyRelatedInstances",
     "SpecificCharacterSet",
@@ -45,15 +56,19 @@ class Peer:
         self.host = host
         self.port = port
 
+    @property
+    def address(self):
+        return "%s@%s:%s" % (self.ae_title, self.host, self.port)
+
     def __str__(self):
-        return "%s %s@%s:%s" % (self.name, self.ae_title, self.host, self.port)
+        return "%s %s" % (self.name, self.address)
 
 
 class Study:
     """One C-FIND answer: a study the PACS holds for an accession number."""
 
     def __init__(self, accession, study_uid, patient_id, patient_name, study_date="", instances=None,
-                 description="", modalities=()):
+                 description="", modalities=(), identity=None):
         self.accession = accession
         self.study_uid = study_uid
         self.patient_id = patient_id
@@ -62,6 +77,7 @@ class Study:
         self.instances = instances
         self.description = description
         self.modalities = list(modalities)
+        self.identity = dict(identity or {})  # IDENTITY_KEYS as the PACS answered them, as text
 
     def __repr__(self):
         return "Study(accession=%r, study_uid=%r)" % (self.accession, self.study_uid)
@@ -149,18 +165,30 @@ class Pacs:
         for key, value in match:
             args += ["-k", "%s=%s" % (key, value)]
         for key in returned:
-            args += ["-k", key]
+            if key not in dict(match):  # a match key comes back anyway; given empty it would match all
+                args += ["-k", key]
         return args
 
     def find_studies(self, accession, scratch_dir):
         """C-FIND at STUDY level with the accession number as an exact key."""
-        what = "C-FIND for accession %s" % accession
+        answers = self._find("C-FIND for accession %s" % accession, scratch_dir, "STUDY",
+                             [("AccessionNumber", accession)], FIND_KEYS)
+        return [self._study(accession, answer) for answer in answers]
+
+    def series_modalities(self, study_uid, scratch_dir):
+        """The study's modalities from a SERIES-level C-FIND: where the PACS leaves ModalitiesInStudy empty."""
+        answers = self._find("SERIES-level C-FIND of study %s" % study_uid, scratch_dir, "SERIES",
+                             [("StudyInstanceUID", study_uid)], ("Modality",))
+        return sorted({str(answer.get("Modality", "") or "") for answer in answers} - {""})
+
+    def _find(self, what, scratch_dir, level, match, returned):
+        """Every answer of a C-FIND, as datasets; a failure is the error of SPEC §2."""
         with tempfile.TemporaryDirectory(prefix="find-", dir=scratch_dir) as out_dir:
-            args = self._find_args(["-X", "-od", out_dir], "STUDY", [("AccessionNumber", accession)], FIND_KEYS)
+            args = self._find_args(["-X", "-od", out_dir], level, match, returned)
             result = self._run(args, self.find_timeout, what)
             if "Received Final Find Response (Success)" not in result.output:
                 raise_for_failure(result.output, self.peer, what)
-            return [self._study(accession, os.path.join(out_dir, name)) for name in sorted(os.listdir(out_dir))]
+            return [pydicom.dcmread(os.path.join(out_dir, name), force=True) for name in sorted(os.listdir(out_dir))]
 
     def list_instances(self, study_uid, scratch_dir):
         """The study's images from an IMAGE-level C-FIND (the manifest): {SOP UID: series UID}.
@@ -187,8 +215,7 @@ class Pacs:
                 return None
             return read_manifest(answers)
 
-    def _study(self, accession, path):
-        answer = pydicom.dcmread(path, force=True)
+    def _study(self, accession, answer):
         study_uid = str(answer.get("StudyInstanceUID", "") or "")
         found = str(answer.get("AccessionNumber", "") or "")
         if not study_uid or found != accession:
@@ -206,6 +233,7 @@ class Pacs:
             instances=int(instances) if instances not in (None, "") else None,
             description=str(answer.get("StudyDescription", "") or ""),
             modalities=_values(answer.get("ModalitiesInStudy")),
+            identity={key: str(answer.get(key, "") or "") for key in IDENTITY_KEYS},
         )
 
     def move_study(self, study_uid):

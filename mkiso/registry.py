@@ -89,13 +89,21 @@ class Job:
         return {"phase": self.phase, "images_expected": self.images_expected, "images_received": received,
                 "bytes_received": size, "disc_bytes": self.disc_bytes}
 
-    def as_dict(self, keep_s):
+    @property
+    def caller(self):
+        """The name of the key that made the job (None: no named keys, or the unnamed one)."""
+        return self.export.caller
+
+    def as_dict(self, keep_s, token=True):
+        """The job's JSON; without ``token`` its disc links carry no download token (for others than
+        its caller)."""
         links = {"self": "/api/jobs/" + self.id, "events": "/api/jobs/%s/events" % self.id}
         ready = self.state == "ready"
+        query = "?token=" + self.token if token else ""
         if ready and self.iso is not None:
-            links["iso"] = "/api/jobs/%s/iso?token=%s" % (self.id, self.token)
+            links["iso"] = "/api/jobs/%s/iso%s" % (self.id, query)
         discs = [{"number": iso.number, "bytes": iso.size, "images": iso.images,
-                  "links": {"iso": "/api/jobs/%s/discs/%d/iso?token=%s" % (self.id, iso.number, self.token)}}
+                  "links": {"iso": "/api/jobs/%s/discs/%d/iso%s" % (self.id, iso.number, query)}}
                  for iso in (self.discs if ready else [])]
         return {
             "id": self.id, "action": self.action, "accessions": list(self.accessions), "state": self.state,

@@ -4,10 +4,14 @@ Routes map a path (or, for a job's own paths, a pattern) to a handler and
 the methods it takes; the legacy PHP URLs the HIS still calls are declared
 beside the route they stand for.  Every download or print is a job
 (``registry``): the synchronous endpoints run theirs in the request.
-Every response carries X-Request-ID and produces one access-log line;
-every exception becomes the JSON error body of SPEC §2 in ``_error``.
+Every response carries X-Request-ID (and ``nosniff``, ``no-referrer``) and
+produces one access-log line; every exception becomes the JSON error body
+of SPEC §2 in ``_error``.  Before any handler runs, ``origins`` refuses a
+request to a host name that is not ours or from another web page (SPEC §9).
 """
 
+import base64
+import hashlib
 import hmac
 import json
 import logging
@@ -18,7 +22,8 @@ import time
 import uuid
 from urllib.parse import parse_qs
 
-from . import accessions, audit, auth, delivery, errors
+from . import accessions, audit, auth, delivery, errors, origins
+from .lookups import Lookups
 from .registry import ENDED, Job
 from .responses import Response
 
@@ -29,35 +34,61 @@ SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 MAX_BODY = 64 * 1024
 EVENT_STREAMS = 32  # the server runs this many threads more than server.threads, for them
 KEEPALIVE_S = 15
-DESK_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "desk.html")
-PAGE_HEADERS = [
-    ("Content-Security-Policy", "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-                                "connect-src 'self'; img-src data:; form-action 'none'; frame-ancestors 'none'"),
-    ("X-Frame-Options", "DENY"), ("Referrer-Policy", "no-referrer"), ("Cache-Control", "no-cache"),
-]
+HERE = os.path.dirname(os.path.abspath(__file__))
+DESK_PAGE = os.path.join(HERE, "desk.html")
+DESK_SCRIPT = os.path.join(HERE, "desk.js")  # at desk.js beside the page: /desk.js, behind nginx /mkiso/desk.js
+EVERY_ANSWER = [("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer")]
+
+
+def page_headers(page):
+    """The desk page's headers: its script only from its own file, its one style block only by hash."""
+    style = page.split(b"<style>", 1)[1].split(b"</style>", 1)[0]
+    digest = base64.b64encode(hashlib.sha256(style).digest()).decode("ascii")
+    return [
+        ("Content-Security-Policy", "default-src 'none'; script-src 'self'; style-src 'sha256-%s'; "
+                                    "connect-src 'self'; img-src data:; form-action 'none'; frame-ancestors 'none'; "
+                                    "base-uri 'none'" % digest),
+        ("X-Frame-Options", "DENY"), ("Cache-Control", "no-cache"),
+    ]
+
+def _static(path, content_type, headers_of):
+    """A file of the package as the answer, with the headers ``headers_of(its bytes)`` adds."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    headers = [("Content-Type", content_type), ("Content-Length", str(len(data)))] + headers_of(data)
+    return Response(200, headers, [data], len(data))
+
 
 REASONS = {
-    200: "OK", 202: "Accepted", 206: "Partial Content", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
-    405: "Method Not Allowed", 409: "Conflict", 413: "Payload Too Large", 416: "Range Not Satisfiable",
+    200: "OK", 202: "Accepted", 206: "Partial Content", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+    404: "Not Found", 405: "Method Not Allowed", 409: "Conflict", 413: "Payload Too Large",
+    415: "Unsupported Media Type", 416: "Range Not Satisfiable",
     500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
     504: "Gateway Timeout", 507: "Insufficient Storage",
 }
 
 
 class Route:
-    """A path's handler (a method name of Application), its methods and aliases."""
+    """A path's handler (a method name of Application), its methods and aliases.
 
-    def __init__(self, handler, methods=("GET",), legacy=(), open_access=False, token_access=False):
+    ``page``: the desk page and its script, which any web page may link to
+    (GET/HEAD even with a foreign Origin).
+    """
+
+    def __init__(self, handler, methods=("GET",), legacy=(), open_access=False, token_access=False, page=False):
         self.handler = handler
         self.methods = tuple(methods) + (("HEAD",) if "GET" in methods else ())
         self.legacy = legacy
         self.open_access = open_access
         self.token_access = token_access  # the job's download token will do instead of the key
+        self.page = page
 
 
 ROUTES = {
-    "/": Route("desk_page", open_access=True),
+    "/": Route("desk_page", open_access=True, page=True),
+    "/desk.js": Route("desk_script", open_access=True, page=True),
     "/api/health": Route("health", open_access=True),
+    "/api/desk": Route("desk_settings", open_access=True),
     "/api/iso/download": Route("download", legacy=("/mkiso.php", "/mkiso2.php")),
     "/api/iso/download-multiple": Route("download_multiple", legacy=("/mkiso_multiple.php",)),
     "/api/iso/print": Route("print_studies", legacy=("/send_rimage_multiple.php",)),
@@ -118,7 +149,9 @@ class Application:
         self.service = service
         self.routes = _route_table(ROUTES)
         self.keys = auth.Keys(config.auth)
+        self.origins = origins.Origins(config.server)
         self._streams = threading.BoundedSemaphore(EVENT_STREAMS)
+        self.lookups = Lookups(config.limits.max_jobs)
 
     def __call__(self, environ, start_response):
         started = time.monotonic()
@@ -131,7 +164,7 @@ class Application:
             log.exception("unhandled error", extra={"fields": {"request_id": request.request_id}})
             response = self._error(request, errors.MkisoError(
                 "An internal error occurred; the server log has the details under this request id."))
-        response.headers.append(("X-Request-ID", request.request_id))
+        response.headers += [("X-Request-ID", request.request_id)] + EVERY_ANSWER
         start_response("%d %s" % (response.status, REASONS.get(response.status, "")), response.headers)
         if request.method == "HEAD":
             if hasattr(response.body, "close"):
@@ -145,7 +178,9 @@ class Application:
         return response.body
 
     def _dispatch(self, request):
+        self.origins.check_host(request)
         route = self._route(request)
+        self.origins.check_origin(request, route.page)
         if request.method not in route.methods:
             raise errors.MethodNotAllowed(request.method, route.methods)
         known, request.caller = self.keys.identify(request.header("X-API-Key"))
@@ -197,10 +232,16 @@ class Application:
         return Response.json(503 if degraded and strict == "1" else 200, report)
 
     def desk_page(self, request):
-        with open(DESK_PAGE, "rb") as handle:
-            page = handle.read()
-        headers = [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(page)))]
-        return Response(200, headers + PAGE_HEADERS, [page], len(page))
+        return _static(DESK_PAGE, "text/html; charset=utf-8", page_headers)
+
+    def desk_script(self, request):
+        return _static(DESK_SCRIPT, "text/javascript; charset=utf-8", lambda script: [("Cache-Control", "no-cache")])
+
+    def desk_settings(self, request):
+        """What the desk page must know before the clerk types: whether to offer printing, whether to ask
+        for a key.  Open, like health: neither says more than the page itself would find out."""
+        return Response.json(200, {"printing": self.service.publisher is not None,
+                                   "key_required": self.keys.enabled})
 
     # -- synchronous: a job the request waits for ---------------------------
 
@@ -234,17 +275,21 @@ class Application:
         return Response.json(200, self.service.registry.run(job))
 
     def _new_job(self, request, action, wanted, named_by_patient=False):
-        export = audit.Export(action, request.request_id,
-                              audit.client_address(request.environ, self.config.server.trusted_proxies),
-                              request.caller, accessions=wanted)
-        return Job(action, wanted, export, named_by_patient=named_by_patient)
+        return Job(action, wanted, self._export(request, action, wanted), named_by_patient=named_by_patient)
+
+    def _export(self, request, action, wanted):
+        """The audit record of what the request hands out."""
+        return audit.Export(action, request.request_id,
+                            audit.client_address(request.environ, self.config.server.trusted_proxies),
+                            request.caller, accessions=wanted)
 
     # -- jobs (SPEC §9) --------------------------------------------------------
 
     def jobs(self, request):
         registry = self.service.registry
         if request.method != "POST":
-            return Response.json(200, {"jobs": [job.as_dict(registry.keep_s) for job in registry.recent()]})
+            return Response.json(200, {"jobs": [self._job_view(request, job, listed=True) for job in registry.recent()
+                                                if self.keys.sees(request.caller, job.caller)]})
         body = self._json_body(request)
         action = body.get("action", "download")
         if action not in ("download", "print"):
@@ -267,15 +312,21 @@ class Application:
         job = self._new_job(request, action, wanted, named_by_patient=len(wanted) > 1)
         job.split = split
         registry.submit(job)
-        return Response.json(202, job.as_dict(registry.keep_s), [("Location", "/api/jobs/" + job.id)])
+        return Response.json(202, self._job_view(request, job), [("Location", "/api/jobs/" + job.id)])
 
     def _json_body(self, request):
+        """The JSON object in the body; only ``application/json``, which another web page cannot send
+        without the browser asking us first (a CORS preflight, which gets no CORS answer)."""
+        media_type = request.environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower()
+        if media_type != "application/json":
+            raise errors.UnsupportedMediaType("The request body must be application/json, not %s."
+                                              % (media_type[:100] or "untyped"))
         try:
             length = int(request.environ.get("CONTENT_LENGTH") or 0)
         except ValueError:
             raise errors.BadRequest("Content-Length is not a number.")
         if length > MAX_BODY:
-            raise errors.BadRequest("The request body is larger than %d bytes." % MAX_BODY)
+            raise errors.TooLarge("The request body is larger than %d bytes." % MAX_BODY, code="body_too_large")
         try:
             body = json.loads(request.environ["wsgi.input"].read(length).decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
@@ -284,32 +335,42 @@ class Application:
             raise errors.BadRequest("The request body must be a JSON object.")
         return body
 
+    def _job(self, request):
+        """The job of the path, if the caller may see it: with named keys, its own (an admin: any)."""
+        job = self.service.registry.get(request.match["job_id"])
+        if not self.keys.sees(request.caller, job.caller):
+            raise errors.NotFound("There is no job %s of yours." % job.id, code="job_not_found")
+        return job
+
+    def _job_view(self, request, job, listed=False):
+        """The job's JSON; its download token only for its own caller (a single job: the id is the
+        capability; in the list nobody is told apart without named keys, so none is shown there)."""
+        own = request.caller == job.caller if self.keys.named else not listed
+        return job.as_dict(self.service.registry.keep_s, token=own)
+
     def job(self, request):
-        registry = self.service.registry
+        job = self._job(request)
         if request.method == "DELETE":
-            job = registry.cancel(request.match["job_id"])
-        else:
-            job = registry.get(request.match["job_id"])
-        return Response.json(200, job.as_dict(registry.keep_s))
+            job = self.service.registry.cancel(job.id)
+        return Response.json(200, self._job_view(request, job))
 
     def job_events(self, request):
         """Server-sent events: the job's JSON now and at each change, until it ends."""
-        registry = self.service.registry
-        job = registry.get(request.match["job_id"])
+        job = self._job(request)
         if not self._streams.acquire(blocking=False):
             raise errors.Unavailable("%d event streams are open; try again shortly." % EVENT_STREAMS,
                                      code="busy", retry_after=5)
         headers = [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache"),
                    ("X-Accel-Buffering", "no")]
-        return Response(200, headers, self._events(job), None)
+        return Response(200, headers, self._events(request, job), None)
 
-    def _events(self, job):
+    def _events(self, request, job):
         registry = self.service.registry
         try:
             last, quiet_since = None, time.monotonic()
             while True:
                 updated = job.updated
-                current = job.as_dict(registry.keep_s)
+                current = self._job_view(request, job)
                 if current != last:
                     yield ("data: %s\n\n" % json.dumps(current, ensure_ascii=False)).encode("utf-8")
                     last, quiet_since = current, time.monotonic()
@@ -324,9 +385,8 @@ class Application:
 
     def job_iso(self, request):
         """A ready job's disc: ``/iso`` when it made one, ``/discs/{n}/iso`` for each of several."""
-        registry = self.service.registry
-        job = registry.get(request.match["job_id"])
-        if not request.authorized:
+        job = self.service.registry.get(request.match["job_id"])
+        if not (request.authorized and self.keys.sees(request.caller, job.caller)):
             token = (request.param("token") or "").encode("utf-8", "surrogateescape")
             if not hmac.compare_digest(token, job.token.encode("ascii")):
                 raise errors.Unauthorized("A valid X-API-Key header or the job's download token is required.")
@@ -349,8 +409,14 @@ class Application:
         return delivery.iso_response(request.environ, iso, remove=False)
 
     def studies(self, request):
+        """What the PACS holds (for the desk page): it shows patient names, so it is audited (action
+        ``query``); ``lookups`` runs it (few at once, behind downloads)."""
         wanted = self._accessions(request, ("accession_numbers", "accession_number"), several=True)
-        return Response.json(200, {"studies": self.service.jobs.describe(wanted)})
+        return Response.json(200, {"studies": self.lookups.run(self._look_up, request, wanted)})
+
+    def _look_up(self, request, wanted):
+        with self.service.audit.recording(self._export(request, "query", wanted)) as export:
+            return self.service.jobs.describe(wanted, export)
 
     def _accessions(self, request, names, several):
         """Accessions from whichever of ``names`` is given; checked before anything runs."""

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import threading
 
@@ -110,6 +111,28 @@ def job_leftovers(service):
 
 
 @pytest.fixture
+def small_work_dir(settings, tmp_path):
+    """Put the work dir on a tmpfs of the given size (root only; skipped, saying why, elsewhere)."""
+    mounted = []
+
+    def mount(size):
+        point = tmp_path / "tmpfs"
+        point.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%s,mode=0700" % size, "tmpfs", str(point)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip("a tmpfs cannot be mounted here (needs root): %s" % result.stderr.strip())
+        mounted.append(point)
+        (point / "work").mkdir()
+        settings["paths"]["work_dir"] = str(point / "work")
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], check=True)
+
+
+@pytest.fixture
 def silent_listener():
     """A loopback socket that listens and never answers (non-blocking: accept() shows any caller)."""
     listener = socket.socket()
@@ -152,7 +175,8 @@ def call(app, path, method="GET", query="", headers=None, peer="127.0.0.1", body
         "wsgi.multiprocess": False, "wsgi.run_once": False, "wsgi.version": (1, 0),
     }
     for name, value in (headers or {}).items():
-        environ["HTTP_" + name.upper().replace("-", "_")] = value
+        key = name.upper().replace("-", "_")
+        environ[key if key == "CONTENT_TYPE" else "HTTP_" + key] = value
     captured = {}
 
     def start_response(status, response_headers, exc_info=None):

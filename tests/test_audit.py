@@ -212,6 +212,19 @@ def test_syslog_over_udp_carries_a_dicom_export_event(make_service, wsgi_call, a
     assert root.find("EventIdentification").get("EventOutcomeIndicator") == "0"
 
 
+def test_a_lookup_goes_to_syslog_as_a_query_event(make_service, wsgi_call):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(10)
+        service = make_service(audit={"syslog": "udp://127.0.0.1:%d" % sock.getsockname()[1]})
+        response = wsgi_call(app_for(service), "/api/studies", query="accession_numbers=ACC2001")
+        assert response.status == 200
+        root = parse_syslog(sock.recv(65536), ("110112", "DCM"))
+    assert participants(root, "1") == ["PAT-2001"]
+    pacs = "ABPACS@127.0.0.1:%d" % service.config.pacs.port
+    assert pacs in [p.get("UserID") for p in root.findall("ActiveParticipant")]
+
+
 def test_syslog_over_tcp_is_octet_counted_and_a_print_is_a_transfer(make_service, wsgi_call, tmp_path):
     received = []
     listener = socket.create_server(("127.0.0.1", 0))

@@ -1,16 +1,20 @@
 """The disc cache (SPEC §9): the same disc again without a C-MOVE; a changed study gets a new one."""
 
+import json
 import logging
 import os
 import stat
+import subprocess
 import time
 
+import pydicom
 import pytest
 
 from mkiso import demo, service as service_module, web
 from mkiso.cache import DiscCache
 from conftest import DCMTK_DIR
 from discs import check_pdi, open_iso
+from test_integrity import wait_for
 
 ON = {"max_bytes": 10 ** 9, "ttl_s": 3600}
 
@@ -47,7 +51,8 @@ def test_the_same_disc_again_is_served_from_the_cache(make_service, wsgi_call, c
     assert stat.S_IMODE(os.stat(service.path("cache", cached)).st_mode) == 0o600
     health = wsgi_call(app, "/api/health").json()["checks"]["cache"]
     assert health["ok"] and health["detail"].startswith("1 discs, %d bytes" % len(first))
-    job = wsgi_call(app, "/api/jobs", method="POST", body=b'{"accessions": ["ACC2001"]}').json()
+    job = wsgi_call(app, "/api/jobs", method="POST", body=b'{"accessions": ["ACC2001"]}',
+                    headers={"Content-Type": "application/json"}).json()
     deadline = time.monotonic() + 30
     while job["state"] != "ready" and time.monotonic() < deadline:
         job = wsgi_call(app, "/api/jobs/" + job["id"]).json()
@@ -105,6 +110,112 @@ def test_an_image_added_to_the_study_makes_a_new_disc(own_pacs, make_service, ws
     iso_path.write_bytes(second)
     check_pdi(open_iso(str(iso_path), str(tmp_path / "grown")), set(study.sop_uids) | set(added.sop_uids))
     assert download(wsgi_call, app, "GROW01") == second and retrievals(caplog) == 2
+
+
+def correct_in_the_pacs(pacs, study, **changes):
+    """The PACS corrects the study's patient (a rename, a merge): same UIDs, new values, re-indexed."""
+    folder = os.path.join(pacs.storage, study.study_uid)
+    paths = sorted(os.path.join(folder, name) for name in os.listdir(folder))
+    for path in paths:
+        image = pydicom.dcmread(path)
+        for keyword, value in changes.items():
+            setattr(image, keyword, value)
+        image.save_as(path)
+    subprocess.run([os.path.join(DCMTK_DIR, "dcmqridx"), pacs.storage] + paths, check=True)
+
+
+PATIENT = ("PatientName", "PatientID")
+
+
+def patient_on_disc(iso, folder):
+    """(name, ID) in the disc's DICOMDIR PATIENT record and in every image: one pair, or the test fails."""
+    disc = open_iso(str(iso), str(folder))
+    dicomdir = pydicom.dcmread(os.path.join(disc.root, "DICOMDIR"))
+    found = {(str(record.PatientName), str(record.PatientID)) for record in dicomdir.DirectoryRecordSequence
+             if record.DirectoryRecordType == "PATIENT"}
+    found |= {(str(image.PatientName), str(image.PatientID)) for image in (
+        pydicom.dcmread(os.path.join(disc.root, path), stop_before_pixels=True)
+        for path in disc.files if path.startswith("DICOM" + os.sep))}
+    [pair] = found
+    return pair
+
+
+@pytest.fixture
+def correctable_pacs(tmp_path, receiver_port, settings):
+    """A PACS of this test's own: a study to be corrected and one of another patient left as it is."""
+    pacs = demo.Dcmqrscp(str(tmp_path / "own-pacs"), demo.free_port(), {"CDRECORD": receiver_port},
+                         dcmtk_dir=DCMTK_DIR)
+    fixed = demo.SampleStudy("PAT-6001", "Schmitt^Anna", "FIX01", series=(2, 1))
+    kept = demo.SampleStudy("PAT-6002", "KEEP^KARL", "KEEP01", series=(2,))
+    pacs.add_studies([fixed, kept])
+    pacs.start()
+    settings["pacs"]["port"] = pacs.port
+    yield pacs, fixed
+    pacs.stop()
+
+
+@pytest.mark.parametrize("keyword, before, after", [
+    ("PatientName", "Schmitt^Anna", "Schmidt^Anna"),
+    ("PatientID", "PAT-6001", "PAT-6001-MERGED"),
+])
+def test_a_patient_corrected_in_the_pacs_gets_a_new_disc(correctable_pacs, make_service, wsgi_call, caplog,
+                                                         tmp_path, keyword, before, after):
+    """Same UIDs, another name (or ID): the next disc carries it; the other patient's disc is still cached."""
+    caplog.set_level(logging.INFO)
+    pacs, study = correctable_pacs
+    service = make_service(cache=ON)
+    app = web.Application(service.config, service)
+    (tmp_path / "first.iso").write_bytes(download(wsgi_call, app, "FIX01"))
+    kept = download(wsgi_call, app, "KEEP01")
+    assert dict(zip(PATIENT, patient_on_disc(tmp_path / "first.iso", tmp_path / "first"), strict=True))[
+        keyword] == before
+    correct_in_the_pacs(pacs, study, **{keyword: after})
+    (tmp_path / "second.iso").write_bytes(download(wsgi_call, app, "FIX01"))
+    assert retrievals(caplog) == 3, "the corrected study must be retrieved again, not taken from the cache"
+    second = dict(zip(PATIENT, patient_on_disc(tmp_path / "second.iso", tmp_path / "second"), strict=True))
+    assert second[keyword] == after
+    check_pdi(open_iso(str(tmp_path / "second.iso"), str(tmp_path / "checked")), study.sop_uids)
+    assert len(os.listdir(service.path("cache"))) == 3  # a new entry beside the first two
+    assert download(wsgi_call, app, "KEEP01") == kept and retrievals(caplog) == 3  # unchanged: the cache's
+    with open(service.config.audit.path) as handle:
+        assert json.loads(handle.readlines()[2])["patient_ids"] == [second["PatientID"]]
+
+
+IMAGE = 512 * 1024  # bytes of pixels per image: a study's size in MiB is half its image count
+
+
+@pytest.fixture
+def space_pacs(tmp_path, receiver_port, settings):
+    """Three studies of 12 MiB to fill the cache, one of 28 MiB to need the room."""
+    pacs = demo.Dcmqrscp(str(tmp_path / "space-pacs"), demo.free_port(), {"CDRECORD": receiver_port},
+                         dcmtk_dir=DCMTK_DIR)
+    pacs.add_studies([demo.SampleStudy("PAT-70%02d" % n, "FILL^NUMBER%d" % n, "FILL%d" % n, series=(24,),
+                                       image_bytes=IMAGE) for n in (1, 2, 3)]
+                     + [demo.SampleStudy("PAT-7099", "NEW^NORA", "ROOM01", series=(56,), image_bytes=IMAGE)])
+    pacs.start()
+    settings["pacs"]["port"] = pacs.port
+    yield pacs
+    pacs.stop()
+
+
+def test_cached_discs_give_way_before_a_download_fails_for_space(space_pacs, small_work_dir, make_service,
+                                                                 wsgi_call, caplog, tmp_path):
+    """64 MiB work dir, 36 of it cached discs: a 28 MiB study (and its 28 MiB ISO) fits only once all go."""
+    caplog.set_level(logging.INFO)
+    small_work_dir("64m")
+    service = make_service(cache=ON, limits={"min_free_bytes": 4 * 2 ** 20})
+    app = web.Application(service.config, service)
+    for n in (1, 2, 3):
+        download(wsgi_call, app, "FILL%d" % n)
+    assert service.cache.stats()[0] == 3
+    response = wsgi_call(app, "/api/iso/download", query="accession_number=ROOM01")
+    assert response.status == 200, response.body[:300]
+    (tmp_path / "room.iso").write_bytes(response.body)
+    assert patient_on_disc(tmp_path / "room.iso", tmp_path / "room") == ("NEW^NORA", "PAT-7099")
+    cached = os.listdir(service.path("cache"))
+    assert len(cached) == 1 and service.cache.stats() == (1, len(response.body))  # only the new disc
+    assert "cached discs evicted to make room" in caplog.text
+    assert wait_for(lambda: service.receiver.listening, 5)
 
 
 def test_cached_discs_never_outlive_ttl(make_service, wsgi_call, monkeypatch):

@@ -94,7 +94,7 @@ def test_client_hanging_up_mid_transfer_removes_the_job_files(server, caplog):
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         client.settimeout(60)
         client.connect(("127.0.0.1", port))
-        client.sendall(b"GET /api/iso/download?accession_number=BIG01 HTTP/1.1\r\nHost: x\r\n\r\n")
+        client.sendall(b"GET /api/iso/download?accession_number=BIG01 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         first = client.recv(65536)
         assert first.startswith(b"HTTP/1.1 200")
         length = int(first.split(b"Content-Length: ")[1].split(b"\r\n")[0])
@@ -137,7 +137,7 @@ def test_client_hanging_up_before_the_iso_is_ready_removes_the_job_files(server)
     service, base = server
     port = int(base.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=60) as client:
-        client.sendall(b"GET /api/iso/download?accession_number=BIG01 HTTP/1.1\r\nHost: x\r\n\r\n")
+        client.sendall(b"GET /api/iso/download?accession_number=BIG01 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and not job_leftovers(service):
             time.sleep(0.01)

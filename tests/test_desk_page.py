@@ -74,7 +74,7 @@ def test_paste_two_accessions_make_the_disc_and_download_it(browser, live_server
     wait(browser, lambda: bar.get_attribute("value") == "100")
     link = browser.find_element(By.ID, "iso-link")
     assert link.is_displayed() and "token=" in link.get_attribute("href")
-    assert "The disc is ready" in visible_text(browser, "status")
+    assert visible_text(browser, "status").startswith("The disc for Müller, Jürgen (MR.180505.026, ACC1002) is ready")
     browser.save_screenshot(str(tmp_path / "desk-ready.png"))
     assert "Müller" not in browser.current_url and "PAT-1001" not in link.get_attribute("href")
     link.click()
@@ -116,7 +116,8 @@ def test_the_page_asks_for_the_key_and_keeps_it_for_the_tab_only(browser, live_s
     open_page(browser, live_server, service)
     look_up(browser, "ACC2001")
     wait(browser, lambda: browser.find_element(By.ID, "key-panel").is_displayed())
-    assert visible_text(browser, "message") == "Please enter the API key first."
+    assert visible_text(browser, "message") == "Please enter the desk key from IT first."
+    assert browser.find_element(By.CSS_SELECTOR, "label[for=api-key]").text == "Desk key"
     browser.find_element(By.ID, "api-key").send_keys(key + "\n")
     wait(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, "#studies tr")) == 1)
     assert browser.execute_script("return sessionStorage.getItem('mkiso-api-key')") == key
@@ -138,7 +139,7 @@ def test_keyboard_only(browser, live_server, make_service):
     browser.switch_to.active_element.send_keys(Keys.ENTER)
     wait(browser, lambda: browser.switch_to.active_element.get_attribute("id") == "iso-link")
     time.sleep(0.1)
-    assert "The disc is ready" in visible_text(browser, "status")
+    assert visible_text(browser, "status").startswith("The disc for DOE, JANE (ACC2001) is ready")
 
 
 def test_a_request_too_big_for_one_disc_lists_every_disc(browser, live_server, make_service, tmp_path):
@@ -158,3 +159,100 @@ def test_a_request_too_big_for_one_disc_lists_every_disc(browser, live_server, m
     assert not browser.find_element(By.ID, "iso-link").is_displayed()
     assert browser.switch_to.active_element.text.startswith("Disc 1 of")
     browser.save_screenshot(str(tmp_path / "desk-discs.png"))
+
+
+# -- never the wrong patient's disc (SPEC §9) ----------------------------------------------------------------
+
+
+def page_html(browser):
+    return browser.execute_script("return document.documentElement.outerHTML")
+
+
+def hrefs(browser):
+    return browser.execute_script("return Array.from(document.querySelectorAll('[href]'), e => e.getAttribute('href'))")
+
+
+def make_disc(browser, accessions, rows):
+    look_up(browser, accessions)
+    wait(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, "#studies tr")) == rows)
+    browser.find_element(By.ID, "download").click()
+    wait(browser, lambda: browser.find_element(By.ID, "iso-link").is_displayed())
+
+
+def nothing_of(browser, job, name):
+    """No trace of ``job`` (its id, its token) or of the patient ``name`` anywhere in the page."""
+    html = page_html(browser)
+    assert job.id not in html and job.token not in html and name not in html
+    assert not any(job.id in href for href in hrefs(browser))
+
+
+def test_a_new_lookup_never_leaves_the_previous_patients_disc(browser, live_server, make_service, tmp_path):
+    service = make_service()
+    open_page(browser, live_server, service)
+    make_disc(browser, "ACC2001", 1)
+    [first] = service.registry.recent()
+    assert visible_text(browser, "status").startswith("The disc for DOE, JANE (ACC2001) is ready")
+    assert browser.find_element(By.ID, "iso-link").get_attribute("href").endswith(first.token)
+    browser.save_screenshot(str(tmp_path / "desk-a-ready.png"))
+    look_up(browser, "ACC3001")  # another patient
+    wait(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, "#studies tr")) == 1)
+    nothing_of(browser, first, "DOE")
+    assert not browser.find_element(By.ID, "job").is_displayed() and visible_text(browser, "status") == ""
+    assert "SMITH, JOHN" in visible_text(browser, "studies")
+    browser.save_screenshot(str(tmp_path / "desk-b-looked-up.png"))
+    browser.find_element(By.ID, "download").click()
+    wait(browser, lambda: browser.find_element(By.ID, "iso-link").is_displayed())
+    second = next(job for job in service.registry.recent() if job is not first)
+    assert visible_text(browser, "status").startswith("The disc for SMITH, JOHN (ACC3001) is ready")
+    assert hrefs(browser) == ["/api/jobs/%s/iso?token=%s" % (second.id, second.token)]
+    nothing_of(browser, first, "DOE")
+    browser.save_screenshot(str(tmp_path / "desk-b-ready.png"))
+    look_up(browser, "NOPE99")  # finds nothing: nothing of B either
+    wait(browser, lambda: "NOPE99" in visible_text(browser, "message"))
+    nothing_of(browser, second, "SMITH")
+    assert browser.find_elements(By.CSS_SELECTOR, "#studies tr") == [] and hrefs(browser) == []
+    assert not browser.find_element(By.ID, "found").is_displayed()
+    browser.save_screenshot(str(tmp_path / "desk-nothing-found.png"))
+    for name in ("desk-a-ready", "desk-b-looked-up", "desk-b-ready", "desk-nothing-found"):
+        assert os.path.getsize(tmp_path / (name + ".png")) > 10000
+
+
+def test_editing_the_accessions_takes_the_disc_off_the_page(browser, live_server, make_service):
+    service = make_service()
+    open_page(browser, live_server, service)
+    make_disc(browser, "ACC2001", 1)
+    [job] = service.registry.recent()
+    browser.find_element(By.ID, "accessions").send_keys(",ACC3001")
+    nothing_of(browser, job, "DOE")
+    assert hrefs(browser) == [] and visible_text(browser, "status") == ""
+
+
+def test_lower_case_finds_nothing_and_says_why(browser, live_server, make_service, tmp_path):
+    open_page(browser, live_server, make_service())
+    look_up(browser, "acc2001")
+    wait(browser, lambda: "acc2001" in visible_text(browser, "message"))
+    assert visible_text(browser, "message") == (
+        "The PACS has no study for accession number acc2001. Accession numbers are matched exactly, "
+        "capital letters included: acc2001 is not ACC2001.")
+    browser.save_screenshot(str(tmp_path / "desk-lower-case.png"))
+
+
+@pytest.mark.parametrize("printing", [False, True])
+def test_the_publisher_button_shows_only_when_printing_is_configured(browser, live_server, make_service,
+                                                                     silent_listener, printing):
+    publisher = {"host": "127.0.0.1", "port": silent_listener.getsockname()[1]} if printing else {"host": ""}
+    open_page(browser, live_server, make_service(publisher=publisher))
+    look_up(browser, "ACC2001")
+    wait(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, "#studies tr")) == 1)
+    time.sleep(0.2)  # the page asked /api/desk at load; give a late answer its chance to show the button
+    assert browser.find_element(By.ID, "download").is_displayed()
+    assert browser.find_element(By.ID, "print").is_displayed() is printing
+
+
+def test_the_modality_is_shown_though_the_pacs_gives_no_modalities_in_study(browser, live_server, make_service):
+    open_page(browser, live_server, make_service())
+    look_up(browser, "MR.180505.026, ACC1002")
+    wait(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, "#studies tr")) == 2)
+    modality = {row.find_elements(By.TAG_NAME, "td")[5].text: row.find_elements(By.TAG_NAME, "td")[3].text
+                for row in browser.find_elements(By.CSS_SELECTOR, "#studies tr")}
+    assert modality == {"MR.180505.026": "MR", "ACC1002": "CT"}

@@ -249,28 +249,6 @@ def test_with_c_get_nothing_listens_and_health_says_not_used(make_service, wsgi_
 
 # -- a small, full disk ---------------------------------------------------------
 
-@pytest.fixture
-def small_work_dir(settings, tmp_path):
-    """Put the work dir on a tmpfs of the given size (root only; skipped, saying why, elsewhere)."""
-    mounted = []
-
-    def mount(size):
-        point = tmp_path / "tmpfs"
-        point.mkdir()
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%s,mode=0700" % size, "tmpfs", str(point)],
-                                capture_output=True, text=True)
-        if result.returncode != 0:
-            pytest.skip("a tmpfs cannot be mounted here (needs root): %s" % result.stderr.strip())
-        mounted.append(point)
-        (point / "work").mkdir()
-        settings["paths"]["work_dir"] = str(point / "work")
-        return point
-
-    yield mount
-    for point in mounted:
-        subprocess.run(["umount", "-l", str(point)], check=True)
-
-
 def test_receiver_pauses_below_min_free_bytes_and_resumes(small_work_dir, make_service, wsgi_call, archive,
                                                          tmp_path):
     point = small_work_dir("64m")

@@ -49,9 +49,12 @@ def slow_genisoimage(root, label, seconds=60):
     return str(tool)
 
 
+JSON = {"Content-Type": "application/json"}
+
+
 def post_job(wsgi_call, app, accessions, action="download", headers=None):
     body = json.dumps({"accessions": accessions, "action": action}).encode()
-    return wsgi_call(app, "/api/jobs", method="POST", body=body, headers=headers)
+    return wsgi_call(app, "/api/jobs", method="POST", body=body, headers=dict(JSON, **(headers or {})))
 
 
 def wait_for(wsgi_call, app, job_id, states, timeout=60, headers=None):
@@ -136,7 +139,7 @@ def test_a_failed_job_shows_the_error_and_has_no_disc(make_service, wsgi_call, a
 ])
 def test_bad_job_requests_are_400_and_start_nothing(make_service, wsgi_call, app_of, silent_pacs, body, code):
     service = make_service()
-    response = wsgi_call(app_of(service), "/api/jobs", method="POST", body=body)
+    response = wsgi_call(app_of(service), "/api/jobs", method="POST", body=body, headers=JSON)
     assert response.status == 400 and response.json()["code"] == code, response.body
     assert service.registry.recent() == []
     with pytest.raises(BlockingIOError):
@@ -358,3 +361,41 @@ def test_a_ready_jobs_folder_keeps_only_its_disc(make_service, wsgi_call, app_of
     while time.monotonic() < deadline and os.listdir(service.path("jobs", folder)) != ["disc.iso"]:
         time.sleep(0.05)
     assert os.listdir(service.path("jobs", folder)) == ["disc.iso"], job
+
+
+def test_with_named_keys_a_caller_sees_and_cancels_only_its_own_jobs(make_service, wsgi_call, app_of, tmp_path):
+    keys = {"desk-1": "desk-one-0123456789", "desk-2": "desk-two-0123456789", "it": "it-admin-0123456789"}
+    service = make_service(auth={"enabled": True, "keys": keys, "admin_keys": ["it"]},
+                           tools={"genisoimage": slow_genisoimage(tmp_path, "ACC2001", seconds=30)})
+    app = app_of(service)
+    as_ = {name: {"X-API-Key": key} for name, key in keys.items()}
+    mine = post_job(wsgi_call, app, ["ACC3001"], headers=as_["desk-1"]).json()
+    mine = wait_for(wsgi_call, app, mine["id"], ("ready",), headers=as_["desk-1"])
+    running = post_job(wsgi_call, app, ["ACC2001"], headers=as_["desk-1"]).json()
+    token = mine["links"]["iso"].split("token=")[1]
+
+    def listed(name):
+        return wsgi_call(app, "/api/jobs", headers=as_[name]).json()["jobs"]
+
+    assert {job["id"] for job in listed("desk-1")} == {mine["id"], running["id"]}
+    assert token in json.dumps(listed("desk-1"))  # its own caller is shown the token
+    assert listed("desk-2") == []
+    for method in ("GET", "DELETE"):
+        answer = wsgi_call(app, "/api/jobs/" + running["id"], method=method, headers=as_["desk-2"])
+        assert answer.status == 404 and answer.json()["code"] == "job_not_found"
+    assert wsgi_call(app, "/api/jobs/%s/events" % mine["id"], headers=as_["desk-2"]).status == 404
+    assert wsgi_call(app, "/api/jobs/%s/iso" % mine["id"], headers=as_["desk-2"]).status == 401
+    seen_by_it = listed("it")
+    assert {job["id"] for job in seen_by_it} == {mine["id"], running["id"]}
+    assert token not in json.dumps(seen_by_it)  # an admin sees every job, no one else's token
+    assert "token" not in json.dumps(wsgi_call(app, "/api/jobs/" + mine["id"], headers=as_["it"]).json())
+    cancelled = wsgi_call(app, "/api/jobs/" + running["id"], method="DELETE", headers=as_["it"])
+    assert cancelled.status == 200 and cancelled.json()["state"] == "cancelled"
+
+
+def test_without_named_keys_the_list_shows_no_token(make_service, wsgi_call, app_of):
+    app = app_of(make_service())
+    job = wait_for(wsgi_call, app, post_job(wsgi_call, app, ["ACC3001"]).json()["id"], ("ready",))
+    assert "token=" in job["links"]["iso"]  # the job itself: its id is what opens it
+    [listed] = wsgi_call(app, "/api/jobs").json()["jobs"]
+    assert listed["id"] == job["id"] and "token" not in json.dumps(listed)

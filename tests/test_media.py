@@ -96,7 +96,7 @@ def jpeg_service(make_service, settings, jpeg_pacs):
 
 def split_job(wsgi_call, app, accessions):
     body = json.dumps({"accessions": accessions, "split": True}).encode()
-    job = wsgi_call(app, "/api/jobs", method="POST", body=body).json()
+    job = wsgi_call(app, "/api/jobs", method="POST", body=body, headers={"Content-Type": "application/json"}).json()
     deadline = time.monotonic() + 60
     while job["state"] not in ("ready", "failed") and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -58,7 +58,7 @@ def install_snippets(root, upstream, work_dir, his_key=None):
         with open(os.path.join(SNIPPETS, name)) as handle:
             text = handle.read()
         if name == "mkiso.conf":
-            assert text.count("http://127.0.0.1:8080") == 3 and text.count("alias /var/spool/mkiso/;") == 1
+            assert text.count("http://127.0.0.1:8080") == 4 and text.count("alias /var/spool/mkiso/;") == 1
             assert text.count("include /etc/nginx/mkiso-his-key.conf;") == 1
             text = text.replace("http://127.0.0.1:8080", "http://127.0.0.1:%d" % upstream)
             text = text.replace("alias /var/spool/mkiso/;", "alias %s/;" % work_dir)
@@ -209,7 +209,7 @@ def test_nginx_does_not_spool_the_iso_to_its_temp_dir(plain_behind_nginx, tmp_pa
     temp = tmp_path / "nginx" / "proxy"
     with socket.create_connection(("127.0.0.1", port), timeout=20) as client:
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        client.sendall(b"GET /api/iso/download?accession_number=BIG01 HTTP/1.1\r\nHost: x\r\n"
+        client.sendall(b"GET /api/iso/download?accession_number=BIG01 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                        b"Connection: close\r\n\r\n")
         head = client.recv(4096)
         assert head.startswith(b"HTTP/1.1 200"), head[:200]
@@ -231,7 +231,7 @@ def slow_clients(port, count=150):
     clients = []
     for _ in range(count):
         client = socket.create_connection(("127.0.0.1", port), timeout=10)
-        client.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\nX-Slow: 1\r\n")
+        client.sendall(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: 1\r\n")
         clients.append(client)
     return clients
 
@@ -265,6 +265,8 @@ def test_the_desk_page_and_a_job_through_nginx(behind_nginx, archive, tmp_path):
     service, _, front = behind_nginx
     status, headers, page = get(front + "/mkiso/")
     assert status == 200 and b"Patient CD/DVD" in page and headers["Content-Security-Policy"]
+    status, headers, script = get(front + "/mkiso/desk.js")  # the page's relative script, at /mkiso/ too
+    assert status == 200 and b"function lookUp" in script and b'src="desk.js"' in page
     request = urllib.request.Request(front + "/api/jobs", data=json.dumps({"accessions": ["ACC2001"]}).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")
     with urllib.request.urlopen(request, timeout=30) as answer:

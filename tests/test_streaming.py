@@ -99,7 +99,8 @@ def read_all_it_gives(url):
     """The body as far as the server sends it, and the Content-Length it promised."""
     port = int(url.split(":")[2].split("/")[0])
     with socket.create_connection(("127.0.0.1", port), timeout=60) as client:
-        client.sendall(b"GET /" + url.split("/", 3)[3].encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        client.sendall(b"GET /" + url.split("/", 3)[3].encode()
+                       + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         data = b""
         while True:
             piece = client.recv(1 << 20)
@@ -150,7 +151,7 @@ def test_a_client_going_away_mid_build_stops_genisoimage_and_frees_the_slot(serv
     service, base = serve(tool, limits={"max_jobs": 1})
     port = int(base.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=60) as client:
-        client.sendall(b"GET /api/iso/download?accession_number=BIG01 HTTP/1.1\r\nHost: x\r\n\r\n")
+        client.sendall(b"GET /api/iso/download?accession_number=BIG01 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert client.recv(65536).startswith(b"HTTP/1.1 200")
         assert writers_running(tool), "genisoimage should still be writing"
         status, _, body = fetch(base + "/api/iso/download?accession_number=ACC2001")
