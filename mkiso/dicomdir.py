@@ -216,7 +216,7 @@ def records(placed):
             yield level, _encode(makers[level](image, numbers[level]))
         last = keys
         numbers[3] += 1
-        if record_types.record_type(image.sop_class_uid) == record_types.IMAGE:
+        if record_types.RECORD_TYPES.get(image.sop_class_uid) == record_types.IMAGE:  # the fast path
             yield 3, encode_image_record(image, disc_path, numbers[3])
         else:
             yield 3, _encode(object_record(image, disc_path, numbers[3]))
