@@ -20,10 +20,11 @@ AccessionNumber, StudyDescription, StudyInstanceUID, StudyID), SERIES
 the referenced SOP class, instance and transfer syntax, InstanceNumber),
 with SpecificCharacterSet on the records that carry text.  (dcmmkdir also
 copies an image's ImageType into its IMAGE record, a key PS3.3 F.5 does not
-have for these profiles: dciodvfy warns of it in dcmmkdir's own DICOMDIR.)  Objects that are not images (dose reports, key
-images, presentation states, PDFs: a handful a study) get the record their
-SOP class calls for (``mkiso.records``), with keys read from the file by
-pydicom when the DICOMDIR is written: the per-image cost stays where it is.  A missing
+have for these profiles: dciodvfy warns of it in dcmmkdir's own DICOMDIR.)
+Objects that are not images (dose reports, key images, presentation
+states, PDFs: a handful a study) get the record their SOP class calls for
+(``mkiso.records``), with keys read from the file by pydicom when the
+DICOMDIR is written: the per-image cost stays where it is.  A missing
 StudyID, SeriesNumber or InstanceNumber is invented (from the disc's own
 numbering), never a reason to drop an image.  ``iso.dicomdir: dcmmkdir``
 keeps the tool instead; the tests use it as the oracle.

@@ -235,7 +235,8 @@ def check_dicomdir(staging, image_paths):
         referenced.append("/".join(parts))
     if len(referenced) != len(image_paths) or set(referenced) != set(image_paths):
         raise errors.MkisoError(
-            "The DICOMDIR references %d files but the disc holds %d images." % (len(referenced), len(image_paths)),
+            "The DICOMDIR references %d files but the disc holds %d DICOM objects."
+            % (len(referenced), len(image_paths)),
             code="dicomdir_failed")
 
 
