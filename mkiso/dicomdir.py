@@ -115,14 +115,16 @@ def image_record(image, disc_path, number):
 def object_record(received, disc_path, number):
     """The record of an object that is not an image (SR DOCUMENT, PRESENTATION, ENCAP DOC, PRIVATE, ...).
 
-    Its keys (``records.KEYS``) are read from the file itself, whole: a
-    handful of files a study, and the SR's concept name and the
+    Its keys (``records.KEYS``) are read from the file itself by pydicom:
+    a handful of files a study, and the SR's concept name and the
     presentation state's series references are sequences the header scan
-    does not take on.  A type 1 key without a value is an error naming it,
-    as dcmmkdir refuses such a file; only InstanceNumber is invented.
+    does not take on.  Values over 4 KB (a PDF, waveform or raw data, a
+    dose grid's pixels) are not read, so memory stays flat.  A type 1 key
+    without a value is an error naming it, as dcmmkdir refuses such a file;
+    only InstanceNumber is invented.
     """
     kind = record_types.record_type(received.sop_class_uid)
-    dataset = pydicom.dcmread(received.path, force=True)
+    dataset = pydicom.dcmread(received.path, force=True, stop_before_pixels=True, defer_size=4096)
     charset = dataset.get("SpecificCharacterSet") or ()
     record = _referencing(kind, received, disc_path, (charset,) if isinstance(charset, str) else tuple(charset))
     if kind == record_types.PRIVATE:
