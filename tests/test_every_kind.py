@@ -67,7 +67,19 @@ class EveryKindPacs:
         self.unknown = demo.EveryKindStudy("PAT-9003", "NEW^NORA", "UNK01", extra_class=UNKNOWN_CLASS,
                                            dcmtk_dir=DCMTK_DIR)
         self.pacs.add_studies([self.every, self.private, self.unknown])
+        self.only_private = self._only_extra(demo.EveryKindStudy("PAT-9004", "ONLY^OLGA", "PRIVONLY",
+                                                                 extra_class=PRIVATE_CLASS, dcmtk_dir=DCMTK_DIR))
         self.pacs.start()
+
+    def _only_extra(self, study):
+        """A study of nothing but its extra object (a vendor's raw data sent alone)."""
+        paths = demo.write_study(study, os.path.join(self.pacs.storage, study.study_uid))
+        keep = [path for path in paths if study.kinds[os.path.basename(path)[:-4]] == "extra"]
+        for path in set(paths) - set(keep):
+            os.remove(path)
+        study.sop_uids = [os.path.basename(path)[:-4] for path in keep]
+        subprocess.run([os.path.join(DCMTK_DIR, "dcmqridx"), self.pacs.storage] + keep, check=True)
+        return study
 
 
 @pytest.fixture(scope="module")
@@ -310,3 +322,17 @@ def test_a_standard_class_mkiso_does_not_know_is_an_error_naming_it(every_servic
                          query="accession_number=UNK01")
     assert response.status == 500 and response.json()["code"] == "unknown_sop_class"
     assert UNKNOWN_CLASS in response.json()["error"]
+
+
+def test_a_study_of_private_objects_only_makes_no_empty_disc(every_service, wsgi_call):
+    service = every_service()
+    response = wsgi_call(web.Application(service.config, service), "/api/iso/download",
+                         query="accession_number=PRIVONLY")
+    assert response.status == 500 and response.json()["code"] == "only_private_objects"
+    assert PRIVATE_CLASS in response.json()["error"]
+
+
+def test_a_study_of_private_objects_only_kept_is_a_disc_of_private_records(every_service, wsgi_call, tmp_path):
+    service = every_service(iso={"private_objects": "keep"})
+    _, [(disc, _)] = disc_job(service, wsgi_call, tmp_path, "PRIVONLY")
+    assert list(record_types(os.path.join(disc.root, "DICOMDIR")).values()) == ["PRIVATE"]
