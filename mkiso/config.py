@@ -176,6 +176,9 @@ SCHEMA = {
         "headroom_bytes": (int, 20000000, _not_negative),
         "transcode": (str, "keep", _one_of("keep", "explicit-le")),
         "dicomdir": (str, "builtin", _one_of("builtin", "dcmmkdir")),
+        "institution": (str, "", None),
+        "contact": (str, "", None),
+        "private_objects": (str, "omit", _one_of("omit", "keep")),
     },
     "paths": {
         "work_dir": (str, "/var/spool/mkiso", None),

@@ -64,40 +64,49 @@ def sample_studies():
 def write_study(study, folder):
     """Write the study's images as Part 10 files; returns their paths."""
     os.makedirs(folder, exist_ok=True)
+    if isinstance(study, EveryKindStudy):
+        return study.write(folder)
     sop_class = CT_IMAGE_STORAGE if study.modality == "CT" else MR_IMAGE_STORAGE
     paths = []
     for series_index, count in enumerate(study.series, start=1):
         series_uid = generate_uid()
         for number in range(1, count + 1):
-            sop_uid = generate_uid()
-            ds = _image(study, sop_class, sop_uid, series_uid, series_index, number)
-            path = os.path.join(folder, "%s.dcm" % sop_uid)
+            ds = _image(study, sop_class, series_uid, series_index, number)
+            path = os.path.join(folder, "%s.dcm" % ds.SOPInstanceUID)
             _save(ds, path)
-            study.sop_uids.append(sop_uid)
+            study.sop_uids.append(ds.SOPInstanceUID)
             paths.append(path)
     return paths
 
 
-def _image(study, sop_class, sop_uid, series_uid, series_number, number):
+def _new_object(study, sop_class, charset):
+    """A Part 10 dataset of ``sop_class`` with the study's patient and study attributes."""
+    sop_uid = generate_uid()
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
-    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SpecificCharacterSet = charset
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = sop_uid
     ds.StudyDate = study.study_date
     ds.StudyTime = "101500"
     ds.AccessionNumber = study.accession
-    ds.StudyDescription = "%s sample study" % study.modality
-    ds.Modality = study.modality
     ds.PatientName = study.patient_name
     ds.PatientID = study.patient_id
     ds.PatientBirthDate = "19700101"
     ds.PatientSex = "O"
     ds.StudyInstanceUID = study.study_uid
+    return ds
+
+
+def _image(study, sop_class, series_uid, series_number, number):
+    ds = _new_object(study, sop_class, "ISO_IR 192")
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.StudyDescription = "%s sample study" % study.modality
+    ds.Modality = study.modality
     ds.SeriesInstanceUID = series_uid
     if study.study_id is not None:
         ds.StudyID = study.study_id
@@ -123,6 +132,274 @@ def _save(ds, path):
         ds.is_little_endian = True
         ds.is_implicit_VR = False
         ds.save_as(path, write_like_original=False)
+
+
+# -- a study with every kind of object ------------------------------------------------
+
+SOP = {
+    "ct": CT_IMAGE_STORAGE,
+    "multiframe": "1.2.840.10008.5.1.4.1.1.7.3",  # Multi-frame Grayscale Word Secondary Capture Image
+    "dose": "1.2.840.10008.5.1.4.1.1.88.67",  # X-Ray Radiation Dose SR
+    "report": "1.2.840.10008.5.1.4.1.1.88.33",  # Comprehensive SR
+    "key_images": "1.2.840.10008.5.1.4.1.1.88.59",  # Key Object Selection Document
+    "presentation": "1.2.840.10008.5.1.4.1.1.11.1",  # Grayscale Softcopy Presentation State
+    "pdf": "1.2.840.10008.5.1.4.1.1.104.1",  # Encapsulated PDF
+}
+PRIVATE_CLASS = "1.3.12.2.1107.5.9.1"  # Siemens CSA Non-Image: a vendor's own class
+RECORD_OF = {"ct": "IMAGE", "multiframe": "IMAGE", "dose": "SR DOCUMENT", "report": "SR DOCUMENT",
+             "key_images": "KEY OBJECT DOC", "presentation": "PRESENTATION", "pdf": "ENCAP DOC",
+             "extra": "PRIVATE"}
+JPEG_LOSSLESS_SV1 = "1.2.840.10008.1.2.4.70"
+PDF = (b"%PDF-1.4\n1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj\n2 0 obj<</Type/Pages/Kids[3 0 R]/Count 1>>endobj\n"
+       b"3 0 obj<</Type/Page/Parent 2 0 R/MediaBox[0 0 200 200]>>endobj\ntrailer<</Root 1 0 R>>\n%%EOF\n")
+
+
+def _code(value, scheme, meaning):
+    item = Dataset()
+    item.CodeValue = value
+    item.CodingSchemeDesignator = scheme
+    item.CodeMeaning = meaning
+    return item
+
+
+def _content(relationship, value_type, concept, **values):
+    item = Dataset()
+    item.RelationshipType = relationship
+    item.ValueType = value_type
+    item.ConceptNameCodeSequence = [_code(*concept)]
+    for keyword, value in values.items():
+        setattr(item, keyword, value)
+    return item
+
+
+class EveryKindStudy(SampleStudy):
+    """A CT study as scanners and archives send them: every kind of object a disc must file right.
+
+    Three CT images, a multi-frame image (JPEG Lossless, made by dcmtk's
+    dcmcjpeg), an X-Ray Radiation Dose SR, a Comprehensive SR (a
+    verified report, Latin-1 names in it), a Key Object Selection, a
+    Grayscale Softcopy Presentation State and an Encapsulated PDF, each with
+    the modules its IOD requires, all in ISO 8859-1 (ISO_IR 100): one
+    patient's name is the same bytes in every file, as dcentvfy checks.
+    ``extra_class`` adds an object of that class (a vendor's private one, or
+    one mkiso does not know).  ``kinds`` maps each SOP Instance UID to its
+    kind.
+    """
+
+    def __init__(self, patient_id, patient_name, accession, extra_class=None, dcmtk_dir="/usr/bin",
+                 image_bytes=8192):
+        super().__init__(patient_id, patient_name, accession, series=(), modality="CT", image_bytes=image_bytes)
+        self.classes = dict(SOP, extra=extra_class)
+        self.dcmtk_dir = dcmtk_dir
+        self.kinds = {}
+        self.frame_of_reference = generate_uid()
+
+    @property
+    def image_count(self):
+        return 9 + (1 if self.classes["extra"] else 0)
+
+    def write(self, folder):
+        ct_series, ct = generate_uid(), []
+        for number in range(1, 4):
+            ct.append(self._ct(ct_series, number))
+        objects = ct + [self._multiframe(), self._dose(ct_series, ct), self._report(), self._key_images(ct_series, ct),
+                        self._presentation(ct_series, ct), self._pdf()]
+        if self.classes["extra"]:
+            objects.append(self._extra())
+        paths = []
+        for kind, ds in objects:
+            path = os.path.join(folder, "%s.dcm" % ds.SOPInstanceUID)
+            _save(ds, path)
+            self.kinds[ds.SOPInstanceUID] = kind
+            self.sop_uids.append(ds.SOPInstanceUID)
+            paths.append(path)
+        jpeg = paths[3]  # the multi-frame image, as JPEG Lossless (SV1)
+        subprocess.run([os.path.join(self.dcmtk_dir, "dcmcjpeg"), "+e1", jpeg, jpeg + ".jpg"], check=True)
+        os.replace(jpeg + ".jpg", jpeg)
+        return paths
+
+    # The modules every object shares: Patient, General Study, its series, General Equipment, SOP Common.
+    def _object(self, kind, series_uid, series_number, modality, number):
+        ds = _new_object(self, self.classes[kind], "ISO_IR 100")
+        ds.InstanceCreationDate = self.study_date
+        ds.InstanceCreationTime = "103000"
+        ds.Modality = modality
+        ds.Manufacturer = "mkiso demo"
+        ds.ReferringPhysicianName = ""
+        ds.StudyDescription = "CT every kind of object"
+        ds.SeriesInstanceUID = series_uid
+        ds.StudyID = self.study_id
+        ds.SeriesNumber = series_number
+        ds.InstanceNumber = number
+        ds.ContentDate = self.study_date
+        ds.ContentTime = "102000"
+        return kind, ds
+
+    def _pixels(self, ds, frames=1):
+        ds.BodyPartExamined = "CHEST"  # unpaired: no Laterality (General Series, type 2C)
+        side = max(8, int((self.image_bytes // 2) ** 0.5))
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows = side
+        ds.Columns = side
+        ds.BitsAllocated = 16
+        ds.BitsStored = 12
+        ds.HighBit = 11
+        ds.PixelRepresentation = 0
+        ds.PixelData = bytes((value * 7) & 0x0F for value in range(side * side * 2 * frames))
+
+    def _ct(self, series_uid, number):
+        kind, ds = self._object("ct", series_uid, 1, "CT", number)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.AcquisitionNumber = 1
+        ds.PatientPosition = "HFS"
+        ds.FrameOfReferenceUID = self.frame_of_reference
+        ds.PositionReferenceIndicator = ""
+        ds.SliceThickness = 5
+        ds.ImagePositionPatient = [0, 0, 5 * number]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing = [0.5, 0.5]
+        ds.KVP = 120
+        ds.RescaleIntercept = -1024
+        ds.RescaleSlope = 1
+        ds.WindowCenter = 40
+        ds.WindowWidth = 400
+        self._pixels(ds)
+        return kind, ds
+
+    def _multiframe(self):
+        kind, ds = self._object("multiframe", generate_uid(), 2, "OT", 1)
+        ds.ConversionType = "WSD"
+        ds.BurnedInAnnotation = "NO"
+        ds.NumberOfFrames = 4
+        ds.FrameIncrementPointer = 0x00182002  # FrameLabelVector
+        ds.FrameLabelVector = ["1", "2", "3", "4"]
+        ds.PatientOrientation = ""
+        ds.RescaleIntercept = 0
+        ds.RescaleSlope = 1
+        ds.RescaleType = "US"
+        ds.PresentationLUTShape = "IDENTITY"
+        self._pixels(ds, frames=4)
+        return kind, ds
+
+    def _document(self, kind, series_number, modality):
+        kind, ds = self._object(kind, generate_uid(), series_number, modality, 1)
+        ds.ReferencedPerformedProcedureStepSequence = []
+        ds.PerformedProcedureCodeSequence = []
+        ds.ValueType = "CONTAINER"
+        ds.ContinuityOfContent = "SEPARATE"
+        return kind, ds
+
+    def _evidence(self, series_uid, images):
+        series = Dataset()
+        series.SeriesInstanceUID = series_uid
+        series.ReferencedSOPSequence = [_reference(ds) for _, ds in images]
+        study = Dataset()
+        study.StudyInstanceUID = self.study_uid
+        study.ReferencedSeriesSequence = [series]
+        return [study]
+
+    def _dose(self, series_uid, images):
+        kind, ds = self._document("dose", 3, "SR")
+        ds.CompletionFlag = "COMPLETE"
+        ds.VerificationFlag = "UNVERIFIED"
+        ds.ManufacturerModelName = "Demo CT"
+        ds.DeviceSerialNumber = "0001"
+        ds.SoftwareVersions = "1"
+        ds.ConceptNameCodeSequence = [_code("113701", "DCM", "X-Ray Radiation Dose Report")]
+        template = Dataset()
+        template.MappingResource = "DCMR"
+        template.TemplateIdentifier = "10011"
+        ds.ContentTemplateSequence = [template]
+        ds.CurrentRequestedProcedureEvidenceSequence = self._evidence(series_uid, images)
+        ds.ContentSequence = [
+            _content("HAS CONCEPT MOD", "CODE", ("121058", "DCM", "Procedure reported"),
+                     ConceptCodeSequence=[_code("77477000", "SCT", "Computed Tomography X-Ray")]),
+            _content("HAS OBS CONTEXT", "CODE", ("121005", "DCM", "Observer Type"),
+                     ConceptCodeSequence=[_code("121007", "DCM", "Device")]),
+        ]
+        return kind, ds
+
+    def _report(self):
+        kind, ds = self._document("report", 4, "SR")
+        ds.CompletionFlag = "COMPLETE"
+        ds.VerificationFlag = "VERIFIED"
+        observer = Dataset()
+        observer.VerifyingObserverName = "Größe^Renée"
+        observer.VerifyingObserverIdentificationCodeSequence = []
+        observer.VerifyingOrganization = "Hôpital démo"
+        observer.VerificationDateTime = self.study_date + "120000"
+        ds.VerifyingObserverSequence = [observer]
+        ds.ConceptNameCodeSequence = [_code("18748-4", "LN", "Diagnostic Imaging Report")]
+        ds.ContentSequence = [_content("CONTAINS", "TEXT", ("121071", "DCM", "Finding"),
+                                       TextValue="Befund: unauffällig; keine Läsion.")]
+        return kind, ds
+
+    def _key_images(self, series_uid, images):
+        kind, ds = self._document("key_images", 5, "KO")
+        del ds.PerformedProcedureCodeSequence  # not in the Key Object Document module
+        ds.ConceptNameCodeSequence = [_code("113000", "DCM", "Of Interest")]
+        template = Dataset()
+        template.MappingResource = "DCMR"
+        template.TemplateIdentifier = "2010"
+        ds.ContentTemplateSequence = [template]
+        ds.CurrentRequestedProcedureEvidenceSequence = self._evidence(series_uid, images[:2])
+        ds.ContentSequence = [_content("CONTAINS", "IMAGE", ("113000", "DCM", "Of Interest"),
+                                       ReferencedSOPSequence=[_reference(image)]) for _, image in images[:2]]
+        for item in ds.ContentSequence:
+            del item.ConceptNameCodeSequence  # an IMAGE item of TID 2010 has no concept name
+        return kind, ds
+
+    def _presentation(self, series_uid, images):
+        kind, ds = self._object("presentation", generate_uid(), 6, "PR", 1)
+        del ds.ContentDate, ds.ContentTime
+        ds.ContentLabel = "WINDOW"
+        ds.ContentDescription = "Soft tissue window"
+        ds.ContentCreatorName = "DOE^JOHN"
+        ds.PresentationCreationDate = self.study_date
+        ds.PresentationCreationTime = "104500"
+        ds.BodyPartExamined = "CHEST"
+        series = Dataset()
+        series.SeriesInstanceUID = series_uid
+        series.ReferencedImageSequence = [_reference(image) for _, image in images]
+        ds.ReferencedSeriesSequence = [series]
+        area = Dataset()
+        area.DisplayedAreaTopLeftHandCorner = [1, 1]
+        area.DisplayedAreaBottomRightHandCorner = [images[0][1].Columns, images[0][1].Rows]
+        area.PresentationSizeMode = "SCALE TO FIT"
+        area.PresentationPixelSpacing = [0.5, 0.5]
+        ds.DisplayedAreaSelectionSequence = [area]
+        voi = Dataset()
+        voi.WindowCenter = 40
+        voi.WindowWidth = 400
+        ds.SoftcopyVOILUTSequence = [voi]
+        ds.PresentationLUTShape = "IDENTITY"
+        return kind, ds
+
+    def _pdf(self):
+        kind, ds = self._object("pdf", generate_uid(), 7, "DOC", 1)
+        ds.ConversionType = "WSD"
+        ds.AcquisitionDateTime = self.study_date + "101500"
+        ds.BurnedInAnnotation = "YES"
+        ds.DocumentTitle = "Radiology report"
+        ds.ConceptNameCodeSequence = [_code("18748-4", "LN", "Diagnostic Imaging Report")]
+        ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+        ds.EncapsulatedDocument = PDF + (b"\n" if len(PDF) % 2 else b"")
+        ds.EncapsulatedDocumentLength = len(PDF)
+        return kind, ds
+
+    def _extra(self):
+        kind, ds = self._object("extra", generate_uid(), 99, "OT", 1)
+        ds.add_new(0x00290010, "LO", "SIEMENS CSA NON-IMAGE")
+        ds.add_new(0x00291008, "CS", "RAWDATA")
+        return kind, ds
+
+
+def _reference(ds):
+    item = Dataset()
+    item.ReferencedSOPClassUID = ds.SOPClassUID
+    item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+    return item
 
 
 def free_port():

@@ -18,7 +18,13 @@ profile: PATIENT (PatientName, PatientID), STUDY (StudyDate, StudyTime,
 AccessionNumber, StudyDescription, StudyInstanceUID, StudyID), SERIES
 (Modality, SeriesInstanceUID, SeriesNumber) and IMAGE (ReferencedFileID,
 the referenced SOP class, instance and transfer syntax, InstanceNumber),
-with SpecificCharacterSet on the records that carry text.  A missing
+with SpecificCharacterSet on the records that carry text.  (dcmmkdir also
+copies an image's ImageType into its IMAGE record, a key PS3.3 F.5 does not
+have for these profiles: dciodvfy warns of it in dcmmkdir's own DICOMDIR.)
+Objects that are not images (dose reports, key images, presentation
+states, PDFs: a handful a study) get the record their SOP class calls for
+(``mkiso.records``), with keys read from the file by pydicom when the
+DICOMDIR is written: the per-image cost stays where it is.  A missing
 StudyID, SeriesNumber or InstanceNumber is invented (from the disc's own
 numbering), never a reason to drop an image.  ``iso.dicomdir: dcmmkdir``
 keeps the tool instead; the tests use it as the oracle.
@@ -26,12 +32,14 @@ keeps the tool instead; the tests use it as the oracle.
 
 import struct
 
+import pydicom
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from . import __version__
+from . import __version__, errors, records as record_types
 
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.1"  # pydicom's root, as pydicom itself uses
@@ -89,14 +97,76 @@ def series_record(image, number):
     return record
 
 
-def image_record(image, disc_path, number):
-    record = _record("IMAGE")
+def _referencing(kind, image, disc_path, charset=()):
+    record = _record(kind, charset)
     record.ReferencedFileID = disc_path.split("/")
     record.ReferencedSOPClassUIDInFile = image.sop_class_uid
     record.ReferencedSOPInstanceUIDInFile = image.sop_uid
     record.ReferencedTransferSyntaxUIDInFile = image.transfer_syntax
+    return record
+
+
+def image_record(image, disc_path, number):
+    record = _referencing("IMAGE", image, disc_path)
     record.InstanceNumber = image.instance_number if image.instance_number is not None else number
     return record
+
+
+def object_record(received, disc_path, number):
+    """The record of an object that is not an image (SR DOCUMENT, PRESENTATION, ENCAP DOC, PRIVATE, ...).
+
+    Its keys (``records.KEYS``) are read from the file itself by pydicom:
+    a handful of files a study, and the SR's concept name and the
+    presentation state's series references are sequences the header scan
+    does not take on.  Values over 4 KB (a PDF, waveform or raw data, a
+    dose grid's pixels) are not read, so memory stays flat.  A type 1 key
+    without a value is an error naming it, as dcmmkdir refuses such a file;
+    only InstanceNumber is invented.
+    """
+    kind = record_types.record_type(received.sop_class_uid)
+    dataset = pydicom.dcmread(received.path, force=True, stop_before_pixels=True, defer_size=4096)
+    charset = dataset.get("SpecificCharacterSet") or ()
+    record = _referencing(kind, received, disc_path, (charset,) if isinstance(charset, str) else tuple(charset))
+    if kind == record_types.PRIVATE:
+        record.PrivateRecordUID = received.sop_class_uid  # PS3.3 F.5: the private record's kind is its class
+    for keyword, required in record_types.KEYS[kind]:
+        present = keyword in dataset
+        if present and not dataset[keyword].is_empty:
+            record[keyword] = dataset[keyword]
+        elif keyword == "InstanceNumber" and required == 1:
+            record.InstanceNumber = number
+        elif required == 1:
+            raise errors.UpstreamFailed(
+                "An object of SOP class %s has no %s, which its %s record needs; the disc was not made."
+                % (received.sop_class_uid, keyword, kind), code="bad_image")
+        elif required == 2:
+            setattr(record, keyword, [] if dictionary_VR(keyword) == "SQ" else None)
+    if kind in ("SR DOCUMENT", "KEY OBJECT DOC"):
+        _add_document_keys(record, dataset)
+    if kind == "PRESENTATION" and dataset.get("BlendingSequence"):
+        blending = []
+        for item in dataset.BlendingSequence[:2]:
+            copied = Dataset()
+            for keyword in ("StudyInstanceUID", "ReferencedSeriesSequence"):
+                if keyword in item:
+                    copied[keyword] = item[keyword]
+            blending.append(copied)
+        record.BlendingSequence = blending
+    return record
+
+
+def _add_document_keys(record, dataset):
+    """An SR's verification time (1C: when VERIFIED) and the items that modify its title (1C), as F.5 asks."""
+    if record.get("VerificationFlag") == "VERIFIED":
+        observers = dataset.get("VerifyingObserverSequence") or []
+        if not observers or not observers[-1].get("VerificationDateTime"):
+            raise errors.UpstreamFailed("A verified SR document has no VerificationDateTime; the disc was not made.",
+                                        code="bad_image")
+        record.VerificationDateTime = observers[-1].VerificationDateTime
+    modifiers = [item for item in dataset.get("ContentSequence") or []
+                 if item.get("RelationshipType") == "HAS CONCEPT MOD"]
+    if modifiers:
+        record.ContentSequence = modifiers
 
 
 def _short_element(group, element, vr, value):
@@ -133,8 +203,9 @@ def records(placed):
 
     ``placed`` is [(received file, disc path)] grouped by patient, study and
     series in that order, so new records start at the first key that changes.
-    Levels: 0 PATIENT, 1 STUDY, 2 SERIES, 3 IMAGE.  The numbers (for invented
-    values) count within the parent, as the disc's folder names do.
+    Levels: 0 PATIENT, 1 STUDY, 2 SERIES, 3 the object's own (IMAGE, SR
+    DOCUMENT, ...).  The numbers (for invented values) count within the
+    parent, as the disc's folder names do.
     """
     makers = (lambda image, number: patient_record(image), study_record, series_record)
     last = None
@@ -148,12 +219,15 @@ def records(placed):
             yield level, _encode(makers[level](image, numbers[level]))
         last = keys
         numbers[3] += 1
-        yield 3, encode_image_record(image, disc_path, numbers[3])
+        if record_types.RECORD_TYPES.get(image.sop_class_uid) == record_types.IMAGE:  # the fast path
+            yield 3, encode_image_record(image, disc_path, numbers[3])
+        else:
+            yield 3, _encode(object_record(image, disc_path, numbers[3]))
 
 
 def _file_set(first, last, file_set_id):
     file_set = Dataset()
-    file_set.FileSetID = file_set_id  # the disc's media profile (SPEC §10), or MKISO
+    file_set.FileSetID = file_set_id  # the ISO's Volume Identifier (PS3.12 F.1.1; SPEC §4.2)
     file_set.OffsetOfTheFirstDirectoryRecordOfTheRootDirectoryEntity = first
     file_set.OffsetOfTheLastDirectoryRecordOfTheRootDirectoryEntity = last
     file_set.FileSetConsistencyFlag = 0

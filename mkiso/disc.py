@@ -13,12 +13,14 @@ invented rather than the image dropped), whose result is then read back:
 every staged image must be referenced and every reference staged.
 """
 
+import dataclasses
 import datetime
 import hashlib
 import logging
 import os
 import re
 import struct
+import unicodedata
 import warnings
 
 import pydicom
@@ -107,20 +109,83 @@ def viewer_bytes(viewer_dir):
                for folder, _, names in os.walk(viewer_dir or "") for name in names)
 
 
-def readme_text(studies, image_count, number=1, of=1, profile=""):
-    lines = ["This disc holds %d DICOM stud%s with %d images (DICOMDIR at the root lists every image)."
-             % (len(studies), "y" if len(studies) == 1 else "ies", image_count)]
-    if of > 1:
-        lines.append("This is disc %d of %d; each disc can be read on its own." % (number, of))
-    if profile:
-        lines.append("DICOM media profile: " + profile)
-    lines.append("Open it with the DICOM viewer on the disc or any DICOM viewer.")
-    lines.append("Made by mkiso %s on %s." % (__version__, datetime.date.today().isoformat()))
-    return "".join(line + "\r\n" for line in lines)
+PRIVACY = ("This disc holds personal health information. Keep it safe, and give it only to the patient "
+           "or to those who treat the patient.")
 
 
-def stage(staging, files, studies, layout, viewer_dir, number=1, of=1, profile=""):
-    """Lay disc ``number`` of ``of`` out in ``staging``; returns [(received file, disc path)] of the images."""
+def ascii_text(text):
+    """``text`` as plain ASCII for README.TXT: accents dropped (a -> a), anything else a question mark."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).encode("ascii", "replace").decode("ascii")
+
+
+def viewer_sentence(viewer_dir):
+    """What README.TXT says of the viewer: which program starts it, or that there is none."""
+    if not viewer_dir:
+        return ("There is no DICOM viewer on this disc: open it with any DICOM viewer, which finds everything "
+                "through the DICOMDIR file at the root.")
+    names = sorted(entry.name for entry in os.scandir(viewer_dir) if entry.is_file())
+    program = None
+    for name in names:
+        if name.upper() == "AUTORUN.INF":
+            with open(os.path.join(viewer_dir, name), encoding="latin-1") as handle:
+                found = re.search(r"^\s*open\s*=\s*(.+?)\s*$", handle.read(), re.M | re.I)
+            program = found.group(1) if found else None
+    programs = [program] if program else [name for name in names if name.upper().endswith(".EXE")]
+    if not programs:
+        return ("A DICOM viewer is on this disc (its files are at the root); any other DICOM viewer can open "
+                "the disc too, through the DICOMDIR file at the root.")
+    started = " or ".join(programs)
+    if program:
+        return ("A DICOM viewer is on this disc: on Windows it starts by itself when the disc is inserted; "
+                "if it does not, start %s at the root of the disc." % started)
+    return "A DICOM viewer is on this disc: on Windows, start %s at the root of the disc." % started
+
+
+@dataclasses.dataclass
+class Readme:
+    """What README.TXT says of one disc (SPEC §4.3): never the patient's name or ID."""
+
+    studies: int
+    series: int
+    objects: int
+    profile: str  # the profile's sentence (media.Profile.text)
+    syntaxes: list  # the transfer syntaxes on the disc, named
+    viewer_dir: str = ""
+    institution: str = ""
+    contact: str = ""
+    number: int = 1
+    of: int = 1
+    omitted: list = dataclasses.field(default_factory=list)  # SOP class UIDs of objects left off, one per object
+
+    def text(self):
+        lines = []
+        if self.institution:
+            lines.append("Institution: " + self.institution)
+        if self.contact:
+            lines.append("Contact: " + self.contact)
+        lines.append("This disc holds %d DICOM stud%s with %d series and %d objects (images and documents); "
+                     "the DICOMDIR file at the root lists every one." % (
+                         self.studies, "y" if self.studies == 1 else "ies", self.series, self.objects))
+        if self.of > 1:
+            lines.append("This is disc %d of %d; each disc can be read on its own." % (self.number, self.of))
+        lines.append("DICOM media profile: " + self.profile)
+        lines.append("Transfer syntaxes: %s." % ", ".join(self.syntaxes))
+        if self.omitted:
+            classes = sorted(set(self.omitted))
+            lines.append("Left off this disc: %d object%s of private SOP class%s %s (a manufacturer's own "
+                         "format, which no general-purpose viewer reads)." % (
+                             len(self.omitted), "" if len(self.omitted) == 1 else "s",
+                             "" if len(classes) == 1 else "es", ", ".join(classes)))
+        lines.append(viewer_sentence(self.viewer_dir))
+        lines.append(PRIVACY)
+        lines.append("Made by mkiso %s on %s UTC." % (
+            __version__, datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")))
+        return "".join(ascii_text(line) + "\r\n" for line in lines)
+
+
+def stage(staging, files, layout, viewer_dir, readme=None):
+    """Lay a disc out in ``staging`` (README.TXT from ``readme``, pdi only); returns [(received file, disc path)]."""
     if layout == "pdi":
         images, reserved = pdi_paths(files), PDI_RESERVED
     else:
@@ -130,12 +195,12 @@ def stage(staging, files, studies, layout, viewer_dir, number=1, of=1, profile="
         os.makedirs(os.path.join(staging, folder), exist_ok=True)
     fastcopy.place_files([(source, os.path.join(staging, path)) for source, path in pairs])
     if layout == "pdi":
-        with open(os.path.join(staging, "README.TXT"), "w", encoding="ascii") as handle:
-            handle.write(readme_text(studies, len(images), number, of, profile))
+        with open(os.path.join(staging, "README.TXT"), "w", encoding="ascii", newline="") as handle:
+            handle.write(readme.text())
     return images
 
 
-def make_dicomdir(staging, images, how, dcmmkdir, timeout, file_set_id="MKISO"):
+def make_dicomdir(staging, images, how, dcmmkdir, timeout, file_set_id):
     """The DICOMDIR at the root of ``staging``: written here (``builtin``) or by dcmmkdir."""
     if how == "builtin":
         dicomdir.write(os.path.join(staging, "DICOMDIR"), images, file_set_id)
@@ -144,7 +209,7 @@ def make_dicomdir(staging, images, how, dcmmkdir, timeout, file_set_id="MKISO"):
     check_dicomdir(staging, [path for _, path in images])
 
 
-def run_dcmmkdir(staging, dcmmkdir, timeout, file_set_id="MKISO"):
+def run_dcmmkdir(staging, dcmmkdir, timeout, file_set_id):
     """Run dcmmkdir over DICOM/ in the staging tree."""
     args = [dcmmkdir, "+I", "-Nxc", "-Nec", "-Nrc", "+F", file_set_id, "-nb", "+r", "+D", "DICOMDIR", "DICOM"]
     result = process.run_step(args, timeout, "dcmmkdir", cwd=staging, timeout_code="tool_timeout")
@@ -170,23 +235,27 @@ def check_dicomdir(staging, image_paths):
         referenced.append("/".join(parts))
     if len(referenced) != len(image_paths) or set(referenced) != set(image_paths):
         raise errors.MkisoError(
-            "The DICOMDIR references %d files but the disc holds %d images." % (len(referenced), len(image_paths)),
+            "The DICOMDIR references %d files but the disc holds %d DICOM objects."
+            % (len(referenced), len(image_paths)),
             code="dicomdir_failed")
 
 
+FILE_SET_ID = 16  # characters: a CS value (PS3.3 F.3.2.1), and the ISO's Volume Identifier (PS3.12 F.1.1)
+
+
 def volume_label(configured, accessions):
-    """ISO 9660 volume ID: d-characters only, at most 32."""
+    """The set's File-set ID and Volume Identifier: 1-16 of A-Z 0-9 _ (MR.180505.026 -> MR_180505_026)."""
     label = configured or (accessions[0] if len(accessions) == 1 else "MKISO")
-    label = re.sub(r"[^A-Z0-9_]", "_", label.upper())[:32]
+    label = re.sub(r"[^A-Z0-9_]", "_", label.upper())[:FILE_SET_ID]
     return label or "MKISO"
 
 
 def disc_label(label, number, of):
-    """The volume label of disc ``number`` of ``of``: the set's label, numbered when there are several."""
+    """Disc ``number`` of ``of``'s File-set ID and Volume Identifier: numbered when there are several."""
     if of == 1:
         return label
     suffix = "_%d" % number
-    return label[:32 - len(suffix)] + suffix
+    return label[:FILE_SET_ID - len(suffix)] + suffix
 
 
 def genisoimage_args(genisoimage, staging, label, number=1, of=1):

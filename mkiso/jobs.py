@@ -20,7 +20,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 
-from . import delivery, disc, disk, errors, logs, media
+from . import delivery, disc, disk, errors, logs, media, records
 from .retrieval import Retrievals
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,8 @@ class Layout:
     images: list
     size: int
     number: int
+    profile: str = ""  # the media profile's name (PS3.11), for the job's JSON
+    volume: str = ""  # File-set ID and Volume Identifier
 
 
 class Iso:
@@ -58,6 +60,8 @@ class Iso:
         self.images = images
         self.number = number
         self.build = None
+        self.profile = None  # the media profile's name and the volume (File-set ID): None from the cache
+        self.volume = None
 
     def cleanup(self):
         """Remove the job folder; an ISO still being written is given up first, and goes when it stopped."""
@@ -220,20 +224,23 @@ class Jobs:
             key = self.cache.key(studies, manifests, layout=config.iso.layout, dicomdir=config.iso.dicomdir,
                                  label=label, viewer=disc.viewer_digest(config.iso.viewer_dir), named=named,
                                  media=config.iso.media, capacity=media.capacity(config.iso),
-                                 transcode=config.iso.transcode)
+                                 transcode=config.iso.transcode, private_objects=config.iso.private_objects,
+                                 institution=config.iso.institution, contact=config.iso.contact)
             cached = self._from_cache(job, key, os.path.join(folder, "disc.iso"))
             if cached is not None:
                 export.bytes = job.disc_bytes
                 return [Iso(cached, job.disc_bytes, stem, accessions[0], folder, images=job.images_expected)]
         with self.retrieved(job, studies, manifests) as files:
             watch.lap("retrieve")
+            files, omitted = self.sort_out(files)
+            job.omitted = {"objects": len(omitted), "sop_classes": sorted(set(omitted))}
             if config.iso.transcode == "explicit-le":
                 job.step("transcode")
                 transcoded = os.path.join(folder, "transcoded")
                 os.mkdir(transcoded)
                 files = media.transcode(files, transcoded, config.tools.dcmtk_dir, config.timeouts.iso_s)
                 watch.lap("transcode")
-            laid = self._lay_out(job, folder, files, studies, label, watch)
+            laid = self._lay_out(job, folder, files, omitted, label, watch)
         export.images = sum(len(layout.images) for layout in laid)
         job.disc_bytes = sum(layout.size for layout in laid)
         self.check_free_space(job.disc_bytes)
@@ -241,6 +248,8 @@ class Jobs:
         isos = [Iso(os.path.join(folder, "disc-%d.iso" % layout.number if len(laid) > 1 else "disc.iso")
                     if build else None, layout.size, stem, accessions[0], folder, len(layout.images),
                     layout.number, len(laid)) for layout in laid]
+        for iso, layout in zip(isos, laid, strict=True):
+            iso.profile, iso.volume = layout.profile, layout.volume
         rest = functools.partial(self._write_isos, job, laid, isos, label, key, watch, len(studies))
         if build and job.stream and len(isos) == 1:
             isos[0].build = delivery.Build(isos[0], job, rest)  # the answer goes out while it is written
@@ -271,9 +280,31 @@ class Jobs:
             self.cache.store(key, isos[0].path)
         log.info("iso built", extra={"fields": dict({
             "accessions": ",".join(job.accessions), "studies": studies, "images": job.export.images,
+            "private_omitted": (job.omitted or {}).get("objects", 0),
             "discs": len(isos), "bytes": job.disc_bytes, "request_id": job.request_id}, **watch.fields)})
 
-    def _lay_out(self, job, folder, files, studies, label, watch):
+    def sort_out(self, files):
+        """(what goes on the disc, the SOP classes of the private objects left off), SPEC §4.1.
+
+        Every object's record type is known before anything is staged: a
+        standard class mkiso lacks is a 500 naming it.  ``iso.private_objects:
+        omit`` leaves a vendor's private classes off (README.TXT and the job
+        say so); the legacy layout, which has no DICOMDIR, keeps everything.
+        """
+        if self.config.iso.layout != "pdi":
+            return files, []
+        private = [received for received in files if records.record_type(received.sop_class_uid) == records.PRIVATE]
+        if not private or self.config.iso.private_objects == "keep":
+            return files, []
+        kept = [received for received in files if not records.is_private(received.sop_class_uid)]
+        if not kept:
+            raise errors.MkisoError(
+                "Every object of these studies is of a private SOP class (%s); with iso.private_objects: omit "
+                "there is nothing to put on a disc." % ", ".join(sorted({r.sop_class_uid for r in private})),
+                code="only_private_objects")
+        return kept, [received.sop_class_uid for received in private]
+
+    def _lay_out(self, job, folder, files, omitted, label, watch):
         """Plan, stage, index and size every disc; plan again, tighter, while genisoimage finds one too big.
 
         Without ``job.split`` more than one disc is a 413 saying how many:
@@ -287,7 +318,7 @@ class Jobs:
                 raise errors.TooLarge(
                     "These studies need %d discs of %s; ask for a job with split, or fewer accession numbers."
                     % (len(groups), media.describe(config.iso)), code="needs_split", details={"discs": len(groups)})
-            laid = [self._stage_disc(job, folder, number, len(groups), group, studies, label, watch)
+            laid = [self._stage_disc(job, folder, number, len(groups), group, omitted, label, watch)
                     for number, group in enumerate(groups, start=1)]
             over = max(layout.size for layout in laid) - limit
             if over <= 0:
@@ -302,27 +333,31 @@ class Jobs:
         """``files`` split into discs of ``budget`` bytes, each also holding the viewer (media.plan)."""
         return media.plan(files, budget, media.BASE + disc.viewer_bytes(self.config.iso.viewer_dir))
 
-    def _stage_disc(self, job, folder, number, of, files, studies, label, watch):
+    def _stage_disc(self, job, folder, number, of, files, omitted, label, watch):
         config = self.config
         job.step("stage")
         staging = os.path.join(folder, "disc-%d" % number)
         os.mkdir(staging)
-        here = {received.study_uid for received in files}
-        profile = media.profile({received.transfer_syntax for received in files}, config.iso.media)
-        images = disc.stage(staging, files, [study for study in studies if study.study_uid in here],
-                            config.iso.layout, config.iso.viewer_dir, number, of,
-                            profile.text if config.iso.layout == "pdi" else "")
+        syntaxes = {received.transfer_syntax for received in files}
+        private = {received.sop_class_uid for received in files if records.is_private(received.sop_class_uid)}
+        profile = media.profile(syntaxes, config.iso.media, private)
+        readme = disc.Readme(
+            studies=len({received.study_uid for received in files}),
+            series=len({received.series_uid for received in files}), objects=len(files), profile=profile.text,
+            syntaxes=[media.syntax_name(uid) for uid in sorted(syntaxes)], viewer_dir=config.iso.viewer_dir,
+            institution=config.iso.institution, contact=config.iso.contact, number=number, of=of, omitted=omitted)
+        images = disc.stage(staging, files, config.iso.layout, config.iso.viewer_dir, readme)
         watch.lap("stage")
+        volume = disc.disc_label(label, number, of)
         if config.iso.layout == "pdi":
             job.step("dicomdir")
             dcmmkdir = os.path.join(config.tools.dcmtk_dir, "dcmmkdir")
-            disc.make_dicomdir(staging, images, config.iso.dicomdir, dcmmkdir, config.timeouts.iso_s,
-                               profile.file_set_id)
+            disc.make_dicomdir(staging, images, config.iso.dicomdir, dcmmkdir, config.timeouts.iso_s, volume)
             watch.lap("dicomdir")
         job.step("size")
         size = disc.iso_size(config.tools.genisoimage, staging, label, config.timeouts.iso_s, number, of)
         watch.lap("size")
-        return Layout(staging, images, size, number)
+        return Layout(staging, images, size, number, profile.name, volume)
 
     def _from_cache(self, job, key, iso_path):
         """The cached ISO linked to ``iso_path``, or None when this disc is not cached."""

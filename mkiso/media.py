@@ -136,16 +136,18 @@ class Profile:
     name: str  # e.g. STD-GEN-CD
     text: str  # README.TXT's line
 
-    @property
-    def file_set_id(self):
-        """The name as the DICOMDIR's File-set ID can hold it (CS: no hyphen; 16 characters)."""
-        return self.name.replace("-", "_")
 
+def profile(transfer_syntaxes, media, private_classes=()):
+    """The PS3.11 application profile of a disc holding objects in ``transfer_syntaxes``.
 
-def profile(transfer_syntaxes, media):
-    """The PS3.11 application profile of a disc holding images in ``transfer_syntaxes``."""
+    Objects of private SOP classes kept on the disc (``iso.private_objects:
+    keep``) fit no general-purpose profile: then the disc claims none.
+    """
     syntaxes = set(transfer_syntaxes)
     optical = "CD" if media == "cd" else "DVD"
+    if private_classes:
+        return Profile("NONE", "none: the disc holds objects of private SOP classes (%s), which no "
+                       "general-purpose profile allows." % ", ".join(sorted(private_classes)))
     if syntaxes <= {EXPLICIT_LE}:
         name = "STD-GEN-%s" % optical
         return Profile(name, "%s: General Purpose %s, uncompressed (Explicit VR Little Endian)." % (name, optical))
@@ -155,7 +157,7 @@ def profile(transfer_syntaxes, media):
     if syntaxes <= JPEG_2000:
         return Profile("STD-GEN-DVD-J2K", "STD-GEN-DVD-J2K: General Purpose DVD with JPEG 2000 (%s)."
                        % ", ".join(syntax_name(uid) for uid in sorted(syntaxes)))
-    return Profile("MKISO", "No single DICOM media profile: the images are in %s as received "
+    return Profile("NONE", "none: the objects are in %s as received, which no single profile allows "
                    "(iso.transcode: explicit-le would make them uncompressed)."
                    % ", ".join(syntax_name(uid) for uid in sorted(syntaxes)))
 

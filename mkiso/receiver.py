@@ -130,9 +130,11 @@ class Receiver:
         return False
 
     def _command(self):
+        """storescp: +xa accepts every transfer syntax (a compressed study arrives as stored), -pm every
+        SOP class, a vendor's private ones too: what goes on a disc is decided after the §3 checks."""
         return [
             self.tool, "--fork", "-aet", self.ae_title, "-od", self.inbox, "-su", PREFIX, "+uf",
-            "+xa", "-dhl", "-ta", "30", "-ts", "600", str(self.port),
+            "+xa", "-pm", "-dhl", "-ta", "30", "-ts", "600", str(self.port),
         ]
 
     def _spawn(self):

@@ -60,6 +60,7 @@ class Job:
     iso: object = None  # jobs.Iso once a download of one disc is ready
     discs: list = dataclasses.field(default_factory=list)  # every disc's jobs.Iso
     answer: Optional[dict] = None  # a print's answer
+    omitted: Optional[dict] = None  # private objects left off the disc (SPEC §4.1); None from the cache
     cancelled: bool = False
     registry: object = dataclasses.field(default=None, repr=False)
 
@@ -103,13 +104,14 @@ class Job:
         if ready and self.iso is not None:
             links["iso"] = "/api/jobs/%s/iso%s" % (self.id, query)
         discs = [{"number": iso.number, "bytes": iso.size, "images": iso.images,
+                  "volume": iso.volume, "profile": iso.profile,
                   "links": {"iso": "/api/jobs/%s/discs/%d/iso%s" % (self.id, iso.number, query)}}
                  for iso in (self.discs if ready else [])]
         return {
             "id": self.id, "action": self.action, "accessions": list(self.accessions), "state": self.state,
             "progress": self.progress(), "error": self.error, "created": _iso_time(self.created),
             "updated": _iso_time(self.updated), "expires": _iso_time(self.ended + keep_s if self.ended else None),
-            "links": links, "discs": discs, "result": self.answer,
+            "links": links, "discs": discs, "result": self.answer, "omitted": self.omitted,
         }
 
 

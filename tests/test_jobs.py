@@ -15,7 +15,7 @@ from conftest import job_leftovers
 from discs import check_pdi, open_iso
 
 JOB_KEYS = {"id", "action", "accessions", "state", "progress", "error", "created", "updated", "expires", "links",
-            "discs", "result"}
+            "discs", "result", "omitted"}
 PROGRESS_KEYS = {"phase", "images_expected", "images_received", "bytes_received", "disc_bytes"}
 
 

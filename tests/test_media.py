@@ -145,6 +145,7 @@ def check_split(discs, expected_uids, capacity):
         readme = open(os.path.join(disc.root, "README.TXT"), encoding="ascii").read()
         assert "This is disc %d of %d" % (number, len(discs)) in readme
         assert volume_id(iso_path).endswith("_%d" % number)
+        assert pydicom.dcmread(os.path.join(disc.root, "DICOMDIR")).FileSetID == volume_id(iso_path)
         assert volume_set(iso_path) == (len(discs), number)
         seen += sorted(uids)
     assert len(seen) == len(set(seen)), "an image is on two discs"
@@ -200,7 +201,8 @@ def test_what_fits_is_one_disc_with_its_profile(service_for, wsgi_call, media_pa
     job = split_job(wsgi_call, app, ["NEW01"])
     [(disc, iso_path)] = fetch_discs(wsgi_call, app, job, tmp_path)
     assert volume_id(iso_path) == "NEW01" and volume_set(iso_path) == (1, 1)
-    assert pydicom.dcmread(os.path.join(disc.root, "DICOMDIR")).FileSetID == profile.replace("-", "_")
+    assert pydicom.dcmread(os.path.join(disc.root, "DICOMDIR")).FileSetID == "NEW01"  # PS3.12 F.1.1
+    assert job["discs"][0]["profile"] == profile and job["discs"][0]["volume"] == "NEW01"
     readme = open(os.path.join(disc.root, "README.TXT"), encoding="ascii").read()
     assert "DICOM media profile: %s" % profile in readme and "disc 1 of" not in readme
     assert dciodvfy_errors(os.path.join(disc.root, "DICOMDIR")) == []
@@ -209,9 +211,11 @@ def test_what_fits_is_one_disc_with_its_profile(service_for, wsgi_call, media_pa
 def test_jpeg_is_kept_and_stated(jpeg_service, wsgi_call, jpeg_pacs, tmp_path):
     service = jpeg_service()
     app = web.Application(service.config, service)
-    [(disc, _)] = fetch_discs(wsgi_call, app, split_job(wsgi_call, app, ["JPG01"]), tmp_path)
+    job = split_job(wsgi_call, app, ["JPG01"])
+    [(disc, _)] = fetch_discs(wsgi_call, app, job, tmp_path)
     assert disc_uids(disc) == set(jpeg_pacs.study.sop_uids)
-    assert pydicom.dcmread(os.path.join(disc.root, "DICOMDIR")).FileSetID == "STD_GEN_DVD_JPEG"
+    assert job["discs"][0]["profile"] == "STD-GEN-DVD-JPEG"
+    assert pydicom.dcmread(os.path.join(disc.root, "DICOMDIR")).FileSetID == "JPG01"
     readme = open(os.path.join(disc.root, "README.TXT"), encoding="ascii").read()
     assert "STD-GEN-DVD-JPEG" in readme and "1.2.840.10008.1.2.4.70" in readme
     assert dciodvfy_errors(os.path.join(disc.root, "DICOMDIR")) == []
@@ -222,8 +226,9 @@ def test_jpeg_is_kept_and_stated(jpeg_service, wsgi_call, jpeg_pacs, tmp_path):
 def test_transcoding_makes_a_conformant_cd_with_the_same_pixels(jpeg_service, wsgi_call, jpeg_pacs, tmp_path):
     service = jpeg_service(iso={"media": "cd", "transcode": "explicit-le"})
     app = web.Application(service.config, service)
-    [(disc, _)] = fetch_discs(wsgi_call, app, split_job(wsgi_call, app, ["JPG01"]), tmp_path)
-    assert pydicom.dcmread(os.path.join(disc.root, "DICOMDIR")).FileSetID == "STD_GEN_CD"
+    job = split_job(wsgi_call, app, ["JPG01"])
+    [(disc, _)] = fetch_discs(wsgi_call, app, job, tmp_path)
+    assert job["discs"][0]["profile"] == "STD-GEN-CD"
     assert "DICOM media profile: STD-GEN-CD" in open(os.path.join(disc.root, "README.TXT")).read()
     assert dciodvfy_errors(os.path.join(disc.root, "DICOMDIR")) == []
     expected = {}
