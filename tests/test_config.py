@@ -140,6 +140,7 @@ def test_config_path_order(monkeypatch, tmp_path):
 def test_check_config_elsewhere_names_the_installed_file(tmp_path):
     """Run from a folder without config.yaml, the check reads /etc/mkiso/config.yaml (absent here)."""
     env = {key: value for key, value in os.environ.items() if key != "MKISO_CONFIG"}
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(configuration.__file__))  # this mkiso, from anywhere
     if os.path.exists("/etc/mkiso/config.yaml"):
         pytest.skip("mkiso is installed on this machine: its config would be checked")
     result = subprocess.run([sys.executable, "-m", "mkiso", "--check-config"], capture_output=True, text=True,
