@@ -150,6 +150,9 @@ SCHEMA = {
         "headroom_bytes": (int, 20000000, _not_negative),
         "transcode": (str, "keep", _one_of("keep", "explicit-le")),
         "dicomdir": (str, "builtin", _one_of("builtin", "dcmmkdir")),
+        "institution": (str, "", None),
+        "contact": (str, "", None),
+        "web_content": (bool, True, None),
     },
     "paths": {
         "work_dir": (str, "/var/spool/mkiso", None),
@@ -200,7 +203,7 @@ TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", NUMBER:
 
 # The dcmtk tools mkiso runs (tools.dcmtk_dir); health runs each one too.
 DCMTK_TOOLS = ("findscu", "movescu", "getscu", "storescp", "storescu", "echoscu", "dcmmkdir", "dcmdjpeg", "dcmdrle",
-               "dcmconv")
+               "dcmconv", "dcmj2pnm")
 
 
 class _Loader(yaml.SafeLoader):

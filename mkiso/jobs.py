@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 
-from . import delivery, disc, disk, errors, logs, media
+from . import delivery, disc, disk, errors, logs, media, webcontent
 from .retrieval import Retrievals
 
 log = logging.getLogger(__name__)
@@ -185,7 +185,9 @@ class Jobs:
         if None not in manifests.values():
             key = self.cache.key(manifests, layout=config.iso.layout, dicomdir=config.iso.dicomdir, label=label,
                                  viewer=disc.viewer_digest(config.iso.viewer_dir), media=config.iso.media,
-                                 capacity=media.capacity(config.iso), transcode=config.iso.transcode)
+                                 capacity=media.capacity(config.iso), transcode=config.iso.transcode,
+                                 web_content=config.iso.web_content, institution=config.iso.institution,
+                                 contact=config.iso.contact)
             cached = self._from_cache(job, key, os.path.join(folder, "disc.iso"))
             if cached is not None:
                 export.bytes = job.disc_bytes
@@ -264,8 +266,18 @@ class Jobs:
                               code="disc_too_large")
 
     def plan(self, files, budget):
-        """``files`` split into discs of ``budget`` bytes, each also holding the viewer (media.plan)."""
-        return media.plan(files, budget, media.BASE + disc.viewer_bytes(self.config.iso.viewer_dir))
+        """``files`` split into discs of ``budget`` bytes, each also holding the viewer and the web content."""
+        iso = self.config.iso
+        fixed = media.BASE + disc.viewer_bytes(iso.viewer_dir)
+        if self.web_content:
+            return media.plan(files, budget, fixed + webcontent.DISC_BYTES,
+                              media.PerDisc(webcontent.STUDY_BYTES, webcontent.SERIES_BYTES))
+        return media.plan(files, budget, fixed)
+
+    @property
+    def web_content(self):
+        """Whether discs carry the web content: asked for, and in the PDI layout it belongs to."""
+        return self.config.iso.web_content and self.config.iso.layout == "pdi"
 
     def _stage_disc(self, job, folder, number, of, files, studies, label, watch):
         config = self.config
@@ -278,6 +290,10 @@ class Jobs:
                             config.iso.layout, config.iso.viewer_dir, number, of,
                             profile.text if config.iso.layout == "pdi" else "")
         watch.lap("stage")
+        if self.web_content:
+            webcontent.write(staging, images, config.iso, os.path.join(config.tools.dcmtk_dir, "dcmj2pnm"),
+                             config.timeouts.iso_s, number, of)
+            watch.lap("web")
         if config.iso.layout == "pdi":
             job.step("dicomdir")
             dcmmkdir = os.path.join(config.tools.dcmtk_dir, "dcmmkdir")
