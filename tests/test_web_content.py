@@ -5,6 +5,7 @@ the ISO, and the pages checked as XML, link by link against the ISO 9660,
 Joliet and Rock Ridge names, preview by preview, and in headless chromium.
 """
 
+import logging
 import os
 import posixpath
 import subprocess
@@ -211,3 +212,13 @@ def test_the_disc_opens_in_a_browser(browser, make_service, wsgi_call, archive, 
         assert images and all(browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth",
                                                      image) == 8 for image in images)
     assert browser.execute_script("return document.scripts.length") == 0
+
+
+def test_a_disc_cached_with_web_content_is_not_served_without(make_service, wsgi_call, caplog, tmp_path):
+    caplog.set_level(logging.INFO)
+    service = make_service(cache={"max_bytes": 10 ** 9, "ttl_s": 3600})
+    with_pages, _ = get_disc(wsgi_call, service, tmp_path, "accession_number=ACC2001", name="with")
+    service.config.iso.web_content = False  # as after a restart with the key changed
+    without, _ = get_disc(wsgi_call, service, tmp_path, "accession_number=ACC2001", name="without")
+    assert "INDEX.HTM" in with_pages.files and "INDEX.HTM" not in without.files
+    assert [record.getMessage() for record in caplog.records].count("study retrieved") == 2
