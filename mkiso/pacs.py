@@ -209,9 +209,9 @@ class Pacs:
 
         None when the PACS refuses IMAGE-level queries (a failure status in
         its final response); any other failure is an error as usual.  Each
-        instance's AvailableTransferSyntaxUID is asked for too; a PACS that
-        refuses a query for it (dcmqrscp does) is asked again without, and
-        from then on never for it.
+        instance's AvailableTransferSyntaxUID is asked for too (dcmqrscp
+        leaves it out of its answers); a PACS that refuses a query for it is
+        asked again without, and from then on never for it.
         """
         what = "IMAGE-level C-FIND of study %s" % study_uid
         asks_syntaxes = self._asks_syntaxes
