@@ -2,7 +2,8 @@
 
 Discs are made by a real mkiso against real dcmqrscp PACS, read back from
 the ISO, and the pages checked as XML, link by link against the ISO 9660,
-Joliet and Rock Ridge names, preview by preview, and in headless chromium.
+Joliet and Rock Ridge names, preview by preview; test_web_content_browser.py
+opens them in headless chromium.
 """
 
 import logging
@@ -20,7 +21,6 @@ from mkiso.retrieval import ReceivedFile
 from conftest import DCMTK_DIR
 from discs import check_pdi, download
 from test_compressed_get import jls_pacs, jpeg_pacs  # noqa: F401 (fixtures)
-from test_desk_page import browser  # noqa: F401 (fixture)
 from test_download import viewer  # noqa: F401 (fixture)
 from test_media import CD, SMALL_CD, fetch_discs, media_pacs, split_job  # noqa: F401 (fixtures)
 
@@ -191,27 +191,6 @@ def test_objects_are_told_by_kind():
     assert webcontent.count_kinds(objects(pdf, pdf)) == "2 reports (PDF)"
     assert webcontent.count_kinds(objects(kos, ct)) == "1 key image selection, 1 image"
     assert webcontent.person("Müller^Jürgen") == "Müller, Jürgen" and webcontent.person("") == "(no name)"
-
-
-def test_the_disc_opens_in_a_browser(browser, make_service, wsgi_call, archive, tmp_path):  # noqa: F811
-    """Headless chromium opens INDEX.HTM from the extracted disc, follows a study link, shows its previews."""
-    from selenium.webdriver.common.by import By
-    disc, _ = get_disc(wsgi_call, make_service(), tmp_path, "accession_numbers=MR.180505.026,ACC1002",
-                       "/api/iso/download-multiple")
-    browser.get("file://" + os.path.join(disc.root, "INDEX.HTM"))
-    body = browser.find_element(By.TAG_NAME, "body").text
-    for words in ("Patient: Müller, Jürgen", "MR sample study", "MR.180505.026", "CT sample study", "ACC1002",
-                  PRIVACY):
-        assert words in body, words
-    for modality, accession in (("MR", "MR.180505.026"), ("CT", "ACC1002")):
-        browser.get("file://" + os.path.join(disc.root, "INDEX.HTM"))
-        browser.find_element(By.LINK_TEXT, "%s sample study" % modality).click()
-        assert "/IHE_PDI/STU0000" in browser.current_url
-        assert accession in browser.find_element(By.TAG_NAME, "body").text
-        images = browser.find_elements(By.TAG_NAME, "img")
-        assert images and all(browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth",
-                                                     image) == 8 for image in images)
-    assert browser.execute_script("return document.scripts.length") == 0
 
 
 def test_a_disc_cached_with_web_content_is_not_served_without(make_service, wsgi_call, caplog, tmp_path):
