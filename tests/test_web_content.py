@@ -9,14 +9,17 @@ opens them in headless chromium.
 import logging
 import os
 import posixpath
+import shutil
+import struct
 import subprocess
 import tempfile
+import types
 import xml.etree.ElementTree as ElementTree
 
 import pydicom
 import pytest
 
-from mkiso import webcontent, web
+from mkiso import demo, webcontent, web
 from mkiso.retrieval import ReceivedFile
 from conftest import DCMTK_DIR
 from discs import check_pdi, download
@@ -201,3 +204,57 @@ def test_a_disc_cached_with_web_content_is_not_served_without(make_service, wsgi
     without, _ = get_disc(wsgi_call, service, tmp_path, "accession_number=ACC2001", name="without")
     assert "INDEX.HTM" in with_pages.files and "INDEX.HTM" not in without.files
     assert [record.getMessage() for record in caplog.records].count("study retrieved") == 2
+
+
+def staged_series(staging, halves, window=None):
+    """A series of 16 x 16 MR images staged as on a disc, each image's left and right half from given values."""
+    images = []
+    for number, (left, right) in enumerate(halves, start=1):
+        sample = demo.SampleStudy("PAT-W", "WIN^DOW", "WIN01", series=(1,), image_bytes=512)
+        path = os.path.join(staging, "DICOM/PAT00001/STU00001/SER00001/IMG%05d" % number)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        [written] = demo.write_study(sample, os.path.dirname(path) + "/tmp")
+        image = pydicom.dcmread(written)
+        # each half a ramp of 8 values, as real pixels vary (a window from the pixels ignores the extremes)
+        image.PixelData = struct.pack("<16H", *[left + i for i in range(8)] + [right + i for i in range(8)]) * 16
+        if window:
+            image.WindowCenter, image.WindowWidth = window
+        image.save_as(path)
+        shutil.rmtree(os.path.dirname(path) + "/tmp")
+        images.append((ReceivedFile(path, "PAT-W", "S", "R", 1, number, "I%d" % number,
+                                    sop_class_uid=demo.MR_IMAGE_STORAGE, patient_name="WIN^DOW", modality="MR"),
+                       "DICOM/PAT00001/STU00001/SER00001/IMG%05d" % number))
+    return images
+
+
+def preview_halves(staging, images, tmp_path):
+    """The preview's mean grey value on its left and right half (decoded by dcmtk)."""
+    iso = types.SimpleNamespace(institution="", contact="", viewer_dir="")
+    webcontent.write(staging, images, iso, os.path.join(DCMTK_DIR, "dcmj2pnm"), 30)
+    preview = os.path.join(staging, "IHE_PDI/STU00001/SER00001.JPG")
+    subprocess.run([os.path.join(DCMTK_DIR, "img2dcm"), "-i", "JPEG", preview, str(tmp_path / "p.dcm")], check=True)
+    subprocess.run([os.path.join(DCMTK_DIR, "dcmdjpeg"), str(tmp_path / "p.dcm"), str(tmp_path / "raw.dcm")],
+                   check=True)
+    raw = pydicom.dcmread(str(tmp_path / "raw.dcm"))
+    pixels = raw.PixelData
+    left = [pixels[row * 16 + column] for row in range(16) for column in range(2, 6)]
+    right = [pixels[row * 16 + column] for row in range(16) for column in range(10, 14)]
+    return sum(left) / len(left), sum(right) / len(right)
+
+
+def test_the_preview_is_the_middle_image(tmp_path):
+    staging = str(tmp_path / "staging")
+    images = staged_series(staging, [(0, 1000), (1000, 0), (0, 1000)])  # only the middle one is bright left
+    left, right = preview_halves(staging, images, tmp_path)
+    assert left > 200 and right < 50
+
+
+def test_the_preview_uses_the_window_in_the_file(tmp_path):
+    """Pixels of 60 beside 1000: dark from the pixel values alone, white in the file's window (40 to 60)."""
+    staging = str(tmp_path / "staging")
+    left, right = preview_halves(staging, staged_series(staging, [(60, 1000)], window=(50, 20)), tmp_path)
+    assert left > 200 and right > 200
+    plain = str(tmp_path / "plain")
+    os.makedirs(tmp_path / "again")
+    left, right = preview_halves(plain, staged_series(plain, [(60, 1000)]), tmp_path / "again")
+    assert left < 50 and right > 200
