@@ -258,3 +258,58 @@ def test_the_preview_uses_the_window_in_the_file(tmp_path):
     os.makedirs(tmp_path / "again")
     left, right = preview_halves(plain, staged_series(plain, [(60, 1000)]), tmp_path / "again")
     assert left < 50 and right > 200
+
+
+def test_a_multi_frame_image_gives_its_middle_frame(tmp_path):
+    staging = str(tmp_path / "staging")
+    [(received, path)] = staged_series(staging, [(0, 1000)])
+    image = pydicom.dcmread(received.path)
+    frames = [struct.pack("<16H", *[left + i for i in range(8)] + [right + i for i in range(8)]) * 16
+              for left, right in ((0, 1000), (1000, 0), (0, 1000))]
+    image.NumberOfFrames, image.PixelData = 3, b"".join(frames)
+    image.save_as(received.path)
+    left, right = preview_halves(staging, [(received, path)], tmp_path)
+    assert left > 200 and right < 50
+
+
+@pytest.fixture(scope="module")
+def kinds_pacs(tmp_path_factory, receiver_port):
+    """A CT study with a dose report and a PDF report besides its images, in a dcmqrscp of its own."""
+    pacs = demo.Dcmqrscp(str(tmp_path_factory.mktemp("kinds-pacs")), demo.free_port(), {"CDRECORD": receiver_port},
+                         dcmtk_dir=DCMTK_DIR)
+    study = demo.SampleStudy("PAT-K", "KIND^KATE", "KIND01", series=(2,), modality="CT")
+    folder = os.path.join(pacs.storage, study.study_uid)
+    paths = demo.write_study(study, folder)
+    for number, (sop_class, modality) in enumerate((("1.2.840.10008.5.1.4.1.1.88.67", "SR"),
+                                                    ("1.2.840.10008.5.1.4.1.1.104.1", "DOC")), start=2):
+        document = pydicom.dcmread(paths[0])
+        for keyword in ("PixelData", "Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation",
+                        "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation"):
+            delattr(document, keyword)
+        document.SOPClassUID = document.file_meta.MediaStorageSOPClassUID = sop_class
+        document.SOPInstanceUID = document.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        document.SeriesInstanceUID = pydicom.uid.generate_uid()
+        document.SeriesNumber, document.Modality = number, modality
+        if modality == "DOC":
+            document.MIMETypeOfEncapsulatedDocument = "application/pdf"
+            document.EncapsulatedDocument = b"%PDF-1.4\n%%EOF\n"
+        paths.append(os.path.join(folder, document.SOPInstanceUID + ".dcm"))
+        document.save_as(paths[-1])
+        study.sop_uids.append(document.SOPInstanceUID)
+    subprocess.run([os.path.join(DCMTK_DIR, "dcmqridx"), pacs.storage] + paths, check=True, stdout=subprocess.DEVNULL)
+    pacs.start()
+    pacs.study = study
+    yield pacs
+    pacs.stop()
+
+
+def test_objects_that_are_not_images_are_listed_by_kind(make_service, settings, wsgi_call, kinds_pacs, tmp_path):
+    settings["pacs"]["port"] = kinds_pacs.port
+    disc, iso_path = get_disc(wsgi_call, make_service(), tmp_path, "accession_number=KIND01")
+    check_pdi(disc, kinds_pacs.study.sop_uids)
+    trees = check_web_content(disc, iso_path)
+    page = text_of(trees["IHE_PDI/STU00001.HTM"])
+    for row in ("1 CT 2 images", "2 SR 1 dose report", "3 DOC 1 report (PDF)"):
+        assert row in page, row
+    assert [src for _, src, _, _ in previews(trees)] == ["STU00001/SER00001.JPG"]  # the images' series only
+    assert "Modalities: CT, SR, DOC" in page
