@@ -5,7 +5,8 @@ best: findscu; movescu into storescp (TCP_NODELAY=1); hard links into the
 8-character PDI tree; dcmmkdir (what a person must run for a valid disc);
 genisoimage to a file; the file read once.  mkiso's rows are HTTP downloads
 of the same study through a real mkiso-server, by C-MOVE and by C-GET,
-which check more (manifest, every header) on the way.  Every number is the
+which check more (manifest, every header) on the way, and by C-GET without
+the web content (``iso.web_content: false``): what the pages and previews cost.  Every number is the
 median of --runs runs, the two sides interleaved and each run started after
 a sync, so that no run pays for the previous one's disk writeback, and
 each side removing its files when its run ends, as mkiso does; ratios, not
@@ -203,16 +204,19 @@ def reference_run(root, pacs, study, ref_port):
 
 # -- mkiso ---------------------------------------------------------------------
 
-MKISO_PHASES = ("find", "manifest", "transfer", "checks", "stage", "dicomdir", "size", "iso")
+MKISO_PHASES = ("find", "manifest", "transfer", "checks", "stage", "web", "dicomdir", "size", "iso")
+
+
+NO_WEB = "get, iso.web_content false"
 
 
 class MkisoServer:
     """A real mkiso-server retrieving by C-MOVE (through its receiver) or C-GET."""
 
-    def __init__(self, root, pacs, receiver_port, retrieve, cache_bytes=0):
+    def __init__(self, root, pacs, receiver_port, retrieve, cache_bytes=0, web_content=True):
         """``cache_bytes`` 0 (the cache off): every download really retrieves, as the rows must."""
         self.http_port = demo.free_port()
-        name = retrieve + ("-cached" if cache_bytes else "")
+        name = retrieve + ("-cached" if cache_bytes else "") + ("" if web_content else "-noweb")
         self.log_path = os.path.join(root, "mkiso-%s.log" % name)
         config = os.path.join(root, "mkiso-%s.yaml" % name)
         work_dir = self.work_dir = os.path.join(root, "work-" + name)
@@ -222,9 +226,9 @@ class MkisoServer:
                 "server: {port: %d}\npacs: {ae_title: %s, host: 127.0.0.1, port: %d, retrieve: %s}\n"
                 "receiver: {port: %d}\npaths: {work_dir: %s}\nlimits: {min_free_bytes: 100000000}\n"
                 "timeouts: {move_s: 7200, iso_s: 7200}\nlogging: {level: info, format: json}\n"
-                "audit: {path: %s}\ncache: {max_bytes: %d}\n"
+                "audit: {path: %s}\ncache: {max_bytes: %d}\niso: {web_content: %s}\n"
                 % (self.http_port, pacs.ae_title, pacs.port, retrieve, receiver_port, work_dir,
-                   os.path.join(root, "audit-%s.log" % name), cache_bytes))
+                   os.path.join(root, "audit-%s.log" % name), cache_bytes, "true" if web_content else "false"))
         self.proc = start_process([sys.executable, "-m", "mkiso", "--config", config], self.http_port,
                                   self.log_path)
 
@@ -304,6 +308,8 @@ def bench_size(images, image_kb, runs, root, pacs_choice):
         pacs.load(source, images)
     try:
         servers = {retrieve: MkisoServer(root, pacs, receiver_port, retrieve) for retrieve in ("move", "get")}
+        # The web content's cost (SPEC §4.4): the same C-GET row without it (C-GET: no second receiver).
+        servers[NO_WEB] = MkisoServer(root, pacs, receiver_port, "get", web_content=False)
         reference, mkiso = [], {retrieve: [] for retrieve in servers}
         try:
             rows = ["reference"] + list(servers)

@@ -179,6 +179,7 @@ SCHEMA = {
         "institution": (str, "", None),
         "contact": (str, "", None),
         "private_objects": (str, "omit", _one_of("omit", "keep")),
+        "web_content": (bool, True, None),
     },
     "paths": {
         "work_dir": (str, "/var/spool/mkiso", None),
@@ -230,7 +231,7 @@ TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", NUMBER:
 
 # The dcmtk tools mkiso runs (tools.dcmtk_dir); health runs each one too.
 DCMTK_TOOLS = ("findscu", "movescu", "getscu", "storescp", "storescu", "echoscu", "dcmmkdir", "dcmdjpeg", "dcmdrle",
-               "dcmconv")
+               "dcmconv", "dcmj2pnm")
 
 
 class _Loader(yaml.SafeLoader):

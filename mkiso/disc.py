@@ -30,7 +30,7 @@ from . import __version__, dicomdir, errors, fastcopy, process
 log = logging.getLogger(__name__)
 
 FILE_ID = re.compile(r"^[A-Z0-9_]{1,8}$")
-PDI_RESERVED = {"DICOMDIR", "DICOM", "README.TXT"}
+PDI_RESERVED = {"DICOMDIR", "DICOM", "README.TXT", "INDEX.HTM", "IHE_PDI"}  # the last two: web content
 LEGACY_FOLDER = "DICOMDIR"
 SECTOR = 2048
 

@@ -20,7 +20,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 
-from . import delivery, disc, disk, errors, logs, media, records
+from . import delivery, disc, disk, errors, logs, media, records, webcontent
 from .retrieval import Retrievals
 
 log = logging.getLogger(__name__)
@@ -225,7 +225,8 @@ class Jobs:
                                  label=label, viewer=disc.viewer_digest(config.iso.viewer_dir), named=named,
                                  media=config.iso.media, capacity=media.capacity(config.iso),
                                  transcode=config.iso.transcode, private_objects=config.iso.private_objects,
-                                 institution=config.iso.institution, contact=config.iso.contact)
+                                 web_content=config.iso.web_content, institution=config.iso.institution,
+                                 contact=config.iso.contact)
             cached = self._from_cache(job, key, os.path.join(folder, "disc.iso"))
             if cached is not None:
                 export.bytes = job.disc_bytes
@@ -330,8 +331,18 @@ class Jobs:
                               code="disc_too_large")
 
     def plan(self, files, budget):
-        """``files`` split into discs of ``budget`` bytes, each also holding the viewer (media.plan)."""
-        return media.plan(files, budget, media.BASE + disc.viewer_bytes(self.config.iso.viewer_dir))
+        """``files`` split into discs of ``budget`` bytes, each also holding the viewer and the web content."""
+        iso = self.config.iso
+        fixed = media.BASE + disc.viewer_bytes(iso.viewer_dir)
+        if self.web_content:
+            return media.plan(files, budget, fixed + webcontent.DISC_BYTES,
+                              media.PerDisc(webcontent.STUDY_BYTES, webcontent.SERIES_BYTES))
+        return media.plan(files, budget, fixed)
+
+    @property
+    def web_content(self):
+        """Whether discs carry the web content: asked for, and in the PDI layout it belongs to."""
+        return self.config.iso.web_content and self.config.iso.layout == "pdi"
 
     def _stage_disc(self, job, folder, number, of, files, omitted, label, watch):
         config = self.config
@@ -349,6 +360,10 @@ class Jobs:
         images = disc.stage(staging, files, config.iso.layout, config.iso.viewer_dir, readme)
         watch.lap("stage")
         volume = disc.disc_label(label, number, of)
+        if self.web_content:
+            webcontent.write(staging, images, config.iso, os.path.join(config.tools.dcmtk_dir, "dcmj2pnm"),
+                             config.timeouts.iso_s, number, of)
+            watch.lap("web")
         if config.iso.layout == "pdi":
             job.step("dicomdir")
             dcmmkdir = os.path.join(config.tools.dcmtk_dir, "dcmmkdir")

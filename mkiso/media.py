@@ -70,13 +70,43 @@ def cost(received):
     return sectors(os.path.getsize(received.path)) + PER_IMAGE
 
 
-def plan(files, limit, fixed):
+class PerDisc:
+    """What each disc holds besides the images for each study and each series on it (the web content).
+
+    Counted once per disc: a study or series split over two discs costs on both.
+    """
+
+    def __init__(self, study_bytes=0, series_bytes=0):
+        self.study_bytes = study_bytes
+        self.series_bytes = series_bytes
+        self.new_disc()
+
+    def new_disc(self):
+        self.studies, self.series = set(), set()
+
+    def cost(self, group, alone=False):
+        """The bytes ``group`` adds to the disc being filled (to an empty one with ``alone``)."""
+        studies = {received.study_uid for received in group}
+        series = {received.series_uid for received in group}
+        if not alone:
+            studies -= self.studies
+            series -= self.series
+        return len(studies) * self.study_bytes + len(series) * self.series_bytes
+
+    def take(self, group):
+        self.studies.update(received.study_uid for received in group)
+        self.series.update(received.series_uid for received in group)
+
+
+def plan(files, limit, fixed, per_disc=None):
     """Split ``files`` (ReceivedFile) into discs of at most ``limit`` bytes each.
 
     ``fixed`` is what every disc holds besides the images (ISO structures,
-    viewer).  Studies newest first; a study stays whole unless it alone is
-    too big, then its series, then its images.  Returns a list of lists.
+    viewer); ``per_disc`` (a PerDisc) what it holds for each of its studies
+    and series.  Studies newest first; a study stays whole unless it alone
+    is too big, then its series, then its images.  Returns a list of lists.
     """
+    per_disc = per_disc or PerDisc()
     room = limit - fixed
     costs = {received.path: cost(received) for received in files}  # one stat a file
     studies = {}
@@ -91,17 +121,24 @@ def plan(files, limit, fixed):
         if current:
             discs.append(current)
         current, used = [], 0
+        per_disc.new_disc()
 
     def place(group, size):
         nonlocal used
-        if used + size > room:
+        more = per_disc.cost(group)
+        if used + size + more > room:
             new_disc()
+            more = per_disc.cost(group)
         current.extend(group)
-        used += size
+        per_disc.take(group)
+        used += size + more
+
+    def fits(group, size):
+        return size + per_disc.cost(group, alone=True) <= room
 
     for study in ordered:
         size = sum(costs[image.path] for image in study)
-        if size <= room:
+        if fits(study, size):
             place(study, size)
             continue
         series = {}
@@ -110,12 +147,12 @@ def plan(files, limit, fixed):
         for images in sorted(series.values(), key=lambda group: (_number(group[0].series_number),
                                                                  group[0].series_uid)):
             size = sum(costs[image.path] for image in images)
-            if size <= room:
+            if fits(images, size):
                 place(images, size)
                 continue
             for image in sorted(images, key=lambda item: (_number(item.instance_number), item.sop_uid)):
                 single = costs[image.path]
-                if single > room:
+                if not fits([image], single):
                     raise errors.TooLarge(
                         "One image (%d bytes) does not fit on an empty disc of %d bytes." % (single, limit),
                         code="disc_too_large")

@@ -10,11 +10,25 @@ Besides the STUDY-level C-FIND, an IMAGE-level C-FIND lists a study's SOP
 Instance UIDs before it is retrieved: the manifest the received files must
 match (SPEC §3.6).  A PACS may refuse that query; then there is no manifest
 and the retrieval falls back to the counts, which is said once in the log.
+
+C-GET and compressed studies (SPEC §3.2).  getscu proposes one storage
+context per SOP class, its transfer syntaxes the uncompressed ones with at
+most one compressed syntax put first (``+xs``, ``+xy``, ...); there is no
+option for more.  A PACS that cannot convert (dcmqrscp, many archives)
+sends an image only in the syntax it is stored in, and fails the
+sub-operation otherwise.  So the manifest also asks for each instance's
+AvailableTransferSyntaxUID (0008,3002): a study stored in one compressed
+syntax is got proposing it; and whatever fails is fetched again at IMAGE
+level, series by series, proposing the compressed syntaxes the manifest
+names for it, or, where the PACS did not say, each one getscu can propose,
+until nothing is missing.  What still is missing fails the retrieval as
+usual (incomplete_study), never a partial disc.
 """
 
 import logging
 import os
 import re
+import struct
 import tempfile
 import xml.etree.ElementTree as ElementTree
 
@@ -83,6 +97,18 @@ class Study:
         return "Study(accession=%r, study_uid=%r)" % (self.accession, self.study_uid)
 
 
+class Manifest(dict):
+    """A study's images from the IMAGE-level C-FIND: {SOP Instance UID: Series Instance UID}.
+
+    ``syntaxes`` holds {SOP Instance UID: transfer syntax UID} for the
+    instances whose AvailableTransferSyntaxUID the PACS gave (often none).
+    """
+
+    def __init__(self, series=(), syntaxes=None):
+        super().__init__(series)
+        self.syntaxes = dict(syntaxes or {})
+
+
 class MoveResult:
     """The final C-MOVE response: status text and sub-operation counts."""
 
@@ -105,6 +131,21 @@ class MoveResult:
 
 SOP_INSTANCE_UID = "0008,0018"
 SERIES_INSTANCE_UID = "0020,000e"  # as dcmtk's XML writes tags: lower-case hex
+TRANSFER_SYNTAX = "0008,3002"  # AvailableTransferSyntaxUID
+
+# The compressed transfer syntaxes getscu can propose, each with its option, in the order a
+# retry tries them when the PACS did not say what the study holds: images first, then video.
+GET_PREFERENCES = (
+    ("1.2.840.10008.1.2.4.70", "+xs"), ("1.2.840.10008.1.2.4.50", "+xy"), ("1.2.840.10008.1.2.4.51", "+xx"),
+    ("1.2.840.10008.1.2.4.90", "+xv"), ("1.2.840.10008.1.2.4.91", "+xw"), ("1.2.840.10008.1.2.4.80", "+xt"),
+    ("1.2.840.10008.1.2.4.81", "+xu"), ("1.2.840.10008.1.2.5", "+xr"), ("1.2.840.10008.1.2.4.100", "+xm"),
+    ("1.2.840.10008.1.2.4.101", "+xh"), ("1.2.840.10008.1.2.4.102", "+xn"), ("1.2.840.10008.1.2.4.103", "+xl"),
+    ("1.2.840.10008.1.2.4.104", "+x2"), ("1.2.840.10008.1.2.4.105", "+x3"), ("1.2.840.10008.1.2.4.106", "+xo"),
+    ("1.2.840.10008.1.2.4.107", "+x4"), ("1.2.840.10008.1.2.4.108", "+x5"),
+)
+GET_OPTION = dict(GET_PREFERENCES)
+# SOP Instance UIDs per IMAGE-level C-GET request: the list must fit a UI element (64 KB).
+GET_BATCH = 500
 
 
 def association_args(calling_ae, peer, timeout):
@@ -149,6 +190,7 @@ class Pacs:
         self.find_timeout = config.timeouts.find_s
         self.move_timeout = config.timeouts.move_s
         self._told_no_manifest = False
+        self._asks_syntaxes = True  # until the PACS refuses a query that asks for them
 
     def tool(self, name):
         return os.path.join(self.dcmtk_dir, name)
@@ -191,29 +233,45 @@ class Pacs:
             return [pydicom.dcmread(os.path.join(out_dir, name), force=True) for name in sorted(os.listdir(out_dir))]
 
     def list_instances(self, study_uid, scratch_dir):
-        """The study's images from an IMAGE-level C-FIND (the manifest): {SOP UID: series UID}.
+        """The study's images from an IMAGE-level C-FIND (the manifest, a ``Manifest``).
 
         None when the PACS refuses IMAGE-level queries (a failure status in
-        its final response); any other failure is an error as usual.
+        its final response); any other failure is an error as usual.  Each
+        instance's AvailableTransferSyntaxUID is asked for too (dcmqrscp
+        leaves it out of its answers); a PACS that refuses a query for it is
+        asked again without, and from then on never for it.
         """
         what = "IMAGE-level C-FIND of study %s" % study_uid
+        asks_syntaxes = self._asks_syntaxes
+        manifest, status = self._find_instances(study_uid, scratch_dir, what, asks_syntaxes)
+        if manifest is None and asks_syntaxes:
+            self._asks_syntaxes = False
+            manifest, status = self._find_instances(study_uid, scratch_dir, what, False)
+            if manifest is not None:
+                log.info("the PACS refuses AvailableTransferSyntaxUID in IMAGE-level C-FIND; C-GET finds "
+                         "the transfer syntaxes of compressed studies by trying them")
+        if manifest is None and not self._told_no_manifest:
+            self._told_no_manifest = True
+            log.warning("the PACS refuses IMAGE-level C-FIND (%s); retrievals are checked against "
+                        "its counts only", status)
+        return manifest
+
+    def _find_instances(self, study_uid, scratch_dir, what, asks_syntaxes):
+        """One IMAGE-level C-FIND: (its Manifest or None when the PACS refused it, the final status)."""
         with tempfile.TemporaryDirectory(prefix="manifest-", dir=scratch_dir) as out_dir:
             answers = os.path.join(out_dir, "answers.xml")
             # -od too: findscu insists on a writable output directory even for -Xs, and the
             # service's working directory (/ under systemd) is not one.
+            returned = ("SeriesInstanceUID", "SOPInstanceUID") + (("AvailableTransferSyntaxUID",)
+                                                                  if asks_syntaxes else ())
             args = self._find_args(["-Xs", answers, "-od", out_dir], "IMAGE", [("StudyInstanceUID", study_uid)],
-                                   ("SeriesInstanceUID", "SOPInstanceUID"))
+                                   returned)
             result = self._run(args, self.find_timeout, what)
             final = _FINAL_FIND.search(result.output)
             if final is None:
                 raise_for_failure(result.output, self.peer, what)
-            if final.group("status") != "Success":
-                if not self._told_no_manifest:
-                    self._told_no_manifest = True
-                    log.warning("the PACS refuses IMAGE-level C-FIND (%s); retrievals are checked against "
-                                "its counts only", final.group("status"))
-                return None
-            return read_manifest(answers)
+            status = final.group("status")
+            return (read_manifest(answers) if status == "Success" else None), status
 
     def _study(self, accession, answer):
         study_uid = str(answer.get("StudyInstanceUID", "") or "")
@@ -238,27 +296,119 @@ class Pacs:
 
     def move_study(self, study_uid):
         """C-MOVE one study by StudyInstanceUID alone to our own receiver."""
-        return self._retrieve_study("C-MOVE", [self.tool("movescu"), "-d", "-S"], ["-aem", self.our_ae],
-                                    parse_move_output, study_uid)
+        return self._retrieve("C-MOVE of study %s" % study_uid, [self.tool("movescu"), "-d", "-S"],
+                              ["-aem", self.our_ae], parse_move_output, study_keys(study_uid))
 
-    def get_study(self, study_uid, out_dir):
-        """C-GET one study into ``out_dir`` over our own association: no port listens."""
-        return self._retrieve_study("C-GET", [self.tool("getscu"), "-v", "-S", "-od", out_dir], [],
-                                    parse_get_output, study_uid)
+    def get_study(self, study_uid, out_dir, manifest=None):
+        """C-GET one study into ``out_dir`` over our own association: no port listens.
 
-    def _retrieve_study(self, service, command, extra, parse, study_uid):
-        """Run a retrieve SCU for one study; its final response (status, counts) or the error."""
+        Every image as the PACS stores it, also compressed from a PACS that
+        cannot convert (see the module's docstring): one C-GET of the study,
+        proposing its one compressed syntax where the manifest says it has
+        one, then IMAGE-level C-GETs of what failed, proposing the compressed
+        syntaxes in turn.  Returns the counts of all of them together.
+        """
+        syntaxes = getattr(manifest, "syntaxes", {})
+        stored = set(syntaxes.values()) if manifest and len(syntaxes) == len(manifest) else set()
+        first = GET_OPTION.get(stored.pop()) if len(stored) == 1 else None
+        results = [self._get(study_keys(study_uid), out_dir, first, "C-GET of study %s" % study_uid)]
+        if not results[0].failed or not manifest:
+            return results[0]
+        for syntax, option in GET_PREFERENCES:
+            missing = missing_instances(manifest, out_dir)
+            if not missing:
+                break
+            wanted = {uid: series for uid, series in missing.items() if syntaxes.get(uid, syntax) == syntax}
+            if wanted and option != first:
+                results += self._get_instances(study_uid, wanted, out_dir, option)
+        missing = missing_instances(manifest, out_dir)
+        if missing:
+            log.info("C-GET of study %s: %d images did not arrive in any transfer syntax getscu can propose",
+                     study_uid, len(missing))
+        return combine_results(results, len(missing))
+
+    def _get_instances(self, study_uid, instances, out_dir, option):
+        """IMAGE-level C-GETs of ``instances`` ({SOP UID: series UID}) proposing ``option``, series by series.
+
+        One request per getscu run: getscu 3.6.7 fails after the last of
+        several query files.  The keys go in a query file, not on the command
+        line: a series' list of SOP Instance UIDs can be long.
+        """
+        by_series = {}
+        for uid, series in sorted(instances.items()):
+            by_series.setdefault(series, []).append(uid)
+        results = []
+        with tempfile.TemporaryDirectory(prefix="get-", dir=os.path.dirname(out_dir)) as scratch:
+            for series, uids in sorted(by_series.items()):
+                for start in range(0, len(uids), GET_BATCH):
+                    query = os.path.join(scratch, "query-%d" % len(results))
+                    write_query(query, [("0008,0052", "IMAGE"), ("0020,000D", study_uid), ("0020,000E", series),
+                                        ("0008,0018", "\\".join(uids[start:start + GET_BATCH]))])
+                    results.append(self._get([], out_dir, option, "C-GET of %d images of study %s (%s)"
+                                             % (len(uids[start:start + GET_BATCH]), study_uid, option), query))
+        return results
+
+    def _get(self, keys, out_dir, option, what, query=None):
+        command = [self.tool("getscu"), "-v", "-S", "-od", out_dir] + ([option] if option else [])
+        return self._retrieve(what, command, [], parse_get_output, keys, [query] if query else [])
+
+    def _retrieve(self, what, command, extra, parse, keys, files=()):
+        """Run a retrieve SCU with ``keys`` (-k) or query ``files``; its final response or the error."""
         args = command + association_args(self.our_ae, self.peer, self.find_timeout) + extra
-        args += ["-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=" + study_uid]
-        what = "%s of study %s" % (service, study_uid)
-        result = self._run(args, self.move_timeout, what)
+        for key, value in keys:
+            args += ["-k", "%s=%s" % (key, value)]
+        result = self._run(args, self.move_timeout, what, list(files))
         final = parse(result.output)
         if final is None:
             raise_for_failure(result.output, self.peer, what)
         return final
 
-    def _run(self, args, timeout, what):
-        return process.run_step(args + address_args(self.peer), timeout, "%s: %s" % (what, self.peer))
+    def _run(self, args, timeout, what, files=()):
+        return process.run_step(args + address_args(self.peer) + list(files), timeout,
+                                "%s: %s" % (what, self.peer))
+
+
+def study_keys(study_uid):
+    """The keys of a STUDY-level retrieve: the Study Instance UID alone."""
+    return [("QueryRetrieveLevel", "STUDY"), ("StudyInstanceUID", study_uid)]
+
+
+def missing_instances(manifest, out_dir):
+    """{SOP UID: series UID} of the manifest's instances that getscu has not written to ``out_dir``.
+
+    getscu names each file it receives <modality>.<SOP Instance UID>; the
+    received files themselves are read and checked later (retrieval.verify).
+    """
+    arrived = {name.split(".", 1)[1] for name in os.listdir(out_dir) if "." in name}
+    return {uid: series for uid, series in manifest.items() if uid not in arrived}
+
+
+def combine_results(results, missing):
+    """One result for several C-GETs of a study: their counts added, failed the instances still ``missing``."""
+    if len(results) == 1:
+        return results[0]
+    first = results[0]
+    completed = sum(result.completed or 0 for result in results)
+    warning = sum(result.warning or 0 for result in results)
+    if missing:
+        return MoveResult(first.status or 0xB000, "%s; %d images did not arrive in any transfer syntax proposed"
+                          % (first.status_text, missing), completed, missing, warning)
+    return MoveResult(0x0000, "Success, %d C-GETs" % len(results), completed, 0, warning)
+
+
+def write_query(path, elements):
+    """A query data set for getscu: ``elements`` (tag "gggg,eeee", text value) in tag order, Implicit VR LE.
+
+    Four text elements need no library: each is its tag, its length and its
+    value padded to even length (with NUL for UIDs, the only kind ending odd here).
+    """
+    with open(path, "wb") as handle:
+        for tag, value in sorted(elements):
+            group, element = (int(part, 16) for part in tag.split(","))
+            data = value.encode("ascii")
+            if len(data) % 2:
+                data += b"\0"
+            handle.write(struct.pack("<HHI", group, element, len(data)) + data)
 
 
 def _values(value):
@@ -271,15 +421,18 @@ def _values(value):
 
 
 def read_manifest(path):
-    """{SOP Instance UID: Series Instance UID} from findscu's single XML file of answers (-Xs)."""
-    manifest = {}
+    """The Manifest in findscu's single XML file of answers (-Xs)."""
+    manifest = Manifest()
     values = {}
     for _, element in ElementTree.iterparse(path):
         tag = (element.get("tag") or "").lower()
-        if element.tag == "element" and tag in (SOP_INSTANCE_UID, SERIES_INSTANCE_UID):
-            values[tag] = (element.text or "").strip()
+        if element.tag == "element" and tag in (SOP_INSTANCE_UID, SERIES_INSTANCE_UID, TRANSFER_SYNTAX):
+            values[tag] = (element.text or "").strip().split("\\")[0]
         elif element.tag == "data-set":
-            manifest[values.get(SOP_INSTANCE_UID, "")] = values.get(SERIES_INSTANCE_UID, "")
+            uid = values.get(SOP_INSTANCE_UID, "")
+            manifest[uid] = values.get(SERIES_INSTANCE_UID, "")
+            if values.get(TRANSFER_SYNTAX):
+                manifest.syntaxes[uid] = values[TRANSFER_SYNTAX]
             values = {}
             element.clear()
     return manifest

@@ -357,7 +357,7 @@ class Retrievals:
         watch = logs.Stopwatch()
         failures = self.receiver.write_failures if self.receiver else 0
         try:
-            result = self._fetch(study.study_uid, received)
+            result = self._fetch(study.study_uid, received, manifest)
         except errors.UpstreamFailed:
             self._raise_if_out_of_space(study, received, failures)
             raise
@@ -371,15 +371,16 @@ class Retrievals:
             "accession": study.accession, "study_uid": study.study_uid, "images": len(paths),
             "manifest": manifest is not None}, **watch.fields)})
 
-    def _fetch(self, study_uid, received):
+    def _fetch(self, study_uid, received, manifest):
         """The study's files into ``received``: by C-GET, or by C-MOVE through the receiver.
 
         Whatever the receiver got is taken into ``received`` even when the
-        C-MOVE failed, so that it goes with the retrieval's folder.
+        C-MOVE failed, so that it goes with the retrieval's folder.  C-GET
+        uses the manifest to fetch again what failed (compressed images).
         """
         if self.receiver is None:
             os.mkdir(received)
-            return self.pacs.get_study(study_uid, received)
+            return self.pacs.get_study(study_uid, received, manifest)
         self.receiver.expect(study_uid)
         try:
             return self.pacs.move_study(study_uid)

@@ -145,7 +145,8 @@ def test_keyboard_only(browser, live_server, make_service):
 def test_a_request_too_big_for_one_disc_lists_every_disc(browser, live_server, make_service, tmp_path):
     """With a tiny test medium the patient's two studies need several discs: one link each."""
     from mkiso import media
-    service = make_service(iso={"media": "cd", "max_bytes": media.BASE + 10000, "headroom_bytes": 0})
+    service = make_service(iso={"media": "cd", "max_bytes": media.BASE + 10000, "headroom_bytes": 0,
+                                "web_content": False})  # a medium so small that the pages would not fit
     open_page(browser, live_server, service)
     look_up(browser, "MR.180505.026, ACC1002")
     wait(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, "#studies tr")) == 2)

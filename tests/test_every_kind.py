@@ -23,7 +23,7 @@ import subprocess
 import pydicom
 import pytest
 
-from mkiso import demo, media, web
+from mkiso import demo, media, web, webcontent
 from conftest import DCMTK_DIR
 from discs import volume_id
 from test_dicomdir import BEYOND_F5, OFFSETS
@@ -240,7 +240,8 @@ def test_split_every_kind_discs_each_complete(every_service, wsgi_call, every_pa
     files = [os.path.join(every_pacs.pacs.storage, every_pacs.every.study_uid, uid + ".dcm")
              for uid in every_pacs.every.sop_uids]
     half = sum(-(-os.path.getsize(path) // 2048) * 2048 + media.PER_IMAGE for path in files) // 2
-    service = every_service(iso={"media": "cd", "max_bytes": media.BASE + half + 8192, "headroom_bytes": 0})
+    pages = webcontent.DISC_BYTES + webcontent.STUDY_BYTES + 7 * webcontent.SERIES_BYTES  # each disc its own
+    service = every_service(iso={"media": "cd", "max_bytes": media.BASE + half + pages + 8192, "headroom_bytes": 0})
     job, discs = disc_job(service, wsgi_call, tmp_path, "EVERY01")
     assert len(discs) >= 2
     seen = {}
