@@ -119,18 +119,26 @@ def ascii_text(text):
     return "".join(c for c in decomposed if not unicodedata.combining(c)).encode("ascii", "replace").decode("ascii")
 
 
+def autorun_program(viewer_dir):
+    """The program the viewer's AUTORUN.INF starts (its ``open=``, without arguments, as written
+    there, e.g. ``VIEWER\\START.EXE``), or None: README.TXT and the web content both name it."""
+    for entry in os.scandir(viewer_dir):
+        if entry.is_file() and entry.name.upper() == "AUTORUN.INF":
+            with open(entry.path, encoding="latin-1") as handle:
+                for line in handle:
+                    key, _, value = line.partition("=")
+                    if key.strip().lower() == "open" and value.strip():
+                        return value.strip().split()[0].strip('"')
+    return None
+
+
 def viewer_sentence(viewer_dir):
     """What README.TXT says of the viewer: which program starts it, or that there is none."""
     if not viewer_dir:
         return ("There is no DICOM viewer on this disc: open it with any DICOM viewer, which finds everything "
                 "through the DICOMDIR file at the root.")
     names = sorted(entry.name for entry in os.scandir(viewer_dir) if entry.is_file())
-    program = None
-    for name in names:
-        if name.upper() == "AUTORUN.INF":
-            with open(os.path.join(viewer_dir, name), encoding="latin-1") as handle:
-                found = re.search(r"^\s*open\s*=\s*(.+?)\s*$", handle.read(), re.M | re.I)
-            program = found.group(1) if found else None
+    program = autorun_program(viewer_dir)
     programs = [program] if program else [name for name in names if name.upper().endswith(".EXE")]
     if not programs:
         return ("A DICOM viewer is on this disc (its files are at the root); any other DICOM viewer can open "

@@ -150,7 +150,7 @@ def write(staging, images, iso, dcmj2pnm, timeout, number=1, of=1):
     for study in studies:
         with open(os.path.join(staging, study.page), "w", encoding="utf-8") as handle:
             handle.write(study_page(study, iso))
-    viewer = viewer_entry(disc.viewer_paths(iso.viewer_dir, disc.PDI_RESERVED)) if iso.viewer_dir else None
+    viewer = viewer_entry(iso.viewer_dir) if iso.viewer_dir else None
     with open(os.path.join(staging, INDEX), "w", encoding="utf-8") as handle:
         handle.write(index_page(studies, iso, viewer, number, of))
 
@@ -244,19 +244,14 @@ def _number(value):
         return None
 
 
-def viewer_entry(viewer_files):
+def viewer_entry(viewer_dir):
     """The viewer's program on the disc, as AUTORUN.INF's open= names it; None if it names none there."""
-    paths = {path.replace(os.sep, "/").upper(): path.replace(os.sep, "/") for _, path in viewer_files}
-    autorun = next((source for source, path in viewer_files if path.upper() == "AUTORUN.INF"), None)
-    if autorun is None:
+    program = disc.autorun_program(viewer_dir)
+    if program is None:
         return None
-    with open(autorun, encoding="latin-1") as handle:
-        for line in handle:
-            key, _, value = line.partition("=")
-            if key.strip().lower() == "open" and value.strip():
-                program = value.strip().split()[0].strip('"').replace("\\", "/").lstrip("./")
-                return paths.get(program.upper())
-    return None
+    paths = {path.replace(os.sep, "/").upper(): path.replace(os.sep, "/")
+             for _, path in disc.viewer_paths(viewer_dir, disc.PDI_RESERVED)}
+    return paths.get(program.replace("\\", "/").lstrip("./").upper())
 
 
 # -- the pages -------------------------------------------------------------------
