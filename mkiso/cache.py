@@ -45,6 +45,7 @@ class DiscCache:
         self.mode = mode  # 0640 behind nginx (X-Accel-Redirect): nginx's group reads the ISOs
         self._entries = collections.OrderedDict()  # key -> Entry, least recently used first
         self._lock = threading.Lock()
+        self.hits = self.misses = self.evictions = 0  # for the metrics
 
     @property
     def enabled(self):
@@ -70,7 +71,9 @@ class DiscCache:
             self._expire()
             entry = self._entries.get(key)
             if entry is None:
+                self.misses += 1
                 return None
+            self.hits += 1
             os.link(entry.path, target)
             self._entries.move_to_end(key)
             return entry.size
@@ -87,7 +90,7 @@ class DiscCache:
             os.chmod(path, self.mode)
             self._entries[key] = Entry(path, size, time.monotonic())
             while self._total() > self.max_bytes:
-                self._drop(next(iter(self._entries)))
+                self._evict(next(iter(self._entries)))
 
     def free(self, wanted):
         """Evict least recently used entries until ``wanted`` bytes are freed (or none is left)."""
@@ -96,7 +99,7 @@ class DiscCache:
             while freed < wanted and self._entries:
                 key = next(iter(self._entries))
                 freed += self._entries[key].size
-                self._drop(key)
+                self._evict(key)
         return freed
 
     def expire(self):
@@ -110,7 +113,11 @@ class DiscCache:
     def _expire(self):
         now = time.monotonic()
         for key in [key for key, entry in self._entries.items() if now - entry.stored >= self.ttl_s]:
-            self._drop(key)
+            self._evict(key)
+
+    def _evict(self, key):
+        self.evictions += 1
+        self._drop(key)
 
     def _drop(self, key):
         entry = self._entries.pop(key, None)

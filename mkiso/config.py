@@ -220,6 +220,9 @@ SCHEMA = {
         "path": (str, "/var/log/mkiso/audit.log", _not_empty),
         "syslog": (str, "", _syslog_url),
     },
+    "metrics": {
+        "enabled": (bool, True, None),
+    },
     "logging": {
         "level": (str, "info", _one_of("debug", "info", "warning", "error")),
         "format": (str, "text", _one_of("text", "json")),

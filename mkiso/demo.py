@@ -472,35 +472,69 @@ class Dcmqrscp:
             raise RuntimeError("dcmqrscp did not start; see %s" % self.log_file)
 
     def stop(self):
-        if self.proc is None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
+        stop_group(self.proc)
         self.proc = None
 
 
+class DemoPublisher:
+    """A stand-in for the Rimage publisher: a storescp (AE title RIMAGE) that "burns" into a folder.
+
+    So that print works in the demo as it will at go-live: every image the
+    service relays lands in ``folder`` as a Part 10 file.
+    """
+
+    ae_title = "RIMAGE"
+
+    def __init__(self, folder, port, dcmtk_dir="/usr/bin"):
+        self.folder = folder
+        self.port = port
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(os.path.dirname(folder), "publisher.log"), "ab") as log:
+            self.proc = subprocess.Popen(
+                [os.path.join(dcmtk_dir, "storescp"), "-aet", self.ae_title, "-od", folder, str(port)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=dict(os.environ, TCP_NODELAY="1"), start_new_session=True)
+        if not wait_for_port(port):
+            self.stop()
+            raise RuntimeError("the demo publisher (storescp) did not start on port %d" % port)
+
+    def stop(self):
+        stop_group(self.proc)
+
+
+def stop_group(proc):
+    """Kill a helper started in a session of its own, with whatever it started, and reap it."""
+    if proc is None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
 DEMO_CONFIG = """\
-# Written by python -m mkiso.demo: mkiso against the local demo PACS.
+# Written by python -m mkiso.demo: mkiso against the local demo PACS and demo publisher.
 server: {{host: 127.0.0.1, port: {http_port}}}
 pacs: {{ae_title: ABPACS, host: 127.0.0.1, port: {pacs_port}}}
 receiver: {{ae_title: CDRECORD, port: {receiver_port}}}
+publisher: {{ae_title: RIMAGE, host: 127.0.0.1, port: {publisher_port}}}
 iso: {{viewer_dir: {viewer_dir}}}
 paths: {{work_dir: {work_dir}}}
 limits: {{min_free_bytes: 100000000}}
 audit: {{path: {audit_path}}}
+metrics: {{enabled: true}}
 """
 
 
 def main(argv=None):
-    """Generate sample studies, start the demo PACS and run mkiso against it."""
+    """Generate sample studies, start the demo PACS and publisher, and run mkiso against them."""
     parser = argparse.ArgumentParser(prog="python -m mkiso.demo")
     parser.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "mkiso-demo"))
     parser.add_argument("--http-port", type=int, default=8080)
     parser.add_argument("--pacs-port", type=int, default=11112)
     parser.add_argument("--receiver-port", type=int, default=10104)
+    parser.add_argument("--publisher-port", type=int, default=10105)
     args = parser.parse_args(argv)
     shutil.rmtree(args.dir, ignore_errors=True)
     os.makedirs(os.path.join(args.dir, "viewer"))
@@ -511,24 +545,36 @@ def main(argv=None):
     studies = sample_studies()
     pacs.add_studies(studies)
     pacs.start()
+    try:
+        burned = os.path.join(args.dir, "publisher", "burned")
+        publisher = DemoPublisher(burned, args.publisher_port)
+    except BaseException:
+        pacs.stop()
+        raise
     config_file = os.path.join(args.dir, "config.yaml")
     with open(config_file, "w", encoding="utf-8") as handle:
         handle.write(DEMO_CONFIG.format(
             http_port=args.http_port, pacs_port=args.pacs_port, receiver_port=args.receiver_port,
-            viewer_dir=os.path.join(args.dir, "viewer"), work_dir=os.path.join(args.dir, "work"),
-            audit_path=os.path.join(args.dir, "audit.log")))
+            publisher_port=args.publisher_port, viewer_dir=os.path.join(args.dir, "viewer"),
+            work_dir=os.path.join(args.dir, "work"), audit_path=os.path.join(args.dir, "audit.log")))
     base = "http://127.0.0.1:%d" % args.http_port
     print("Demo PACS (dcmqrscp ABPACS) on 127.0.0.1:%d with accessions: %s" % (
         args.pacs_port, ", ".join(sorted({s.accession for s in studies}))))
+    print("Demo publisher (storescp RIMAGE) on 127.0.0.1:%d" % args.publisher_port)
     print("Try:")
     print("  curl -s %s/api/health" % base)
     print("  curl -OJ '%s/api/iso/download?accession_number=ACC2001'" % base)
     print("  curl -OJ '%s/api/iso/download-multiple?accession_numbers=MR.180505.026,ACC1002'" % base)
-    print("Ctrl-C stops the service and the demo PACS.", flush=True)
+    print("  curl -s '%s/send_rimage_multiple.php?accession_number=ACC2001'   # print" % base)
+    print("The desk page: %s/" % base)
+    print("Metrics (Prometheus): %s/metrics" % base)
+    print("Printed images are \"burned\" into %s" % burned)
+    print("Ctrl-C stops the service, the demo PACS and the demo publisher.", flush=True)
     from .server import main as server_main
     try:
         return server_main(["--config", config_file])
     finally:
+        publisher.stop()
         pacs.stop()
 
 

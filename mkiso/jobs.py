@@ -76,14 +76,15 @@ class Iso:
 
 
 class Jobs:
-    def __init__(self, config, pacs, receiver, jobs_dir, retrievals_dir, publisher, patient_api, cache):
+    def __init__(self, config, pacs, receiver, jobs_dir, retrievals_dir, publisher, patient_api, cache, metrics):
         self.config = config
         self.pacs = pacs
         self.publisher = publisher
         self.patient_api = patient_api
         self.jobs_dir = jobs_dir
         self.cache = cache
-        self.retrievals = Retrievals(pacs, receiver, retrievals_dir, config.limits.min_free_bytes)
+        self.metrics = metrics
+        self.retrievals = Retrievals(pacs, receiver, retrievals_dir, config.limits.min_free_bytes, metrics)
 
     @contextmanager
     def folder(self, job):
@@ -211,7 +212,7 @@ class Jobs:
 
     def _make_iso(self, job, folder, build):
         config, accessions, export = self.config, job.accessions, job.export
-        watch = logs.Stopwatch()
+        watch = logs.Stopwatch(self.metrics.phase)
         studies = export.studies = self.find(accessions, folder)
         watch.lap("find")
         manifests = self.manifests(job, studies, folder)
@@ -401,21 +402,27 @@ class Jobs:
         """Relay every image of the accessions to the publisher (SPEC §5); what went where goes on the export."""
         self.require_publisher()
         export = job.export
+        watch = logs.Stopwatch(self.metrics.phase)
         with self.folder(job) as folder:
             try:
                 studies = export.studies = self.find(job.accessions, folder)
+                watch.lap("find")
                 manifests = self.manifests(job, studies, folder)
+                watch.lap("manifest")
                 export.destination = self.publisher.peer.address
                 with self.retrieved(job, studies, manifests) as files:
+                    watch.lap("retrieve")
                     export.images = len(files)
                     job.step("send")
                     sent = self.publisher.send(files, folder)
+                    watch.lap("send")
                     discs = len(self.plan(files, media.capacity(self.config.iso)))
                     export.bytes = job.progress()["bytes_received"]
+                    self.metrics.sent("publisher", export.bytes)
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
-        log.info("sent to publisher", extra={"fields": {
-            "accessions": ",".join(job.accessions), "studies": len(studies), "images": sent}})
+        log.info("sent to publisher", extra={"fields": dict({
+            "accessions": ",".join(job.accessions), "studies": len(studies), "images": sent}, **watch.fields)})
         # The publisher composes its own discs; how many of iso.media it will need, as mkiso would split them.
         return {"status": "sent", "accessions": job.accessions, "studies": len(studies), "instances": sent,
                 "discs": discs, "media": self.config.iso.media}

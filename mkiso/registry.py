@@ -116,10 +116,11 @@ class Job:
 
 
 class Registry:
-    def __init__(self, config, steps, audit_trail):
+    def __init__(self, config, steps, audit_trail, metrics):
         self.config = config
         self.steps = steps  # jobs.Jobs
         self.audit = audit_trail
+        self.metrics = metrics  # told of each job's end
         self.keep_s = config.jobs.keep_s
         self._slots = config.limits.max_jobs
         self._running = 0
@@ -259,9 +260,16 @@ class Registry:
             for name, value in changes.items():
                 setattr(job, name, value)
             job.updated = time.time()
+            if ended and job.ended is None:  # a ready disc cancelled later ended once, as ready
+                self.metrics.job_ended(job.action, job.state, (job.error or {}).get("code"))
             if ended:
                 job.ended = job.updated
             self._changed.notify_all()
+
+    def counts(self):
+        """(running, queued) now."""
+        with self._changed:
+            return self._running, len(self._queue)
 
     def get(self, job_id):
         with self._changed:

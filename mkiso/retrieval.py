@@ -277,11 +277,12 @@ class Retrieval:
 
 
 class Retrievals:
-    def __init__(self, pacs, receiver, root, min_free_bytes):
+    def __init__(self, pacs, receiver, root, min_free_bytes, metrics):
         self.pacs = pacs
         self.receiver = receiver  # None with pacs.retrieve: get
         self.root = root
         self.min_free_bytes = min_free_bytes
+        self.metrics = metrics
         self._running = {}
         self._lock = threading.Lock()
 
@@ -354,7 +355,7 @@ class Retrievals:
     def _retrieve(self, retrieval, manifest):
         study = retrieval.study
         received = os.path.join(retrieval.folder, "received")
-        watch = logs.Stopwatch()
+        watch = logs.Stopwatch(self.metrics.phase)
         failures = self.receiver.write_failures if self.receiver else 0
         try:
             result = self._fetch(study.study_uid, received, manifest)
@@ -367,6 +368,7 @@ class Retrievals:
         paths = sorted(entry.path for entry in os.scandir(received) if entry.is_file())
         retrieval.files = verify(study, result, paths, manifest)
         watch.lap("checks")
+        self.metrics.retrieved(len(paths))
         log.info("study retrieved", extra={"fields": dict({
             "accession": study.accession, "study_uid": study.study_uid, "images": len(paths),
             "manifest": manifest is not None}, **watch.fields)})

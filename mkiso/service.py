@@ -12,6 +12,7 @@ import threading
 from . import audit, health, pacs, process, receiver
 from .cache import DiscCache
 from .jobs import Jobs
+from .metrics import Metrics
 from .registry import Registry
 from .patients import PatientApi
 from .publisher import Publisher
@@ -45,12 +46,14 @@ class Service:
         self.cache = DiscCache(self.path(CACHE), config.cache.max_bytes, config.cache.ttl_s,
                                mode=0o640 if config.server.x_accel_prefix else 0o600)
         self.health = health.Health(config, self.receiver, self.pacs, self.publisher, self.cache)
+        self.metrics = Metrics()
         self.jobs = Jobs(
             config, self.pacs, self.receiver, self.path(JOBS), self.path(RETRIEVALS),
             publisher=Publisher(config, self.publisher) if self.publisher else None,
-            patient_api=PatientApi(config.patient_api), cache=self.cache,
+            patient_api=PatientApi(config.patient_api), cache=self.cache, metrics=self.metrics,
         )
-        self.registry = Registry(config, self.jobs, self.audit)
+        self.registry = Registry(config, self.jobs, self.audit, self.metrics)
+        self.metrics.watch(self)
         self._stopping = threading.Event()
         self._housekeeper = None
 

@@ -22,7 +22,7 @@ import time
 import uuid
 from urllib.parse import parse_qs
 
-from . import accessions, audit, auth, delivery, errors, origins
+from . import accessions, audit, auth, delivery, errors, metrics, origins
 from .lookups import Lookups
 from .registry import ENDED, Job
 from .responses import Response
@@ -89,6 +89,7 @@ ROUTES = {
     "/desk.js": Route("desk_script", open_access=True, page=True),
     "/api/health": Route("health", open_access=True),
     "/api/desk": Route("desk_settings", open_access=True),
+    "/metrics": Route("metrics_text", open_access=True),
     "/api/iso/download": Route("download", legacy=("/mkiso.php", "/mkiso2.php")),
     "/api/iso/download-multiple": Route("download_multiple", legacy=("/mkiso_multiple.php",)),
     "/api/iso/print": Route("print_studies", legacy=("/send_rimage_multiple.php",)),
@@ -172,7 +173,8 @@ class Application:
             self._log_access(request, response, started, 0)
             return []
         if response.closer is not None:  # logged when sending ends, with what really went out
-            response.closer.on_close = lambda sent: self._log_access(request, response, started, sent)
+            sending = time.monotonic()
+            response.closer.on_close = lambda sent: self._sent(request, response, started, sending, sent)
         else:
             self._log_access(request, response, started, response.length)
         return response.body
@@ -206,6 +208,12 @@ class Application:
             log.warning("%s", exc.message, extra={"fields": {"request_id": request.request_id, "status": exc.status}})
         return Response.json(exc.status, payload, exc.headers)
 
+    def _sent(self, request, response, started, sending, sent):
+        """An ISO answer ended: its access line and its metrics (the ``send`` phase, the bytes)."""
+        self.service.metrics.phase("send", time.monotonic() - sending)
+        self.service.metrics.sent("client", sent)
+        self._log_access(request, response, started, sent)
+
     def _log_access(self, request, response, started, sent):
         fields = {
             "method": request.method,
@@ -230,6 +238,14 @@ class Application:
         report = self.service.health.report(detailed=request.authorized)
         degraded = report["status"] != "ok"
         return Response.json(503 if degraded and strict == "1" else 200, report)
+
+    def metrics_text(self, request):
+        """Prometheus' text format (SPEC §12); 404 with metrics.enabled false."""
+        if not self.config.metrics.enabled:
+            raise errors.NotFound("There is nothing at /metrics (metrics.enabled is false).")
+        text = self.service.metrics.exposition()
+        return Response(200, [("Content-Type", metrics.CONTENT_TYPE), ("Content-Length", str(len(text)))],
+                        [text], len(text))
 
     def desk_page(self, request):
         return _static(DESK_PAGE, "text/html; charset=utf-8", page_headers)

@@ -1,0 +1,128 @@
+"""GET /metrics (SPEC §12): Prometheus' text format, moved by exactly what happened, no patient data."""
+
+import time
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from mkiso import __version__, metrics, web
+from test_print import FakeRimage
+
+PHASES = ("find", "manifest", "retrieve", "transfer", "checks", "stage", "dicomdir", "size", "iso", "send")
+
+
+def scrape(wsgi_call, app):
+    """{(sample name, sorted labels): value} of one /metrics answer, and its text."""
+    response = wsgi_call(app, "/metrics")
+    assert response.status == 200, response.body
+    assert response.header("Content-Type").startswith("text/plain; version=")  # 0.0.4, or 1.0.0 from newer libraries
+    text = response.body.decode("utf-8")
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[sample[0], tuple(sorted(sample[1].items()))] = sample[2]
+    return samples, text
+
+
+def value(samples, name, **labels):
+    return samples.get((name, tuple(sorted(labels.items()))), 0)
+
+
+def moved(before, after):
+    """The samples that changed, with how much (``_created`` timestamps aside)."""
+    return {key: after[key] - before.get(key, 0) for key in after
+            if not key[0].endswith("_created") and after[key] != before.get(key, 0)}
+
+
+def settled(wsgi_call, app):
+    """A scrape once no job runs (a streamed download's job ends just after its last byte)."""
+    deadline = time.monotonic() + 10
+    while True:
+        samples, text = scrape(wsgi_call, app)
+        if value(samples, "mkiso_jobs_running") == 0 or time.monotonic() > deadline:
+            return samples, text
+        time.sleep(0.05)
+
+
+def test_metrics_move_by_exactly_what_happened_and_name_no_patient(make_service, wsgi_call, archive, tmp_path):
+    rimage = FakeRimage(str(tmp_path / "rimage"))
+    try:
+        service = make_service(publisher={"host": "127.0.0.1", "port": rimage.port, "ae_title": "RIMAGE"},
+                               cache={"max_bytes": 10 ** 9})
+        app = web.Application(service.config, service)
+        before, _ = scrape(wsgi_call, app)
+
+        download = wsgi_call(app, "/api/iso/download", query="accession_number=ACC2001")
+        assert download.status == 200, download.body
+        assert wsgi_call(app, "/api/iso/download", query="accession_number=NOSUCH9").status == 404
+        printed = wsgi_call(app, "/api/iso/print", query="accession_number=ACC3001")
+        assert printed.status == 200, printed.body
+        again = wsgi_call(app, "/api/iso/download", query="accession_number=ACC2001")
+        assert again.status == 200 and again.body == download.body  # from the cache
+        after, text = settled(wsgi_call, app)
+    finally:
+        rimage.stop()
+
+    iso_bytes = len(download.body)
+    images = len(archive.sop_uids("ACC2001"))
+    printed_images = len(archive.sop_uids("ACC3001"))
+    phase_counts = {"find": 3, "manifest": 3, "retrieve": 2, "transfer": 2, "checks": 2, "stage": 1, "web": 1,
+                    "dicomdir": 1, "size": 1, "iso": 1, "send": 3}  # send: two ISOs to the client, one print
+    changes = moved(before, after)
+    counted = {key: change for key, change in changes.items()
+               if not key[0].startswith("mkiso_phase_seconds") and key[0] != "mkiso_sent_bytes_total"}
+    assert counted == {
+        ("mkiso_jobs_total", (("action", "download"), ("state", "done"))): 2,
+        ("mkiso_jobs_total", (("action", "download"), ("state", "failed"))): 1,
+        ("mkiso_jobs_total", (("action", "print"), ("state", "done"))): 1,
+        ("mkiso_failures_total", (("action", "download"), ("code", "study_not_found"))): 1,
+        ("mkiso_images_retrieved_total", ()): images + printed_images,
+        ("mkiso_cache_hits_total", ()): 1,
+        ("mkiso_cache_misses_total", ()): 1,
+        ("mkiso_cache_entries", ()): 1,
+        ("mkiso_cache_bytes", ()): iso_bytes,
+    }
+    assert value(after, "mkiso_sent_bytes_total", to="client") == 2 * iso_bytes
+    assert value(after, "mkiso_sent_bytes_total", to="publisher") > printed_images * 128
+    for phase in PHASES:
+        assert value(after, "mkiso_phase_seconds_count", phase=phase) == phase_counts[phase], phase
+        assert value(after, "mkiso_phase_seconds_bucket", phase=phase, le="+Inf") == phase_counts[phase]
+        assert value(after, "mkiso_phase_seconds_sum", phase=phase) > 0
+    assert {key[0] for key in after if key[0].startswith("mkiso_phase_seconds_count")} == {
+        "mkiso_phase_seconds_count"}
+    assert set(phase_counts) == {dict(key[1])["phase"] for key in after if key[0] == "mkiso_phase_seconds_count"}
+
+    # The states, read at the scrape.
+    assert value(after, "mkiso_jobs_running") == 0 and value(after, "mkiso_jobs_queued") == 0
+    assert value(after, "mkiso_cache_evictions_total") == 0
+    assert value(after, "mkiso_receiver_up") == 1 and value(after, "mkiso_receiver_restarts_total") == 0
+    checks = {dict(key[1])["check"]: value for key, value in after.items() if key[0] == "mkiso_health_check_ok"}
+    assert set(checks) >= {"tools", "work_dir", "receiver", "pacs", "publisher", "viewer", "cache"}
+    assert checks["pacs"] == 1 and checks["receiver"] == 1
+    assert value(after, "mkiso_build_info", version=__version__) == 1
+
+    # No accession number, patient name or ID, nor any UID of the studies anywhere in the text.
+    for study in archive.studies:
+        secrets = [study.accession, study.patient_id, study.study_uid] + study.sop_uids
+        secrets += [part for part in study.patient_name.split("^") if part]
+        for secret in secrets:
+            assert secret not in text, secret
+    assert "NOSUCH9" not in text
+
+
+def test_metrics_are_open_with_auth_on(make_service, wsgi_call):
+    service = make_service(auth={"enabled": True, "api_key": "k" * 32})
+    app = web.Application(service.config, service)
+    assert wsgi_call(app, "/metrics").status == 200
+    assert wsgi_call(app, "/api/jobs").status == 401
+
+
+def test_metrics_can_be_turned_off(make_service, wsgi_call):
+    service = make_service(metrics={"enabled": False})
+    assert wsgi_call(web.Application(service.config, service), "/metrics").status == 404
+
+
+def test_each_service_counts_on_its_own_registry():
+    one, two = metrics.Metrics(), metrics.Metrics()  # the library's global registry would refuse the second
+    one.job_ended("download", "failed", "study_not_found")
+    assert b'mkiso_jobs_total{action="download",state="failed"} 1.0' in one.exposition()
+    assert b"mkiso_jobs_total{" not in two.exposition()
