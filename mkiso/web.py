@@ -31,7 +31,9 @@ log = logging.getLogger("mkiso.web")
 access_log = logging.getLogger("mkiso.access")
 
 SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-MAX_BODY = 64 * 1024
+MAX_BODY = 64 * 1024  # larger bodies: 413, refused unread by waitress (server.listen)
+MAX_NESTING = 16  # a job's body nests 2 deep; deeper is refused before the parser recurses
+JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[][{}]')
 EVENT_STREAMS = 32  # the server runs this many threads more than server.threads, for them
 KEEPALIVE_S = 15
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -344,7 +346,10 @@ class Application:
         if length > MAX_BODY:
             raise errors.TooLarge("The request body is larger than %d bytes." % MAX_BODY, code="body_too_large")
         try:
-            body = json.loads(request.environ["wsgi.input"].read(length).decode("utf-8"))
+            text = request.environ["wsgi.input"].read(length).decode("utf-8")
+            if _nesting(text) > MAX_NESTING:
+                raise errors.BadRequest("The request body nests deeper than %d levels." % MAX_NESTING)
+            body = json.loads(text)
         except (UnicodeDecodeError, ValueError):
             raise errors.BadRequest("The request body is not JSON.")
         if not isinstance(body, dict):
@@ -443,3 +448,16 @@ class Application:
         wanted = accessions.parse(request.param(name), name, several, self.config.limits.max_accessions)
         request.accessions = wanted
         return wanted
+
+
+def _nesting(text):
+    """How deep the arrays and objects of JSON ``text`` nest (brackets in strings do not count)."""
+    depth = deepest = 0
+    for token in JSON_TOKEN.finditer(text):
+        bracket = token.group()
+        if bracket in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif bracket in "]}":
+            depth -= 1
+    return deepest

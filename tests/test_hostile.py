@@ -1,0 +1,158 @@
+"""Careless and hostile clients (issue 20): floods, slow or vanished readers, odd bytes.
+
+Each test is one finding of the issue, tried as the client did it, against a
+real waitress server (``live_server``, wired as mkiso-server wires it) where
+the server's own behaviour is what is tested.
+"""
+
+import json
+import logging
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import waitress.buffers
+
+from mkiso import web
+from conftest import job_leftovers
+
+KEY = "k" * 32
+
+
+@pytest.fixture
+def server(make_service, live_server, caplog):
+    caplog.set_level(logging.INFO, logger="mkiso.access")
+
+    def start(**overrides):
+        service = make_service(**overrides)
+        return service, live_server(web.Application(service.config, service))
+
+    return start
+
+
+def fetch(url, timeout=120, method="GET", headers=None, data=None):
+    request = urllib.request.Request(url, method=method, headers=headers or {}, data=data)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            return answer.status, dict(answer.headers), answer.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+def port_of(base):
+    return int(base.rsplit(":", 1)[1])
+
+
+def read_answer(sock):
+    """Status and body of one HTTP/1.1 answer with a Content-Length, read from ``sock``."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return int(head.split()[1]), body
+
+
+# -- a health flood ------------------------------------------------------------
+
+
+def timed_download(base, accession="ACC2001"):
+    started = time.monotonic()
+    status, _, _ = fetch(base + "/api/iso/download?accession_number=" + accession)
+    assert status == 200
+    return time.monotonic() - started
+
+
+def test_a_health_flood_does_not_hold_up_a_download(server):
+    """200 concurrent health calls with a download alongside: the download within 2x of alone.
+
+    The health checks have never run on this fresh service, so the flood
+    starts with the costly round (every tool run, the C-ECHOs) that each
+    health call waits for; the download must not queue behind them.
+    """
+    service, base = server()
+    alone = min(timed_download(base) for _ in range(3))
+    flood = []
+    try:
+        for _ in range(200):
+            sock = socket.create_connection(("127.0.0.1", port_of(base)), timeout=120)
+            flood.append(sock)
+            sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        flooded = timed_download(base)
+        answers = []
+        for sock in flood:  # waitress serves 100 connections at once: the rest wait for these to close
+            answers.append(read_answer(sock)[0])
+            sock.close()
+    finally:
+        for sock in flood:
+            sock.close()
+    assert answers == [200] * 200
+    # Within 2x of alone, with a little room for a loaded test machine's noise.
+    assert flooded <= 2 * alone + 0.5, "download took %.2fs alone, %.2fs in the flood" % (alone, flooded)
+
+
+# -- bodies ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def spooled(monkeypatch):
+    """Every temp file waitress opens to spool a request body."""
+    opened = []
+    real = waitress.buffers.TempfileBasedBuffer.newfile
+
+    def newfile(self):
+        opened.append(self)
+        return real(self)
+
+    monkeypatch.setattr(waitress.buffers.TempfileBasedBuffer, "newfile", newfile)
+    return opened
+
+
+@pytest.mark.parametrize("key", [None, KEY])
+def test_a_50_mb_body_is_413_before_it_is_read(server, spooled, key):
+    service, base = server(auth={"enabled": True, "api_key": KEY})
+    with socket.create_connection(("127.0.0.1", port_of(base)), timeout=30) as sock:
+        head = "POST /api/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" \
+               "Content-Length: %d\r\n" % (50 * 1024 * 1024)
+        if key:
+            head += "X-API-Key: %s\r\n" % key
+        sock.sendall((head + "\r\n").encode("ascii"))
+        sock.sendall(b"[" * 65536)  # the start of the body; the rest never goes
+        status, body = read_answer(sock)
+    assert status == 413
+    assert json.loads(body)["code"] == "body_too_large"
+    assert spooled == [], "the body was spooled to a temp file"
+
+
+def test_a_chunked_body_over_64_kb_is_413(server, spooled):
+    service, base = server()
+    with socket.create_connection(("127.0.0.1", port_of(base)), timeout=30) as sock:
+        sock.sendall(b"POST /api/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        for _ in range(3):
+            sock.sendall(b"8000\r\n" + b" " * 0x8000 + b"\r\n")
+        status, body = read_answer(sock)
+    assert status == 413
+    assert spooled == []
+
+
+def test_deeply_nested_json_is_400(make_service, wsgi_call):
+    service = make_service()
+    app = web.Application(service.config, service)
+    for body in (b"[" * 20000 + b"]" * 20000, b'{"accessions": ' + b"[" * 40 + b"]" * 40 + b"}"):
+        response = wsgi_call(app, "/api/jobs", method="POST", body=body,
+                             headers={"Content-Type": "application/json"})
+        assert response.status == 400, response.body[:200]
+        assert "nests deeper" in response.json()["error"]
+    assert service.registry.recent() == []
