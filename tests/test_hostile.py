@@ -156,3 +156,30 @@ def test_deeply_nested_json_is_400(make_service, wsgi_call):
         assert response.status == 400, response.body[:200]
         assert "nests deeper" in response.json()["error"]
     assert service.registry.recent() == []
+
+
+# -- --check-config -------------------------------------------------------------
+
+SECRET = "S3cretValue0123456789"
+
+
+@pytest.mark.parametrize("auth", [
+    {"keys": {"his": SECRET[:10]}},  # too short
+    {"keys": {"his": SECRET, "desk": SECRET}},  # the same key twice
+    {"keys": {SECRET + " x": "his"}},  # name and key swapped: the key where a name belongs
+    {"keys": [SECRET]},  # a list, not a mapping
+    {"keys": {"his": SECRET + "\x07"}},  # not printable
+    {"api_key": 12345678901234567890},  # a number, not a string
+    {"api_key": [SECRET]},
+])
+def test_check_config_never_prints_a_key(tmp_path, capsys, auth):
+    from mkiso import server as mkiso_server
+    config = {"pacs": {"ae_title": "ABPACS", "host": "127.0.0.1", "port": 11112}, "auth": auth}
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    assert mkiso_server.main(["--check-config", "--config", str(path)]) == 2
+    output = capsys.readouterr()
+    message = output.out + output.err
+    assert "auth." in message  # the key's name is given
+    for secret in (SECRET, SECRET[:10], "12345678901234567890"):
+        assert secret not in message, message
