@@ -135,19 +135,31 @@ def client_address(environ, trusted_proxies):
     """The client's address: the peer's, or behind a trusted proxy what it says in X-Forwarded-For.
 
     Walks X-Forwarded-For from the right (the entry the nearest proxy
-    added) past every trusted proxy; a proxy not trusted cannot lie.
+    added) past every trusted proxy; a proxy not trusted cannot lie.  Only
+    a plain IP address is taken (no IPv6 scope id, which may carry any
+    text); anything else keeps the last address vouched for, with a warning.
     """
     trusted = [ipaddress.ip_network(entry, strict=False) for entry in trusted_proxies]
     address = environ.get("REMOTE_ADDR", "")
     hops = [hop.strip() for hop in environ.get("HTTP_X_FORWARDED_FOR", "").split(",") if hop.strip()]
     while _is_trusted(address, trusted) and hops:
-        hop = hops.pop()
-        try:
-            ipaddress.ip_address(hop)
-        except ValueError:
-            break  # garbage from the proxy's own client: keep the last address we can vouch for
+        hop = _plain_address(hops.pop())
+        if hop is None:
+            log.warning("X-Forwarded-For from proxy %s holds something that is not an IP address; "
+                        "the proxy's own address is recorded", address)
+            break
         address = hop
     return address
+
+
+def _plain_address(text):
+    """``text`` as a plain IP address in its normal form, or None."""
+    if "%" in text:  # a scope id: ip_address takes any text after it
+        return None
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
 
 
 def _is_trusted(address, networks):

@@ -183,3 +183,44 @@ def test_check_config_never_prints_a_key(tmp_path, capsys, auth):
     assert "auth." in message  # the key's name is given
     for secret in (SECRET, SECRET[:10], "12345678901234567890"):
         assert secret not in message, message
+
+
+# -- audit ----------------------------------------------------------------------
+
+
+def audit_lines(service):
+    with open(service.config.audit.path, encoding="utf-8") as handle:
+        return handle.read().splitlines()
+
+
+@pytest.mark.parametrize("forwarded", ["::1%\u0085{\"fake\":1}", "::1%eth0", "10.1.2.3\x00", "not-an-address"])
+def test_a_crafted_forwarded_for_is_recorded_as_the_proxy(make_service, wsgi_call, caplog, forwarded):
+    service = make_service()
+    app = web.Application(service.config, service)
+    response = wsgi_call(app, "/api/iso/download", query="accession_number=NOSUCH1",
+                         headers={"X-Forwarded-For": forwarded}, peer="127.0.0.1")
+    assert response.status == 404
+    [line] = audit_lines(service)  # one line, whatever a line-splitting reader counts as one
+    assert len(line.encode("utf-8").split(b"\n")) == 1 and "\u0085" not in line
+    assert json.loads(line)["client"] == "127.0.0.1"
+    assert any("not an IP address" in record.getMessage() for record in caplog.records)
+
+
+def test_a_forwarded_address_is_taken_from_a_trusted_proxy(make_service, wsgi_call):
+    service = make_service()
+    app = web.Application(service.config, service)
+    wsgi_call(app, "/api/iso/download", query="accession_number=NOSUCH1",
+              headers={"X-Forwarded-For": "10.1.2.3, 2001:DB8::1"}, peer="127.0.0.1")
+    assert json.loads(audit_lines(service)[0])["client"] == "2001:db8::1"
+
+
+def test_syslog_xml_of_a_name_with_control_characters_parses(make_service):
+    import xml.etree.ElementTree as ET
+    from mkiso import atna, audit, pacs
+    export = audit.Export("download", "rid", "127.0.0.1", caller="desk\x01", accessions=["ACC\x1b1"])
+    export.studies = [pacs.Study("ACC\x1b1", "1.2.3", "PAT\x00-1", "EVIL\x01^NAME\x1b[2J\ud800")]
+    entry = export.entry(200, None)
+    message = atna.syslog_message(entry, export, "CDRECORD")
+    root = ET.fromstring(message.decode("utf-8").split(" \ufeff", 1)[1])
+    names = [element.text for element in root.iter("ParticipantObjectName")]
+    assert names == ["EVIL\ufffd^NAME\ufffd[2J\ufffd"]
