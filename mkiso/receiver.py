@@ -188,33 +188,47 @@ class Receiver:
         return True
 
     def _supervise(self):
-        failures = 0
-        next_sweep = time.monotonic() + SWEEP_EVERY_S
+        """Watch, sweep, pause for space and restart, every SUPERVISE_EVERY_S until stopped.
+
+        A work dir gone read-only or removed under us is said once (while it
+        lasts) and tried again: the supervisor itself never dies of it.
+        """
+        state = {"failures": 0, "next_sweep": time.monotonic() + SWEEP_EVERY_S}
+        trouble = None
         while not self._stopping.wait(SUPERVISE_EVERY_S):
-            if self.listening:
-                self._down_since = None
-            elif self._down_since is None:
-                self._down_since = time.monotonic()
-            if time.monotonic() >= next_sweep:
-                self.sweep()
-                next_sweep = time.monotonic() + SWEEP_EVERY_S
-            if not self._check_space():
-                continue
-            proc = self._proc
-            if proc is not None and proc.poll() is not None:
-                process.forget(proc)
-                if time.monotonic() - self._spawned_at > STABLE_AFTER_S:
-                    failures = 0
-                delay = RESTART_DELAY_S[min(failures, len(RESTART_DELAY_S) - 1)]
-                log.warning(
-                    "receiver exited; restarting",
-                    extra={"fields": {"returncode": proc.returncode, "delay_s": delay}},
-                )
-                failures += 1
-                if self._stopping.wait(delay):
-                    break
-                self.restarts += 1
-                self._spawn()
+            try:
+                self._supervise_once(state)
+                trouble = None
+            except OSError as exc:
+                if str(exc) != trouble:
+                    log.warning("receiver supervision failed: %s", exc)
+                trouble = str(exc)
+
+    def _supervise_once(self, state):
+        if self.listening:
+            self._down_since = None
+        elif self._down_since is None:
+            self._down_since = time.monotonic()
+        if time.monotonic() >= state["next_sweep"]:
+            state["next_sweep"] = time.monotonic() + SWEEP_EVERY_S
+            self.sweep()
+        if not self._check_space():
+            return
+        proc = self._proc
+        if proc is not None and proc.poll() is not None:
+            process.forget(proc)
+            if time.monotonic() - self._spawned_at > STABLE_AFTER_S:
+                state["failures"] = 0
+            delay = RESTART_DELAY_S[min(state["failures"], len(RESTART_DELAY_S) - 1)]
+            log.warning(
+                "receiver exited; restarting",
+                extra={"fields": {"returncode": proc.returncode, "delay_s": delay}},
+            )
+            state["failures"] += 1
+            if self._stopping.wait(delay):
+                return
+            self.restarts += 1
+            self._spawn()
 
     # -- study folders ----------------------------------------------------
 

@@ -224,3 +224,52 @@ def test_syslog_xml_of_a_name_with_control_characters_parses(make_service):
     root = ET.fromstring(message.decode("utf-8").split(" \ufeff", 1)[1])
     names = [element.text for element in root.iter("ParticipantObjectName")]
     assert names == ["EVIL\ufffd^NAME\ufffd[2J\ufffd"]
+
+
+# -- shutdown ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def mounted_work_dir(tmp_path):
+    """The work dir as a file system of its own, which the test may make read-only (root only)."""
+    import subprocess
+    work = tmp_path / "ro-work"
+    work.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(work)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    yield work
+    subprocess.run(["umount", "-l", str(work)], capture_output=True)
+
+
+@pytest.mark.parametrize("breakage", ["read-only", "vanished"])
+def test_sigterm_with_a_broken_work_dir_exits_0_without_traceback(tmp_path, settings, mounted_work_dir, breakage):
+    import shutil
+    import signal
+    import subprocess
+    from mkiso import demo
+    from conftest import write_config
+    from test_server import children_of, gone, health, start_server
+    settings["server"] = {"port": demo.free_port()}
+    settings["receiver"]["port"] = demo.free_port()
+    settings["paths"]["work_dir"] = str(mounted_work_dir)
+    proc = start_server(write_config(tmp_path / "config.yaml", settings), settings["server"]["port"])
+    try:
+        base = "http://127.0.0.1:%d" % settings["server"]["port"]
+        health(base)
+        children = children_of(proc.pid)
+        assert children, "the receiver should be running"
+        if breakage == "read-only":
+            subprocess.run(["mount", "-o", "remount,ro", str(mounted_work_dir)], check=True)
+        else:
+            for entry in mounted_work_dir.iterdir():
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=60)[0].decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output
+    assert "Traceback" not in output, output
+    assert "stopped" in output
+    assert gone(children), "a child outlived the server"
