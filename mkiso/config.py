@@ -216,6 +216,8 @@ SCHEMA = {
     "jobs": {
         "keep_s": (NUMBER, 3600, _positive),
         "max_queued": (int, 16, _not_negative),
+        "max_failed": (int, 64, _not_negative),
+        "max_per_minute": (int, 30, _positive),
     },
     "cache": {
         "max_bytes": (int, 20000000000, _not_negative),

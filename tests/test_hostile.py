@@ -273,3 +273,43 @@ def test_sigterm_with_a_broken_work_dir_exits_0_without_traceback(tmp_path, sett
     assert "Traceback" not in output, output
     assert "stopped" in output
     assert gone(children), "a child outlived the server"
+
+
+# -- a POST flood -------------------------------------------------------------------
+
+
+def test_a_post_flood_does_not_starve_synchronous_downloads(server):
+    """6 clients posting unknown accessions while the HIS downloads: every download is 200."""
+    service, base = server(limits={"max_jobs": 2}, jobs={"max_failed": 10, "max_per_minute": 30})
+    stop = threading.Event()
+    statuses = []
+
+    def flood():
+        while not stop.is_set():
+            status, _, _ = fetch(base + "/api/jobs", method="POST", data=b'{"accessions": ["NOSUCH1"]}',
+                                 headers={"Content-Type": "application/json"}, timeout=30)
+            statuses.append(status)
+
+    clients = [threading.Thread(target=flood) for _ in range(6)]
+    for client in clients:
+        client.start()
+    try:
+        time.sleep(1)
+        downloads = []
+        for _ in range(3):
+            status, _, body = fetch(base + "/api/iso/download?accession_number=ACC2001")
+            downloads.append((status, body[:200] if status != 200 else b""))
+    finally:
+        stop.set()
+        for client in clients:
+            client.join(60)
+    assert downloads == [(200, b"")] * 3
+    assert 429 in statuses and statuses.count(202) <= 30 + 10  # a minute's worth, and what refilled
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(job.state in ("queued", "running")
+                                              for job in service.registry.recent()):
+        time.sleep(0.1)
+    failed = [job for job in service.registry.recent() if job.state == "failed"]
+    assert 0 < len(failed) <= 10
+    assert len(audit_lines(service)) == statuses.count(202) + 3
+
