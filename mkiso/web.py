@@ -11,6 +11,7 @@ request to a host name that is not ours or from another web page (SPEC §9).
 """
 
 import base64
+import collections
 import hashlib
 import hmac
 import json
@@ -35,6 +36,8 @@ MAX_BODY = 64 * 1024  # larger bodies: 413, refused unread by waitress (server.l
 MAX_NESTING = 16  # a job's body nests 2 deep; deeper is refused before the parser recurses
 JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[][{}]')
 EVENT_STREAMS = 32  # the server runs this many threads more than server.threads, for them
+STREAMS_PER_CALLER = 8  # of those, per caller (key name) and address: twenty clerks' pages fit, no one takes all
+STREAM_TICK_S = 0.5  # how often a stream looks whether its client is still there
 KEEPALIVE_S = 15
 HERE = os.path.dirname(os.path.abspath(__file__))
 DESK_PAGE = os.path.join(HERE, "desk.html")
@@ -153,7 +156,8 @@ class Application:
         self.routes = _route_table(ROUTES)
         self.keys = auth.Keys(config.auth)
         self.origins = origins.Origins(config.server)
-        self._streams = threading.BoundedSemaphore(EVENT_STREAMS)
+        self._streams = collections.Counter()  # (caller, address) -> open event streams
+        self._streams_lock = threading.Lock()
         self.lookups = Lookups(config.limits.max_jobs)
 
     def __call__(self, environ, start_response):
@@ -376,33 +380,46 @@ class Application:
         return Response.json(200, self._job_view(request, job))
 
     def job_events(self, request):
-        """Server-sent events: the job's JSON now and at each change, until it ends."""
+        """Server-sent events: the job's JSON now and at each change, until it ends or the client leaves."""
         job = self._job(request)
-        if not self._streams.acquire(blocking=False):
-            raise errors.Unavailable("%d event streams are open; try again shortly." % EVENT_STREAMS,
-                                     code="busy", retry_after=5)
+        who = (request.caller, audit.client_address(request.environ, self.config.server.trusted_proxies))
+        with self._streams_lock:
+            if sum(self._streams.values()) >= EVENT_STREAMS:
+                raise errors.Unavailable("%d event streams are open; try again shortly." % EVENT_STREAMS,
+                                         code="busy", retry_after=5)
+            if self._streams[who] >= STREAMS_PER_CALLER:
+                raise errors.Unavailable("This caller has %d event streams open already; close one first."
+                                         % STREAMS_PER_CALLER, code="busy", retry_after=5)
+            self._streams[who] += 1
         headers = [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache"),
                    ("X-Accel-Buffering", "no")]
-        return Response(200, headers, self._events(request, job), None)
+        gone = request.environ.get("waitress.client_disconnected", lambda: False)
+        return Response(200, headers, _Closing(self._events(request, job, gone), lambda: self._stream_ended(who)),
+                        None)
 
-    def _events(self, request, job):
+    def _stream_ended(self, who):
+        with self._streams_lock:
+            self._streams[who] -= 1
+            if not self._streams[who]:
+                del self._streams[who]
+
+    def _events(self, request, job, gone):
+        """The stream's events; it ends within a tick of its client leaving (waitress reads the
+        connection while the request runs, so a close shows in ``gone``)."""
         registry = self.service.registry
-        try:
-            last, quiet_since = None, time.monotonic()
-            while True:
-                updated = job.updated
-                current = self._job_view(request, job)
-                if current != last:
-                    yield ("data: %s\n\n" % json.dumps(current, ensure_ascii=False)).encode("utf-8")
-                    last, quiet_since = current, time.monotonic()
-                    if job.state in ENDED:
-                        return
-                elif time.monotonic() - quiet_since >= KEEPALIVE_S:
-                    yield b": still working\n\n"
-                    quiet_since = time.monotonic()
-                registry.wait_for_change(job, updated, 0.5)
-        finally:
-            self._streams.release()
+        last, quiet_since = None, time.monotonic()
+        while not gone():
+            updated = job.updated
+            current = self._job_view(request, job)
+            if current != last:
+                yield ("data: %s\n\n" % json.dumps(current, ensure_ascii=False)).encode("utf-8")
+                last, quiet_since = current, time.monotonic()
+                if job.state in ENDED:
+                    return
+            elif time.monotonic() - quiet_since >= KEEPALIVE_S:
+                yield b": still working\n\n"
+                quiet_since = time.monotonic()
+            registry.wait_for_change(job, updated, STREAM_TICK_S)
 
     def job_iso(self, request):
         """A ready job's disc: ``/iso`` when it made one, ``/discs/{n}/iso`` for each of several."""
@@ -448,6 +465,26 @@ class Application:
         wanted = accessions.parse(request.param(name), name, several, self.config.limits.max_accessions)
         request.accessions = wanted
         return wanted
+
+
+class _Closing:
+    """An answer's body whose ``ended`` runs once when the server closes it, even if never iterated
+    (a HEAD; a generator's own ``finally`` would not run then)."""
+
+    def __init__(self, body, ended):
+        self._body = body
+        self._ended = ended
+
+    def __iter__(self):
+        return iter(self._body)
+
+    def close(self):
+        ended, self._ended = self._ended, None
+        try:
+            self._body.close()
+        finally:
+            if ended is not None:
+                ended()
 
 
 def _nesting(text):

@@ -46,15 +46,21 @@ def port_of(base):
     return int(base.rsplit(":", 1)[1])
 
 
-def read_answer(sock):
-    """Status and body of one HTTP/1.1 answer with a Content-Length, read from ``sock``."""
+def read_head(sock):
+    """An answer's head and what came after it, read from ``sock``."""
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = sock.recv(65536)
         if not chunk:
             break
         data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head, rest
+
+
+def read_answer(sock):
+    """Status and body of one HTTP/1.1 answer with a Content-Length, read from ``sock``."""
+    head, body = read_head(sock)
     length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
     while len(body) < length:
         chunk = sock.recv(65536)
@@ -313,3 +319,43 @@ def test_a_post_flood_does_not_starve_synchronous_downloads(server):
     assert 0 < len(failed) <= 10
     assert len(audit_lines(service)) == statuses.count(202) + 3
 
+
+
+# -- event streams ------------------------------------------------------------------
+
+CLERKS = {"desk%d" % number: "desk-key-%d-0123456789abcdef" % number for number in range(5)}
+
+
+def open_stream(base, job_id, key):
+    sock = socket.create_connection(("127.0.0.1", port_of(base)), timeout=30)
+    sock.sendall(("GET /api/jobs/%s/events HTTP/1.1\r\nHost: x\r\nX-API-Key: %s\r\n\r\n"
+                  % (job_id, key)).encode("ascii"))
+    return sock, int(read_head(sock)[0].split()[1])
+
+
+def test_closed_event_streams_free_their_places_and_each_caller_has_8(server, silent_pacs):
+    """32 streams from 4 clerks (8 each), a 9th of one clerk 503; all closed, 32 again within 3 s: 200."""
+    service, base = server(auth={"enabled": True, "keys": CLERKS}, timeouts={"find_s": 60})
+    key = CLERKS["desk4"]
+    status, _, body = fetch(base + "/api/jobs", method="POST", data=b'{"accessions": ["ACC2001"]}',
+                            headers={"Content-Type": "application/json", "X-API-Key": key})
+    assert status == 202
+    job_id = json.loads(body)["id"]  # stuck at a PACS that never answers: its stream stays open
+    try:
+        for attempt in range(2):
+            streams = [open_stream(base, job_id, CLERKS["desk%d" % (number % 4)]) for number in range(32)]
+            assert [status for _, status in streams] == [200] * 32, "attempt %d" % attempt
+            extra, status = open_stream(base, job_id, CLERKS["desk4"])
+            extra.close()
+            assert status == 503  # all 32 taken
+            for sock, _ in streams:
+                sock.close()
+            time.sleep(2)  # a closed stream's place is free within 2 s
+        ninth = []
+        for _ in range(9):
+            ninth.append(open_stream(base, job_id, CLERKS["desk0"]))
+        assert [status for _, status in ninth] == [200] * 8 + [503]
+        for sock, _ in ninth:
+            sock.close()
+    finally:
+        fetch(base + "/api/jobs/" + job_id, method="DELETE", headers={"X-API-Key": key})
