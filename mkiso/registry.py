@@ -220,7 +220,10 @@ class Registry:
                     raise cancelled from exc
             if audited:
                 try:
-                    self.audit.record(job.export, 200)
+                    if job.export.deferred:  # its answer writes the line: the trail must take it
+                        self.audit.check(job.export)
+                    else:
+                        self.audit.record(job.export, 200)
                 except errors.MkisoError as exc:
                     _drop_discs(job)
                     self._failed(job, exc, audited)
@@ -245,7 +248,7 @@ class Registry:
             if not isinstance(build.error, errors.Cancelled):
                 log.warning("the ISO could not be written; its answer was cut short", exc_info=build.error,
                             extra={"fields": {"request_id": job.request_id}})
-            self._failed(job, build.error, audited=False)  # the export's line was written before the first byte
+            self._failed(job, build.error, audited=False)  # the answer, cut short, writes the export's line
         finally:
             self._free_slot(job)
 

@@ -135,6 +135,8 @@ class Request:
         self.authorized = False  # set by the application from X-API-Key
         self.caller = None  # the name of the caller's key, for the audit trail
         self.match = {}  # what a pattern route matched (the job id)
+        self.export = None  # a synchronous download's, audited when its answer ends
+        self.code = None  # the error code answered, if any
 
     def param(self, name):
         """One query parameter's value, or None; given twice is an error."""
@@ -182,7 +184,7 @@ class Application:
             sending = time.monotonic()
             response.closer.on_close = lambda sent: self._sent(request, response, started, sending, sent)
         else:
-            self._log_access(request, response, started, response.length)
+            self._answered(request, response, started, response.length)
         return response.body
 
     def _dispatch(self, request):
@@ -209,15 +211,29 @@ class Application:
         raise errors.NotFound("There is nothing at %s." % request.path)
 
     def _error(self, request, exc):
+        request.code = exc.code
         payload = dict(exc.details, error=exc.message, code=exc.code, request_id=request.request_id)
         if exc.status >= 500:
             log.warning("%s", exc.message, extra={"fields": {"request_id": request.request_id, "status": exc.status}})
         return Response.json(exc.status, payload, exc.headers)
 
     def _sent(self, request, response, started, sending, sent):
-        """An ISO answer ended: its access line and its metrics (the ``send`` phase, the bytes)."""
+        """An ISO answer ended: its metrics (the ``send`` phase, the bytes), then as every answer."""
         self.service.metrics.phase("send", time.monotonic() - sending)
         self.service.metrics.sent("client", sent)
+        self._answered(request, response, started, sent)
+
+    def _answered(self, request, response, started, sent):
+        """The answer has ended: a synchronous download's audit line (what was really answered and
+        sent, SPEC §11), then the access log line."""
+        export = request.export
+        if export is not None and not export.recorded:
+            export.bytes = sent if response.closer is not None else 0  # of the ISO, not of an error body
+            export.complete = sent == response.length
+            try:
+                self.service.audit.record(export, response.status, request.code)
+            except errors.MkisoError:
+                pass  # logged: the answer has gone already
         self._log_access(request, response, started, sent)
 
     def _log_access(self, request, response, started, sent):
@@ -285,7 +301,10 @@ class Application:
         head = request.method == "HEAD"
         job = self._new_job(request, "download", wanted, named_by_patient)
         job.stream = not head and not server.x_accel_prefix  # sent while written (nginx needs it whole)
+        job.export.deferred = job.stream  # audited when its answer ends; nginx's is audited when handed over
         iso = self.service.registry.run(job, build=not head or bool(server.x_accel_prefix), audited=not head)
+        if job.export.deferred:
+            request.export = job.export
         if server.x_accel_prefix:
             return delivery.accel_response(iso, server.x_accel_prefix, self.config.paths.work_dir,
                                            server.x_accel_keep_s)

@@ -359,3 +359,56 @@ def test_closed_event_streams_free_their_places_and_each_caller_has_8(server, si
             sock.close()
     finally:
         fetch(base + "/api/jobs/" + job_id, method="DELETE", headers={"X-API-Key": key})
+
+
+def wait_for_audit(service, count=1, timeout=15):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and len(audit_lines(service)) < count:
+        time.sleep(0.05)
+    return [json.loads(line) for line in audit_lines(service)]
+
+
+def test_the_audit_line_of_a_416_says_416(make_service, wsgi_call):
+    service = make_service()
+    app = web.Application(service.config, service)
+    response = wsgi_call(app, "/api/iso/download", query="accession_number=ACC2001",
+                         headers={"Range": "bytes=999999999999-"})
+    assert response.status == 416
+    [line] = wait_for_audit(service)
+    assert (line["status"], line["code"], line["bytes"]) == (416, "range_not_satisfiable", 0)
+
+
+def test_the_audit_line_of_a_range_counts_the_range(make_service, wsgi_call):
+    service = make_service()
+    app = web.Application(service.config, service)
+    response = wsgi_call(app, "/api/iso/download", query="accession_number=ACC2001", headers={"Range": "bytes=0-99"})
+    assert response.status == 206
+    [line] = wait_for_audit(service)
+    assert (line["status"], line["bytes"], line["complete"]) == (206, 100, True)
+
+
+def test_the_audit_line_of_a_client_leaving_after_4_kb(server):
+    service, base = server()
+    with socket.socket() as client:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        client.settimeout(60)
+        client.connect(("127.0.0.1", port_of(base)))
+        client.sendall(b"GET /api/iso/download?accession_number=BIG01 HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, body = read_head(client)
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        while len(body) < 4096:
+            body += client.recv(4096 - len(body))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and job_leftovers(service):
+        time.sleep(0.05)
+    [line] = wait_for_audit(service)
+    assert (line["status"], line["complete"]) == (200, False)
+    assert 4096 <= line["bytes"] < length
+
+
+def test_the_audit_line_of_a_whole_download(server):
+    service, base = server()
+    status, _, body = fetch(base + "/api/iso/download?accession_number=ACC2001")
+    assert status == 200
+    [line] = wait_for_audit(service)
+    assert (line["status"], line["complete"], line["bytes"]) == (200, True, len(body))
