@@ -139,6 +139,7 @@ def listen(app, host, port, threads):
         max_request_body_size=web.MAX_BODY,
         channel_request_lookahead=1,  # a connection stays read while its request runs: a client gone shows
         connection_limit=CONNECTIONS,
+        asyncore_use_poll=True,  # select() cannot watch a descriptor above 1023
     )
     server.channel_class = SendfileChannel  # file-backed bodies leave through sendfile
     server.task_dispatcher = Pools(server.task_dispatcher, CHEAP_THREADS)
