@@ -107,6 +107,8 @@ class SendfileChannel(HTTPChannel):
             outbuf = self.outbufs[0]
             outbuflen = outbuf.__len__()
             fd = _file_descriptor(outbuf)
+            if fd is not None and self._cut(outbuf):
+                return False
             while outbuflen > 0:
                 if fd is None:
                     num_sent = self.send(outbuf.get(self.sendbuf_len), do_close=do_close)
@@ -134,6 +136,16 @@ class SendfileChannel(HTTPChannel):
         if sent:
             self.last_activity = time.time()
             return True
+        return False
+
+    def _cut(self, outbuf):
+        """Whether the body was cut off (delivery.Pending); it is told this connection, to cut it later."""
+        body = outbuf.file
+        if getattr(body, "cut_off", False):
+            self.handle_close()
+            return True
+        if hasattr(body, "channel"):
+            body.channel = self
         return False
 
     def _sendfile(self, outbuf, fd, do_close):

@@ -205,6 +205,7 @@ SCHEMA = {
         "max_accessions": (int, 20, _positive),
         "min_free_bytes": (int, 1000000000, _not_negative),
         "allow_multi_patient": (bool, False, None),
+        "max_pending_bytes": (int, 20000000000, _positive),
     },
     "auth": {
         "enabled": (bool, False, None),

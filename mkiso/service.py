@@ -9,7 +9,7 @@ import os
 import shutil
 import threading
 
-from . import audit, health, pacs, process, receiver
+from . import audit, delivery, health, pacs, process, receiver
 from .cache import DiscCache
 from .jobs import Jobs
 from .metrics import Metrics
@@ -53,6 +53,7 @@ class Service:
             patient_api=PatientApi(config.patient_api), cache=self.cache, metrics=self.metrics,
         )
         self.registry = Registry(config, self.jobs, self.audit, self.metrics)
+        self.pending = delivery.Pending(config.limits.max_pending_bytes)  # discs still going to their readers
         self.metrics.watch(self)
         self._stopping = threading.Event()
         self._housekeeper = None

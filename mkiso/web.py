@@ -308,7 +308,7 @@ class Application:
         if server.x_accel_prefix:
             return delivery.accel_response(iso, server.x_accel_prefix, self.config.paths.work_dir,
                                            server.x_accel_keep_s)
-        return delivery.iso_response(request.environ, iso)
+        return delivery.iso_response(request.environ, iso, pending=self.service.pending)
 
     def print_studies(self, request):
         wanted = self._accessions(request, ("accession_number", "accession_numbers"), several=True)

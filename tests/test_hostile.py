@@ -412,3 +412,48 @@ def test_the_audit_line_of_a_whole_download(server):
     assert status == 200
     [line] = wait_for_audit(service)
     assert (line["status"], line["complete"], line["bytes"]) == (200, True, len(body))
+
+
+# -- slow readers -----------------------------------------------------------------
+
+
+def test_slow_readers_isos_count_against_a_byte_budget(server, caplog):
+    """10 slow readers with max_jobs 4: only what fits in limits.max_pending_bytes stays; the oldest are cut."""
+    import os
+    budget = 25 * 1000 * 1000  # two of BIG01's ISOs (11 MB)
+    service, base = server(limits={"max_jobs": 4, "max_pending_bytes": budget},
+                           cache={"max_bytes": 100 * 1000 * 1000})  # the same disc each time: quick
+    jobs_dir = service.path("jobs")
+    readers, most = [], 0
+    try:
+        for _ in range(10):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            sock.settimeout(60)
+            sock.connect(("127.0.0.1", port_of(base)))
+            sock.sendall(b"GET /api/iso/download?accession_number=BIG01 HTTP/1.1\r\nHost: x\r\n\r\n")
+            head, body = read_head(sock)
+            assert head.startswith(b"HTTP/1.1 200")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            readers.append((sock, len(body)))
+            time.sleep(0.3)  # an older reader's cut is done by the server's loop
+            most = max(most, len(os.listdir(jobs_dir)))
+        assert most <= 3, "%d ISOs at once for slow readers" % most
+        received = []
+        for sock, got in readers:  # the oldest 8 were cut off: their answers end early
+            sock.settimeout(5)
+            try:
+                while got < length and (chunk := sock.recv(1 << 20)):
+                    got += len(chunk)
+            except (ConnectionResetError, socket.timeout):
+                pass
+            received.append(got)
+        assert [got < length for got in received] == [True] * 8 + [False] * 2
+    finally:
+        for sock, _ in readers:
+            sock.close()
+    assert "a slow reader's download was cut off" in caplog.text
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and job_leftovers(service):
+        time.sleep(0.05)
+    assert service.pending.held() == 0
