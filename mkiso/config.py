@@ -160,6 +160,7 @@ SCHEMA = {
     "receiver": {
         "ae_title": (str, "CDRECORD", _ae_title),
         "port": (int, 10104, _port),
+        "max_associations": (int, 16, _positive),
     },
     "publisher": {
         "ae_title": (str, "RIMAGE", _ae_title),

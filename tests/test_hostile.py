@@ -457,3 +457,42 @@ def test_slow_readers_isos_count_against_a_byte_budget(server, caplog):
     while time.monotonic() < deadline and job_leftovers(service):
         time.sleep(0.05)
     assert service.pending.held() == 0
+
+
+# -- the receiver --------------------------------------------------------------------
+
+
+def receiver_processes(service):
+    """(count, summed RSS in bytes) of the receiver's storescp and its children."""
+    from mkiso import receiver
+    count = rss = 0
+    for pid in receiver.group_members(service.receiver.pid):
+        try:
+            with open("/proc/%d/statm" % pid) as handle:
+                rss += int(handle.read().split()[1]) * 4096
+            count += 1
+        except OSError:
+            continue
+    return count, rss
+
+
+def test_200_idle_receiver_connections_are_bounded(make_service, wsgi_call, archive, receiver_port):
+    """200 idle connections to the receiver's port: within 2 s at most receiver.max_associations
+    children remain (and their memory with them); a download still gets its images."""
+    service = make_service(receiver={"max_associations": 4})
+    before = receiver_processes(service)
+    idle = []
+    try:
+        for _ in range(200):
+            idle.append(socket.create_connection(("127.0.0.1", receiver_port), timeout=10))
+        time.sleep(2.5)
+        during = receiver_processes(service)
+        assert during[0] <= 1 + 4, "%d receiver processes" % during[0]
+        assert during[1] <= before[1] * 6, (before, during)
+        app = web.Application(service.config, service)
+        response = wsgi_call(app, "/api/iso/download", query="accession_number=ACC2001")
+        assert response.status == 200, response.body[:300]
+    finally:
+        for sock in idle:
+            sock.close()
+    assert service.receiver.cut_associations >= 196
