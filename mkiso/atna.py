@@ -14,6 +14,7 @@ that is down costs a warning in the log, not the export.
 
 import logging
 import os
+import re
 import socket
 import xml.etree.ElementTree as ET
 
@@ -23,6 +24,9 @@ FACILITY_AUTHPRIV, SEVERITY_NOTICE = 10, 5
 PRI = "<%d>" % (FACILITY_AUTHPRIV * 8 + SEVERITY_NOTICE)
 BOM = "\ufeff"
 TIMEOUT_S = 5
+
+# Characters XML 1.0 cannot hold, not even as a character reference (control characters, lone surrogates).
+NOT_XML = re.compile("[^\x09\x0a\x0d\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 EVENTS = {  # action -> EventID (DCM)
     "download": ("110106", "Export"),
@@ -76,7 +80,17 @@ def audit_message(entry, export, source_id):
             "ParticipantObjectTypeCodeRole": "1"})
         _code(item, "ParticipantObjectIDTypeCode", "2", "RFC-3881", "Patient Number")
         ET.SubElement(item, "ParticipantObjectName").text = patient_name
+    _make_valid(root)
     return ET.tostring(root, encoding="unicode")
+
+
+def _make_valid(root):
+    """Every value XML 1.0 can hold, whatever the PACS sent: what it cannot is replaced by U+FFFD."""
+    for element in root.iter():
+        if element.text:
+            element.text = NOT_XML.sub("\ufffd", element.text)
+        for name, value in element.attrib.items():
+            element.set(name, NOT_XML.sub("\ufffd", value))
 
 
 def syslog_message(entry, export, source_id):

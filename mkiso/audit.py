@@ -8,6 +8,11 @@ each line, so logrotate may move it away at any time (the service never rotates 
 
 A download whose line cannot be written is not handed out: ``record``
 raises, and the caller gets 507 (disk full) or 500 instead of the disc.
+A synchronous download's line says what really happened (the status
+answered, a 416 too; the bytes sent; ``complete`` false when the client
+left early), so it is written when its answer ends (``deferred``): before
+the first byte ``check`` proves the trail writable, with room for the line,
+and the export fails as above if it is not.
 With ``audit.syslog`` set, the same event also goes to a central audit
 repository as a DICOM audit message (``atna``); that copy is best effort,
 the file is the record.
@@ -17,6 +22,7 @@ between two dates" from the file.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import errno
@@ -36,6 +42,7 @@ from . import atna, errors
 log = logging.getLogger(__name__)
 
 DEFAULT_PATH = "/var/log/mkiso/audit.log"
+RESERVE = 64 * 1024  # free bytes a deferred line needs on the trail's file system
 
 
 @dataclasses.dataclass
@@ -51,6 +58,8 @@ class Export:
     images: int = 0
     bytes: int = 0
     destination: str = ""  # print: the publisher
+    complete: bool = True  # false: the client left before it had the whole answer
+    deferred: bool = False  # the line is written when the answer ends (web), not when the job is done
     recorded: bool = False
     started: float = dataclasses.field(default_factory=time.monotonic)
     time: datetime.datetime = dataclasses.field(
@@ -68,6 +77,7 @@ class Export:
             "patient_ids": sorted({study.patient_id for study in self.studies}),
             "images": self.images,
             "bytes": self.bytes,
+            "complete": self.complete,
             "status": status,
             "code": code,
             "duration_ms": int((time.monotonic() - self.started) * 1000),
@@ -85,9 +95,26 @@ class Audit:
         export.recorded = True
         entry = export.entry(status, code)
         data = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
-        try:
+        with self._failing(export):
             with self._lock:
                 self._append(data)
+        if self.syslog is not None:
+            self.syslog.send(entry, export)
+
+    def check(self, export):
+        """Raise as ``record`` would if a line could not be written now: the trail cannot be opened for
+        appending, or its file system has less than RESERVE bytes free."""
+        with self._failing(export):
+            os.close(self._open())
+            room = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+            if room.f_bavail * room.f_frsize < RESERVE:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    @contextlib.contextmanager
+    def _failing(self, export):
+        """An OSError of the trail as the export's failure: 507 when out of space, else 500."""
+        try:
+            yield
         except OSError as exc:
             log.error("cannot write the audit trail %s: %s", self.path, exc.strerror,
                       extra={"fields": {"request_id": export.request_id}})
@@ -97,8 +124,9 @@ class Audit:
                     code="audit_failed")
             raise errors.MkisoError(
                 "The audit trail cannot be written; nothing is exported without it.", code="audit_failed")
-        if self.syslog is not None:
-            self.syslog.send(entry, export)
+
+    def _open(self):
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     @contextmanager
     def recording(self, export):
@@ -119,7 +147,7 @@ class Audit:
         self.record(export, 200)
 
     def _append(self, data):
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = self._open()
         try:
             mode = os.fstat(fd).st_mode
             if stat.S_ISREG(mode) and mode & 0o077:
@@ -135,19 +163,31 @@ def client_address(environ, trusted_proxies):
     """The client's address: the peer's, or behind a trusted proxy what it says in X-Forwarded-For.
 
     Walks X-Forwarded-For from the right (the entry the nearest proxy
-    added) past every trusted proxy; a proxy not trusted cannot lie.
+    added) past every trusted proxy; a proxy not trusted cannot lie.  Only
+    a plain IP address is taken (no IPv6 scope id, which may carry any
+    text); anything else keeps the last address vouched for, with a warning.
     """
     trusted = [ipaddress.ip_network(entry, strict=False) for entry in trusted_proxies]
     address = environ.get("REMOTE_ADDR", "")
     hops = [hop.strip() for hop in environ.get("HTTP_X_FORWARDED_FOR", "").split(",") if hop.strip()]
     while _is_trusted(address, trusted) and hops:
-        hop = hops.pop()
-        try:
-            ipaddress.ip_address(hop)
-        except ValueError:
-            break  # garbage from the proxy's own client: keep the last address we can vouch for
+        hop = _plain_address(hops.pop())
+        if hop is None:
+            log.warning("X-Forwarded-For from proxy %s holds something that is not an IP address; "
+                        "the proxy's own address is recorded", address)
+            break
         address = hop
     return address
+
+
+def _plain_address(text):
+    """``text`` as a plain IP address in its normal form, or None."""
+    if "%" in text:  # a scope id: ip_address takes any text after it
+        return None
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
 
 
 def _is_trusted(address, networks):

@@ -13,6 +13,10 @@ file position and the channel's byte counts stay exactly as waitress keeps
 them.  Everything else (headers, JSON, a body without a real file
 descriptor) is sent as waitress sends it.
 
+A request waitress refuses itself (a body over its limit: 413; a malformed
+request: 400) is answered as every other error of SPEC §2, in JSON, never
+having reached the application.
+
 An ISO still being written (the body's ``build``) is sent up to what the
 file holds; with nothing more to send yet the channel is not writable, and
 the build wakes the server's loop (``pull_trigger``) as the file grows.  A
@@ -21,11 +25,16 @@ build that failed closes the connection: the answer ends short.
 
 import errno
 import io
+import json
 import os
 import time
+import uuid
 
 from waitress.buffers import ReadOnlyFileBasedBuffer
 from waitress.channel import HTTPChannel
+from waitress.task import ErrorTask
+
+from .responses import JSON_TYPE
 
 CHUNK = 1 << 30  # bytes asked of the kernel per call; it sends what the socket takes
 _GONE = {errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN, errno.ECONNABORTED}
@@ -45,7 +54,29 @@ def _build(outbuf):
     return getattr(getattr(outbuf, "file", None), "build", None)
 
 
+class JsonErrorTask(ErrorTask):
+    """waitress's answer to a request it refused, as the JSON error body of SPEC §2."""
+
+    CODES = {413: "body_too_large", 431: "headers_too_large"}
+
+    def execute(self):
+        error = self.request.error
+        self.status = "%d %s" % (error.code, error.reason)
+        message = "The request body is larger than %d bytes." % self.channel.adj.max_request_body_size \
+            if error.code == 413 else "The request could not be read: %s." % error.reason.lower()
+        request_id = uuid.uuid4().hex
+        body = json.dumps({"error": message, "code": self.CODES.get(error.code, "bad_request"),
+                           "request_id": request_id}).encode("utf-8")
+        self.response_headers.extend([("Content-Type", JSON_TYPE), ("X-Request-ID", request_id),
+                                      ("Connection", "close")])
+        self.close_on_finish = True  # the rest of the request is never read
+        self.content_length = len(body)
+        self.write(body)
+
+
 class SendfileChannel(HTTPChannel):
+    error_task_class = JsonErrorTask
+
     def writable(self):
         """waitress's, but not while the next bytes to send are not yet written."""
         if self.will_close or self.close_when_flushed:
@@ -76,6 +107,8 @@ class SendfileChannel(HTTPChannel):
             outbuf = self.outbufs[0]
             outbuflen = outbuf.__len__()
             fd = _file_descriptor(outbuf)
+            if fd is not None and self._cut(outbuf):
+                return False
             while outbuflen > 0:
                 if fd is None:
                     num_sent = self.send(outbuf.get(self.sendbuf_len), do_close=do_close)
@@ -103,6 +136,16 @@ class SendfileChannel(HTTPChannel):
         if sent:
             self.last_activity = time.time()
             return True
+        return False
+
+    def _cut(self, outbuf):
+        """Whether the body was cut off (delivery.Pending); it is told this connection, to cut it later."""
+        body = outbuf.file
+        if getattr(body, "cut_off", False):
+            self.handle_close()
+            return True
+        if hasattr(body, "channel"):
+            body.channel = self
         return False
 
     def _sendfile(self, outbuf, fd, do_close):

@@ -89,9 +89,11 @@ def _networks(value):
 
 
 def _named_keys(value):
-    for name, key in value.items():
+    for number, (name, key) in enumerate(value.items(), start=1):
         if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9._-]{1,64}$", name):
-            return "names must be 1 to 64 letters, digits, dots, dashes or underscores; %r is not" % (name,)
+            # not shown: a key written where its name belongs would be printed
+            return ("names must be 1 to 64 letters, digits, dots, dashes or underscores; the name of entry %d "
+                    "is not" % number)
         if not isinstance(key, str) or len(key) < 16 or not key.isprintable():
             return "%s: a key must be a string of at least 16 printable characters" % name
     if len(set(value.values())) < len(value):
@@ -134,6 +136,9 @@ def _syslog_url(value):
 
 NUMBER = (int, float)
 
+# Keys whose values are secrets: a message about them names the key, never shows its value.
+SECRETS = ("auth.api_key", "auth.keys")
+
 # section -> key -> (type, default, check)
 SCHEMA = {
     "server": {
@@ -155,6 +160,7 @@ SCHEMA = {
     "receiver": {
         "ae_title": (str, "CDRECORD", _ae_title),
         "port": (int, 10104, _port),
+        "max_associations": (int, 16, _positive),
     },
     "publisher": {
         "ae_title": (str, "RIMAGE", _ae_title),
@@ -200,6 +206,7 @@ SCHEMA = {
         "max_accessions": (int, 20, _positive),
         "min_free_bytes": (int, 1000000000, _not_negative),
         "allow_multi_patient": (bool, False, None),
+        "max_pending_bytes": (int, 20000000000, _positive),
     },
     "auth": {
         "enabled": (bool, False, None),
@@ -211,6 +218,8 @@ SCHEMA = {
     "jobs": {
         "keep_s": (NUMBER, 3600, _positive),
         "max_queued": (int, 16, _not_negative),
+        "max_failed": (int, 64, _not_negative),
+        "max_per_minute": (int, 30, _positive),
     },
     "cache": {
         "max_bytes": (int, 20000000000, _not_negative),
@@ -319,11 +328,13 @@ def _section(section, keys, given, path):
         value = given[key]
         if value is None and kind in (str, list, dict):
             value = kind()
+        shown = "a value not shown here" if name in SECRETS else repr(value)
         if not _has_type(value, kind):
-            raise ConfigError("%s: %s must be %s, not %r" % (path, name, TYPE_NAMES[kind], value))
+            kind_given = "" if name not in SECRETS else " (%s given)" % type(value).__name__
+            raise ConfigError("%s: %s must be %s, not %s%s" % (path, name, TYPE_NAMES[kind], shown, kind_given))
         problem = check(value) if check else None
         if problem:
-            raise ConfigError("%s: %s %s (got %r)" % (path, name, problem, value))
+            raise ConfigError("%s: %s %s (got %s)" % (path, name, problem, shown))
         values[key] = value
     return values
 

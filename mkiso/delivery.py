@@ -16,14 +16,22 @@ A single ``Range: bytes=a-b`` (or ``a-``, ``-n``) is answered with 206 and
 an unsatisfiable one with 416.  Several ranges, or a malformed header, get
 the whole file (RFC 7233 allows ignoring them).
 
+A synchronous download's ISO stays on disk until its answer ends, slot or
+no slot: ten slow readers kept ten ISOs.  ``Pending`` counts them against
+``limits.max_pending_bytes``; beyond it the oldest reader is cut off (its
+connection closed, its ISO removed), with a log line saying so.
+
 Behind nginx, with ``server.x_accel_prefix``, the answer is only headers:
 ``X-Accel-Redirect`` names the ISO under the prefix, which nginx maps to
 the work dir, and nginx sends the file (Range and all).  The ISO is made
 readable for nginx's group and removed after ``server.x_accel_keep_s``.
 """
 
+import collections
+import logging
 import os
 import re
+import socket
 import threading
 import unicodedata
 import wsgiref.util
@@ -31,6 +39,8 @@ from urllib.parse import quote
 
 from . import disc, errors, process
 from .responses import Response
+
+log = logging.getLogger(__name__)
 
 ISO_TYPE = "application/x-iso9660-image"
 BLOCK = 1 << 20
@@ -122,6 +132,10 @@ class RemovedOnClose:
         self.end = offset + length  # the position after the answer's last byte
         self.build = build
         self.on_close = None
+        self.size = size
+        self.pending = None  # the Pending this answer counts in, if any
+        self.channel = None  # the server's connection sending it (set by channel.SendfileChannel)
+        self.cut_off = False
         handle.seek(offset)
         self.tell = handle.tell
         self.fileno = handle.fileno
@@ -151,8 +165,56 @@ class RemovedOnClose:
         finally:
             cleanup, self._cleanup = self._cleanup, None
             cleanup()
+            if self.pending is not None:
+                self.pending.remove(self)
         if self.on_close is not None:
             self.on_close(sent)
+
+    def cut(self):
+        """End the answer now: its connection is shut down, and the server closes it (and this body)
+        from its own loop.  Before the server started sending it, it is cut as soon as it does."""
+        self.cut_off = True
+        channel = self.channel
+        if channel is not None:
+            try:
+                channel.socket.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # gone already
+            channel.server.pull_trigger()
+
+
+class Pending:
+    """The ISOs of synchronous downloads still being sent, against a byte budget (oldest cut first)."""
+
+    def __init__(self, max_bytes):
+        self.max_bytes = max_bytes
+        self._bodies = collections.OrderedDict()  # RemovedOnClose -> size, oldest first
+        self._lock = threading.Lock()
+
+    def add(self, body):
+        with self._lock:
+            self._bodies[body] = body.size
+            body.pending = self
+            over = sum(self._bodies.values()) - self.max_bytes
+            cut = []
+            for older, size in self._bodies.items():
+                if over <= 0 or older is body:
+                    break
+                cut.append(older)
+                over -= size
+        for older in cut:
+            log.warning("a slow reader's download was cut off: the finished discs waiting for their readers "
+                        "exceed limits.max_pending_bytes %d; the oldest goes first" % self.max_bytes,
+                        extra={"fields": {"bytes": older.size}})
+            older.cut()
+
+    def remove(self, body):
+        with self._lock:
+            self._bodies.pop(body, None)
+
+    def held(self):
+        with self._lock:
+            return sum(self._bodies.values())
 
 
 class Build:
@@ -252,11 +314,12 @@ class Build:
         process.kill_owned(self._job)
 
 
-def iso_response(environ, iso, remove=True):
+def iso_response(environ, iso, remove=True, pending=None):
     """200 (or 206 for a Range) with the ISO as a file-backed body.
 
     With ``remove`` (a synchronous download) ``iso.cleanup`` runs when the
-    answer is closed; a job's ISO stays until the job expires.
+    answer is closed, and until then the ISO counts in ``pending``; a job's
+    ISO stays until the job expires.
     """
     cleanup = iso.cleanup if remove else _keep
     try:
@@ -278,6 +341,8 @@ def iso_response(environ, iso, remove=True):
         cleanup()
         return Response(status, headers, [], length)
     body = RemovedOnClose(open(iso.path, "rb"), cleanup, first, length, iso.size, iso.build)
+    if remove and pending is not None:
+        pending.add(body)
     wrapper = environ.get("wsgi.file_wrapper", wsgiref.util.FileWrapper)
     return Response(status, headers, wrapper(body, BLOCK), length, closer=body)
 

@@ -74,6 +74,14 @@ class UnsupportedMediaType(MkisoError):
     code = "unsupported_media_type"
 
 
+class TooManyRequests(MkisoError):
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message, retry_after):
+        super().__init__(message, headers=[("Retry-After", str(retry_after))])
+
+
 class UpstreamFailed(MkisoError):
     status = 502
     code = "upstream_failed"

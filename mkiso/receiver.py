@@ -20,6 +20,12 @@ So nothing here is trusted, and the receiver is kept from doing harm:
 ``--fork`` gives every association a fresh child.  In single-process mode
 storescp remembers the last study folder it wrote to, and a second move of
 the same study after that folder was collected fails with write errors.
+``--fork`` has no limit of its own: 200 idle connections made 201
+processes for 45 s.  So the supervisor keeps at most
+``receiver.max_associations`` children: beyond that, each tick (half a
+second) the children that have received nothing yet go first, then the
+youngest, each killed (its connection closes).  A PACS opens one
+association per C-MOVE, and its first bytes arrive within milliseconds.
 """
 
 import logging
@@ -48,6 +54,8 @@ class Receiver:
         self.port = config.receiver.port
         self.tool = os.path.join(config.tools.dcmtk_dir, "storescp")
         self.min_free_bytes = config.limits.min_free_bytes
+        self.max_associations = config.receiver.max_associations
+        self.cut_associations = 0  # children killed for the limit, for health
         self.inbox = inbox_dir
         self.pid_file = pid_file
         self.restarts = 0
@@ -188,33 +196,73 @@ class Receiver:
         return True
 
     def _supervise(self):
-        failures = 0
-        next_sweep = time.monotonic() + SWEEP_EVERY_S
+        """Watch, sweep, pause for space and restart, every SUPERVISE_EVERY_S until stopped.
+
+        A work dir gone read-only or removed under us is said once (while it
+        lasts) and tried again: the supervisor itself never dies of it.
+        """
+        state = {"failures": 0, "next_sweep": time.monotonic() + SWEEP_EVERY_S}
+        trouble = None
         while not self._stopping.wait(SUPERVISE_EVERY_S):
-            if self.listening:
-                self._down_since = None
-            elif self._down_since is None:
-                self._down_since = time.monotonic()
-            if time.monotonic() >= next_sweep:
-                self.sweep()
-                next_sweep = time.monotonic() + SWEEP_EVERY_S
-            if not self._check_space():
-                continue
-            proc = self._proc
-            if proc is not None and proc.poll() is not None:
-                process.forget(proc)
-                if time.monotonic() - self._spawned_at > STABLE_AFTER_S:
-                    failures = 0
-                delay = RESTART_DELAY_S[min(failures, len(RESTART_DELAY_S) - 1)]
-                log.warning(
-                    "receiver exited; restarting",
-                    extra={"fields": {"returncode": proc.returncode, "delay_s": delay}},
-                )
-                failures += 1
-                if self._stopping.wait(delay):
-                    break
-                self.restarts += 1
-                self._spawn()
+            try:
+                self._supervise_once(state)
+                trouble = None
+            except OSError as exc:
+                if str(exc) != trouble:
+                    log.warning("receiver supervision failed: %s", exc)
+                trouble = str(exc)
+
+    def _supervise_once(self, state):
+        if self.listening:
+            self._down_since = None
+        elif self._down_since is None:
+            self._down_since = time.monotonic()
+        if time.monotonic() >= state["next_sweep"]:
+            state["next_sweep"] = time.monotonic() + SWEEP_EVERY_S
+            self.sweep()
+        self.limit_associations()
+        if not self._check_space():
+            return
+        proc = self._proc
+        if proc is not None and proc.poll() is not None:
+            process.forget(proc)
+            if time.monotonic() - self._spawned_at > STABLE_AFTER_S:
+                state["failures"] = 0
+            delay = RESTART_DELAY_S[min(state["failures"], len(RESTART_DELAY_S) - 1)]
+            log.warning(
+                "receiver exited; restarting",
+                extra={"fields": {"returncode": proc.returncode, "delay_s": delay}},
+            )
+            state["failures"] += 1
+            if self._stopping.wait(delay):
+                return
+            self.restarts += 1
+            self._spawn()
+
+    def limit_associations(self):
+        """Kill the children beyond ``max_associations``: idle ones (nothing received) first, then the
+        youngest; returns how many."""
+        proc = self._proc
+        if proc is None:
+            return 0
+        children = []
+        for pid in group_members(proc.pid):
+            fields = _stat_fields(pid)
+            if pid != proc.pid and fields is not None:
+                started = int(fields[19])
+                # idle ones first, the longest idle first; then those receiving, the youngest first
+                children.append(((1, -started) if _bytes_read(pid) else (0, started), pid))
+        excess = sorted(children)[:max(0, len(children) - self.max_associations)]
+        for _, pid in excess:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if excess:
+            self.cut_associations += len(excess)
+            log.warning("receiver: %d associations beyond receiver.max_associations %d closed (idle first)",
+                        len(excess), self.max_associations)
+        return len(excess)
 
     # -- study folders ----------------------------------------------------
 
@@ -306,6 +354,18 @@ def _stat_fields(pid):
     except (OSError, IndexError):
         return None
     return fields if fields and fields[0] != "Z" else None
+
+
+def _bytes_read(pid):
+    """What process ``pid`` has read since it was forked (rchar): 0 for a connection that sent nothing."""
+    try:
+        with open("/proc/%d/io" % pid, encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("rchar:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def _is_receiver(pid, inbox):

@@ -6,6 +6,13 @@ in ``queued`` for one of ``limits.max_jobs`` slots (at most
 synchronous request (the §2 endpoints, the legacy URLs) is a job run in the
 request's thread that gets a slot at once or a 503, as before.
 
+A flood of POSTs must not starve the HIS's synchronous downloads: POSTed
+jobs run in at most ``limits.max_jobs`` - 1 slots (one slot is the
+synchronous requests' alone, when there are two or more), each caller (its
+key's name, else its address) starts at most ``jobs.max_per_minute`` (429
+beyond), and at most ``jobs.max_failed`` failed or cancelled jobs are kept
+(the oldest go first) however many a caller makes fail.
+
 The steps themselves are in ``jobs``; this module runs them, keeps each
 job's state and progress for the API and the events stream, writes its
 audit line (one per job), cancels it (its tools killed, its files removed)
@@ -123,7 +130,10 @@ class Registry:
         self.metrics = metrics  # told of each job's end
         self.keep_s = config.jobs.keep_s
         self._slots = config.limits.max_jobs
+        self._posted_slots = max(1, self._slots - 1)  # one slot kept for synchronous requests
         self._running = 0
+        self._running_posted = 0
+        self._rates = Rates(config.jobs.max_per_minute)
         self._jobs = collections.OrderedDict()  # id -> Job, oldest first
         self._queue = collections.deque()
         self._changed = threading.Condition()
@@ -147,8 +157,10 @@ class Registry:
         return self._execute(job, build, audited)
 
     def submit(self, job):
-        """Queue ``job`` to run in a thread of its own; 503 when the queue is full."""
+        """Queue ``job`` to run in a thread of its own; 429 for a caller over its rate, 503 when the queue
+        is full."""
         with self._changed:
+            self._rates.take(job.export.caller or job.export.client)
             if len(self._queue) >= self.config.jobs.max_queued:
                 raise errors.Unavailable(
                     "%d jobs are already waiting; try again later." % len(self._queue),
@@ -165,13 +177,15 @@ class Registry:
 
     def _wait_and_run(self, job):
         with self._changed:
-            while not job.cancelled and (self._queue[0] is not job or self._running >= self._slots):
+            while not job.cancelled and (self._queue[0] is not job or self._running >= self._slots
+                                         or self._running_posted >= self._posted_slots):
                 self._changed.wait()
             self._queue.remove(job)
             if job.cancelled:
                 self._changed.notify_all()
                 return
             self._running += 1
+            self._running_posted += 1
         try:
             self._execute(job, build=True, audited=True)
         except errors.MkisoError:
@@ -206,7 +220,10 @@ class Registry:
                     raise cancelled from exc
             if audited:
                 try:
-                    self.audit.record(job.export, 200)
+                    if job.export.deferred:  # its answer writes the line: the trail must take it
+                        self.audit.check(job.export)
+                    else:
+                        self.audit.record(job.export, 200)
                 except errors.MkisoError as exc:
                     _drop_discs(job)
                     self._failed(job, exc, audited)
@@ -220,7 +237,7 @@ class Registry:
             return job.iso if job.action == "download" else job.answer
         finally:
             if building is None:
-                self._free_slot()
+                self._free_slot(job)
 
     def _built(self, job, build):
         """A streamed ISO is written, or failed while its answer went out (which was then cut short)."""
@@ -231,13 +248,15 @@ class Registry:
             if not isinstance(build.error, errors.Cancelled):
                 log.warning("the ISO could not be written; its answer was cut short", exc_info=build.error,
                             extra={"fields": {"request_id": job.request_id}})
-            self._failed(job, build.error, audited=False)  # the export's line was written before the first byte
+            self._failed(job, build.error, audited=False)  # the answer, cut short, writes the export's line
         finally:
-            self._free_slot()
+            self._free_slot(job)
 
-    def _free_slot(self):
+    def _free_slot(self, job):
         with self._changed:
             self._running -= 1
+            if not job.synchronous:
+                self._running_posted -= 1
             self._changed.notify_all()
 
     def _failed(self, job, exc, audited):
@@ -321,9 +340,12 @@ class Registry:
 
     def _reap(self):
         now = time.time()
-        for job in [job for job in self._jobs.values() if job.ended and now - job.ended >= self.keep_s]:
-            del self._jobs[job.id]
-            self._discard(job)
+        expired = [job for job in self._jobs.values() if job.ended and now - job.ended >= self.keep_s]
+        failed = sorted((job for job in self._jobs.values() if job.state in ("failed", "cancelled")),
+                        key=lambda job: job.ended or 0)
+        for job in expired + failed[:max(0, len(failed) - self.config.jobs.max_failed)]:
+            if self._jobs.pop(job.id, None) is not None:
+                self._discard(job)
 
     def _discard(self, job):
         """A ready job's discs go (a synchronous request's went with its answer)."""
@@ -337,6 +359,31 @@ class Registry:
         with self._changed:
             for job in self._jobs.values():
                 self._discard(job)
+
+
+class Rates:
+    """At most ``per_minute`` jobs started per caller: a bucket of that many, refilled over a minute."""
+
+    FORGET_AFTER = 1024  # callers remembered before the full (idle) buckets are forgotten
+
+    def __init__(self, per_minute):
+        self.per_minute = per_minute
+        self._buckets = {}  # caller -> (tokens, when)
+
+    def take(self, caller):
+        now = time.monotonic()
+        if len(self._buckets) > self.FORGET_AFTER:
+            self._buckets = {who: bucket for who, bucket in self._buckets.items()
+                             if self._level(bucket, now) < self.per_minute}
+        tokens = self._level(self._buckets.get(caller, (self.per_minute, now)), now)
+        if tokens < 1:
+            raise errors.TooManyRequests("More than %d jobs a minute from this caller; try again shortly."
+                                         % self.per_minute, retry_after=int(60 / self.per_minute) + 1)
+        self._buckets[caller] = (tokens - 1, now)
+
+    def _level(self, bucket, now):
+        tokens, when = bucket
+        return min(self.per_minute, tokens + (now - when) * self.per_minute / 60)
 
 
 def _drop_discs(job):

@@ -4,6 +4,11 @@ The main loop is waitress's own asyncore loop, run a slice at a time so that
 SIGTERM/SIGINT can stop accepting at once, let running requests finish up to
 ``timeouts.shutdown_s``, and then take the children and temp files down.
 
+The cheap open paths (``/api/health``, ``/metrics``) are served by a small
+pool of their own (``Pools``): a flood of them queues there, never in front
+of a download.  A request body over ``web.MAX_BODY`` is refused by waitress
+with 413 from its Content-Length, before a byte of it is read or spooled.
+
 Under systemd (``Type=notify``) it says READY=1 once listening, WATCHDOG=1
 from that loop while the loop turns and the receiver is alive (down for
 less than the watchdog interval), and STOPPING=1 on the way out.
@@ -17,6 +22,7 @@ import sys
 import time
 
 from waitress.server import create_server
+from waitress.task import ThreadedTaskDispatcher
 
 from . import __version__, config as configuration, logs, web
 from .channel import SendfileChannel
@@ -24,6 +30,10 @@ from .service import Service
 from .systemd import Notifier
 
 log = logging.getLogger(__name__)
+
+CHEAP_PATHS = ("/api/health", "/metrics")
+CHEAP_THREADS = 2
+CONNECTIONS = 500  # waitress's default 100 let 99 idle connections stop every answer; each costs one fd
 
 
 def parse_args(argv):
@@ -71,15 +81,8 @@ class Server:
         if self.service.receiver is not None and not self.service.receiver.wait_ready():
             log.warning("the receiver is not listening yet; health will say why")
         try:
-            server = create_server(
-                web.Application(self.config, self.service),
-                host=self.config.server.host,
-                port=self.config.server.port,
-                threads=self.config.server.threads + web.EVENT_STREAMS,  # event streams hold a thread each
-                ident="mkiso",
-                clear_untrusted_proxy_headers=False,  # X-Forwarded-For: web trusts server.trusted_proxies only
-            )
-            server.channel_class = SendfileChannel  # file-backed bodies leave through sendfile
+            server = listen(web.Application(self.config, self.service), self.config.server.host,
+                            self.config.server.port, self.config.server.threads)
         except OSError as exc:
             log.error("cannot listen on %s:%s: %s", self.config.server.host, self.config.server.port, exc.strerror)
             self.service.stop()
@@ -123,6 +126,51 @@ class Server:
     def _alive(self):
         receiver = self.service.receiver
         return receiver is None or receiver.down_seconds() < self.systemd.watchdog_s
+
+
+def listen(app, host, port, threads):
+    """The waitress server for ``app``: ``threads`` workers (and one per event stream), the cheap
+    paths' own pool, file bodies through sendfile, bodies over web.MAX_BODY refused unread."""
+    server = create_server(
+        app, host=host, port=port,
+        threads=threads + web.EVENT_STREAMS,  # event streams hold a thread each
+        ident="mkiso",
+        clear_untrusted_proxy_headers=False,  # X-Forwarded-For: web trusts server.trusted_proxies only
+        max_request_body_size=web.MAX_BODY,
+        channel_request_lookahead=1,  # a connection stays read while its request runs: a client gone shows
+        connection_limit=CONNECTIONS,
+        asyncore_use_poll=True,  # select() cannot watch a descriptor above 1023
+    )
+    server.channel_class = SendfileChannel  # file-backed bodies leave through sendfile
+    server.task_dispatcher = Pools(server.task_dispatcher, CHEAP_THREADS)
+    return server
+
+
+class Pools:
+    """waitress's task dispatcher, with the cheap open paths sent to a small pool of their own.
+
+    Each task is a connection with its next request parsed; the path of
+    that request picks the pool, so a keep-alive connection's next request
+    may go to the other one.
+    """
+
+    def __init__(self, main, cheap_threads):
+        self.main = main
+        self.cheap = ThreadedTaskDispatcher()
+        self.cheap.set_thread_count(cheap_threads)
+
+    def add_task(self, channel):
+        request = channel.requests[0] if getattr(channel, "requests", None) else None
+        cheap = request is not None and request.error is None and request.command in ("GET", "HEAD") \
+            and request.path in CHEAP_PATHS
+        (self.cheap if cheap else self.main).add_task(channel)
+
+    def set_thread_count(self, count):
+        self.main.set_thread_count(count)
+
+    def shutdown(self, cancel_pending=True, timeout=5):
+        cheap = self.cheap.shutdown(cancel_pending, timeout)
+        return self.main.shutdown(cancel_pending, timeout) and cheap
 
 
 def _busy(server):

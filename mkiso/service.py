@@ -9,7 +9,7 @@ import os
 import shutil
 import threading
 
-from . import audit, health, pacs, process, receiver
+from . import audit, delivery, health, pacs, process, receiver
 from .cache import DiscCache
 from .jobs import Jobs
 from .metrics import Metrics
@@ -53,6 +53,7 @@ class Service:
             patient_api=PatientApi(config.patient_api), cache=self.cache, metrics=self.metrics,
         )
         self.registry = Registry(config, self.jobs, self.audit, self.metrics)
+        self.pending = delivery.Pending(config.limits.max_pending_bytes)  # discs still going to their readers
         self.metrics.watch(self)
         self._stopping = threading.Event()
         self._housekeeper = None
@@ -83,16 +84,28 @@ class Service:
             self.cache.expire()
 
     def stop(self):
+        """Every step of the way out, each one even when another failed (a work dir gone read-only or
+        removed under us must not leave children running): a failed step is one warning."""
         self._stopping.set()
+        for step in (self._stop_housekeeping, self.registry.discard_all, self._stop_receiver,
+                     self._kill_children, self.remove_leftovers):
+            try:
+                step()
+            except Exception as exc:
+                log.warning("shutdown: %s failed: %s", step.__name__.strip("_").replace("_", " "), exc)
+
+    def _stop_housekeeping(self):
         if self._housekeeper is not None:
             self._housekeeper.join(5)
-        self.registry.discard_all()
+
+    def _stop_receiver(self):
         if self.receiver is not None:
             self.receiver.stop()
+
+    def _kill_children(self):
         killed = process.kill_all()
         if killed:
             log.warning("killed %d child processes still running at shutdown", killed)
-        self.remove_leftovers()
 
     def remove_leftovers(self):
         for folder in FOLDERS:

@@ -11,6 +11,7 @@ request to a host name that is not ours or from another web page (SPEC §9).
 """
 
 import base64
+import collections
 import hashlib
 import hmac
 import json
@@ -31,8 +32,12 @@ log = logging.getLogger("mkiso.web")
 access_log = logging.getLogger("mkiso.access")
 
 SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-MAX_BODY = 64 * 1024
+MAX_BODY = 64 * 1024  # larger bodies: 413, refused unread by waitress (server.listen)
+MAX_NESTING = 16  # a job's body nests 2 deep; deeper is refused before the parser recurses
+JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[][{}]')
 EVENT_STREAMS = 32  # the server runs this many threads more than server.threads, for them
+STREAMS_PER_CALLER = 8  # of those, per caller (key name) and address: twenty clerks' pages fit, no one takes all
+STREAM_TICK_S = 0.5  # how often a stream looks whether its client is still there
 KEEPALIVE_S = 15
 HERE = os.path.dirname(os.path.abspath(__file__))
 DESK_PAGE = os.path.join(HERE, "desk.html")
@@ -62,7 +67,7 @@ def _static(path, content_type, headers_of):
 REASONS = {
     200: "OK", 202: "Accepted", 206: "Partial Content", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
     404: "Not Found", 405: "Method Not Allowed", 409: "Conflict", 413: "Payload Too Large",
-    415: "Unsupported Media Type", 416: "Range Not Satisfiable",
+    415: "Unsupported Media Type", 416: "Range Not Satisfiable", 429: "Too Many Requests",
     500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
     504: "Gateway Timeout", 507: "Insufficient Storage",
 }
@@ -130,6 +135,8 @@ class Request:
         self.authorized = False  # set by the application from X-API-Key
         self.caller = None  # the name of the caller's key, for the audit trail
         self.match = {}  # what a pattern route matched (the job id)
+        self.export = None  # a synchronous download's, audited when its answer ends
+        self.code = None  # the error code answered, if any
 
     def param(self, name):
         """One query parameter's value, or None; given twice is an error."""
@@ -151,7 +158,8 @@ class Application:
         self.routes = _route_table(ROUTES)
         self.keys = auth.Keys(config.auth)
         self.origins = origins.Origins(config.server)
-        self._streams = threading.BoundedSemaphore(EVENT_STREAMS)
+        self._streams = collections.Counter()  # (caller, address) -> open event streams
+        self._streams_lock = threading.Lock()
         self.lookups = Lookups(config.limits.max_jobs)
 
     def __call__(self, environ, start_response):
@@ -176,7 +184,7 @@ class Application:
             sending = time.monotonic()
             response.closer.on_close = lambda sent: self._sent(request, response, started, sending, sent)
         else:
-            self._log_access(request, response, started, response.length)
+            self._answered(request, response, started, response.length)
         return response.body
 
     def _dispatch(self, request):
@@ -203,15 +211,29 @@ class Application:
         raise errors.NotFound("There is nothing at %s." % request.path)
 
     def _error(self, request, exc):
+        request.code = exc.code
         payload = dict(exc.details, error=exc.message, code=exc.code, request_id=request.request_id)
         if exc.status >= 500:
             log.warning("%s", exc.message, extra={"fields": {"request_id": request.request_id, "status": exc.status}})
         return Response.json(exc.status, payload, exc.headers)
 
     def _sent(self, request, response, started, sending, sent):
-        """An ISO answer ended: its access line and its metrics (the ``send`` phase, the bytes)."""
+        """An ISO answer ended: its metrics (the ``send`` phase, the bytes), then as every answer."""
         self.service.metrics.phase("send", time.monotonic() - sending)
         self.service.metrics.sent("client", sent)
+        self._answered(request, response, started, sent)
+
+    def _answered(self, request, response, started, sent):
+        """The answer has ended: a synchronous download's audit line (what was really answered and
+        sent, SPEC §11), then the access log line."""
+        export = request.export
+        if export is not None and not export.recorded:
+            export.bytes = sent if response.closer is not None else 0  # of the ISO, not of an error body
+            export.complete = sent == response.length
+            try:
+                self.service.audit.record(export, response.status, request.code)
+            except errors.MkisoError:
+                pass  # logged: the answer has gone already
         self._log_access(request, response, started, sent)
 
     def _log_access(self, request, response, started, sent):
@@ -279,11 +301,14 @@ class Application:
         head = request.method == "HEAD"
         job = self._new_job(request, "download", wanted, named_by_patient)
         job.stream = not head and not server.x_accel_prefix  # sent while written (nginx needs it whole)
+        job.export.deferred = job.stream  # audited when its answer ends; nginx's is audited when handed over
         iso = self.service.registry.run(job, build=not head or bool(server.x_accel_prefix), audited=not head)
+        if job.export.deferred:
+            request.export = job.export
         if server.x_accel_prefix:
             return delivery.accel_response(iso, server.x_accel_prefix, self.config.paths.work_dir,
                                            server.x_accel_keep_s)
-        return delivery.iso_response(request.environ, iso)
+        return delivery.iso_response(request.environ, iso, pending=self.service.pending)
 
     def print_studies(self, request):
         wanted = self._accessions(request, ("accession_number", "accession_numbers"), several=True)
@@ -344,7 +369,10 @@ class Application:
         if length > MAX_BODY:
             raise errors.TooLarge("The request body is larger than %d bytes." % MAX_BODY, code="body_too_large")
         try:
-            body = json.loads(request.environ["wsgi.input"].read(length).decode("utf-8"))
+            text = request.environ["wsgi.input"].read(length).decode("utf-8")
+            if _nesting(text) > MAX_NESTING:
+                raise errors.BadRequest("The request body nests deeper than %d levels." % MAX_NESTING)
+            body = json.loads(text)
         except (UnicodeDecodeError, ValueError):
             raise errors.BadRequest("The request body is not JSON.")
         if not isinstance(body, dict):
@@ -371,33 +399,46 @@ class Application:
         return Response.json(200, self._job_view(request, job))
 
     def job_events(self, request):
-        """Server-sent events: the job's JSON now and at each change, until it ends."""
+        """Server-sent events: the job's JSON now and at each change, until it ends or the client leaves."""
         job = self._job(request)
-        if not self._streams.acquire(blocking=False):
-            raise errors.Unavailable("%d event streams are open; try again shortly." % EVENT_STREAMS,
-                                     code="busy", retry_after=5)
+        who = (request.caller, audit.client_address(request.environ, self.config.server.trusted_proxies))
+        with self._streams_lock:
+            if sum(self._streams.values()) >= EVENT_STREAMS:
+                raise errors.Unavailable("%d event streams are open; try again shortly." % EVENT_STREAMS,
+                                         code="busy", retry_after=5)
+            if self._streams[who] >= STREAMS_PER_CALLER:
+                raise errors.Unavailable("This caller has %d event streams open already; close one first."
+                                         % STREAMS_PER_CALLER, code="busy", retry_after=5)
+            self._streams[who] += 1
         headers = [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache"),
                    ("X-Accel-Buffering", "no")]
-        return Response(200, headers, self._events(request, job), None)
+        gone = request.environ.get("waitress.client_disconnected", lambda: False)
+        return Response(200, headers, _Closing(self._events(request, job, gone), lambda: self._stream_ended(who)),
+                        None)
 
-    def _events(self, request, job):
+    def _stream_ended(self, who):
+        with self._streams_lock:
+            self._streams[who] -= 1
+            if not self._streams[who]:
+                del self._streams[who]
+
+    def _events(self, request, job, gone):
+        """The stream's events; it ends within a tick of its client leaving (waitress reads the
+        connection while the request runs, so a close shows in ``gone``)."""
         registry = self.service.registry
-        try:
-            last, quiet_since = None, time.monotonic()
-            while True:
-                updated = job.updated
-                current = self._job_view(request, job)
-                if current != last:
-                    yield ("data: %s\n\n" % json.dumps(current, ensure_ascii=False)).encode("utf-8")
-                    last, quiet_since = current, time.monotonic()
-                    if job.state in ENDED:
-                        return
-                elif time.monotonic() - quiet_since >= KEEPALIVE_S:
-                    yield b": still working\n\n"
-                    quiet_since = time.monotonic()
-                registry.wait_for_change(job, updated, 0.5)
-        finally:
-            self._streams.release()
+        last, quiet_since = None, time.monotonic()
+        while not gone():
+            updated = job.updated
+            current = self._job_view(request, job)
+            if current != last:
+                yield ("data: %s\n\n" % json.dumps(current, ensure_ascii=False)).encode("utf-8")
+                last, quiet_since = current, time.monotonic()
+                if job.state in ENDED:
+                    return
+            elif time.monotonic() - quiet_since >= KEEPALIVE_S:
+                yield b": still working\n\n"
+                quiet_since = time.monotonic()
+            registry.wait_for_change(job, updated, STREAM_TICK_S)
 
     def job_iso(self, request):
         """A ready job's disc: ``/iso`` when it made one, ``/discs/{n}/iso`` for each of several."""
@@ -443,3 +484,36 @@ class Application:
         wanted = accessions.parse(request.param(name), name, several, self.config.limits.max_accessions)
         request.accessions = wanted
         return wanted
+
+
+class _Closing:
+    """An answer's body whose ``ended`` runs once when the server closes it, even if never iterated
+    (a HEAD; a generator's own ``finally`` would not run then)."""
+
+    def __init__(self, body, ended):
+        self._body = body
+        self._ended = ended
+
+    def __iter__(self):
+        return iter(self._body)
+
+    def close(self):
+        ended, self._ended = self._ended, None
+        try:
+            self._body.close()
+        finally:
+            if ended is not None:
+                ended()
+
+
+def _nesting(text):
+    """How deep the arrays and objects of JSON ``text`` nest (brackets in strings do not count)."""
+    depth = deepest = 0
+    for token in JSON_TOKEN.finditer(text):
+        bracket = token.group()
+        if bracket in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif bracket in "]}":
+            depth -= 1
+    return deepest

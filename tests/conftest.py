@@ -16,8 +16,7 @@ import threading
 import pytest
 import yaml
 
-from mkiso import config as configuration, demo, web
-from mkiso.channel import SendfileChannel
+from mkiso import config as configuration, demo, server as mkiso_server
 from mkiso.service import JOBS, RETRIEVALS, Service
 
 DCMTK_DIR = os.path.dirname(shutil.which("findscu") or "/usr/bin/findscu")
@@ -201,14 +200,11 @@ def wsgi_call():
 def live_server():
     """Serve a WSGI app with waitress in a thread on a free port; yields its base URL."""
     from waitress import wasyncore
-    from waitress.server import create_server
 
     servers = []
 
     def serve(app):
-        server = create_server(app, host="127.0.0.1", port=0, threads=8 + web.EVENT_STREAMS,
-                               clear_untrusted_proxy_headers=False)
-        server.channel_class = SendfileChannel  # as mkiso-server runs it
+        server = mkiso_server.listen(app, "127.0.0.1", 0, 8)  # as mkiso-server runs it
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         servers.append((server, thread))

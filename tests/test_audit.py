@@ -17,7 +17,7 @@ from test_print import FakeRimage
 
 KEYS = {"his": "his-key-0123456789", "desk-1": "desk-key-0123456789"}
 LINE_KEYS = {"time", "request_id", "client", "caller", "action", "accessions", "study_uids", "patient_ids",
-             "images", "bytes", "status", "code", "duration_ms"}
+             "images", "bytes", "complete", "status", "code", "duration_ms"}
 
 
 def audit_lines(service):

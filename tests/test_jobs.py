@@ -288,8 +288,9 @@ def test_twenty_event_streams_do_not_starve_health_or_downloads(make_service, li
     job = post_job(wsgi_call, app_of(service), ["BIG01"]).json()
     wait_for(wsgi_call, app_of(service), job["id"], ("failed",), timeout=5)  # into the slow genisoimage
     opened = []
-    for _ in range(20):
-        stream = urllib.request.urlopen(base + "/api/jobs/%s/events" % job["id"], timeout=60)
+    for clerk in range(20):  # twenty clerks, at twenty addresses (nginx says which): each may have 8
+        stream = urllib.request.urlopen(urllib.request.Request(
+            base + "/api/jobs/%s/events" % job["id"], headers={"X-Forwarded-For": "10.0.0.%d" % clerk}), timeout=60)
         assert stream.readline().startswith(b"data: ")
         opened.append(stream)
     try:

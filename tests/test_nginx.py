@@ -1,7 +1,9 @@
 """Behind a real nginx (Debian's), configured by the shipped snippet (debian/nginx/).
 
 The snippet is used as shipped but for the two things a test must change:
-mkiso's port (127.0.0.1:8080) and the spool dir (/var/spool/mkiso/).
+mkiso's port (127.0.0.1:8080) and the spool dir (/var/spool/mkiso/). Its
+zones (mkiso-limits.conf) are included at http level from a conf.d folder,
+as Debian's nginx.conf includes /etc/nginx/conf.d/*.conf.
 """
 
 import json
@@ -16,7 +18,7 @@ import urllib.request
 
 import pytest
 
-from mkiso import demo, web
+from mkiso import demo, server as mkiso_server, web
 from conftest import job_leftovers
 from discs import check_pdi, open_iso
 
@@ -39,6 +41,7 @@ http {{
     scgi_temp_path {root}/scgi;
     sendfile on;
     proxy_max_temp_file_size 1m;  # BIG01's ISO (11 MB) is larger than nginx's temp-file limit here
+    include {root}/conf.d/*.conf;
     server {{
         listen 127.0.0.1:{port};
         include snippets/mkiso.conf;
@@ -54,11 +57,13 @@ def install_snippets(root, upstream, work_dir, his_key=None):
     given: then it holds the line an admin puts there.
     """
     os.makedirs(os.path.join(root, "snippets"))
+    os.makedirs(os.path.join(root, "conf.d"))
+    shutil.copy(os.path.join(SNIPPETS, "mkiso-limits.conf"), os.path.join(root, "conf.d"))
     for name in ("mkiso.conf", "mkiso-proxy.conf"):
         with open(os.path.join(SNIPPETS, name)) as handle:
             text = handle.read()
         if name == "mkiso.conf":
-            assert text.count("http://127.0.0.1:8080") == 4 and text.count("alias /var/spool/mkiso/;") == 1
+            assert text.count("http://127.0.0.1:8080") == 7 and text.count("alias /var/spool/mkiso/;") == 1
             assert text.count("include /etc/nginx/mkiso-his-key.conf;") == 1
             text = text.replace("http://127.0.0.1:8080", "http://127.0.0.1:%d" % upstream)
             text = text.replace("alias /var/spool/mkiso/;", "alias %s/;" % work_dir)
@@ -245,10 +250,11 @@ def health_answers(base, timeout):
 
 
 def test_slow_clients_are_absorbed_by_nginx(plain_behind_nginx):
-    """150 half-open requests: straight at waitress they stop every answer, through nginx none."""
+    """More half-open requests than waitress keeps connections (server.CONNECTIONS): straight at
+    waitress they stop every answer, through nginx none."""
     _, front, upstream = plain_behind_nginx
-    for base, stopped in ((upstream, True), (front, False)):
-        clients = slow_clients(int(base.rsplit(":", 1)[1]))
+    for base, stopped in ((front, False), (upstream, True)):
+        clients = slow_clients(int(base.rsplit(":", 1)[1]), count=mkiso_server.CONNECTIONS + 10)
         try:
             started = time.monotonic()
             assert health_answers(base, timeout=3) is not stopped, base
@@ -316,3 +322,46 @@ def test_the_his_key_reaches_the_legacy_urls_only(keyed_behind_nginx):
         lines = [json.loads(line) for line in handle]
     exports = [line for line in lines if line["action"] == "download"]
     assert [line["caller"] for line in exports] == ["his", "his"], lines
+
+
+def test_health_lookups_and_job_creation_are_rate_limited_per_client(plain_behind_nginx):
+    """A client flooding health, lookups or job creation gets 429 from nginx; a download still goes."""
+    service, front, _ = plain_behind_nginx
+    health = [get(front + "/api/health")[0] for _ in range(40)]
+    assert health[:20] == [200] * 20 and 429 in health
+    lookups = [get(front + "/api/studies?accession_numbers=NOSUCH1")[0] for _ in range(20)]
+    assert lookups[0] == 404 and 429 in lookups
+    posted = []
+    for _ in range(20):
+        request = urllib.request.Request(front + "/api/jobs", data=b'{"accessions": ["NOSUCH1"]}', method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as answer:
+                posted.append(answer.status)
+        except urllib.error.HTTPError as error:
+            posted.append(error.code)
+    assert posted[:10] == [202] * 10 and 429 in posted
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(job.state in ("queued", "running")
+                                              for job in service.registry.recent()):
+        time.sleep(0.1)
+    assert get(front + "/api/jobs")[0] == 200  # listing jobs is not creating them
+    status, _, body = get(front + "/mkiso.php?accession_number=ACC2001")
+    assert status == 200, body[:200]
+
+
+def test_connections_per_client_are_limited(plain_behind_nginx):
+    """More than 16 requests of one address held at once: nginx answers the rest 429."""
+    _, front, upstream = plain_behind_nginx
+    port = int(front.rsplit(":", 1)[1])
+    held = []
+    try:
+        for _ in range(20):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+            sock.sendall(b"GET /api/jobs/%s/events HTTP/1.1\r\nHost: x\r\n\r\n" % (b"0" * 32))
+            held.append(sock)
+        statuses = [int(sock.recv(4096).split()[1]) for sock in held]
+    finally:
+        for sock in held:
+            sock.close()
+    assert 429 in statuses
