@@ -198,24 +198,34 @@ def wsgi_call():
 
 @pytest.fixture
 def live_server():
-    """Serve a WSGI app with waitress in a thread on a free port; yields its base URL."""
+    """Serve a WSGI app as mkiso-server does, in a thread on a free port; yields its base URL.
+
+    The thread turns waitress's loop itself, as mkiso-server does, until the
+    test is over; then the worker threads stop first and the loop thread
+    closes the sockets (closed from the test's thread, one could go while
+    the loop polls it). The teardown never writes to waitress's trigger:
+    it met a closed one there (EBADF in trigger.py under waitress 2.1).
+    """
     from waitress import wasyncore
 
     servers = []
 
     def serve(app):
         server = mkiso_server.listen(app, "127.0.0.1", 0, 8)  # as mkiso-server runs it
-        thread = threading.Thread(target=server.run, daemon=True)
+        stop = threading.Event()
+
+        def run():
+            while not stop.is_set():
+                server.asyncore.loop(timeout=0.05, map=server._map, use_poll=True, count=1)
+            wasyncore.close_all(server._map, ignore_all=True)
+
+        thread = threading.Thread(target=run, daemon=True)
         thread.start()
-        servers.append((server, thread))
+        servers.append((server, stop, thread))
         return "http://127.0.0.1:%s" % server.effective_port
 
     yield serve
-    for server, thread in servers:
-        # Worker threads first, while the loop still turns for them: a task
-        # that ends after the trigger is closed pulls it (os.write on a closed,
-        # maybe reused, fd: EBADF in waitress' trigger.py).
+    for server, stop, thread in servers:
         server.task_dispatcher.shutdown()
-        # Closed by the server's own loop thread: closed from here, its sockets could go while it polls them.
-        server.trigger.pull_trigger(lambda server=server: wasyncore.close_all(server._map))
+        stop.set()
         thread.join(10)
