@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import yaml
@@ -97,9 +98,17 @@ def make_service(tmp_path, settings):
 
     yield make
     for service in started:
-        leftovers = job_leftovers(service)
+        leftovers = wait_until_clean(service)
         service.stop()
         assert leftovers == [], "job files left behind in the work dir"
+
+
+def wait_until_clean(service, timeout=15):
+    """What jobs left behind once the service's background removals had ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and job_leftovers(service):
+        time.sleep(0.05)
+    return job_leftovers(service)
 
 
 def job_leftovers(service):

@@ -13,7 +13,7 @@ import pytest
 
 from mkiso import web
 from discs import check_pdi, open_iso
-from conftest import job_leftovers
+from conftest import job_leftovers, wait_until_clean
 
 
 @pytest.fixture
@@ -29,13 +29,6 @@ def fetch(url, timeout=120):
             return answer.status, dict(answer.headers), answer.read()
     except urllib.error.HTTPError as error:
         return error.code, dict(error.headers), error.read()
-
-
-def wait_until_clean(service, timeout=15):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and job_leftovers(service):
-        time.sleep(0.05)
-    return job_leftovers(service)
 
 
 def test_parallel_downloads_each_hold_exactly_their_own_studies(server, archive, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 
 from mkiso import channel, delivery, disc, web
 from discs import check_pdi, open_iso
-from test_concurrency import wait_until_clean
+from conftest import wait_until_clean
 
 SIZE = 1000
 

@@ -33,6 +33,7 @@ def test_forty_lookups_at_once_leave_health_and_downloads_fast(make_service, liv
     base = live_server(web.Application(service.config, service))
     lookup = base + "/api/studies?accession_numbers=" + ",".join(ACCESSIONS)
     assert fetch(base + "/api/health")[0] == 200  # its tool checks and C-ECHOs are shared for 5 s
+    alone = timed(base + "/api/iso/download?accession_number=ACC2001")  # this machine's pace, now
     answers, refused = [], []
 
     def clerk():
@@ -56,7 +57,11 @@ def test_forty_lookups_at_once_leave_health_and_downloads_fast(make_service, liv
         thread.join(300)
     assert health[0] == 200 and download[0] == 200, (health, download[:2])
     assert still_busy, "the lookups were over before health and the download were timed"
-    assert health[1] < 1.0 and download[1] < 1.0, "health %.2f s, download %.2f s" % (health[1], download[1])
+    # Under 1 s, as on an idle gateway (0.25 s alone, 0.6 s beside the lookups); on a test machine
+    # loaded by other work (two cores), within four times the same download alone (seen: 3x at a
+    # load of 5). Without the limit health took 15 s and the download as long.
+    assert health[1] < 1.0 and download[1] < max(1.0, 4 * alone[1]), (
+        "health %.2f s, download %.2f s (alone %.2f s)" % (health[1], download[1], alone[1]))
     assert len(answers) == LOOKUPS and refused, "at most limits.max_jobs lookups run at once; the others are 503"
     assert all(status == 200 and len(body["studies"]) == 6 for status, body in answers)
     with open(service.config.audit.path, encoding="utf-8") as handle:
@@ -66,7 +71,7 @@ def test_forty_lookups_at_once_leave_health_and_downloads_fast(make_service, liv
     for line in queries:
         assert line["status"] == 200 and line["accessions"] == list(ACCESSIONS)
         assert line["patient_ids"] == ["PAT-1001", "PAT-2001", "PAT-3001"] and len(line["study_uids"]) == 6
-    assert [line["action"] for line in lines if line["action"] != "query"] == ["download"]
+    assert [line["action"] for line in lines if line["action"] != "query"] == ["download", "download"]
 
 
 def test_a_lookup_that_finds_nothing_is_audited_too(make_service, wsgi_call):

@@ -21,7 +21,8 @@ from waitress.buffers import ReadOnlyFileBasedBuffer
 
 from mkiso import channel, delivery, retrieval, web
 from discs import check_pdi, open_iso
-from test_concurrency import fetch, logged_access, wait_until_clean
+from conftest import wait_until_clean
+from test_concurrency import fetch, logged_access
 
 WRITER = r'''#!%(python)s
 import os, shutil, subprocess, sys, time
