@@ -20,9 +20,15 @@ where Orthanc is the PACS, Orthanc's own media export (a deflated ZIP with a
 DICOMDIR of images it already holds) as the peer row.  The synthetic pixels
 are noise that deflates about 2:1, like real images: zeros would flatter a
 ZIP and not an ISO.  dcmqrscp's index holds only
-about 9,000 images, so sizes above 8,000 use Debian's orthanc.
+about 9,000 images, so sizes above 8,000 use Debian's orthanc.  Above
+20,000 images the reference is left out: dcmmkdir's time grows with the
+square of the count (hours at 50,000); mkiso's rows, its peak RSS and
+Orthanc's export are still printed.  Last, the concurrency row: four
+downloads of different studies one after the other, then all at once, each
+on a fresh server: wall time, the ratio, peak RSS.
 
     .venv/bin/python bench/bench_download.py [--sizes 2000x512,10000x128] [--runs 3] [--pacs auto]
+        [--concurrency 4x2000x64|none]
 
 Needs dcmtk, genisoimage, nginx and orthanc (Debian packages).
 """
@@ -36,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -46,6 +53,7 @@ from mkiso import demo, fastcopy  # noqa: E402
 
 TOOL_ENV = dict(os.environ, TCP_NODELAY="1")
 DCMQRSCP_MAX_IMAGES = 8000
+REFERENCE_MAX_IMAGES = 20000  # dcmmkdir: 8,000 images two minutes, 50,000 more than an hour
 BLOCK = 1 << 20
 
 
@@ -91,40 +99,8 @@ def stop_process(proc):
 
 # -- the PACS ------------------------------------------------------------------
 
-class Orthanc:
-    """Debian's Orthanc as a plain loopback process, loaded over C-STORE."""
-
-    ae_title = "ORTHANC"
-
-    def __init__(self, root, destinations):
-        self.root = root
-        self.port = demo.free_port()
-        self.http = "http://127.0.0.1:%d" % demo.free_port()
-        self.destinations = destinations
-        self.proc = None
-
-    def start(self):
-        os.makedirs(self.root, exist_ok=True)
-        config = {
-            "Name": "mkiso-bench", "StorageDirectory": self.root + "/db", "IndexDirectory": self.root + "/db",
-            "HttpPort": int(self.http.rsplit(":", 1)[1]), "DicomPort": self.port, "DicomAet": self.ae_title,
-            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
-            "StorageCompression": False, "DicomAlwaysAllowEcho": True, "DicomAlwaysAllowStore": True,
-            "DicomAlwaysAllowFind": True, "DicomAlwaysAllowGet": True, "DicomAlwaysAllowMove": True,
-            "DicomModalities": {ae.lower(): [ae, "127.0.0.1", port] for ae, port in self.destinations.items()},
-            "Plugins": [], "HttpTimeout": 3600, "LimitFindInstances": 0, "LimitFindResults": 0,
-        }
-        path = os.path.join(self.root, "orthanc.json")
-        with open(path, "w") as handle:
-            json.dump(config, handle)
-        self.proc = start_process(["Orthanc", path], self.port, os.path.join(self.root, "orthanc.log"))
-
-    def load(self, folder, count):
-        run(["storescu", "-aec", self.ae_title, "+sd", "+r", "127.0.0.1", str(self.port), folder])
-        with urllib.request.urlopen(self.http + "/statistics") as answer:
-            held = json.load(answer)["CountInstances"]
-        if held != count:
-            raise RuntimeError("Orthanc holds %d of %d images" % (held, count))
+class Orthanc(demo.Orthanc):
+    """Debian's Orthanc (``demo.Orthanc``), with its own media export as the peer row."""
 
     def export_seconds(self, study_uid):
         """Orthanc's own media export of the study: GET /studies/{id}/media, read whole."""
@@ -132,9 +108,6 @@ class Orthanc:
         with urllib.request.urlopen(request) as answer:
             orthanc_id = json.load(answer)[0]["ID"]
         return fetch(self.http + "/studies/%s/media" % orthanc_id)[1]
-
-    def stop(self):
-        stop_process(self.proc)
 
 
 class Dcmqrscp(demo.Dcmqrscp):
@@ -144,7 +117,7 @@ class Dcmqrscp(demo.Dcmqrscp):
         super().__init__(root, demo.free_port(), destinations)
 
     def load(self, folder, count):
-        files = sorted(os.path.join(folder, name) for name in os.listdir(folder))
+        files = sorted(os.path.join(top, name) for top, _, names in os.walk(folder) for name in names)
         for at in range(0, len(files), 1000):  # dcmqridx takes the paths on its command line
             subprocess.run(["dcmqridx", self.storage] + files[at:at + 1000], check=True, stdout=subprocess.DEVNULL)
         assert len(files) == count
@@ -213,10 +186,10 @@ NO_WEB = "get, iso.web_content false"
 class MkisoServer:
     """A real mkiso-server retrieving by C-MOVE (through its receiver) or C-GET."""
 
-    def __init__(self, root, pacs, receiver_port, retrieve, cache_bytes=0, web_content=True):
+    def __init__(self, root, pacs, receiver_port, retrieve, cache_bytes=0, web_content=True, name=None):
         """``cache_bytes`` 0 (the cache off): every download really retrieves, as the rows must."""
         self.http_port = demo.free_port()
-        name = retrieve + ("-cached" if cache_bytes else "") + ("" if web_content else "-noweb")
+        name = name or retrieve + ("-cached" if cache_bytes else "") + ("" if web_content else "-noweb")
         self.log_path = os.path.join(root, "mkiso-%s.log" % name)
         config = os.path.join(root, "mkiso-%s.yaml" % name)
         work_dir = self.work_dir = os.path.join(root, "work-" + name)
@@ -284,14 +257,17 @@ class Nginx:
 
 # -- one study size ------------------------------------------------------------
 
-def bench_size(images, image_kb, runs, root, pacs_choice):
-    receiver_port, ref_port = demo.free_port(), demo.free_port()
-    destinations = {"CDRECORD": receiver_port, "BENCHREF": ref_port}
-    study = demo.SampleStudy("BENCH-1", "BENCH^MARK", "BENCH%d" % images, series=(images,),
-                             image_bytes=image_kb * 1024, noise=True)  # compressible as real images are
-    print("%d images of %d KB: generating ..." % (images, image_kb), flush=True)
+def loaded_pacs(root, studies, destinations, pacs_choice):
+    """The studies generated and held by a running PACS: dcmqrscp up to its index's limit, else Orthanc.
+
+    Generated by ``demo.write_large_study`` (one image encoded per series,
+    the others copies with their own UIDs): pydicom per image would take
+    longer than the benchmark.
+    """
+    images = sum(study.image_count for study in studies)
     source = os.path.join(root, "source")
-    demo.write_study(study, source)
+    for study in studies:
+        demo.write_large_study(study, os.path.join(source, study.accession))
     if pacs_choice == "orthanc" or (pacs_choice == "auto" and images > DCMQRSCP_MAX_IMAGES):
         pacs = Orthanc(os.path.join(root, "orthanc"), destinations)
         pacs.start()
@@ -300,19 +276,34 @@ def bench_size(images, image_kb, runs, root, pacs_choice):
         shutil.rmtree(pacs.storage)
         shutil.copytree(source, pacs.storage, copy_function=os.link)
         source = pacs.storage
-    print("  loading into %s ..." % type(pacs).__name__, flush=True)
-    if isinstance(pacs, Dcmqrscp):
+    print("  loading %d images into %s ..." % (images, type(pacs).__name__), flush=True)
+    try:
         pacs.load(source, images)
-        pacs.start()
-    else:
-        pacs.load(source, images)
+        if isinstance(pacs, Dcmqrscp):
+            pacs.start()
+    except BaseException:
+        pacs.stop()
+        raise
+    if isinstance(pacs, Orthanc):
+        shutil.rmtree(source)  # Orthanc holds its own copy
+    return pacs
+
+
+def bench_size(images, image_kb, runs, root, pacs_choice):
+    receiver_port, ref_port = demo.free_port(), demo.free_port()
+    destinations = {"CDRECORD": receiver_port, "BENCHREF": ref_port}
+    study = demo.SampleStudy("BENCH-1", "BENCH^MARK", "BENCH%d" % images, series=(images,),
+                             image_bytes=image_kb * 1024, noise=True)  # compressible as real images are
+    print("%d images of %d KB: generating ..." % (images, image_kb), flush=True)
+    pacs = loaded_pacs(root, [study], destinations, pacs_choice)
     try:
         servers = {retrieve: MkisoServer(root, pacs, receiver_port, retrieve) for retrieve in ("move", "get")}
         # The web content's cost (SPEC §4.4): the same C-GET row without it (C-GET: no second receiver).
         servers[NO_WEB] = MkisoServer(root, pacs, receiver_port, "get", web_content=False)
         reference, mkiso = [], {retrieve: [] for retrieve in servers}
+        with_reference = images <= REFERENCE_MAX_IMAGES
         try:
-            rows = ["reference"] + list(servers)
+            rows = ["reference"] * with_reference + list(servers)
             for number in range(1, runs + 1):
                 # Interleaved, each after a sync: every run starts without the last one's writeback;
                 # the order turns each round, so that no row always follows the same one.
@@ -359,33 +350,41 @@ def bench_size(images, image_kb, runs, root, pacs_choice):
 
 
 def report(images, image_kb, runs, pacs_name, reference, mkiso, peaks, peer, delivery, iso_bytes, cached):
-    ref_total = median([sum(phases.values()) for phases in reference])
+    ref_total = median([sum(phases.values()) for phases in reference]) if reference else None
+
+    def ratio(seconds):
+        return "%.2f" % (seconds / ref_total) if ref_total else "n/a"
+
     print()
     print("### %d images x %d KB (PACS: %s; medians of %d runs; ISO %d MB)"
           % (images, image_kb, pacs_name, runs, iso_bytes >> 20))
     print()
     print("| run | seconds | ratio to reference |")
     print("|---|---|---|")
-    print("| reference: findscu, movescu+storescp, links, dcmmkdir, genisoimage, read | %.2f | 1.00 |" % ref_total)
+    if ref_total:
+        print("| reference: findscu, movescu+storescp, links, dcmmkdir, genisoimage, read | %.2f | 1.00 |"
+              % ref_total)
+    else:
+        print("| reference: not run above %d images (dcmmkdir's time grows with the square of the count: "
+              "hours) | | |" % REFERENCE_MAX_IMAGES)
     for retrieve, results in mkiso.items():
         total = median([r["total"] for r in results])
-        print("| mkiso %s: GET /api/iso/download, all checks | %.2f | **%.2f** |"
-              % (retrieve, total, total / ref_total))
-    print("| mkiso move, cache on: the first download | %.2f | %.2f |" % (cached[0], cached[0] / ref_total))
+        print("| mkiso %s: GET /api/iso/download, all checks | %.2f | **%s** |" % (retrieve, total, ratio(total)))
+    print("| mkiso move, cache on: the first download | %.2f | %s |" % (cached[0], ratio(cached[0])))
     again = median(cached[1:])
-    print("| mkiso move, cache on: the same disc again (C-FINDs, no C-MOVE) | %.2f | %.2f |"
-          % (again, again / ref_total))
+    print("| mkiso move, cache on: the same disc again (C-FINDs, no C-MOVE) | %.2f | %s |" % (again, ratio(again)))
     if peer is not None:
         move_total = median([r["total"] for r in mkiso["move"]])
-        print("| peer: Orthanc media export (images already held) | %.2f | %.2f (mkiso move / Orthanc: %.2f) |"
-              % (peer, peer / ref_total, move_total / peer))
+        print("| peer: Orthanc media export (images already held) | %.2f | %s (mkiso move / Orthanc: %.2f) |"
+              % (peer, ratio(peer), move_total / peer))
     print()
     print("Phase split (median seconds)")
     print()
-    print("| reference | " + " | ".join(reference[0]) + " |")
-    print("|---|" + "---|" * len(reference[0]))
-    print("| | " + " | ".join("%.2f" % median([r[p] for r in reference]) for p in reference[0]) + " |")
-    print()
+    if reference:
+        print("| reference | " + " | ".join(reference[0]) + " |")
+        print("|---|" + "---|" * len(reference[0]))
+        print("| | " + " | ".join("%.2f" % median([r[p] for r in reference]) for p in reference[0]) + " |")
+        print()
     phases = MKISO_PHASES + ("send",)
     print("| mkiso | " + " | ".join(phases) + " |")
     print("|---|" + "---|" * len(phases))
@@ -402,6 +401,51 @@ def report(images, image_kb, runs, pacs_name, reference, mkiso, peaks, peer, del
     print(flush=True)
 
 
+# -- concurrency -----------------------------------------------------------------
+
+def bench_concurrency(jobs, images, image_kb, root, pacs_choice):
+    """``jobs`` downloads of ``images`` each, one after the other and then all at once, each on a fresh
+    mkiso-server: wall time, the ratio, peak RSS.  No lock or shared step may make them slower at once."""
+    receiver_port = demo.free_port()
+    studies = [demo.SampleStudy("BENCH-%d" % number, "BENCH^MARK%d" % number, "CONC%d" % number, series=(images,),
+                                image_bytes=image_kb * 1024, noise=True) for number in range(1, jobs + 1)]
+    print("%d downloads of %d images of %d KB, in a row and at once: generating ..." % (jobs, images, image_kb),
+          flush=True)
+    pacs = loaded_pacs(root, studies, {"CDRECORD": receiver_port}, pacs_choice)
+    walls, peaks = {}, {}
+    try:
+        for mode in ("in a row", "at once"):
+            os.sync()
+            server = MkisoServer(root, pacs, receiver_port, "move", name=mode.replace(" ", "-"))
+            try:
+                print("  %s ..." % mode, flush=True)
+                started = time.perf_counter()
+                if mode == "in a row":
+                    for study in studies:
+                        server.download(study.accession)
+                else:
+                    threads = [threading.Thread(target=server.download, args=(study.accession,)) for study in studies]
+                    for thread in threads:
+                        thread.start()
+                    for thread in threads:
+                        thread.join()
+                walls[mode] = time.perf_counter() - started
+                peaks[mode] = server.peak_kb()
+            finally:
+                server.stop()
+    finally:
+        pacs.stop()
+    print()
+    print("### %d downloads of %d images x %d KB (PACS: %s; limits.max_jobs 4)"
+          % (jobs, images, image_kb, type(pacs).__name__))
+    print()
+    print("| run | wall seconds | ratio | mkiso-server peak RSS |")
+    print("|---|---|---|---|")
+    for mode in walls:
+        print("| %s | %.2f | %.2f | %d MB |" % (mode, walls[mode], walls[mode] / walls["in a row"], peaks[mode] >> 10))
+    print(flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="2000x512,10000x128",
@@ -409,13 +453,18 @@ def main():
     parser.add_argument("--runs", type=int, default=3, help="runs per row; the median is shown")
     parser.add_argument("--pacs", choices=("auto", "dcmqrscp", "orthanc"), default="auto",
                         help="auto: dcmqrscp up to %d images, Orthanc above" % DCMQRSCP_MAX_IMAGES)
+    parser.add_argument("--concurrency", default="4x2000x64",
+                        help="DOWNLOADSxIMAGESxKB at once against in a row, or none (default: %(default)s)")
     args = parser.parse_args()
     print("staging with %s placement (fastcopy)" % fastcopy.IMPLEMENTATION)
-    for size in args.sizes.split(","):
-        images, image_kb = (int(part) for part in size.lower().split("x"))
+    runs = [(bench_size, size, (args.runs,)) for size in args.sizes.split(",") if size]
+    if args.concurrency != "none":
+        runs.append((bench_concurrency, args.concurrency, ()))
+    for bench, size, extra in runs:
+        numbers = [int(part) for part in size.lower().split("x")]
         root = tempfile.mkdtemp(prefix="mkiso-bench-", dir=os.environ.get("MKISO_BENCH_DIR"))
         try:
-            bench_size(images, image_kb, args.runs, root, args.pacs)
+            bench(*numbers, *extra, root, args.pacs)
         finally:
             shutil.rmtree(root, ignore_errors=True)
 

@@ -7,7 +7,9 @@ No real patient data is involved anywhere.
 """
 
 import argparse
+import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -15,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -402,6 +405,54 @@ def _reference(ds):
     return item
 
 
+TEMPLATE_NUMBER = 10000000  # 8 digits: room for any InstanceNumber of a large study
+
+
+def write_large_study(study, folder):
+    """Write a study of tens of thousands of images fast; returns their paths.
+
+    ``write_study`` encodes every image with pydicom (tens of milliseconds
+    each); here one image per series is, and every other image is a copy of
+    its bytes with its own SOP Instance UID (all of one length: 2.25 and 39
+    digits) and InstanceNumber (8 characters) written over them.  Pixel data
+    as ``study.image_bytes`` and ``study.noise`` say, the same in a series.
+    """
+    os.makedirs(folder, exist_ok=True)
+    sop_class = CT_IMAGE_STORAGE if study.modality == "CT" else MR_IMAGE_STORAGE
+    paths = []
+    for series_index, count in enumerate(study.series, start=1):
+        template_uid = _fixed_uid()
+        ds = _image(study, sop_class, generate_uid(), series_index, TEMPLATE_NUMBER)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = template_uid
+        template = os.path.join(folder, "template.dcm")
+        _save(ds, template)
+        with open(template, "rb") as handle:
+            data = handle.read()
+        os.unlink(template)
+        uid_bytes, number_bytes = template_uid.encode("ascii"), b"%d" % TEMPLATE_NUMBER
+        uid_at = [at for at in range(len(data)) if data.startswith(uid_bytes, at)]
+        number_at = data.index(b"\x20\x00\x13\x00IS\x08\x00" + number_bytes) + 8
+        if len(uid_at) != 2:  # the meta header's and the data set's
+            raise RuntimeError("the template image holds its SOP Instance UID %d times" % len(uid_at))
+        image = bytearray(data)
+        for number in range(1, count + 1):
+            sop_uid = _fixed_uid()
+            for at in uid_at:
+                image[at:at + len(uid_bytes)] = sop_uid.encode("ascii")
+            image[number_at:number_at + 8] = b"%-8d" % number  # IS: padded with trailing spaces
+            path = os.path.join(folder, "%s.dcm" % sop_uid)
+            with open(path, "wb") as handle:
+                handle.write(image)
+            study.sop_uids.append(sop_uid)
+            paths.append(path)
+    return paths
+
+
+def _fixed_uid():
+    """A fresh UID of always the same length (43 characters): 2.25. and a 38-digit number without a leading 0."""
+    return "2.25.%d" % random.randint(10 ** 37, 10 ** 38 - 1)
+
+
 def free_port():
     """A TCP port on loopback that nothing listens on right now."""
     with socket.socket() as sock:
@@ -470,6 +521,61 @@ class Dcmqrscp:
         if not wait_for_port(self.port):
             self.stop()
             raise RuntimeError("dcmqrscp did not start; see %s" % self.log_file)
+
+    def stop(self):
+        stop_group(self.proc)
+        self.proc = None
+
+
+class Orthanc:
+    """Debian's Orthanc as a plain loopback process, loaded over C-STORE.
+
+    The PACS for studies larger than dcmqrscp's index holds (about 9,000
+    images): the memory test and the benchmark.
+    """
+
+    ae_title = "ORTHANC"
+
+    def __init__(self, root, destinations):
+        """``destinations``: AE title -> port on 127.0.0.1, for C-MOVE."""
+        self.root = root
+        self.port = free_port()
+        self.http = "http://127.0.0.1:%d" % free_port()
+        self.destinations = dict(destinations)
+        self.proc = None
+
+    def start(self):
+        os.makedirs(self.root, exist_ok=True)
+        config = {
+            "Name": "mkiso-test", "StorageDirectory": self.root + "/db", "IndexDirectory": self.root + "/db",
+            "HttpPort": int(self.http.rsplit(":", 1)[1]), "DicomPort": self.port, "DicomAet": self.ae_title,
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomCheckCalledAet": False,
+            "StorageCompression": False, "DicomAlwaysAllowEcho": True, "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowFind": True, "DicomAlwaysAllowGet": True, "DicomAlwaysAllowMove": True,
+            "DicomModalities": {ae.lower(): [ae, "127.0.0.1", port] for ae, port in self.destinations.items()},
+            "Plugins": [], "HttpTimeout": 3600, "LimitFindInstances": 0, "LimitFindResults": 0,
+        }
+        path = os.path.join(self.root, "orthanc.json")
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(config, handle)
+        with open(os.path.join(self.root, "orthanc.log"), "ab") as log:
+            # TCP_NODELAY: Orthanc's DICOM side is dcmtk, which waits out Nagle on each C-STORE response without it.
+            self.proc = subprocess.Popen(["Orthanc", path], stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=dict(os.environ, TCP_NODELAY="1"),
+                                         start_new_session=True)
+        if not wait_for_port(self.port, timeout=60):
+            self.stop()
+            raise RuntimeError("Orthanc did not start; see %s/orthanc.log" % self.root)
+
+    def load(self, folder, count):
+        """Send every file below ``folder`` with storescu; Orthanc must then hold ``count`` images."""
+        subprocess.run(["storescu", "-aec", self.ae_title, "+sd", "+r", "127.0.0.1", str(self.port), folder],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       env=dict(os.environ, TCP_NODELAY="1"))
+        with urllib.request.urlopen(self.http + "/statistics", timeout=60) as answer:
+            held = json.load(answer)["CountInstances"]
+        if held != count:
+            raise RuntimeError("Orthanc holds %d of %d images" % (held, count))
 
     def stop(self):
         stop_group(self.proc)

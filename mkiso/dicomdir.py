@@ -249,36 +249,52 @@ def _file_meta():
 
 
 def write(path, placed, file_set_id="MKISO"):
-    """Write the DICOMDIR for ``placed`` ([(received file, disc path)] in PDI order) to ``path``."""
-    encoded = []
-    levels = []
-    for level, item in records(placed):
-        if item[:6] != NEXT_TAG or item[22:28] != LOWER_TAG:
-            raise AssertionError("a directory record does not start with its offsets")
-        encoded.append(bytearray(item))
-        levels.append(level)
+    """Write the DICOMDIR for ``placed`` ([(received file, disc path)] in PDI order) to ``path``.
+
+    Streamed, so that memory stays flat at any image count: each record is
+    written as soon as the next one is known.  A record's lower-level link
+    points at the record right after it (its first child), and an IMAGE
+    record's next-sibling link at the next record, so both are set before
+    it is written; only the next-sibling links of PATIENT, STUDY and SERIES
+    records (a few per disc) are patched in the file at the end, with the
+    File-set's root offsets and the sequence's length.
+    """
     meta = _file_meta()  # once: a new UID could change its length and every offset after it
-    head = PREAMBLE + meta + _file_set(0, 0, file_set_id)
-    position = len(head) + len(RECORD_SEQUENCE) + 4
-    offsets = []
-    for item in encoded:
-        offsets.append(position)
-        position += 8 + len(item)
-    # One pass: a record links from its previous sibling, or, the first
-    # under its parent, from the parent (the last record one level up).
-    last_at_level = [None, None, None, None]
-    for index, level in enumerate(levels):
-        previous = last_at_level[level]
-        if previous is not None:
-            struct.pack_into("<I", encoded[previous], NEXT_AT, offsets[index])
-        elif level > 0:
-            struct.pack_into("<I", encoded[last_at_level[level - 1]], LOWER_AT, offsets[index])
-        last_at_level[level] = index
-        last_at_level[level + 1:] = [None] * (3 - level)
-    roots = [offsets[i] for i, level in enumerate(levels) if level == 0]
+    head = PREAMBLE + meta + _file_set(0, 0, file_set_id)  # fixed-size offsets: patched in place at the end
+    start = position = len(head) + len(RECORD_SEQUENCE) + 4
+    last_at_level = [None, None, None, None]  # file offsets of the last record at each level
+    patches = []  # (file offset, value) of links to set at the end
+    roots = []
+    held = held_at = None  # the record before this one, written once this one's links are set
     with open(path, "wb") as handle:
-        handle.write(PREAMBLE + meta + _file_set(roots[0], roots[-1], file_set_id))
-        handle.write(RECORD_SEQUENCE + struct.pack("<I", position - len(head) - len(RECORD_SEQUENCE) - 4))
-        for item in encoded:
-            handle.write(ITEM + struct.pack("<I", len(item)))
-            handle.write(item)
+        handle.write(head + RECORD_SEQUENCE + b"\0\0\0\0")
+        for level, item in records(placed):
+            if item[:6] != NEXT_TAG or item[22:28] != LOWER_TAG:
+                raise AssertionError("a directory record does not start with its offsets")
+            # A record links from its previous sibling, or, the first under its parent, from the parent.
+            previous = last_at_level[level]
+            if previous == held_at and previous is not None:
+                struct.pack_into("<I", held, NEXT_AT, position)
+            elif previous is not None:
+                patches.append((previous + 8 + NEXT_AT, position))
+            elif level > 0:
+                if last_at_level[level - 1] != held_at:
+                    raise AssertionError("a first directory record does not follow its parent")
+                struct.pack_into("<I", held, LOWER_AT, position)
+            if held is not None:
+                handle.write(ITEM + struct.pack("<I", len(held)))
+                handle.write(held)
+            held, held_at = bytearray(item), position
+            last_at_level[level] = position
+            last_at_level[level + 1:] = [None] * (3 - level)
+            if level == 0:
+                roots.append(position)
+            position += 8 + len(item)
+        handle.write(ITEM + struct.pack("<I", len(held)))
+        handle.write(held)
+        for at, value in patches:
+            handle.seek(at)
+            handle.write(struct.pack("<I", value))
+        handle.seek(len(PREAMBLE + meta))
+        handle.write(_file_set(roots[0], roots[-1], file_set_id))
+        handle.write(RECORD_SEQUENCE + struct.pack("<I", position - start))

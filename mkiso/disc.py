@@ -13,9 +13,11 @@ invented rather than the image dropped), whose result is then read back:
 every staged image must be referenced and every reference staged.
 """
 
+import array
 import dataclasses
 import datetime
 import hashlib
+import itertools
 import logging
 import os
 import re
@@ -33,20 +35,52 @@ FILE_ID = re.compile(r"^[A-Z0-9_]{1,8}$")
 PDI_RESERVED = {"DICOMDIR", "DICOM", "README.TXT", "INDEX.HTM", "IHE_PDI"}  # the last two: web content
 LEGACY_FOLDER = "DICOMDIR"
 SECTOR = 2048
+PLACE_CHUNK = 2000
 
 
 def _sort_number(value):
     return (value is None, value if value is not None else 0)
 
 
+PDI_PATH = "DICOM/PAT%05d/STU%05d/SER%05d/IMG%05d"
+
+
+class Placement:
+    """A disc's images in PDI order, iterated as (received file, path on the disc).
+
+    Kept as the files in order and their four folder numbers in an array,
+    about 24 bytes an image; each path is made when asked for.  A list of
+    50,000 (file, path) pairs would cost 150 bytes an image (SPEC §8, flat
+    memory).  A sequence: iterable as often as needed, sized, indexed.
+    """
+
+    def __init__(self):
+        self._images = []
+        self._numbers = array.array("I")  # patient, study, series, image: four per image
+
+    def append(self, image, numbers):
+        self._images.append(image)
+        self._numbers.extend(numbers)
+
+    def __len__(self):
+        return len(self._images)
+
+    def __getitem__(self, at):
+        at = range(len(self._images))[at]  # negative indexes; IndexError past the end
+        return self._images[at], PDI_PATH % tuple(self._numbers[4 * at:4 * at + 4])
+
+    def __iter__(self):
+        return (self[at] for at in range(len(self._images)))
+
+
 def pdi_paths(files):
-    """(received file, path on the disc) for every image, in PDI order."""
+    """(received file, path on the disc) for every image, in PDI order: a ``Placement``."""
     patients = {}
     for received in files:
         studies = patients.setdefault(received.patient_id, {})
         series = studies.setdefault(received.study_uid, {})
         series.setdefault(received.series_uid, []).append(received)
-    placed = []
+    placed = Placement()
     for p, studies in enumerate(patients.values(), start=1):
         for s, series in enumerate(studies.values(), start=1):
             ordered = sorted(series.values(), key=lambda images: (_sort_number(images[0].series_number),
@@ -54,8 +88,7 @@ def pdi_paths(files):
             for r, images in enumerate(ordered, start=1):
                 images = sorted(images, key=lambda image: (_sort_number(image.instance_number), image.sop_uid))
                 for i, image in enumerate(images, start=1):
-                    path = "DICOM/PAT%05d/STU%05d/SER%05d/IMG%05d" % (p, s, r, i)
-                    placed.append((image, path))
+                    placed.append(image, (p, s, r, i))
     return placed
 
 
@@ -193,19 +226,34 @@ class Readme:
 
 
 def stage(staging, files, layout, viewer_dir, readme=None):
-    """Lay a disc out in ``staging`` (README.TXT from ``readme``, pdi only); returns [(received file, disc path)]."""
+    """Lay a disc out in ``staging`` (README.TXT from ``readme``, pdi only); returns (received file, disc path)
+    of its images: a ``Placement`` for pdi."""
     if layout == "pdi":
         images, reserved = pdi_paths(files), PDI_RESERVED
     else:
         images, reserved = legacy_paths(files), {LEGACY_FOLDER}
-    pairs = [(received.path, path) for received, path in images] + viewer_paths(viewer_dir, reserved)
-    for folder in sorted({os.path.dirname(path) for _, path in pairs} - {""}):
+    viewer = viewer_paths(viewer_dir, reserved)
+    folders = {os.path.dirname(path) for _, path in images} | {os.path.dirname(path) for _, path in viewer}
+    for folder in sorted(folders - {""}):
         os.makedirs(os.path.join(staging, folder), exist_ok=True)
-    fastcopy.place_files([(source, os.path.join(staging, path)) for source, path in pairs])
+    # PLACE_CHUNK files a call: the whole tree's paths at once, twice over in the extension, would cost
+    # more memory than the job's own records of 50,000 images (SPEC §8, flat memory).
+    pairs = iter(images)
+    while True:
+        chunk = [(received.path, path) for received, path in itertools.islice(pairs, PLACE_CHUNK)]
+        if not chunk:
+            break
+        _place(staging, chunk)
+    _place(staging, viewer)
     if layout == "pdi":
         with open(os.path.join(staging, "README.TXT"), "w", encoding="ascii", newline="") as handle:
             handle.write(readme.text())
     return images
+
+
+def _place(staging, pairs):
+    """(source, path on the disc) pairs placed under ``staging``, in one call of the extension."""
+    fastcopy.place_files([(source, os.path.join(staging, path)) for source, path in pairs])
 
 
 def make_dicomdir(staging, images, how, dcmmkdir, timeout, file_set_id):

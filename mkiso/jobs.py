@@ -21,7 +21,7 @@ import time
 from contextlib import contextmanager
 
 from . import delivery, disc, disk, errors, logs, media, records, webcontent
-from .retrieval import Retrievals
+from .retrieval import Listed, Retrievals
 
 log = logging.getLogger(__name__)
 
@@ -140,12 +140,25 @@ class Jobs:
 
     @contextmanager
     def retrieved(self, job, studies, manifests):
-        """Every study's verified files, released when the block ends."""
+        """Every study's verified files, released when the block ends.
+
+        The manifests go into the compact form the check needs
+        (``retrieval.Listed``) and are emptied: while 50,000 images arrive
+        and are read, a job keeps their records, not a second copy of every
+        UID (SPEC §8, flat memory).  Not with ``pacs.retrieve: get``: C-GET
+        fetches again, series by series and in the syntax the manifest
+        names, what did not come (``pacs.get_study``), so it keeps the
+        manifest itself.
+        """
         job.step("retrieve")
+        compact = self.retrievals.receiver is not None  # C-MOVE: the manifest is only checked against
+        listed = {uid: Listed(manifest) if compact and manifest is not None else manifest
+                  for uid, manifest in manifests.items()}
+        manifests.clear()
         held = []
         try:
             for study in studies:
-                held.append(self._retrieve(job, study, manifests[study.study_uid]))
+                held.append(self._retrieve(job, study, listed[study.study_uid]))
             yield [received for retrieval in held for received in retrieval.files]
         finally:
             for retrieval in held:

@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import struct
+import sys
 import tempfile
 import xml.etree.ElementTree as ElementTree
 
@@ -424,17 +425,23 @@ def read_manifest(path):
     """The Manifest in findscu's single XML file of answers (-Xs)."""
     manifest = Manifest()
     values = {}
-    for _, element in ElementTree.iterparse(path):
+    parents = []  # the elements open around the one that ends
+    for event, element in ElementTree.iterparse(path, events=("start", "end")):
+        if event == "start":
+            parents.append(element)
+            continue
+        parents.pop()
         tag = (element.get("tag") or "").lower()
         if element.tag == "element" and tag in (SOP_INSTANCE_UID, SERIES_INSTANCE_UID, TRANSFER_SYNTAX):
             values[tag] = (element.text or "").strip().split("\\")[0]
         elif element.tag == "data-set":
             uid = values.get(SOP_INSTANCE_UID, "")
-            manifest[uid] = values.get(SERIES_INSTANCE_UID, "")
+            manifest[uid] = sys.intern(values.get(SERIES_INSTANCE_UID, ""))  # one string for a series' images
             if values.get(TRANSFER_SYNTAX):
-                manifest.syntaxes[uid] = values[TRANSFER_SYNTAX]
+                manifest.syntaxes[uid] = sys.intern(values[TRANSFER_SYNTAX])
             values = {}
-            element.clear()
+            if parents:  # gone once read: 50,000 answers kept as a tree would outweigh the manifest
+                parents[-1].remove(element)
     return manifest
 
 

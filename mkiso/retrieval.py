@@ -19,11 +19,14 @@ A retrieval that fails while the work dir is short of space (or the
 receiver could not write) is a 507, not a 502.
 """
 
-import collections
+import array
+import bisect
 import dataclasses
+import hashlib
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -48,11 +51,14 @@ HEADER_TAGS = [
 ]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class ReceivedFile:
     """An image as received, with the header fields read once for everything after.
 
-    Plain strings, not the pydicom dataset: ten thousand of these stay small.
+    Plain strings, not the pydicom dataset, in slots, and the values that
+    files share (the patient's, the study's, the series', the classes) one
+    string for all of them (``_received``): fifty thousand of these stay
+    small (SPEC §8, flat memory).
     """
 
     path: str
@@ -90,26 +96,35 @@ def read_received(path):
 
 
 def _received(path, text, transfer_syntax, charset):
-    """A ReceivedFile from the header's values as text, by keyword (both readers end here)."""
+    """A ReceivedFile from the header's values as text, by keyword (both readers end here).
+
+    Every value but the file's own (path, SOP Instance UID, numbers) is
+    interned: thousands of files share one string each.
+    """
+    shared = {keyword: sys.intern(value) for keyword, value in text.items() if keyword not in OWN}
     return ReceivedFile(
         path=path,
-        patient_id=text["PatientID"],
-        study_uid=text["StudyInstanceUID"],
-        series_uid=text["SeriesInstanceUID"],
+        patient_id=shared["PatientID"],
+        study_uid=shared["StudyInstanceUID"],
+        series_uid=shared["SeriesInstanceUID"],
         series_number=_number(text["SeriesNumber"]),
         instance_number=_number(text["InstanceNumber"]),
         sop_uid=text["SOPInstanceUID"],
-        sop_class_uid=text["SOPClassUID"],
-        transfer_syntax=transfer_syntax,
-        charset=charset,
-        patient_name=text["PatientName"],
-        study_date=text["StudyDate"],
-        study_time=text["StudyTime"],
-        study_description=text["StudyDescription"],
-        study_id=text["StudyID"],
-        accession=text["AccessionNumber"],
-        modality=text["Modality"],
+        sop_class_uid=shared["SOPClassUID"],
+        transfer_syntax=sys.intern(transfer_syntax),
+        charset=_CHARSETS.setdefault(charset, charset),
+        patient_name=shared["PatientName"],
+        study_date=shared["StudyDate"],
+        study_time=shared["StudyTime"],
+        study_description=shared["StudyDescription"],
+        study_id=shared["StudyID"],
+        accession=shared["AccessionNumber"],
+        modality=shared["Modality"],
     )
+
+
+_CHARSETS = {}  # one tuple for each character set seen (a handful)
+OWN = {"SOPInstanceUID", "SeriesNumber", "InstanceNumber"}  # each file's own: not interned
 
 
 def _text(header, keyword):
@@ -128,10 +143,19 @@ def read_all(paths):
 
     The scan only finds the bytes; they are decoded here as pydicom decodes
     them (the tests hold the two paths equal), and anything unusual, such
-    as a multi-valued field, is left to pydicom.
+    as a multi-valued field, is left to pydicom.  SCAN_CHUNK files at a
+    time: the raw values of a whole study at once would cost more than the
+    records made of them.
     """
-    return [_decode_scan(path, raw) or read_received(path)
-            for path, raw in zip(paths, fastcopy.scan_headers(paths), strict=True)]
+    files = []
+    for at in range(0, len(paths), SCAN_CHUNK):
+        chunk = paths[at:at + SCAN_CHUNK]
+        files += [_decode_scan(path, raw) or read_received(path)
+                  for path, raw in zip(chunk, fastcopy.scan_headers(chunk), strict=True)]
+    return files
+
+
+SCAN_CHUNK = 1000
 
 
 def _decode_scan(path, raw):
@@ -194,14 +218,15 @@ def verify(study, result, paths, manifest):
             raise errors.UpstreamFailed(
                 "An image received for %s carries another Patient ID than the PACS' C-FIND answer; "
                 "the disc was not made." % what, code="wrong_patient")
-    arrived = collections.Counter(received.sop_uid for received in files)
-    twice = sum(1 for count in arrived.values() if count > 1)
+    # Sorted references, not a set or a Counter of 50,000 UIDs: a duplicate is next to its twin.
+    arrived = sorted(received.sop_uid for received in files)
+    twice = _repeated(arrived)
     if twice:
         raise errors.UpstreamFailed(
             "%d images of %s arrived more than once, with different contents possible; "
             "the disc was not made." % (twice, what), code="unexpected_image")
     if manifest is not None:
-        check_manifest(what, set(manifest), set(arrived))
+        check_manifest(what, manifest, arrived)
     counted = result.completed is not None or result.warning is not None
     if counted and result.delivered != len(paths):
         raise errors.UpstreamFailed(
@@ -214,19 +239,57 @@ def verify(study, result, paths, manifest):
     return files
 
 
+class Listed:
+    """A study's manifest as the check after its retrieval needs it: ``uid in listed``, ``len(listed)``.
+
+    Sorted 64-bit keyed digests of its SOP Instance UIDs: 8 bytes an image,
+    where the UIDs and their dict cost about 130, kept while the study's
+    files arrive and are read (SPEC §8, flat memory).  Two UIDs of one study
+    sharing a digest: about one chance in 10^10 at 50,000 images, and the
+    key is random per process, so no sender can aim for it.
+    """
+
+    _KEY = os.urandom(16)
+
+    def __init__(self, uids):
+        self._digests = array.array("Q", sorted(self._digest(uid) for uid in uids))
+
+    @classmethod
+    def _digest(cls, uid):
+        digest = hashlib.blake2b(uid.encode("utf-8", "surrogateescape"), digest_size=8, key=cls._KEY).digest()
+        return int.from_bytes(digest, "little")
+
+    def __len__(self):
+        return len(self._digests)
+
+    def __contains__(self, uid):
+        digest = self._digest(uid)
+        at = bisect.bisect_left(self._digests, digest)
+        return at < len(self._digests) and self._digests[at] == digest
+
+
+def _repeated(ordered):
+    """How many values occur more than once in the sorted list ``ordered``."""
+    return sum(1 for at in range(1, len(ordered))
+               if ordered[at] == ordered[at - 1] and (at == 1 or ordered[at - 2] != ordered[at]))
+
+
 def check_manifest(what, listed, arrived):
-    """The received SOP Instance UIDs must be exactly those the PACS listed."""
-    unexpected = arrived - listed
+    """The received SOP Instance UIDs (``arrived``, each once) must be exactly those the PACS listed.
+
+    Counted by lookups in ``listed`` (the manifest): no set of either side is built.
+    """
+    unexpected = sum(1 for uid in arrived if uid not in listed)
     if unexpected:
         raise errors.UpstreamFailed(
             "%d images arrived for %s that the PACS does not list for it (the study changed, or "
-            "something else sent to the receiver); the disc was not made." % (len(unexpected), what),
+            "something else sent to the receiver); the disc was not made." % (unexpected, what),
             code="unexpected_image")
-    missing = listed - arrived
+    missing = len(listed) - len(arrived)
     if missing:
         raise errors.UpstreamFailed(
             "%d of the %d images the PACS lists for %s did not arrive; the disc was not made."
-            % (len(missing), len(listed), what), code="incomplete_study")
+            % (missing, len(listed), what), code="incomplete_study")
 
 
 class Retrieval:
@@ -260,19 +323,21 @@ class Retrieval:
         self._arrived = (None, count, size)
 
     def _count(self):
+        """One pass over the folders, an entry at a time (a list of 50,000 entries would be a peak of its own)."""
         count = size = 0
         for folder in self.watched:
             try:
-                entries = list(os.scandir(folder))
+                entries = os.scandir(folder)
             except FileNotFoundError:
                 continue
-            for entry in entries:
-                try:
-                    if entry.is_file():
-                        size += entry.stat().st_size
-                        count += 1
-                except FileNotFoundError:
-                    pass  # moved on meanwhile
+            with entries:
+                for entry in entries:
+                    try:
+                        if entry.is_file():
+                            size += entry.stat().st_size
+                            count += 1
+                    except FileNotFoundError:
+                        pass  # moved on meanwhile
         return count, size
 
 

@@ -21,6 +21,7 @@ never a failed disc; at most MAX_PREVIEWS per disc keep the cost at a
 fraction of a second whatever the study.
 """
 
+import array
 import collections
 import dataclasses
 import datetime
@@ -124,7 +125,11 @@ def kind(sop_class_uid):
 
 def count_kinds(objects):
     """ "3 images, 1 dose report" for the objects of a series."""
-    counts = collections.Counter(kind(received.sop_class_uid) for received, _ in objects)
+    return told(collections.Counter(kind(received.sop_class_uid) for received, _ in objects))
+
+
+def told(counts):
+    """ "3 images, 1 dose report" from a Counter of ``kind`` values, in the order first seen."""
     return ", ".join("%d %s" % (count, words[count != 1]) for words, count in counts.items())
 
 
@@ -144,7 +149,7 @@ def day(value):
 
 
 def write(staging, images, iso, dcmj2pnm, timeout, number=1, of=1):
-    """Write INDEX.HTM and IHE_PDI/ into ``staging`` for the ``images`` ([(file, disc path)]) of this disc."""
+    """Write INDEX.HTM and IHE_PDI/ into ``staging`` for the ``images`` ((file, disc path), indexed) of this disc."""
     os.makedirs(os.path.join(staging, FOLDER))
     studies = collect(staging, images, dcmj2pnm, timeout)
     for study in studies:
@@ -155,37 +160,61 @@ def write(staging, images, iso, dcmj2pnm, timeout, number=1, of=1):
         handle.write(index_page(studies, iso, viewer, number, of))
 
 
+class Members:
+    """A series' objects as positions in the disc's ``images``, and what they are.
+
+    4 bytes an object, where a list of the (file, disc path) pairs would
+    cost about 150: 50,000 images keep memory flat (SPEC §8).
+    """
+
+    def __init__(self):
+        self.objects = array.array("I")
+        self.pictures = array.array("I")  # those whose record is IMAGE: the preview is one of them
+        self.kinds = collections.Counter()
+
+    def add(self, at, received):
+        self.objects.append(at)
+        if records.record_type(received.sop_class_uid) == "IMAGE":
+            self.pictures.append(at)
+        self.kinds[kind(received.sop_class_uid)] += 1
+
+
 def collect(staging, images, dcmj2pnm, timeout):
     """The disc's studies and series, in disc order, with the previews made into IHE_PDI/."""
-    grouped = {}
-    for received, path in images:
+    grouped, modalities = {}, {}
+    for at, (received, path) in enumerate(images):
         _, patient, study, series, _ = path.split("/")
-        grouped.setdefault((patient, study), {}).setdefault(series, []).append((received, path))
+        series_of_study = grouped.setdefault((patient, study), {})
+        members = series_of_study.get(series)
+        if members is None:
+            members = series_of_study[series] = Members()
+        members.add(at, received)
+        if received.modality:
+            modalities.setdefault((patient, study), {})[received.modality] = None
     studies, previews = [], 0
-    for number, series_of_study in enumerate(grouped.values(), start=1):
-        first = next(iter(series_of_study.values()))[0][0]
+    for number, (key, series_of_study) in enumerate(grouped.items(), start=1):
+        first = images[next(iter(series_of_study.values())).objects[0]][0]
         page = "%s/STU%05d.HTM" % (FOLDER, number)
         rows = []
-        for series_number, objects in enumerate(series_of_study.values(), start=1):
-            row, made = describe_series(staging, objects, "%s/STU%05d/SER%05d.JPG" % (FOLDER, number, series_number),
+        for series_number, members in enumerate(series_of_study.values(), start=1):
+            row, made = describe_series(staging, images, members,
+                                        "%s/STU%05d/SER%05d.JPG" % (FOLDER, number, series_number),
                                         dcmj2pnm, timeout, previews < MAX_PREVIEWS)
             previews += made
             rows.append(row)
-        modalities = list(dict.fromkeys(received.modality for objects in series_of_study.values()
-                                        for received, _ in objects if received.modality))
         studies.append(Study(page, person(first.patient_name), day(first.study_date), first.study_description,
-                             first.accession, modalities, rows))
+                             first.accession, list(modalities.get(key, ())), rows))
     return studies
 
 
-def describe_series(staging, objects, preview, dcmj2pnm, timeout, may_preview):
-    """A series' row, and whether a preview was made for it (into ``preview``, a disc path)."""
-    pictures = [item for item in objects if records.record_type(item[0].sop_class_uid) == "IMAGE"]
-    received, path = (pictures or objects)[len(pictures or objects) // 2]
+def describe_series(staging, images, members, preview, dcmj2pnm, timeout, may_preview):
+    """A series' row (``members`` of ``images``), and whether a preview was made for it (into ``preview``)."""
+    chosen = members.pictures or members.objects
+    received, path = images[chosen[len(chosen) // 2]]
     header = pydicom.dcmread(os.path.join(staging, path), stop_before_pixels=True, specific_tags=PREVIEW_TAGS)
     row = Series(str(received.series_number) if received.series_number is not None else "",
-                 str(header.get("SeriesDescription", "") or ""), received.modality, count_kinds(objects))
-    if not pictures:
+                 str(header.get("SeriesDescription", "") or ""), received.modality, told(members.kinds))
+    if not members.pictures:
         return row, False
     if not may_preview:
         row.note = "No preview on this disc (only the first %d series have one)." % MAX_PREVIEWS
