@@ -350,18 +350,31 @@ def test_health_lookups_and_job_creation_are_rate_limited_per_client(plain_behin
     assert status == 200, body[:200]
 
 
-def test_connections_per_client_are_limited(plain_behind_nginx):
-    """More than 16 requests of one address held at once: nginx answers the rest 429."""
-    _, front, upstream = plain_behind_nginx
+def test_connections_per_client_are_limited(nginx, silent_listener, tmp_path):
+    """More than 16 requests of one address in progress at once: nginx answers the rest 429.
+
+    The upstream here never answers (as a long C-MOVE would not, for a while), so every request
+    nginx passed on stays in progress: with mkiso answering, the first ones could be over before
+    the seventeenth arrived, and the limit would never be reached.
+    """
+    front = nginx(silent_listener.getsockname()[1], str(tmp_path))
     port = int(front.rsplit(":", 1)[1])
+    request = b"GET /mkiso.php?accession_number=ACC2001 HTTP/1.1\r\nHost: x\r\n\r\n"
     held = []
     try:
-        for _ in range(20):
+        for _ in range(16):
             sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-            sock.sendall(b"GET /api/jobs/%s/events HTTP/1.1\r\nHost: x\r\n\r\n" % (b"0" * 32))
+            sock.sendall(request)
             held.append(sock)
-        statuses = [int(sock.recv(4096).split()[1]) for sock in held]
+        time.sleep(1)  # nginx has taken them all on
+        extra = socket.create_connection(("127.0.0.1", port), timeout=30)
+        held.append(extra)
+        extra.sendall(request)
+        status = int(extra.recv(4096).split()[1])
+        held[0].settimeout(0.5)
+        with pytest.raises(socket.timeout):
+            held[0].recv(4096)  # the first is still in progress, not refused
     finally:
         for sock in held:
             sock.close()
-    assert 429 in statuses
+    assert status == 429
