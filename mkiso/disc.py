@@ -38,7 +38,8 @@ SECTOR = 2048
 PLACE_CHUNK = 2000
 
 
-def _sort_number(value):
+def number_order(value):
+    """The sort key of a SeriesNumber or InstanceNumber (None: missing): by number, the missing last."""
     return (value is None, value if value is not None else 0)
 
 
@@ -83,10 +84,10 @@ def pdi_paths(files):
     placed = Placement()
     for p, studies in enumerate(patients.values(), start=1):
         for s, series in enumerate(studies.values(), start=1):
-            ordered = sorted(series.values(), key=lambda images: (_sort_number(images[0].series_number),
+            ordered = sorted(series.values(), key=lambda images: (number_order(images[0].series_number),
                                                                   images[0].series_uid))
             for r, images in enumerate(ordered, start=1):
-                images = sorted(images, key=lambda image: (_sort_number(image.instance_number), image.sop_uid))
+                images = sorted(images, key=lambda image: (number_order(image.instance_number), image.sop_uid))
                 for i, image in enumerate(images, start=1):
                     placed.append(image, (p, s, r, i))
     return placed
