@@ -63,12 +63,6 @@ def ascii_name(text):
     return clean_name(folded).upper()
 
 
-def patient_stem(person_name):
-    """'Müller^Jürgen' -> 'Müller_Jürgen' (alphabetic group, components joined)."""
-    alphabetic = person_name.split("=")[0]
-    return "_".join(part.strip() for part in alphabetic.split("^") if part.strip())
-
-
 def disposition(stem, fallback):
     """Content-Disposition with an ASCII filename and an RFC 6266 filename*."""
     utf8 = clean_name(stem) or fallback
@@ -232,14 +226,16 @@ class Build:
     disc.  The job holds its slot until ``when_ended``.
     """
 
-    def __init__(self, iso, job, write):
-        """``write(on_tick)`` writes ``iso`` (a ``jobs.Iso``) for ``job``; it starts at once."""
+    def __init__(self, iso, job):
+        """Start ``iso.write(on_tick)``, the last step of ``job`` that writes ``iso`` (a ``disc.Iso``); it
+        is ``iso.build`` from now on."""
         self.iso = iso
         self.written = 0
         self.error = None
         self.wake = None
         self._job = job
-        self._write = write
+        self._write, iso.write = iso.write, None
+        iso.build = self
         self._ended = threading.Event()
         self._after = []
         self._lock = threading.Lock()
@@ -310,7 +306,7 @@ class Build:
         with self._lock:
             if self._ended.is_set():
                 return
-            self._job.cancelled = True
+            self._job.stop()
         process.kill_owned(self._job)
 
 
