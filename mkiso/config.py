@@ -88,14 +88,20 @@ def _networks(value):
     return None
 
 
+def _sendable(key):
+    """Whether an HTTP client can send ``key`` in X-API-Key as it is written: printable ASCII.  (A header
+    arrives as Latin-1 text; a key with other characters would be accepted here and never match.)"""
+    return key.isascii() and key.isprintable()
+
+
 def _named_keys(value):
     for number, (name, key) in enumerate(value.items(), start=1):
         if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9._-]{1,64}$", name):
             # not shown: a key written where its name belongs would be printed
             return ("names must be 1 to 64 letters, digits, dots, dashes or underscores; the name of entry %d "
                     "is not" % number)
-        if not isinstance(key, str) or len(key) < 16 or not key.isprintable():
-            return "%s: a key must be a string of at least 16 printable characters" % name
+        if not isinstance(key, str) or len(key) < 16 or not _sendable(key):
+            return "%s: a key must be a string of at least 16 printable ASCII characters" % name
     if len(set(value.values())) < len(value):
         return "gives the same key two names; the audit could not tell the callers apart"
     return None
@@ -358,6 +364,9 @@ def _resolve_api_key(config, path):
             )
     elif os.environ.get("MKISO_API_KEY"):
         auth.api_key = os.environ["MKISO_API_KEY"]
+    if auth.api_key and not _sendable(auth.api_key):
+        raise ConfigError("%s: auth.api_key (or its file, or $MKISO_API_KEY) must be printable ASCII: an HTTP "
+                          "client cannot send other characters in X-API-Key as they are written" % path)
     unknown = [name for name in auth.admin_keys if name not in auth.keys]
     if unknown:
         raise ConfigError("%s: auth.admin_keys names %s, which auth.keys does not name" % (path, ", ".join(unknown)))

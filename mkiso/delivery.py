@@ -31,7 +31,6 @@ import collections
 import logging
 import os
 import re
-import socket
 import threading
 import unicodedata
 import wsgiref.util
@@ -61,12 +60,6 @@ def ascii_name(text):
     """The ASCII form for ``filename=``: accents dropped, upper-cased."""
     folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
     return clean_name(folded).upper()
-
-
-def patient_stem(person_name):
-    """'Müller^Jürgen' -> 'Müller_Jürgen' (alphabetic group, components joined)."""
-    alphabetic = person_name.split("=")[0]
-    return "_".join(part.strip() for part in alphabetic.split("^") if part.strip())
 
 
 def disposition(stem, fallback):
@@ -117,10 +110,15 @@ class RemovedOnClose:
     ``on_close(sent)`` is told.
 
     ``build`` (a ``Build``) is set while genisoimage still writes the
-    file: no byte is sent before it is written.  The sendfile channel sends
-    up to ``build.written`` and waits to be woken; any other reader blocks
-    in ``read`` until its bytes are there.  The file's end, as the server
-    asks for it, is the ISO's announced ``size``.
+    file: no byte is sent before it is written.  Any reader blocks in
+    ``read`` until its bytes are there; the file's end, as the server asks
+    for it, is the ISO's announced ``size``.
+
+    The server's connection that sends it from the file descriptor
+    (``waitress_adapter.SendfileChannel``) asks it by these names only:
+    ``sent_by(hang_up, wake)`` (how to end the connection sending it from
+    another thread, and to wake its loop as the ISO grows), ``waiting(position)``,
+    ``sendable(position, count)``, ``failed``, ``cut_off`` and ``end``.
     """
 
     def __init__(self, handle, cleanup, offset, length, size, build=None):
@@ -134,7 +132,7 @@ class RemovedOnClose:
         self.on_close = None
         self.size = size
         self.pending = None  # the Pending this answer counts in, if any
-        self.channel = None  # the server's connection sending it (set by channel.SendfileChannel)
+        self._hang_up = None  # ends the server's connection sending it (``sent_by``)
         self.cut_off = False
         handle.seek(offset)
         self.tell = handle.tell
@@ -147,6 +145,8 @@ class RemovedOnClose:
 
     def read(self, size=-1):
         """Never past the answer's end, whichever server reads it; never a byte not yet written."""
+        if self.cut_off:  # a server reading it through Python: its connection ends with this error
+            raise OSError("the answer was cut off: too many finished discs wait for their readers")
         size = self._remaining if size is None or size < 0 else min(size, self._remaining)
         if self.build is not None:
             self.build.wait_for(self._handle.tell() + size)
@@ -170,17 +170,35 @@ class RemovedOnClose:
         if self.on_close is not None:
             self.on_close(sent)
 
+    def sent_by(self, hang_up, wake):
+        """A connection sends this answer: ``hang_up()`` ends it from any thread (a ``cut``), ``wake()``
+        wakes its loop as the ISO grows."""
+        self._hang_up = hang_up
+        if self.build is not None:
+            self.build.wake = wake
+
+    def waiting(self, position):
+        """Whether the byte at ``position`` is not written yet: the connection waits to be woken."""
+        build = self.build
+        return build is not None and build.error is None and build.written <= position
+
+    def sendable(self, position, count):
+        """How many of ``count`` bytes from ``position`` are written, and may go now."""
+        build = self.build
+        return count if build is None else min(count, build.written - position)
+
+    @property
+    def failed(self):
+        """The ISO could not be written: its answer ends short, never looking complete."""
+        return self.build is not None and self.build.error is not None
+
     def cut(self):
         """End the answer now: its connection is shut down, and the server closes it (and this body)
         from its own loop.  Before the server started sending it, it is cut as soon as it does."""
         self.cut_off = True
-        channel = self.channel
-        if channel is not None:
-            try:
-                channel.socket.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass  # gone already
-            channel.server.pull_trigger()
+        hang_up = self._hang_up
+        if hang_up is not None:
+            hang_up()
 
 
 class Pending:
@@ -232,14 +250,16 @@ class Build:
     disc.  The job holds its slot until ``when_ended``.
     """
 
-    def __init__(self, iso, job, write):
-        """``write(on_tick)`` writes ``iso`` (a ``jobs.Iso``) for ``job``; it starts at once."""
+    def __init__(self, iso, job):
+        """Start ``iso.write(on_tick)``, the last step of ``job`` that writes ``iso`` (a ``disc.Iso``); it
+        is ``iso.build`` from now on."""
         self.iso = iso
         self.written = 0
         self.error = None
         self.wake = None
         self._job = job
-        self._write = write
+        self._write, iso.write = iso.write, None
+        iso.build = self
         self._ended = threading.Event()
         self._after = []
         self._lock = threading.Lock()
@@ -310,7 +330,7 @@ class Build:
         with self._lock:
             if self._ended.is_set():
                 return
-            self._job.cancelled = True
+            self._job.stop()
         process.kill_owned(self._job)
 
 

@@ -21,9 +21,11 @@ import itertools
 import logging
 import os
 import re
+import shutil
 import struct
 import unicodedata
 import warnings
+from typing import Callable, Optional
 
 import pydicom
 
@@ -38,7 +40,8 @@ SECTOR = 2048
 PLACE_CHUNK = 2000
 
 
-def _sort_number(value):
+def number_order(value):
+    """The sort key of a SeriesNumber or InstanceNumber (None: missing): by number, the missing last."""
     return (value is None, value if value is not None else 0)
 
 
@@ -83,10 +86,10 @@ def pdi_paths(files):
     placed = Placement()
     for p, studies in enumerate(patients.values(), start=1):
         for s, series in enumerate(studies.values(), start=1):
-            ordered = sorted(series.values(), key=lambda images: (_sort_number(images[0].series_number),
+            ordered = sorted(series.values(), key=lambda images: (number_order(images[0].series_number),
                                                                   images[0].series_uid))
             for r, images in enumerate(ordered, start=1):
-                images = sorted(images, key=lambda image: (_sort_number(image.instance_number), image.sop_uid))
+                images = sorted(images, key=lambda image: (number_order(image.instance_number), image.sop_uid))
                 for i, image in enumerate(images, start=1):
                     placed.append(image, (p, s, r, i))
     return placed
@@ -369,3 +372,53 @@ def make_iso(genisoimage, staging, label, iso_path, timeout, number=1, of=1, on_
         raise errors.MkisoError("genisoimage failed: %s" % process.failure_reason(result.output), code="iso_failed")
     if of > 1:
         set_volume_sequence(iso_path, number, of)
+
+
+def patient_stem(person_name):
+    """The file name a disc is called by after its patient: 'Müller^Jürgen' -> 'Müller_Jürgen' (the
+    alphabetic group, its components joined)."""
+    alphabetic = person_name.split("=")[0]
+    return "_".join(part.strip() for part in alphabetic.split("^") if part.strip())
+
+
+@dataclasses.dataclass(eq=False)
+class Iso:
+    """One disc's ISO, waiting to be sent (``path`` None: sized, not built); ``cleanup`` removes the job's
+    folder.
+
+    ``size`` is genisoimage's -print-size, which the written file must
+    match.  A job split over several discs has one Iso each (``number`` of
+    ``of``), all in the one job folder, each named ``<stem>_disc<n>``.
+    ``write`` is the last step, genisoimage, when it is left to run while
+    the answer goes out (a synchronous download, SPEC §8); ``build`` (a
+    ``delivery.Build``) is that step running.
+    """
+
+    path: Optional[str]
+    size: int
+    stem: str
+    fallback_stem: str
+    folder: str
+    images: int = 0
+    number: int = 1
+    of: int = 1
+    profile: Optional[str] = None  # the media profile's name and the volume (File-set ID): None from the cache
+    volume: Optional[str] = None
+    write: Optional[Callable] = dataclasses.field(default=None, repr=False)
+    build: object = dataclasses.field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.of > 1:
+            self.stem = "%s_disc%d" % (self.stem, self.number)
+            self.fallback_stem = "%s_disc%d" % (self.fallback_stem, self.number)
+
+    def cleanup(self):
+        """Remove the job folder; an ISO still being written is given up first, and goes when it stopped."""
+        if self.build is None:
+            self._remove()
+        else:
+            self.build.give_up()
+            self.build.when_ended(self._remove)
+
+    def _remove(self):
+        shutil.rmtree(self.folder, ignore_errors=True)

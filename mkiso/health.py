@@ -31,12 +31,12 @@ class Check:
 
 
 class Health:
-    def __init__(self, config, receiver, pacs_client, publisher, cache):
+    def __init__(self, config, receiver, pacs_client, publisher_peer, cache):
         self.config = config
         self.cache = cache
         self.receiver = receiver
         self.pacs = pacs_client
-        self.publisher = publisher
+        self.publisher_peer = publisher_peer  # None: no publisher configured
         self._expensive = None  # (when, {name: Check})
         self._expensive_lock = threading.Lock()
 
@@ -131,11 +131,11 @@ class Health:
         return Check(*self.pacs.echo())
 
     def check_publisher(self):
-        if self.publisher is None:
+        if self.publisher_peer is None:
             return Check(True, "not configured")
         return Check(*pacs.echo(
             os.path.join(self.config.tools.dcmtk_dir, "echoscu"),
-            self.config.receiver.ae_title, self.publisher, self.config.timeouts.find_s,
+            self.config.receiver.ae_title, self.publisher_peer, self.config.timeouts.find_s,
         ))
 
     def check_cache(self):

@@ -1,466 +1,480 @@
-"""A job's steps: accession numbers in, a checked disc (or relayed images) out.
+"""The job and its keeping (SPEC §9): the record, its states, the queue, progress, cancel, expiry.
 
-find every study (404 names the accession without one), refuse a mix of
-patients (409), list each study's images (the manifest), answer from the
-disc cache when the same disc was made before, else retrieve each study
-once (shared with concurrent jobs), stage the disc, make and check the
-DICOMDIR, size it (413/507), build the ISO and keep it in the cache.  A job
-owns one folder under the work dir; it is removed on any failure, and on
-success when the ISO is no longer needed.  ``registry`` runs these steps
-as jobs (slots, queue, state, cancel).
+Every piece of work is a ``Job``, and ``Jobs`` keeps them.  A job started
+with POST /api/jobs waits in ``queued`` for one of ``limits.max_jobs``
+slots (at most ``jobs.max_queued`` wait; then 503) and runs in a thread of
+its own; a synchronous request (the §2 endpoints, the legacy URLs) is a job
+run in the request's thread that gets a slot at once or a 503, as before.
+
+A flood of POSTs must not starve the HIS's synchronous downloads: POSTed
+jobs run in at most ``limits.max_jobs`` - 1 slots (one slot is the
+synchronous requests' alone, when there are two or more), each caller (its
+key's name, else its address) starts at most ``jobs.max_per_minute`` (429
+beyond), and at most ``jobs.max_failed`` failed or cancelled jobs are kept
+(the oldest go first) however many a caller makes fail.
+
+The steps themselves are in ``steps``; ``Jobs`` runs them, keeps each
+job's state and progress for the API and the events stream, writes its
+audit line (one per job), cancels it (its tools killed, its files removed)
+and forgets it ``jobs.keep_s`` after it ended.  A streamed download's last
+step, genisoimage, runs while its answer goes out (``delivery.Build``):
+the job's slot is handed over to it and freed when it ends.  Jobs live in
+memory: a restart forgets them, and the work dir's leftovers go at start.
+
+Only ``Jobs`` writes a job's fields: the steps, the retrievals and the
+answer report through the job's methods, which hand the change to it.
 """
 
+import collections
 import dataclasses
-import errno
-import functools
+import enum
 import logging
-import os
-import shutil
-import tempfile
+import secrets
+import threading
 import time
-from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Optional
 
-from . import delivery, disc, disk, errors, logs, media, records, webcontent
-from .retrieval import Listed, Retrievals
+from . import audit, delivery, errors, process
 
 log = logging.getLogger(__name__)
 
-
-PLAN_ATTEMPTS = 3
-RESUME_WAIT_S = 5  # for the receiver to listen again once cached discs made room
-
-
-@dataclasses.dataclass
-class Layout:
-    """One disc staged and sized, not yet written."""
-
-    staging: str
-    images: list
-    size: int
-    number: int
-    profile: str = ""  # the media profile's name (PS3.11), for the job's JSON
-    volume: str = ""  # File-set ID and Volume Identifier
+RETRY_AFTER_S = 30
+CANCEL_WAIT_S = 30
 
 
-class Iso:
-    """An ISO waiting to be sent (``path`` None: sized, not built); ``cleanup`` removes the job folder.
+class State(enum.Enum):
+    """Where a job is; ``value`` is the word its JSON says."""
 
-    ``size`` is genisoimage's -print-size, which the written file must
-    match.  A job split over several discs has one Iso each (``number`` of
-    ``of``), all in the one job folder.  ``build`` is set while the ISO is
-    still being written (a synchronous download, SPEC §8).
-    """
+    QUEUED = "queued"
+    RUNNING = "running"
+    READY = "ready"  # its discs wait to be fetched
+    DONE = "done"  # a print, or a synchronous download whose answer took its disc
+    FAILED = "failed"
+    CANCELLED = "cancelled"
 
-    def __init__(self, path, size, stem, fallback_stem, folder, images=0, number=1, of=1):
-        self.path = path
-        self.size = size
-        self.stem = stem if of == 1 else "%s_disc%d" % (stem, number)
-        self.fallback_stem = fallback_stem if of == 1 else "%s_disc%d" % (fallback_stem, number)
-        self.folder = folder
-        self.images = images
-        self.number = number
-        self.build = None
-        self.profile = None  # the media profile's name and the volume (File-set ID): None from the cache
-        self.volume = None
+    @property
+    def ended(self):
+        """Nothing more runs for it."""
+        return self not in (State.QUEUED, State.RUNNING)
 
-    def cleanup(self):
-        """Remove the job folder; an ISO still being written is given up first, and goes when it stopped."""
-        if self.build is None:
-            self._remove()
-        else:
-            self.build.give_up()
-            self.build.when_ended(self._remove)
+    @property
+    def final(self):
+        """Ended, and with no disc to fetch or cancel."""
+        return self.ended and self is not State.READY
 
-    def _remove(self):
-        shutil.rmtree(self.folder, ignore_errors=True)
+
+def _iso_time(epoch):
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+@dataclasses.dataclass(eq=False)
+class Job:
+    """One download or print: what was asked (set when it is made), and what its keeper has written since."""
+
+    action: str  # download | print
+    accessions: list
+    export: audit.Export
+    named_by_patient: bool = False
+    split: bool = False  # a download too big for one disc makes several (else 413 needs_split)
+    stream: bool = False  # a synchronous download whose answer may start while its ISO is written
+    synchronous: bool = False
+    id: str = dataclasses.field(default_factory=lambda: secrets.token_hex(16))  # 128 random bits
+    token: str = dataclasses.field(default_factory=lambda: secrets.token_urlsafe(32))  # for the ISO link
+    state: State = State.QUEUED
+    phase: str = "queued"
+    error: Optional[dict] = None
+    created: float = dataclasses.field(default_factory=time.time)
+    updated: float = dataclasses.field(default_factory=time.time)
+    ended: Optional[float] = None
+    images_expected: Optional[int] = None
+    disc_bytes: Optional[int] = None
+    retrievals: list = dataclasses.field(default_factory=list)
+    discs: list = dataclasses.field(default_factory=list)  # every disc's disc.Iso, once made
+    answer: Optional[dict] = None  # a print's answer
+    omitted: Optional[dict] = None  # private objects left off the disc (SPEC §4.1); None from the cache
+    cancelled: bool = False
+    keeper: "Jobs" = dataclasses.field(default=None, repr=False)
+
+    @property
+    def iso(self):
+        """The disc of a download that made one (None for several, or none yet)."""
+        return self.discs[0] if len(self.discs) == 1 else None
+
+    @property
+    def request_id(self):
+        return self.export.request_id
+
+    @property
+    def caller(self):
+        """The name of the key that made the job (None: no named keys, or the unnamed one)."""
+        return self.export.caller
+
+    # -- what the steps report ------------------------------------------------
+
+    def step(self, phase):
+        """The job moves on to ``phase``; raises errors.Cancelled if it was cancelled meanwhile."""
+        if self.cancelled:
+            raise errors.Cancelled("The job was cancelled.")
+        self.keeper.update(self, phase=phase)
+
+    def expect(self, images):
+        """The PACS lists ``images`` objects for the job's studies."""
+        self.keeper.report(self, images_expected=images)
+
+    def sized(self, disc_bytes):
+        """Its discs together hold ``disc_bytes``."""
+        self.keeper.report(self, disc_bytes=disc_bytes)
+
+    def left_off(self, sop_classes):
+        """Private objects of these SOP classes (one entry each) stay off the disc (SPEC §4.1)."""
+        self.keeper.report(self, omitted={"objects": len(sop_classes), "sop_classes": sorted(set(sop_classes))})
+
+    def watch(self, retrieval):
+        """A retrieval this job waits for: its arrivals count in the progress (a retried one replaces
+        the first try)."""
+        uid = retrieval.study.study_uid
+        self.keeper.report(self, retrievals=[known for known in self.retrievals
+                                             if known.study.study_uid != uid] + [retrieval])
+
+    def stop(self):
+        """Its steps stop at the next one (the answer waiting for its disc went away)."""
+        self.keeper.report(self, cancelled=True)
+
+    # -- what it tells ----------------------------------------------------------
+
+    def progress(self):
+        received = size = 0
+        for retrieval in self.retrievals:
+            count, nbytes = retrieval.arrived()
+            received += count
+            size += nbytes
+        return {"phase": self.phase, "images_expected": self.images_expected, "images_received": received,
+                "bytes_received": size, "disc_bytes": self.disc_bytes}
+
+    def succeeded(self):
+        """(state, phase) it ends in when its steps succeed: a POSTed download's discs wait to be fetched
+        (ready); a print, or a synchronous download (its answer takes the disc), is done."""
+        state = State.DONE if self.action == "print" or self.synchronous else State.READY
+        return state, "ready" if self.action == "download" else "done"
+
+    def as_dict(self, keep_s, token=True):
+        """The job's JSON; without ``token`` its disc links carry no download token (for others than
+        its caller)."""
+        links = {"self": "/api/jobs/" + self.id, "events": "/api/jobs/%s/events" % self.id}
+        ready = self.state is State.READY
+        query = "?token=" + self.token if token else ""
+        if ready and self.iso is not None:
+            links["iso"] = "/api/jobs/%s/iso%s" % (self.id, query)
+        discs = [{"number": iso.number, "bytes": iso.size, "images": iso.images,
+                  "volume": iso.volume, "profile": iso.profile,
+                  "links": {"iso": "/api/jobs/%s/discs/%d/iso%s" % (self.id, iso.number, query)}}
+                 for iso in (self.discs if ready else [])]
+        return {
+            "id": self.id, "action": self.action, "accessions": list(self.accessions), "state": self.state.value,
+            "progress": self.progress(), "error": self.error, "created": _iso_time(self.created),
+            "updated": _iso_time(self.updated), "expires": _iso_time(self.ended + keep_s if self.ended else None),
+            "links": links, "discs": discs, "result": self.answer, "omitted": self.omitted,
+        }
 
 
 class Jobs:
-    def __init__(self, config, pacs, receiver, jobs_dir, retrievals_dir, publisher, patient_api, cache, metrics):
+    """The jobs of this service: their slots, queue, rates, states, cancel and expiry."""
+
+    def __init__(self, config, steps, audit_trail, metrics):
         self.config = config
-        self.pacs = pacs
-        self.publisher = publisher
-        self.patient_api = patient_api
-        self.jobs_dir = jobs_dir
-        self.cache = cache
-        self.metrics = metrics
-        self.retrievals = Retrievals(pacs, receiver, retrievals_dir, config.limits.min_free_bytes, metrics)
+        self.steps = steps  # steps.Steps
+        self.audit = audit_trail
+        self.metrics = metrics  # told of each job's end
+        self.keep_s = config.jobs.keep_s
+        self._slots = config.limits.max_jobs
+        self._posted_slots = max(1, self._slots - 1)  # one slot kept for synchronous requests
+        self._running = 0
+        self._running_posted = 0
+        self._rates = Rates(config.jobs.max_per_minute)
+        self._jobs = collections.OrderedDict()  # id -> Job, oldest first
+        self._queue = collections.deque()
+        self._changed = threading.Condition()
 
-    @contextmanager
-    def folder(self, job):
-        """The job's folder, removed if the job fails; on success the caller removes it once delivered."""
-        self.check_free_space()
-        try:
-            folder = tempfile.mkdtemp(prefix="job-%s-" % job.id, dir=self.jobs_dir)
-        except OSError as exc:
-            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise
-            raise errors.Unavailable(
-                "The work dir %s is not writable (%s); no disc can be made until it is."
-                % (self.jobs_dir, exc.strerror), code="work_dir_unwritable")
-        try:
-            yield folder
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
+    # -- starting ----------------------------------------------------------
 
-    # -- steps ------------------------------------------------------------
+    def run(self, job, build=True, audited=True):
+        """Run ``job`` in this thread now (a synchronous request); 503 when every slot is taken.
 
-    def find(self, accessions, folder):
-        studies, missing = [], []
-        for accession in accessions:
-            found = self.pacs.find_studies(accession, folder)
-            if not found:
-                missing.append(accession)
-            studies += found
-        if missing:
-            raise errors.NotFound("The PACS has no study for accession number%s %s."
-                                  % ("s" if len(missing) > 1 else "", ", ".join(missing)), code="study_not_found")
-        unique = {}
-        for study in studies:
-            unique.setdefault(study.study_uid, study)
-        studies = list(unique.values())
-        self.check_one_patient(studies)
-        return studies
-
-    def manifests(self, job, studies, folder):
-        """Each study's SOP Instance UIDs (None where the PACS refuses IMAGE-level queries)."""
-        job.step("manifest")
-        manifests = {study.study_uid: self.pacs.list_instances(study.study_uid, folder) for study in studies}
-        job.images_expected = sum(len(manifests[study.study_uid]) if manifests[study.study_uid] is not None
-                                  else (study.instances or 0) for study in studies)
-        return manifests
-
-    def check_one_patient(self, studies):
-        patients = {study.patient_id for study in studies}
-        if len(patients) > 1 and not self.config.limits.allow_multi_patient:
-            raise errors.Conflict(
-                "The accession numbers %s belong to %d different patients; one disc holds one patient."
-                % (", ".join(sorted({s.accession for s in studies})), len(patients)))
-
-    @contextmanager
-    def retrieved(self, job, studies, manifests):
-        """Every study's verified files, released when the block ends.
-
-        The manifests go into the compact form the check needs
-        (``retrieval.Listed``) and are emptied: while 50,000 images arrive
-        and are read, a job keeps their records, not a second copy of every
-        UID (SPEC §8, flat memory).  Not with ``pacs.retrieve: get``: C-GET
-        fetches again, series by series and in the syntax the manifest
-        names, what did not come (``pacs.get_study``), so it keeps the
-        manifest itself.
+        Without ``build`` (a HEAD) the disc is sized, not written; without
+        ``audited`` nothing is exported, so no audit line is written.
         """
-        job.step("retrieve")
-        compact = self.retrievals.receiver is not None  # C-MOVE: the manifest is only checked against
-        listed = {uid: Listed(manifest) if compact and manifest is not None else manifest
-                  for uid, manifest in manifests.items()}
-        manifests.clear()
-        held = []
+        with self._changed:
+            if self._running >= self._slots:
+                raise errors.Unavailable(
+                    "All %d job slots are busy; try again shortly." % self._slots,
+                    code="busy", retry_after=RETRY_AFTER_S)
+            self._running += 1
+            job.synchronous = True
+            self._add(job)
+        return self._execute(job, build, audited)
+
+    def submit(self, job):
+        """Queue ``job`` to run in a thread of its own; 429 for a caller over its rate, 503 when the queue
+        is full."""
+        with self._changed:
+            self._rates.take(job.export.caller or job.export.client)
+            if len(self._queue) >= self.config.jobs.max_queued:
+                raise errors.Unavailable(
+                    "%d jobs are already waiting; try again later." % len(self._queue),
+                    code="busy", retry_after=RETRY_AFTER_S)
+            self._add(job)
+            self._queue.append(job)
+        threading.Thread(target=self._wait_and_run, args=(job,), name="job-" + job.id[:8], daemon=True).start()
+        return job
+
+    def _add(self, job):
+        self._reap()
+        job.keeper = self
+        self._jobs[job.id] = job
+
+    def _wait_and_run(self, job):
+        with self._changed:
+            while not job.cancelled and (self._queue[0] is not job or self._running >= self._slots
+                                         or self._running_posted >= self._posted_slots):
+                self._changed.wait()
+            self._queue.remove(job)
+            if job.cancelled:
+                self._changed.notify_all()
+                return
+            self._running += 1
+            self._running_posted += 1
         try:
-            for study in studies:
-                held.append(self._retrieve(job, study, listed[study.study_uid]))
-            yield [received for retrieval in held for received in retrieval.files]
-        finally:
-            for retrieval in held:
-                self.retrievals.release(retrieval)
+            self._execute(job, build=True, audited=True)
+        except errors.MkisoError:
+            pass  # the job's JSON holds the error
+        except Exception:
+            log.exception("job failed", extra={"fields": {"request_id": job.request_id}})
 
-    def _retrieve(self, job, study, manifest):
-        """The study's verified files; a retrieval short of space makes cached discs give way and runs again.
+    def _execute(self, job, build, audited):
+        """The job's steps, its audit line, its end state; frees the slot.
 
-        The PACS reports no sizes, so how much room a study needs is known
-        only as it arrives: what came before the space ran out, scaled to
-        the images expected, is what the least recently used cached discs
-        give way for.  Every round evicts at least one, so this ends; with
-        none left to evict, the 507 stands.
+        A streamed ISO (``delivery.Build``) is still being written when this
+        returns: the job ends, and frees its slot, when genisoimage does.
         """
-        while True:
-            try:
-                return self.retrievals.get(study, manifest, watch=job.watch)
-            except errors.InsufficientStorage:
-                freed = self.cache.free(self._room_for(job, study, manifest))
-                if not freed:
+        self.update(job, state=State.RUNNING, phase="find")
+        building = None
+        try:
+            with process.owned_by(job):
+                try:
+                    if job.action == "print":
+                        job.answer = self.steps.print_studies(job)
+                    else:
+                        self.report(job, discs=self.steps.make_iso(job, build))
+                        if job.iso is not None and job.iso.write is not None:  # the answer goes out while
+                            delivery.Build(job.iso, job).begun()  # genisoimage writes it
+                    process.check_cancelled()
+                except Exception as exc:
+                    _drop_discs(job)  # made just before a cancel took: they go too
+                    if not job.cancelled:
+                        self._failed(job, exc, audited)
+                        raise
+                    cancelled = errors.Cancelled("The job was cancelled.")
+                    self._failed(job, cancelled, audited)
+                    raise cancelled from exc
+            if audited:
+                try:
+                    self._audit(job)
+                except errors.MkisoError as exc:
+                    _drop_discs(job)
+                    self._failed(job, exc, audited)
                     raise
-            log.info("cached discs evicted to make room", extra={"fields": {
-                "accession": study.accession, "bytes": freed, "request_id": job.request_id}})
-            receiver = self.retrievals.receiver  # paused for want of space: it resumes within a moment
-            deadline = time.monotonic() + RESUME_WAIT_S
-            while receiver is not None and not receiver.listening and time.monotonic() < deadline:
-                time.sleep(0.1)
-
-    def _room_for(self, job, study, manifest):
-        """Bytes to free for ``study``'s retrieval, estimated from what arrived of it (at least 1)."""
-        count, size = next((retrieval.arrived() for retrieval in job.retrievals
-                            if retrieval.study.study_uid == study.study_uid), (0, 0))
-        expected = len(manifest) if manifest is not None else (study.instances or count)
-        estimate = size * expected // count if count else 0
-        return max(1, estimate + self.config.limits.min_free_bytes - disk.free_bytes(self.jobs_dir))
-
-    def check_free_space(self, needed=0):
-        """507 unless ``needed`` bytes fit above limits.min_free_bytes, after evicting cached discs."""
-        wanted = needed + self.config.limits.min_free_bytes
-        free = disk.free_bytes(self.jobs_dir)
-        if free < wanted and self.cache.free(wanted - free):
-            free = disk.free_bytes(self.jobs_dir)
-        if free < wanted:
-            raise errors.InsufficientStorage(
-                "The work dir has %d bytes free; this needs %d (including limits.min_free_bytes)." % (free, wanted))
-
-    # -- the download -----------------------------------------------------
-
-    def make_iso(self, job, build=True):
-        """Build the disc for ``job.accessions``; the caller sends and cleans up the Iso.
-
-        The file is named after the accession, or with ``job.named_by_patient``
-        after the patient.  Without ``build`` (a HEAD) everything is done
-        and checked up to the ISO's exact size, and no ISO is written.
-        What was found goes on ``job.export`` (the audit record) as it is known.
-        """
-        with self.folder(job) as folder:
-            try:
-                return self._make_iso(job, folder, build)
-            except OSError as exc:
-                if exc.errno == errno.ENOSPC:
-                    raise errors.InsufficientStorage("The work dir ran out of space while making the disc.")
-                raise
-
-    def _make_iso(self, job, folder, build):
-        config, accessions, export = self.config, job.accessions, job.export
-        watch = logs.Stopwatch(self.metrics.phase)
-        studies = export.studies = self.find(accessions, folder)
-        watch.lap("find")
-        manifests = self.manifests(job, studies, folder)
-        watch.lap("manifest")
-        named = self.patient_name(studies) if job.named_by_patient else None
-        stem = delivery.patient_stem(named) if named is not None else accessions[0]
-        label = disc.volume_label(config.iso.volume_label, accessions)
-        key = None  # no manifest, no key: such a disc is not cached
-        if None not in manifests.values():
-            key = self.cache.key(studies, manifests, layout=config.iso.layout, dicomdir=config.iso.dicomdir,
-                                 label=label, viewer=disc.viewer_digest(config.iso.viewer_dir), named=named,
-                                 media=config.iso.media, capacity=media.capacity(config.iso),
-                                 transcode=config.iso.transcode, private_objects=config.iso.private_objects,
-                                 web_content=config.iso.web_content, institution=config.iso.institution,
-                                 contact=config.iso.contact)
-            cached = self._from_cache(job, key, os.path.join(folder, "disc.iso"))
-            if cached is not None:
-                export.bytes = job.disc_bytes
-                return [Iso(cached, job.disc_bytes, stem, accessions[0], folder, images=job.images_expected)]
-        with self.retrieved(job, studies, manifests) as files:
-            watch.lap("retrieve")
-            files, omitted = self.sort_out(files)
-            job.omitted = {"objects": len(omitted), "sop_classes": sorted(set(omitted))}
-            if config.iso.transcode == "explicit-le":
-                job.step("transcode")
-                transcoded = os.path.join(folder, "transcoded")
-                os.mkdir(transcoded)
-                files = media.transcode(files, transcoded, config.tools.dcmtk_dir, config.timeouts.iso_s)
-                watch.lap("transcode")
-            laid = self._lay_out(job, folder, files, omitted, label, watch)
-        export.images = sum(len(layout.images) for layout in laid)
-        job.disc_bytes = sum(layout.size for layout in laid)
-        self.check_free_space(job.disc_bytes)
-        export.bytes = job.disc_bytes
-        isos = [Iso(os.path.join(folder, "disc-%d.iso" % layout.number if len(laid) > 1 else "disc.iso")
-                    if build else None, layout.size, stem, accessions[0], folder, len(layout.images),
-                    layout.number, len(laid)) for layout in laid]
-        for iso, layout in zip(isos, laid, strict=True):
-            iso.profile, iso.volume = layout.profile, layout.volume
-        rest = functools.partial(self._write_isos, job, laid, isos, label, key, watch, len(studies))
-        if build and job.stream and len(isos) == 1:
-            isos[0].build = delivery.Build(isos[0], job, rest)  # the answer goes out while it is written
-            isos[0].build.begun()
-        else:
-            rest()
-        return isos
-
-    def _write_isos(self, job, laid, isos, label, key, watch, studies, on_tick=None):
-        """Write each disc's ISO (none for a HEAD), exactly the size genisoimage announced; then cache it."""
-        try:
-            for layout, iso in zip(laid, isos, strict=True):
-                if iso.path is None:
-                    continue
-                job.step("iso")
-                disc.make_iso(self.config.tools.genisoimage, layout.staging, label, iso.path,
-                              self.config.timeouts.iso_s, layout.number, len(laid), on_tick=on_tick)
-                written = os.path.getsize(iso.path)
-                if written != iso.size:
-                    raise errors.MkisoError("genisoimage wrote %d bytes where it announced %d."
-                                            % (written, iso.size), code="iso_failed")
+            building = job.iso.build if job.iso is not None else None
+            if building is not None:
+                building.when_ended(lambda: self._built(job, building))
+                return job.iso
+            state, phase = job.succeeded()
+            self.update(job, state=state, phase=phase, ended=True)
+            return job.iso if job.action == "download" else job.answer
         finally:
-            for layout in laid:
-                disk.remove_soon(layout.staging)
-            shutil.rmtree(os.path.join(isos[0].folder, "transcoded"), ignore_errors=True)
-        watch.lap("iso")
-        if key and len(isos) == 1 and isos[0].path is not None:
-            self.cache.store(key, isos[0].path)
-        log.info("iso built", extra={"fields": dict({
-            "accessions": ",".join(job.accessions), "studies": studies, "images": job.export.images,
-            "private_omitted": (job.omitted or {}).get("objects", 0),
-            "discs": len(isos), "bytes": job.disc_bytes, "request_id": job.request_id}, **watch.fields)})
+            if building is None:
+                self._free_slot(job)
 
-    def sort_out(self, files):
-        """(what goes on the disc, the SOP classes of the private objects left off), SPEC §4.1.
+    def _built(self, job, build):
+        """A streamed ISO is written, or failed while its answer went out (which was then cut short)."""
+        try:
+            if build.error is None:
+                state, phase = job.succeeded()
+                self.update(job, state=state, phase=phase, ended=True)
+                return
+            if not isinstance(build.error, errors.Cancelled):
+                log.warning("the ISO could not be written; its answer was cut short", exc_info=build.error,
+                            extra={"fields": {"request_id": job.request_id}})
+            self._failed(job, build.error, audited=False)  # the answer, cut short, writes the export's line
+        finally:
+            self._free_slot(job)
 
-        Every object's record type is known before anything is staged: a
-        standard class mkiso lacks is a 500 naming it.  ``iso.private_objects:
-        omit`` leaves a vendor's private classes off (README.TXT and the job
-        say so); the legacy layout, which has no DICOMDIR, keeps everything.
+    def _free_slot(self, job):
+        with self._changed:
+            self._running -= 1
+            if not job.synchronous:
+                self._running_posted -= 1
+            self._changed.notify_all()
+
+    def _failed(self, job, exc, audited):
+        failure = exc if isinstance(exc, errors.MkisoError) else errors.MkisoError(
+            "An internal error occurred; the server log has the details under this request id.")
+        if audited:
+            self._audit(job, failure)
+        state = State.CANCELLED if isinstance(failure, errors.Cancelled) else State.FAILED
+        self.update(job, state=state, ended=True,
+                    error={"error": failure.message, "code": failure.code, "status": failure.status,
+                           "request_id": job.request_id})
+
+    def _audit(self, job, failure=None):
+        """The job's one audit line (SPEC §11): its failure, or that it succeeded.
+
+        A streamed download's line is written by its answer when it ends
+        (what was really sent); here the trail is only checked to take it.
+        A failure's line is written once, and a trail that cannot take it
+        is logged: the job's own error is what the caller hears.
         """
-        if self.config.iso.layout != "pdi":
-            return files, []
-        private = [received for received in files if records.record_type(received.sop_class_uid) == records.PRIVATE]
-        if not private or self.config.iso.private_objects == "keep":
-            return files, []
-        kept = [received for received in files if not records.is_private(received.sop_class_uid)]
-        if not kept:
-            raise errors.MkisoError(
-                "Every object of these studies is of a private SOP class (%s); with iso.private_objects: omit "
-                "there is nothing to put on a disc." % ", ".join(sorted({r.sop_class_uid for r in private})),
-                code="only_private_objects")
-        return kept, [received.sop_class_uid for received in private]
-
-    def _lay_out(self, job, folder, files, omitted, label, watch):
-        """Plan, stage, index and size every disc; plan again, tighter, while genisoimage finds one too big.
-
-        Without ``job.split`` more than one disc is a 413 saying how many:
-        the same number a split job makes.
-        """
-        config = self.config
-        limit = budget = media.capacity(config.iso)
-        for _ in range(PLAN_ATTEMPTS):
-            groups = self.plan(files, budget)
-            if len(groups) > 1 and not job.split:
-                raise errors.TooLarge(
-                    "These studies need %d discs of %s; ask for a job with split, or fewer accession numbers."
-                    % (len(groups), media.describe(config.iso)), code="needs_split", details={"discs": len(groups)})
-            laid = [self._stage_disc(job, folder, number, len(groups), group, omitted, label, watch)
-                    for number, group in enumerate(groups, start=1)]
-            over = max(layout.size for layout in laid) - limit
-            if over <= 0:
-                return laid
-            for layout in laid:
-                shutil.rmtree(layout.staging)
-            budget -= over + 8 * disc.SECTOR
-        raise errors.TooLarge("The disc cannot be laid out within %s." % media.describe(config.iso),
-                              code="disc_too_large")
-
-    def plan(self, files, budget):
-        """``files`` split into discs of ``budget`` bytes, each also holding the viewer and the web content."""
-        iso = self.config.iso
-        fixed = media.BASE + disc.viewer_bytes(iso.viewer_dir)
-        if self.web_content:
-            return media.plan(files, budget, fixed + webcontent.DISC_BYTES,
-                              media.PerDisc(webcontent.STUDY_BYTES, webcontent.SERIES_BYTES))
-        return media.plan(files, budget, fixed)
-
-    @property
-    def web_content(self):
-        """Whether discs carry the web content: asked for, and in the PDI layout it belongs to."""
-        return self.config.iso.web_content and self.config.iso.layout == "pdi"
-
-    def _stage_disc(self, job, folder, number, of, files, omitted, label, watch):
-        config = self.config
-        job.step("stage")
-        staging = os.path.join(folder, "disc-%d" % number)
-        os.mkdir(staging)
-        syntaxes = {received.transfer_syntax for received in files}
-        private = {received.sop_class_uid for received in files if records.is_private(received.sop_class_uid)}
-        profile = media.profile(syntaxes, config.iso.media, private)
-        readme = disc.Readme(
-            studies=len({received.study_uid for received in files}),
-            series=len({received.series_uid for received in files}), objects=len(files), profile=profile.text,
-            syntaxes=[media.syntax_name(uid) for uid in sorted(syntaxes)], viewer_dir=config.iso.viewer_dir,
-            institution=config.iso.institution, contact=config.iso.contact, number=number, of=of, omitted=omitted)
-        images = disc.stage(staging, files, config.iso.layout, config.iso.viewer_dir, readme)
-        watch.lap("stage")
-        volume = disc.disc_label(label, number, of)
-        if self.web_content:
-            webcontent.write(staging, images, config.iso, os.path.join(config.tools.dcmtk_dir, "dcmj2pnm"),
-                             config.timeouts.iso_s, number, of)
-            watch.lap("web")
-        if config.iso.layout == "pdi":
-            job.step("dicomdir")
-            dcmmkdir = os.path.join(config.tools.dcmtk_dir, "dcmmkdir")
-            disc.make_dicomdir(staging, images, config.iso.dicomdir, dcmmkdir, config.timeouts.iso_s, volume)
-            watch.lap("dicomdir")
-        job.step("size")
-        size = disc.iso_size(config.tools.genisoimage, staging, label, config.timeouts.iso_s, number, of)
-        watch.lap("size")
-        return Layout(staging, images, size, number, profile.name, volume)
-
-    def _from_cache(self, job, key, iso_path):
-        """The cached ISO linked to ``iso_path``, or None when this disc is not cached."""
-        size = self.cache.fetch(key, iso_path)
-        if size is None:
-            return None
-        job.export.images = job.images_expected
-        job.disc_bytes = size
-        log.info("iso from the cache", extra={"fields": {
-            "accessions": ",".join(job.accessions), "bytes": size, "request_id": job.request_id}})
-        return iso_path
-
-    def patient_name(self, studies):
-        """The name a multi-study disc is called by: the patient API's, else the PACS'."""
-        return self.patient_api.name(studies[0].accession) or studies[0].patient_name
-
-    # -- print ------------------------------------------------------------
-
-    def require_publisher(self):
-        """503 when no publisher is configured: asked before a print job is queued, and when it runs."""
-        if self.publisher is None:
-            raise errors.Unavailable("Printing is not configured (publisher.host is empty).",
-                                     code="publisher_not_configured")
-
-    def print_studies(self, job):
-        """Relay every image of the accessions to the publisher (SPEC §5); what went where goes on the export."""
-        self.require_publisher()
         export = job.export
-        watch = logs.Stopwatch(self.metrics.phase)
-        with self.folder(job) as folder:
+        if failure is None:
+            if export.deferred:
+                self.audit.check(export)
+            else:
+                self.audit.record(export, 200)
+        elif not export.recorded:
             try:
-                studies = export.studies = self.find(job.accessions, folder)
-                watch.lap("find")
-                manifests = self.manifests(job, studies, folder)
-                watch.lap("manifest")
-                export.destination = self.publisher.peer.address
-                with self.retrieved(job, studies, manifests) as files:
-                    watch.lap("retrieve")
-                    export.images = len(files)
-                    job.step("send")
-                    sent = self.publisher.send(files, folder)
-                    watch.lap("send")
-                    discs = len(self.plan(files, media.capacity(self.config.iso)))
-                    export.bytes = job.progress()["bytes_received"]
-                    self.metrics.sent("publisher", export.bytes)
-            finally:
-                shutil.rmtree(folder, ignore_errors=True)
-        log.info("sent to publisher", extra={"fields": dict({
-            "accessions": ",".join(job.accessions), "studies": len(studies), "images": sent}, **watch.fields)})
-        # The publisher composes its own discs; how many of iso.media it will need, as mkiso would split them.
-        return {"status": "sent", "accessions": job.accessions, "studies": len(studies), "instances": sent,
-                "discs": discs, "media": self.config.iso.media}
+                self.audit.record(export, failure.status, failure.code)
+            except errors.MkisoError:
+                pass  # logged by the audit trail
 
-    # -- what the desk page shows ---------------------------------------------
+    # -- looking and changing ------------------------------------------------
 
-    def describe(self, accessions, export):
-        """What the PACS holds for the accessions (GET /api/studies): C-FINDs and manifests, no retrieval.
+    def update(self, job, ended=False, **changes):
+        """Change ``job`` as the API shows it (its ``updated`` moves on; streams are woken); ``ended``:
+        it reached its end state now."""
+        with self._changed:
+            for name, value in changes.items():
+                setattr(job, name, value)
+            job.updated = time.time()
+            if ended and job.ended is None:  # a ready disc cancelled later ended once, as ready
+                self.metrics.job_ended(job.action, job.state.value, (job.error or {}).get("code"))
+            if ended:
+                job.ended = job.updated
+            self._changed.notify_all()
 
-        The studies found go on ``export`` (the lookup's audit line).  A
-        PACS that leaves ModalitiesInStudy empty (dcmqrscp does) is asked
-        for its series' modalities instead: the clerk tells studies apart by them.
+    def report(self, job, **changes):
+        """What a step found out about ``job`` (its progress, its discs): recorded, no new event.
+
+        No lock: each is one assignment, and nobody waits for it (a build
+        giving up calls this under its own lock, which must not wait for ours).
         """
-        with tempfile.TemporaryDirectory(prefix="studies-", dir=self.jobs_dir) as folder:
-            export.destination = self.pacs.peer.address  # who was asked
-            studies = export.studies = self.find(accessions, folder)
-            described = []
-            for study in studies:
-                manifest = self.pacs.list_instances(study.study_uid, folder)
-                described.append({
-                    "accession": study.accession, "study_uid": study.study_uid,
-                    "patient_name": study.patient_name, "patient_id": study.patient_id,
-                    "date": study.study_date, "description": study.description,
-                    "modalities": study.modalities or self.pacs.series_modalities(study.study_uid, folder),
-                    "series": len(set(manifest.values())) if manifest is not None else None,
-                    "images": len(manifest) if manifest is not None else study.instances,
-                })
-        return described
+        for name, value in changes.items():
+            setattr(job, name, value)
+
+    def counts(self):
+        """(running, queued) now."""
+        with self._changed:
+            return self._running, len(self._queue)
+
+    def get(self, job_id):
+        with self._changed:
+            self._reap()
+            job = self._jobs.get(job_id)
+        if job is None:
+            raise errors.NotFound("There is no job %s (finished jobs are kept %ss)." % (job_id, self.keep_s),
+                                  code="job_not_found")
+        return job
+
+    def recent(self):
+        with self._changed:
+            self._reap()
+            return list(reversed(self._jobs.values()))
+
+    def wait_for_change(self, job, since, timeout):
+        """Block until ``job`` changed after ``since`` (its ``updated``) or ``timeout`` passed."""
+        with self._changed:
+            self._changed.wait_for(lambda: job.updated != since, timeout)
+
+    def cancel(self, job_id):
+        """Stop the job: out of the queue, or its tools killed and its files removed."""
+        job = self.get(job_id)
+        with self._changed:
+            if job.state.final:
+                return job
+            job.cancelled = True
+            self._changed.notify_all()
+            if job.state is State.QUEUED:
+                self.update(job, state=State.CANCELLED, phase="cancelled", ended=True)
+                return job
+        if job.state is State.READY:
+            self._discard(job)
+            self.update(job, state=State.CANCELLED, phase="cancelled", ended=True)
+            return job
+        process.kill_owned(job)
+        with self._changed:
+            self._changed.wait_for(lambda: job.state.ended, CANCEL_WAIT_S)
+        if job.state is State.READY:  # finished just before the cancel took
+            self._discard(job)
+            self.update(job, state=State.CANCELLED, phase="cancelled", ended=True)
+        return job
+
+    # -- expiry ----------------------------------------------------------------
+
+    def reap(self):
+        with self._changed:
+            self._reap()
+
+    def _reap(self):
+        now = time.time()
+        expired = [job for job in self._jobs.values() if job.ended and now - job.ended >= self.keep_s]
+        failed = sorted((job for job in self._jobs.values() if job.state in (State.FAILED, State.CANCELLED)),
+                        key=lambda job: job.ended or 0)
+        for job in expired + failed[:max(0, len(failed) - self.config.jobs.max_failed)]:
+            if self._jobs.pop(job.id, None) is not None:
+                self._discard(job)
+
+    def _discard(self, job):
+        """A ready job's discs go (a synchronous request's went with its answer)."""
+        if job.synchronous:
+            job.discs = []
+        else:
+            _drop_discs(job)
+
+    def discard_all(self):
+        """At shutdown: every ready job's files go (they would be leftovers anyway)."""
+        with self._changed:
+            for job in self._jobs.values():
+                self._discard(job)
+
+
+class Rates:
+    """At most ``per_minute`` jobs started per caller: a bucket of that many, refilled over a minute."""
+
+    FORGET_AFTER = 1024  # callers remembered before the full (idle) buckets are forgotten
+
+    def __init__(self, per_minute):
+        self.per_minute = per_minute
+        self._buckets = {}  # caller -> (tokens, when)
+
+    def take(self, caller):
+        now = time.monotonic()
+        if len(self._buckets) > self.FORGET_AFTER:
+            self._buckets = {who: bucket for who, bucket in self._buckets.items()
+                             if self._level(bucket, now) < self.per_minute}
+        tokens = self._level(self._buckets.get(caller, (self.per_minute, now)), now)
+        if tokens < 1:
+            raise errors.TooManyRequests("More than %d jobs a minute from this caller; try again shortly."
+                                         % self.per_minute, retry_after=int(60 / self.per_minute) + 1)
+        self._buckets[caller] = (tokens - 1, now)
+
+    def _level(self, bucket, now):
+        tokens, when = bucket
+        return min(self.per_minute, tokens + (now - when) * self.per_minute / 60)
+
+
+def _drop_discs(job):
+    """Remove the job's discs and forget them."""
+    discs, job.discs = job.discs, []
+    for iso in discs:
+        iso.cleanup()

@@ -21,7 +21,7 @@ import dataclasses
 import os
 
 from . import errors, process
-from .disc import SECTOR, sectors
+from .disc import SECTOR, number_order, sectors
 
 CAPACITY = {"cd": 700000000, "dvd": 4700000000, "dvd-dl": 8500000000, "bd": 25000000000, "none": None}
 NAMES = {"cd": "CD", "dvd": "DVD", "dvd-dl": "dual-layer DVD", "bd": "Blu-ray disc", "none": "disc"}
@@ -144,13 +144,13 @@ def plan(files, limit, fixed, per_disc=None):
         series = {}
         for image in study:
             series.setdefault(image.series_uid, []).append(image)
-        for images in sorted(series.values(), key=lambda group: (_number(group[0].series_number),
+        for images in sorted(series.values(), key=lambda group: (number_order(group[0].series_number),
                                                                  group[0].series_uid)):
             size = sum(costs[image.path] for image in images)
             if fits(images, size):
                 place(images, size)
                 continue
-            for image in sorted(images, key=lambda item: (_number(item.instance_number), item.sop_uid)):
+            for image in sorted(images, key=lambda item: (number_order(item.instance_number), item.sop_uid)):
                 single = costs[image.path]
                 if not fits([image], single):
                     raise errors.TooLarge(
@@ -159,10 +159,6 @@ def plan(files, limit, fixed, per_disc=None):
                 place([image], single)
     new_disc()
     return discs
-
-
-def _number(value):
-    return (0, value) if value is not None else (1, 0)
 
 
 # -- the profile -------------------------------------------------------------

@@ -78,7 +78,7 @@ class _State:
 
     def collect(self):
         service = self.service
-        running, queued = service.registry.counts()
+        running, queued = service.jobs.counts()
         yield _gauge("mkiso_jobs_running", "Jobs running now.", running)
         yield _gauge("mkiso_jobs_queued", "Jobs waiting for a slot.", queued)
         cache = service.cache

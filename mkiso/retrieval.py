@@ -21,178 +21,19 @@ receiver could not write) is a 507, not a 502.
 
 import array
 import bisect
-import dataclasses
 import hashlib
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import threading
 import time
-from typing import Optional, Tuple
-
-import pydicom
-import pydicom.charset
-from pydicom.valuerep import PersonName
-
-from . import disk, errors, fastcopy, logs, process
+from . import disk, errors, logs, process
+from .received import read_all
 
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 0.5
-
-# What a disc needs from each image: the §3 checks, the PDI layout and the DICOMDIR records.
-# In tag order: mkiso._fastcopy.WANTED_TAGS lists the same tags.
-HEADER_TAGS = [
-    "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "StudyDate", "StudyTime", "AccessionNumber",
-    "Modality", "StudyDescription", "PatientName", "PatientID", "StudyInstanceUID", "SeriesInstanceUID",
-    "StudyID", "SeriesNumber", "InstanceNumber",
-]
-
-
-@dataclasses.dataclass(slots=True)
-class ReceivedFile:
-    """An image as received, with the header fields read once for everything after.
-
-    Plain strings, not the pydicom dataset, in slots, and the values that
-    files share (the patient's, the study's, the series', the classes) one
-    string for all of them (``_received``): fifty thousand of these stay
-    small (SPEC §8, flat memory).
-    """
-
-    path: str
-    patient_id: str
-    study_uid: str
-    series_uid: str
-    series_number: Optional[int]
-    instance_number: Optional[int]
-    sop_uid: str
-    sop_class_uid: str = ""
-    transfer_syntax: str = ""
-    charset: Tuple[str, ...] = ()
-    patient_name: str = ""
-    study_date: str = ""
-    study_time: str = ""
-    study_description: str = ""
-    study_id: str = ""
-    accession: str = ""
-    modality: str = ""
-
-
-def read_received(path):
-    try:
-        header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
-    except Exception as exc:  # pydicom raises many kinds on a broken file
-        raise errors.UpstreamFailed(
-            "A received image could not be read as DICOM (%s); the disc was not made." % exc,
-            code="bad_image")
-    charset = header.get("SpecificCharacterSet") or ()
-    meta = getattr(header, "file_meta", None)
-    return _received(
-        path, {keyword: _text(header, keyword) for keyword in HEADER_TAGS},
-        str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else "",
-        (str(charset),) if isinstance(charset, str) else tuple(str(value) for value in charset))
-
-
-def _received(path, text, transfer_syntax, charset):
-    """A ReceivedFile from the header's values as text, by keyword (both readers end here).
-
-    Every value but the file's own (path, SOP Instance UID, numbers) is
-    interned: thousands of files share one string each.
-    """
-    shared = {keyword: sys.intern(value) for keyword, value in text.items() if keyword not in OWN}
-    return ReceivedFile(
-        path=path,
-        patient_id=shared["PatientID"],
-        study_uid=shared["StudyInstanceUID"],
-        series_uid=shared["SeriesInstanceUID"],
-        series_number=_number(text["SeriesNumber"]),
-        instance_number=_number(text["InstanceNumber"]),
-        sop_uid=text["SOPInstanceUID"],
-        sop_class_uid=shared["SOPClassUID"],
-        transfer_syntax=sys.intern(transfer_syntax),
-        charset=_CHARSETS.setdefault(charset, charset),
-        patient_name=shared["PatientName"],
-        study_date=shared["StudyDate"],
-        study_time=shared["StudyTime"],
-        study_description=shared["StudyDescription"],
-        study_id=shared["StudyID"],
-        accession=shared["AccessionNumber"],
-        modality=shared["Modality"],
-    )
-
-
-_CHARSETS = {}  # one tuple for each character set seen (a handful)
-OWN = {"SOPInstanceUID", "SeriesNumber", "InstanceNumber"}  # each file's own: not interned
-
-
-def _text(header, keyword):
-    return str(header.get(keyword, "") or "")
-
-
-# The VR of each HEADER_TAGS entry, for decoding what the C scan found.
-PERSON, TEXT = "PN", "text"
-TEXT_DELIMITERS = {0x0D, 0x0A, 0x09, 0x0C}  # pydicom's for text VRs
-_KINDS = {"PatientName": PERSON, "AccessionNumber": TEXT, "StudyDescription": TEXT, "PatientID": TEXT,
-          "StudyID": TEXT}
-
-
-def read_all(paths):
-    """Every file's header fields: from the C scan where it could, else from pydicom.
-
-    The scan only finds the bytes; they are decoded here as pydicom decodes
-    them (the tests hold the two paths equal), and anything unusual, such
-    as a multi-valued field, is left to pydicom.  SCAN_CHUNK files at a
-    time: the raw values of a whole study at once would cost more than the
-    records made of them.
-    """
-    files = []
-    for at in range(0, len(paths), SCAN_CHUNK):
-        chunk = paths[at:at + SCAN_CHUNK]
-        files += [_decode_scan(path, raw) or read_received(path)
-                  for path, raw in zip(chunk, fastcopy.scan_headers(chunk), strict=True)]
-    return files
-
-
-SCAN_CHUNK = 1000
-
-
-def _decode_scan(path, raw):
-    """A ReceivedFile from the scan's raw values, or None to leave the file to pydicom."""
-    if raw is None:
-        return None
-    syntax, values = raw
-    found = dict(zip(HEADER_TAGS, values, strict=True))
-    try:
-        charset = ()
-        if found["SpecificCharacterSet"]:
-            charset = tuple(part.decode("ascii").strip(" \0") for part in found["SpecificCharacterSet"].split(b"\\"))
-        encodings = pydicom.charset.convert_encodings(list(charset) or None)
-        fields = {}
-        for keyword, value in found.items():
-            kind = _KINDS.get(keyword)
-            if value is None:
-                fields[keyword] = ""
-            elif b"\\" in value and keyword != "SpecificCharacterSet":
-                return None  # multi-valued: as pydicom shows it
-            elif kind == PERSON:
-                fields[keyword] = str(PersonName(value.rstrip(b" \0"), encodings))
-            elif kind == TEXT:
-                fields[keyword] = pydicom.charset.decode_bytes(value, encodings, TEXT_DELIMITERS).rstrip("\0 ")
-            else:
-                fields[keyword] = value.decode("ascii").strip("\0 ")
-    except (UnicodeDecodeError, LookupError, ValueError):
-        return None
-    return _received(path, fields, syntax.decode("ascii", "replace").rstrip("\0 "), charset)
-
-
-def _number(value):
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
-
 
 def verify(study, result, paths, manifest):
     """Check a finished retrieval and its files against the C-FIND answers.

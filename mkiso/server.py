@@ -5,8 +5,9 @@ SIGTERM/SIGINT can stop accepting at once, let running requests finish up to
 ``timeouts.shutdown_s``, and then take the children and temp files down.
 
 The cheap open paths (``/api/health``, ``/metrics``) are served by a small
-pool of their own (``Pools``): a flood of them queues there, never in front
-of a download.  A request body over ``web.MAX_BODY`` is refused by waitress
+pool of their own (``waitress_adapter.Pools``): a flood of them queues
+there, never in front of a download.  What mkiso uses of waitress beyond
+its public API is all in ``waitress_adapter``.  A request body over ``web.MAX_BODY`` is refused by waitress
 with 413 from its Content-Length, before a byte of it is read or spooled.
 
 Under systemd (``Type=notify``) it says READY=1 once listening, WATCHDOG=1
@@ -22,10 +23,8 @@ import sys
 import time
 
 from waitress.server import create_server
-from waitress.task import ThreadedTaskDispatcher
 
-from . import __version__, config as configuration, logs, web
-from .channel import SendfileChannel
+from . import __version__, config as configuration, logs, waitress_adapter, web
 from .service import Service
 from .systemd import Notifier
 
@@ -81,8 +80,8 @@ class Server:
         if self.service.receiver is not None and not self.service.receiver.wait_ready():
             log.warning("the receiver is not listening yet; health will say why")
         try:
-            server = listen(web.Application(self.config, self.service), self.config.server.host,
-                            self.config.server.port, self.config.server.threads)
+            server, server_map = listen(web.Application(self.config, self.service), self.config.server.host,
+                                        self.config.server.port, self.config.server.threads)
         except OSError as exc:
             log.error("cannot listen on %s:%s: %s", self.config.server.host, self.config.server.port, exc.strerror)
             self.service.stop()
@@ -93,7 +92,7 @@ class Server:
             "url": "http://%s:%s/" % (server.effective_host, server.effective_port), "version": __version__}})
         self.systemd.ready()
         try:
-            self._loop(server)
+            self._loop(server, server_map)
         finally:
             server.task_dispatcher.shutdown(timeout=1)
             self.service.stop()
@@ -105,21 +104,19 @@ class Server:
             self.stop_requested = time.monotonic()
             log.info("stopping", extra={"fields": {"signal": signal.Signals(signum).name}})
 
-    def _loop(self, server):
+    def _loop(self, server, server_map):
         accepting = True
         while True:
-            server.asyncore.loop(timeout=0.2, map=server._map, use_poll=True, count=1)
+            waitress_adapter.turn(server_map, 0.2)
             if self.stop_requested is None:
                 self.systemd.watchdog(self._alive())
                 continue
             if accepting:
                 self.systemd.stopping()
-                server.accepting = False
-                server.del_channel()
-                server.socket.close()
+                waitress_adapter.stop_accepting(server)
                 accepting = False
             waited = time.monotonic() - self.stop_requested
-            if not _busy(server) or waited >= self.config.timeouts.shutdown_s:
+            if not waitress_adapter.busy(server) or waited >= self.config.timeouts.shutdown_s:
                 return
 
 
@@ -129,10 +126,12 @@ class Server:
 
 
 def listen(app, host, port, threads):
-    """The waitress server for ``app``: ``threads`` workers (and one per event stream), the cheap
-    paths' own pool, file bodies through sendfile, bodies over web.MAX_BODY refused unread."""
+    """(the waitress server for ``app``, the map its loop turns): ``threads`` workers (and one per event
+    stream), the cheap paths' own pool, file bodies through sendfile, bodies over web.MAX_BODY refused
+    unread."""
+    server_map = {}
     server = create_server(
-        app, host=host, port=port,
+        app, map=server_map, host=host, port=port,
         threads=threads + web.EVENT_STREAMS,  # event streams hold a thread each
         ident="mkiso",
         clear_untrusted_proxy_headers=False,  # X-Forwarded-For: web trusts server.trusted_proxies only
@@ -141,41 +140,6 @@ def listen(app, host, port, threads):
         connection_limit=CONNECTIONS,
         asyncore_use_poll=True,  # select() cannot watch a descriptor above 1023
     )
-    server.channel_class = SendfileChannel  # file-backed bodies leave through sendfile
-    server.task_dispatcher = Pools(server.task_dispatcher, CHEAP_THREADS)
-    return server
+    waitress_adapter.adapt(server, CHEAP_PATHS, CHEAP_THREADS)
+    return server, server_map
 
-
-class Pools:
-    """waitress's task dispatcher, with the cheap open paths sent to a small pool of their own.
-
-    Each task is a connection with its next request parsed; the path of
-    that request picks the pool, so a keep-alive connection's next request
-    may go to the other one.
-    """
-
-    def __init__(self, main, cheap_threads):
-        self.main = main
-        self.cheap = ThreadedTaskDispatcher()
-        self.cheap.set_thread_count(cheap_threads)
-
-    def add_task(self, channel):
-        request = channel.requests[0] if getattr(channel, "requests", None) else None
-        cheap = request is not None and request.error is None and request.command in ("GET", "HEAD") \
-            and request.path in CHEAP_PATHS
-        (self.cheap if cheap else self.main).add_task(channel)
-
-    def set_thread_count(self, count):
-        self.main.set_thread_count(count)
-
-    def shutdown(self, cancel_pending=True, timeout=5):
-        cheap = self.cheap.shutdown(cancel_pending, timeout)
-        return self.main.shutdown(cancel_pending, timeout) and cheap
-
-
-def _busy(server):
-    """Whether any connection still has a request in hand or bytes to send."""
-    for channel in list(server.active_channels.values()):
-        if channel.requests or channel.total_outbufs_len:
-            return True
-    return False

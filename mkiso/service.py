@@ -13,9 +13,9 @@ from . import audit, delivery, health, pacs, process, receiver
 from .cache import DiscCache
 from .jobs import Jobs
 from .metrics import Metrics
-from .registry import Registry
 from .patients import PatientApi
 from .publisher import Publisher
+from .steps import Steps
 
 log = logging.getLogger(__name__)
 
@@ -37,22 +37,23 @@ class Service:
         self.receiver = None  # with pacs.retrieve: get nothing listens
         if config.pacs.retrieve == "move":
             self.receiver = receiver.Receiver(config, self.path(INBOX), self.path(RECEIVER_PID))
-        self.publisher = None
+        self.publisher = None  # the CD/DVD publisher's relay (SPEC §5), when one is configured
         if config.publisher.host:
-            self.publisher = pacs.Peer(
-                "Publisher", config.publisher.ae_title, config.publisher.host, config.publisher.port)
+            self.publisher = Publisher(config, pacs.Peer(
+                "Publisher", config.publisher.ae_title, config.publisher.host, config.publisher.port))
         self.audit = audit.Audit(config)
         # Behind nginx the ISOs it sends (cached ones too) must be readable by its group.
         self.cache = DiscCache(self.path(CACHE), config.cache.max_bytes, config.cache.ttl_s,
                                mode=0o640 if config.server.x_accel_prefix else 0o600)
-        self.health = health.Health(config, self.receiver, self.pacs, self.publisher, self.cache)
+        self.health = health.Health(config, self.receiver, self.pacs,
+                                    self.publisher.peer if self.publisher else None, self.cache)
         self.metrics = Metrics()
-        self.jobs = Jobs(
+        self.steps = Steps(
             config, self.pacs, self.receiver, self.path(JOBS), self.path(RETRIEVALS),
-            publisher=Publisher(config, self.publisher) if self.publisher else None,
+            publisher=self.publisher,
             patient_api=PatientApi(config.patient_api), cache=self.cache, metrics=self.metrics,
         )
-        self.registry = Registry(config, self.jobs, self.audit, self.metrics)
+        self.jobs = Jobs(config, self.steps, self.audit, self.metrics)
         self.pending = delivery.Pending(config.limits.max_pending_bytes)  # discs still going to their readers
         self.metrics.watch(self)
         self._stopping = threading.Event()
@@ -80,14 +81,14 @@ class Service:
     def _housekeeping(self):
         """Finished jobs and cached discs go when their time is up, requests or not."""
         while not self._stopping.wait(HOUSEKEEPING_EVERY_S):
-            self.registry.reap()
+            self.jobs.reap()
             self.cache.expire()
 
     def stop(self):
         """Every step of the way out, each one even when another failed (a work dir gone read-only or
         removed under us must not leave children running): a failed step is one warning."""
         self._stopping.set()
-        for step in (self._stop_housekeeping, self.registry.discard_all, self._stop_receiver,
+        for step in (self._stop_housekeeping, self.jobs.discard_all, self._stop_receiver,
                      self._kill_children, self.remove_leftovers):
             try:
                 step()

@@ -3,7 +3,7 @@
 Routes map a path (or, for a job's own paths, a pattern) to a handler and
 the methods it takes; the legacy PHP URLs the HIS still calls are declared
 beside the route they stand for.  Every download or print is a job
-(``registry``): the synchronous endpoints run theirs in the request.
+(``jobs``): the synchronous endpoints run theirs in the request.
 Every response carries X-Request-ID (and ``nosniff``, ``no-referrer``) and
 produces one access-log line; every exception becomes the JSON error body
 of SPEC §2 in ``_error``.  Before any handler runs, ``origins`` refuses a
@@ -25,7 +25,7 @@ from urllib.parse import parse_qs
 
 from . import accessions, audit, auth, delivery, errors, metrics, origins
 from .lookups import Lookups
-from .registry import ENDED, Job
+from .jobs import Job, State
 from .responses import Response
 
 log = logging.getLogger("mkiso.web")
@@ -299,24 +299,37 @@ class Application:
         """
         server = self.config.server
         head = request.method == "HEAD"
-        job = self._new_job(request, "download", wanted, named_by_patient)
-        job.stream = not head and not server.x_accel_prefix  # sent while written (nginx needs it whole)
-        job.export.deferred = job.stream  # audited when its answer ends; nginx's is audited when handed over
-        iso = self.service.registry.run(job, build=not head or bool(server.x_accel_prefix), audited=not head)
+        stream = not head and not server.x_accel_prefix  # sent while written (nginx needs it whole)
+        job = self._new_job(request, "download", wanted, named_by_patient, stream=stream)
+        job.export.deferred = stream  # audited when its answer ends; nginx's is audited when handed over
+        iso = self.service.jobs.run(job, build=not head or bool(server.x_accel_prefix), audited=not head)
         if job.export.deferred:
             request.export = job.export
+        return self._send(request, iso, synchronous=True)
+
+    def _send(self, request, iso, synchronous):
+        """The ISO as the answer, or behind nginx (server.x_accel_prefix) a redirect for nginx to send it.
+
+        A synchronous download's ISO goes when its answer ends (behind
+        nginx: after server.x_accel_keep_s); a job's stays until the job
+        expires.
+        """
+        server = self.config.server
         if server.x_accel_prefix:
             return delivery.accel_response(iso, server.x_accel_prefix, self.config.paths.work_dir,
-                                           server.x_accel_keep_s)
-        return delivery.iso_response(request.environ, iso, pending=self.service.pending)
+                                           server.x_accel_keep_s if synchronous else None)
+        if synchronous:
+            return delivery.iso_response(request.environ, iso, pending=self.service.pending)
+        return delivery.iso_response(request.environ, iso, remove=False)
 
     def print_studies(self, request):
         wanted = self._accessions(request, ("accession_number", "accession_numbers"), several=True)
         job = self._new_job(request, "print", wanted)
-        return Response.json(200, self.service.registry.run(job))
+        return Response.json(200, self.service.jobs.run(job))
 
-    def _new_job(self, request, action, wanted, named_by_patient=False):
-        return Job(action, wanted, self._export(request, action, wanted), named_by_patient=named_by_patient)
+    def _new_job(self, request, action, wanted, named_by_patient=False, **asked):
+        """The job of this request; ``asked``: its other settings (``split``, ``stream``), see jobs.Job."""
+        return Job(action, wanted, self._export(request, action, wanted), named_by_patient=named_by_patient, **asked)
 
     def _export(self, request, action, wanted):
         """The audit record of what the request hands out."""
@@ -327,16 +340,16 @@ class Application:
     # -- jobs (SPEC §9) --------------------------------------------------------
 
     def jobs(self, request):
-        registry = self.service.registry
+        jobs = self.service.jobs
         if request.method != "POST":
-            return Response.json(200, {"jobs": [self._job_view(request, job, listed=True) for job in registry.recent()
+            return Response.json(200, {"jobs": [self._job_view(request, job, listed=True) for job in jobs.recent()
                                                 if self.keys.sees(request.caller, job.caller)]})
         body = self._json_body(request)
         action = body.get("action", "download")
         if action not in ("download", "print"):
             raise errors.BadRequest("action must be download or print.")
         if action == "print":
-            self.service.jobs.require_publisher()
+            self.service.steps.require_publisher()
         given = body.get("accessions")
         if not isinstance(given, list) or not all(isinstance(item, str) for item in given):
             raise errors.BadRequest("accessions must be a list of accession numbers (strings).",
@@ -350,9 +363,8 @@ class Application:
             raise errors.BadRequest("split must be true or false.")
         wanted = accessions.parse(",".join(given), "accessions", True, self.config.limits.max_accessions)
         request.accessions = wanted
-        job = self._new_job(request, action, wanted, named_by_patient=len(wanted) > 1)
-        job.split = split
-        registry.submit(job)
+        job = self._new_job(request, action, wanted, named_by_patient=len(wanted) > 1, split=split)
+        jobs.submit(job)
         return Response.json(202, self._job_view(request, job), [("Location", "/api/jobs/" + job.id)])
 
     def _json_body(self, request):
@@ -381,7 +393,7 @@ class Application:
 
     def _job(self, request):
         """The job of the path, if the caller may see it: with named keys, its own (an admin: any)."""
-        job = self.service.registry.get(request.match["job_id"])
+        job = self.service.jobs.get(request.match["job_id"])
         if not self.keys.sees(request.caller, job.caller):
             raise errors.NotFound("There is no job %s of yours." % job.id, code="job_not_found")
         return job
@@ -390,12 +402,12 @@ class Application:
         """The job's JSON; its download token only for its own caller (a single job: the id is the
         capability; in the list nobody is told apart without named keys, so none is shown there)."""
         own = request.caller == job.caller if self.keys.named else not listed
-        return job.as_dict(self.service.registry.keep_s, token=own)
+        return job.as_dict(self.service.jobs.keep_s, token=own)
 
     def job(self, request):
         job = self._job(request)
         if request.method == "DELETE":
-            job = self.service.registry.cancel(job.id)
+            job = self.service.jobs.cancel(job.id)
         return Response.json(200, self._job_view(request, job))
 
     def job_events(self, request):
@@ -425,7 +437,7 @@ class Application:
     def _events(self, request, job, gone):
         """The stream's events; it ends within a tick of its client leaving (waitress reads the
         connection while the request runs, so a close shows in ``gone``)."""
-        registry = self.service.registry
+        jobs = self.service.jobs
         last, quiet_since = None, time.monotonic()
         while not gone():
             updated = job.updated
@@ -433,23 +445,23 @@ class Application:
             if current != last:
                 yield ("data: %s\n\n" % json.dumps(current, ensure_ascii=False)).encode("utf-8")
                 last, quiet_since = current, time.monotonic()
-                if job.state in ENDED:
+                if job.state.ended:
                     return
             elif time.monotonic() - quiet_since >= KEEPALIVE_S:
                 yield b": still working\n\n"
                 quiet_since = time.monotonic()
-            registry.wait_for_change(job, updated, STREAM_TICK_S)
+            jobs.wait_for_change(job, updated, STREAM_TICK_S)
 
     def job_iso(self, request):
         """A ready job's disc: ``/iso`` when it made one, ``/discs/{n}/iso`` for each of several."""
-        job = self.service.registry.get(request.match["job_id"])
+        job = self.service.jobs.get(request.match["job_id"])
         if not (request.authorized and self.keys.sees(request.caller, job.caller)):
             token = (request.param("token") or "").encode("utf-8", "surrogateescape")
             if not hmac.compare_digest(token, job.token.encode("ascii")):
                 raise errors.Unauthorized("A valid X-API-Key header or the job's download token is required.")
-        if job.state != "ready":
-            if job.state in ("failed", "cancelled", "done"):
-                raise errors.NotFound("Job %s has no disc (it is %s)." % (job.id, job.state), code="no_disc")
+        if job.state is not State.READY:
+            if job.state.final:
+                raise errors.NotFound("Job %s has no disc (it is %s)." % (job.id, job.state.value), code="no_disc")
             raise errors.Conflict("The disc of job %s is not ready yet (%s)." % (job.id, job.progress()["phase"]),
                                   code="not_ready")
         number = int(request.match.get("number") or 0)
@@ -459,11 +471,7 @@ class Application:
         if number > len(job.discs):
             raise errors.NotFound("Job %s has %d disc%s." % (job.id, len(job.discs), "s" * (len(job.discs) > 1)),
                                   code="no_disc")
-        iso = job.discs[max(number, 1) - 1]
-        server = self.config.server
-        if server.x_accel_prefix:
-            return delivery.accel_response(iso, server.x_accel_prefix, self.config.paths.work_dir, None)
-        return delivery.iso_response(request.environ, iso, remove=False)
+        return self._send(request, job.discs[max(number, 1) - 1], synchronous=False)
 
     def studies(self, request):
         """What the PACS holds (for the desk page): it shows patient names, so it is audited (action
@@ -473,7 +481,7 @@ class Application:
 
     def _look_up(self, request, wanted):
         with self.service.audit.recording(self._export(request, "query", wanted)) as export:
-            return self.service.jobs.describe(wanted, export)
+            return self.service.steps.describe(wanted, export)
 
     def _accessions(self, request, names, several):
         """Accessions from whichever of ``names`` is given; checked before anything runs."""

@@ -33,6 +33,7 @@ from xml.sax.saxutils import escape, quoteattr
 import pydicom
 
 from . import __version__, disc, process, records
+from .received import integer
 
 log = logging.getLogger(__name__)
 
@@ -233,10 +234,10 @@ def make_preview(dcmj2pnm, source, target, header, timeout):
     """The JPEG preview of ``source`` at ``target`` by dcmj2pnm: its (width, height), or None if it failed."""
     args = [dcmj2pnm, "+oj", "+Jq", PREVIEW_QUALITY]
     args += ["+Wi", "1"] if header.get("WindowCenter") not in (None, "") else ["+Wn"]
-    frames = _number(header.get("NumberOfFrames")) or 1
+    frames = integer(header.get("NumberOfFrames")) or 1
     if frames > 1:
         args += ["+F", str((frames + 1) // 2)]
-    if (_number(header.get("Columns")) or 0) > PREVIEW_WIDTH:
+    if (integer(header.get("Columns")) or 0) > PREVIEW_WIDTH:
         args += ["+Sxv", str(PREVIEW_WIDTH)]
     try:
         result = process.run(args + [source, target], timeout)
@@ -264,13 +265,6 @@ def jpeg_size(path):
             return int.from_bytes(data[at + 7:at + 9], "big"), int.from_bytes(data[at + 5:at + 7], "big")
         at += 2 + length
     return None
-
-
-def _number(value):
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
 
 
 def viewer_entry(viewer_dir):

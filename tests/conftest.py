@@ -17,7 +17,7 @@ import time
 import pytest
 import yaml
 
-from mkiso import config as configuration, demo, server as mkiso_server
+from mkiso import config as configuration, demo, server as mkiso_server, waitress_adapter
 from mkiso.service import JOBS, RETRIEVALS, Service
 
 DCMTK_DIR = os.path.dirname(shutil.which("findscu") or "/usr/bin/findscu")
@@ -113,7 +113,7 @@ def wait_until_clean(service, timeout=15):
 
 def job_leftovers(service):
     """What jobs and retrievals left in the service's work dir (a ready job's disc is not left over)."""
-    kept = {os.path.basename(iso.folder) for job in service.registry.recent() if job.state == "ready"
+    kept = {os.path.basename(iso.folder) for job in service.jobs.recent() if job.state.value == "ready"
             for iso in job.discs}
     return [name for folder in (JOBS, RETRIEVALS) for name in os.listdir(service.path(folder)) if name not in kept]
 
@@ -220,13 +220,13 @@ def live_server():
     servers = []
 
     def serve(app):
-        server = mkiso_server.listen(app, "127.0.0.1", 0, 8)  # as mkiso-server runs it
+        server, server_map = mkiso_server.listen(app, "127.0.0.1", 0, 8)  # as mkiso-server runs it
         stop = threading.Event()
 
         def run():
             while not stop.is_set():
-                server.asyncore.loop(timeout=0.05, map=server._map, use_poll=True, count=1)
-            wasyncore.close_all(server._map, ignore_all=True)
+                waitress_adapter.turn(server_map, 0.05)
+            wasyncore.close_all(server_map, ignore_all=True)
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()

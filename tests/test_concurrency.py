@@ -117,7 +117,7 @@ def test_busy_beyond_max_jobs_is_503_with_retry_after(make_service, wsgi_call, s
                               kwargs={"query": "accession_number=ACC2001"})
     holder.start()
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not [j for j in service.registry.recent() if j.state == "running"]:
+    while time.monotonic() < deadline and not [j for j in service.jobs.recent() if j.state.value == "running"]:
         time.sleep(0.01)
     response = wsgi_call(app, "/api/iso/download", query="accession_number=ACC2001")
     holder.join()

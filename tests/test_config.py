@@ -90,6 +90,10 @@ def test_example_documents_every_key_with_its_default():
     (MINIMAL + "server: {trusted_proxies: [nginx.local]}\n", "server.trusted_proxies must list IP addresses"),
     (MINIMAL + "auth: {keys: [a, b]}\n", "auth.keys must be a mapping"),
     (MINIMAL + "auth: {keys: {his: short}}\n", "auth.keys his: a key must be a string of at least 16"),
+    (MINIMAL + "auth: {keys: {his: schl\u00fcssel-0123456789}}\n", "auth.keys his: a key must be a string of at least 16 "
+     "printable ASCII"),
+    (MINIMAL + "auth: {api_key: 'caf\u00e9-caf\u00e9'}\n", "auth.api_key (or its file, or $MKISO_API_KEY) must be printable ASCII"),
+    (MINIMAL + "auth: {api_key: \"tab\\tinside\"}\n", "auth.api_key (or its file, or $MKISO_API_KEY) must be printable ASCII"),
     (MINIMAL + "auth: {keys: {'the his': 0123456789abcdef}}\n", "auth.keys names must be 1 to 64 letters"),
     (MINIMAL + "auth: {keys: {his: 0123456789abcdef, desk: 0123456789abcdef}}\n",
      "auth.keys gives the same key two names"),
@@ -123,6 +127,8 @@ def test_api_key_from_file_and_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("MKISO_API_KEY", "from-env")
     config = configuration.load(write(tmp_path, MINIMAL + "auth: {enabled: true}\n"))
     assert config.auth.api_key == "from-env"
+    monkeypatch.setenv("MKISO_API_KEY", "from-env-\u20ac")
+    assert "$MKISO_API_KEY) must be printable ASCII" in load_error(tmp_path, MINIMAL + "auth: {enabled: true}\n")
 
 
 def test_config_path_order(monkeypatch, tmp_path):

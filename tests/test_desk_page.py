@@ -105,8 +105,8 @@ def test_cancel_from_the_page(browser, live_server, make_service, tmp_path):
          and not visible_text(browser, "status").startswith("Receiving images: 0 "))
     browser.find_element(By.ID, "cancel").click()
     wait(browser, lambda: visible_text(browser, "status") == "Cancelled. Nothing was kept.")
-    [job] = service.registry.recent()
-    assert job.state == "cancelled"
+    [job] = service.jobs.recent()
+    assert job.state.value == "cancelled"
     browser.save_screenshot(str(tmp_path / "desk-cancelled.png"))
 
 
@@ -152,7 +152,7 @@ def test_a_request_too_big_for_one_disc_lists_every_disc(browser, live_server, m
     wait(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, "#studies tr")) == 2)
     browser.find_element(By.ID, "download").click()
     wait(browser, lambda: browser.find_element(By.ID, "bar").get_attribute("value") == "100")
-    [job] = service.registry.recent()
+    [job] = service.jobs.recent()
     links = browser.find_elements(By.CSS_SELECTOR, "#disc-links a")
     assert len(job.discs) > 1 and len(links) == len(job.discs)
     assert [link.text.split(" (")[0] for link in links] == [
@@ -191,7 +191,7 @@ def test_a_new_lookup_never_leaves_the_previous_patients_disc(browser, live_serv
     service = make_service()
     open_page(browser, live_server, service)
     make_disc(browser, "ACC2001", 1)
-    [first] = service.registry.recent()
+    [first] = service.jobs.recent()
     assert visible_text(browser, "status").startswith("The disc for DOE, JANE (ACC2001) is ready")
     assert browser.find_element(By.ID, "iso-link").get_attribute("href").endswith(first.token)
     browser.save_screenshot(str(tmp_path / "desk-a-ready.png"))
@@ -203,7 +203,7 @@ def test_a_new_lookup_never_leaves_the_previous_patients_disc(browser, live_serv
     browser.save_screenshot(str(tmp_path / "desk-b-looked-up.png"))
     browser.find_element(By.ID, "download").click()
     wait(browser, lambda: browser.find_element(By.ID, "iso-link").is_displayed())
-    second = next(job for job in service.registry.recent() if job is not first)
+    second = next(job for job in service.jobs.recent() if job is not first)
     assert visible_text(browser, "status").startswith("The disc for SMITH, JOHN (ACC3001) is ready")
     assert hrefs(browser) == ["/api/jobs/%s/iso?token=%s" % (second.id, second.token)]
     nothing_of(browser, first, "DOE")
@@ -222,7 +222,7 @@ def test_editing_the_accessions_takes_the_disc_off_the_page(browser, live_server
     service = make_service()
     open_page(browser, live_server, service)
     make_disc(browser, "ACC2001", 1)
-    [job] = service.registry.recent()
+    [job] = service.jobs.recent()
     browser.find_element(By.ID, "accessions").send_keys(",ACC3001")
     nothing_of(browser, job, "DOE")
     assert hrefs(browser) == [] and visible_text(browser, "status") == ""

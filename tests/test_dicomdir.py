@@ -14,7 +14,7 @@ import pydicom
 import pytest
 
 from mkiso import demo, dicomdir, disc, fastcopy
-from mkiso.retrieval import read_received
+from mkiso.received import read_received
 from conftest import DCMTK_DIR
 
 OFFSETS = {"OffsetOfTheNextDirectoryRecord", "OffsetOfReferencedLowerLevelDirectoryEntity", "RecordInUseFlag"}

@@ -306,7 +306,7 @@ def test_an_unwritable_work_dir_is_503_with_a_sentence(make_service, wsgi_call, 
 
 def test_the_iso_line_carries_the_phase_split(make_service, wsgi_call, caplog):
     """The benchmark reads where the time went from this line: every phase, in milliseconds."""
-    caplog.set_level(logging.INFO, logger="mkiso.jobs")
+    caplog.set_level(logging.INFO, logger="mkiso.steps")
     service = make_service()
     assert wsgi_call(web.Application(service.config, service), "/api/iso/download",
                      query="accession_number=ACC2001").status == 200

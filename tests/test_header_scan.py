@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.datadict import tag_for_keyword
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from mkiso import demo, errors, fastcopy, retrieval
+from mkiso import demo, errors, fastcopy, received
 from conftest import DCMTK_DIR
 
 try:
@@ -105,23 +105,23 @@ def handed_over(tmp_path_factory):
 
 
 def test_the_scan_reads_the_tags_pydicom_names():
-    assert list(_fastcopy.WANTED_TAGS) == [tag_for_keyword(k) for k in retrieval.HEADER_TAGS]
+    assert list(_fastcopy.WANTED_TAGS) == [tag_for_keyword(k) for k in received.HEADER_TAGS]
 
 
 def test_the_scan_takes_on_the_common_files_and_agrees_with_pydicom(taken):
     assert None not in _fastcopy.scan_headers(taken), "the scan left a common file to pydicom"
-    assert retrieval.read_all(taken) == [retrieval.read_received(path) for path in taken]
+    assert received.read_all(taken) == [received.read_received(path) for path in taken]
 
 
 def test_what_the_scan_hands_over_still_comes_out_as_pydicom_reads_it(handed_over):
     assert _fastcopy.scan_headers(handed_over["scan"]) == [None, None]
     paths = handed_over["scan"] + handed_over["decode"]
-    assert retrieval.read_all(paths) == [retrieval.read_received(path) for path in paths]
-    assert retrieval.read_all(handed_over["decode"])[0].patient_id == str(pydicom.dcmread(paths[-1]).PatientID)
+    assert received.read_all(paths) == [received.read_received(path) for path in paths]
+    assert received.read_all(handed_over["decode"])[0].patient_id == str(pydicom.dcmread(paths[-1]).PatientID)
 
 
 def test_names_and_texts_in_their_character_sets(taken):
-    by_accession = {f.accession: f for f in retrieval.read_all(taken)}
+    by_accession = {f.accession: f for f in received.read_all(taken)}
     assert by_accession["ACC1"].patient_name == "Müller^Jürgen"
     assert by_accession["ACC4"].patient_name == "Gómez^Iñés"
     assert by_accession["ACC4"].charset == ("ISO_IR 100",)
@@ -148,12 +148,12 @@ def test_a_broken_file_comes_out_the_same_either_way(tmp_path, damage):
     with open(path, "wb") as handle:
         handle.write(data)
     assert _fastcopy.scan_headers([path]) == [None]
-    assert outcome(lambda p: retrieval.read_all([p])[0], path) == outcome(retrieval.read_received, path)
+    assert outcome(lambda p: received.read_all([p])[0], path) == outcome(received.read_received, path)
     if damage in ("no DICM", "empty"):
-        assert "could not be read as DICOM" in outcome(retrieval.read_received, path)
+        assert "could not be read as DICOM" in outcome(received.read_received, path)
 
 
 def test_without_the_extension_pydicom_reads_everything(taken, monkeypatch):
     monkeypatch.setattr(fastcopy, "scan_headers", fastcopy.py_scan_headers)
     assert fastcopy.py_scan_headers(taken) == [None] * len(taken)
-    assert retrieval.read_all(taken) == [retrieval.read_received(path) for path in taken]
+    assert received.read_all(taken) == [received.read_received(path) for path in taken]

@@ -161,7 +161,7 @@ def test_deeply_nested_json_is_400(make_service, wsgi_call):
                              headers={"Content-Type": "application/json"})
         assert response.status == 400, response.body[:200]
         assert "nests deeper" in response.json()["error"]
-    assert service.registry.recent() == []
+    assert service.jobs.recent() == []
 
 
 # -- --check-config -------------------------------------------------------------
@@ -312,10 +312,10 @@ def test_a_post_flood_does_not_starve_synchronous_downloads(server):
     assert downloads == [(200, b"")] * 3
     assert 429 in statuses and statuses.count(202) <= 30 + 10  # a minute's worth, and what refilled
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(job.state in ("queued", "running")
-                                              for job in service.registry.recent()):
+    while time.monotonic() < deadline and any(job.state.value in ("queued", "running")
+                                              for job in service.jobs.recent()):
         time.sleep(0.1)
-    failed = [job for job in service.registry.recent() if job.state == "failed"]
+    failed = [job for job in service.jobs.recent() if job.state.value == "failed"]
     assert 0 < len(failed) <= 10
     assert len(audit_lines(service)) == statuses.count(202) + 3
 

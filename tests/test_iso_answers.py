@@ -7,7 +7,7 @@ import urllib.request
 
 import pytest
 
-from mkiso import channel, delivery, disc, web
+from mkiso import delivery, disc, waitress_adapter, web
 from discs import check_pdi, open_iso
 from conftest import wait_until_clean
 
@@ -93,7 +93,7 @@ def test_the_iso_leaves_through_sendfile_byte_for_byte(server, archive, tmp_path
             sent.update(os.pread(in_fd, done, offset))
         return done
 
-    monkeypatch.setattr(channel.os, "sendfile", counting_sendfile)
+    monkeypatch.setattr(waitress_adapter.os, "sendfile", counting_sendfile)
     status, headers, body = get(base + "/api/iso/download?accession_number=BIG01")
     assert status == 200 and len(body) == int(headers["Content-Length"]) > 8 * 1024 * 1024
     # The client can finish reading while the server thread is still returning from its last

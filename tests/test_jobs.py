@@ -141,7 +141,7 @@ def test_bad_job_requests_are_400_and_start_nothing(make_service, wsgi_call, app
     service = make_service()
     response = wsgi_call(app_of(service), "/api/jobs", method="POST", body=body, headers=JSON)
     assert response.status == 400 and response.json()["code"] == code, response.body
-    assert service.registry.recent() == []
+    assert service.jobs.recent() == []
     with pytest.raises(BlockingIOError):
         silent_pacs.accept()
 
@@ -241,7 +241,7 @@ def test_a_synchronous_download_is_a_job_that_can_be_cancelled(make_service, wsg
         wsgi_call(app, "/mkiso.php", query="accession_number=BIG01")))
     request.start()
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and not service.registry.recent():
+    while time.monotonic() < deadline and not service.jobs.recent():
         time.sleep(0.05)
     [job] = wsgi_call(app, "/api/jobs").json()["jobs"]
     assert job["state"] == "running" and job["accessions"] == ["BIG01"]

@@ -280,7 +280,7 @@ def test_print_says_how_many_discs_the_publisher_needs(service_for, wsgi_call, t
 def test_plan_refuses_an_image_larger_than_any_disc(tmp_path):
     path = tmp_path / "big"
     path.write_bytes(b"\0" * 50000)
-    from mkiso.retrieval import ReceivedFile
+    from mkiso.received import ReceivedFile
     image = ReceivedFile(str(path), "P", "S", "R", 1, 1, "I")
     with pytest.raises(Exception, match="does not fit on an empty disc"):
         media.plan([image], limit=media.BASE + 10000, fixed=media.BASE)

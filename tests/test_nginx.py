@@ -342,8 +342,8 @@ def test_health_lookups_and_job_creation_are_rate_limited_per_client(plain_behin
             posted.append(error.code)
     assert posted[:10] == [202] * 10 and 429 in posted
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and any(job.state in ("queued", "running")
-                                              for job in service.registry.recent()):
+    while time.monotonic() < deadline and any(job.state.value in ("queued", "running")
+                                              for job in service.jobs.recent()):
         time.sleep(0.1)
     assert get(front + "/api/jobs")[0] == 200  # listing jobs is not creating them
     status, _, body = get(front + "/mkiso.php?accession_number=ACC2001")

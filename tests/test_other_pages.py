@@ -42,7 +42,7 @@ def test_a_text_plain_post_is_415_and_starts_nothing(served):
     for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
         status, _, body = send(base + "/api/jobs", "POST", BODY, {"Content-Type": content_type} if content_type else {})
         assert status == 415 and json.loads(body)["code"] == "unsupported_media_type", (content_type, body)
-    assert service.registry.recent() == []
+    assert service.jobs.recent() == []
 
 
 def test_a_foreign_origin_cannot_start_or_cancel_and_our_own_can(served, tmp_path):
@@ -50,13 +50,13 @@ def test_a_foreign_origin_cannot_start_or_cancel_and_our_own_can(served, tmp_pat
     own = {"Content-Type": "application/json", "Origin": base}
     status, _, body = send(base + "/api/jobs", "POST", BODY, dict(own, Origin=EVIL))
     assert status == 403 and json.loads(body)["code"] == "foreign_origin", body
-    assert service.registry.recent() == []
+    assert service.jobs.recent() == []
     status, headers, body = send(base + "/api/jobs", "POST", BODY, own)
     assert status == 202, body
     job = json.loads(body)
     status, _, body = send(base + headers["Location"], "DELETE", headers={"Origin": EVIL})
     assert status == 403 and json.loads(body)["code"] == "foreign_origin"
-    assert service.registry.get(job["id"]).state in ("queued", "running")
+    assert service.jobs.get(job["id"]).state.value in ("queued", "running")
     for path in ("/api/jobs", "/api/jobs/" + job["id"], "/api/studies?accession_numbers=ACC2001"):
         assert send(base + path, headers={"Origin": EVIL})[0] == 403, path  # nor read it
     status, _, body = send(base + headers["Location"], "DELETE", headers={"Origin": base})
@@ -70,7 +70,7 @@ def test_an_image_on_another_site_cannot_start_a_download_but_a_link_may(served)
     image = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "image"}
     status, _, body = send(url, headers=image)
     assert status == 403 and json.loads(body)["code"] == "foreign_origin"
-    assert service.registry.recent() == []
+    assert service.jobs.recent() == []
     link = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}
     assert send(url, headers=link)[0] == 200  # the HIS's link to the legacy URL, clicked
 
@@ -92,7 +92,7 @@ def test_allowed_origins_are_ours_too(served):
     assert send(base + "/api/jobs", "POST", BODY, dict(headers, Origin="https://pacs-gw.example.org.evil.example"))[
         0] == 403
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and any(job.state != "ready" for job in service.registry.recent()):
+    while time.monotonic() < deadline and any(job.state.value != "ready" for job in service.jobs.recent()):
         time.sleep(0.1)
 
 
@@ -107,7 +107,7 @@ def test_a_host_name_that_is_not_ours_is_refused(served):
                                ("GET", "/", None), ("GET", "/api/health", None)):
         status, _, answer = send(base + path, method, body, rebound)
         assert status == 403 and json.loads(answer)["code"] == "foreign_host", (path, answer)
-    assert service.registry.recent() == []
+    assert service.jobs.recent() == []
     for host in ("localhost:" + port, "127.0.0.1:" + port, "[::1]:" + port):
         assert send(base + "/api/health", headers={"Host": host})[0] == 200, host
 
@@ -157,4 +157,4 @@ def test_a_body_over_64_kb_is_413_unread(served):
     service, base = served()
     status, _, body = send(base + "/api/jobs", "POST", b" " * (64 * 1024 + 1), {"Content-Type": "application/json"})
     assert status == 413 and json.loads(body)["code"] == "body_too_large"
-    assert service.registry.recent() == []
+    assert service.jobs.recent() == []

@@ -19,7 +19,7 @@ import types
 import pytest
 from waitress.buffers import ReadOnlyFileBasedBuffer
 
-from mkiso import channel, delivery, retrieval, web
+from mkiso import delivery, received, waitress_adapter, web
 from discs import check_pdi, open_iso
 from conftest import wait_until_clean
 from test_concurrency import fetch, logged_access
@@ -80,7 +80,7 @@ def test_the_answer_goes_out_while_genisoimage_writes_never_ahead_of_it(serve, t
         calls.append((offset, done, on_disk))
         return done
 
-    monkeypatch.setattr(channel.os, "sendfile", watched_sendfile)
+    monkeypatch.setattr(waitress_adapter.os, "sendfile", watched_sendfile)
     status, headers, body = fetch(base + "/api/iso/download?accession_number=BIG01")
     assert status == 200 and len(body) == int(headers["Content-Length"])
     assert body == record.read_bytes()  # the real genisoimage's disc, byte for byte
@@ -89,8 +89,8 @@ def test_the_answer_goes_out_while_genisoimage_writes_never_ahead_of_it(serve, t
     assert sum(done for _, done, _ in calls) == len(body)
     assert logged_access(caplog, "BIG01")["complete"] == "true"
     assert wait_until_clean(service) == []
-    [job] = service.registry.recent()
-    assert job.state == "done"
+    [job] = service.jobs.recent()
+    assert job.state.value == "done"
     iso = tmp_path / "got.iso"
     iso.write_bytes(body)
     check_pdi(open_iso(str(iso), str(tmp_path / "got")), archive.sop_uids("BIG01"))
@@ -127,9 +127,9 @@ def test_a_build_that_goes_wrong_under_way_ends_the_answer_short(serve, tmp_path
     assert body == record.read_bytes()[:len(body)]
     assert wait_until_clean(service) == []
     assert logged_access(caplog, "BIG01")["complete"] == "false"
-    [job] = service.registry.recent()
-    assert job.state == "failed" and said in job.error["error"]
-    assert any("could not be written" in r.getMessage() for r in caplog.records if r.name == "mkiso.registry")
+    [job] = service.jobs.recent()
+    assert job.state.value == "failed" and said in job.error["error"]
+    assert any("could not be written" in r.getMessage() for r in caplog.records if r.name == "mkiso.jobs")
     status, _, _ = fetch(base + "/api/iso/download?accession_number=ACC2001")
     assert status == 200  # the one slot is free again
 
@@ -163,8 +163,8 @@ def test_a_client_going_away_mid_build_stops_genisoimage_and_frees_the_slot(serv
         time.sleep(0.05)
     assert writers_running(tool) == []
     assert logged_access(caplog, "BIG01")["complete"] == "false"
-    [job] = [job for job in service.registry.recent() if job.accessions == ["BIG01"]]
-    assert job.state == "cancelled"
+    [job] = [job for job in service.jobs.recent() if job.accessions == ["BIG01"]]
+    assert job.state.value == "cancelled"
     assert fetch(base + "/api/iso/download?accession_number=ACC2001")[0] == 200
 
 
@@ -177,7 +177,7 @@ def test_the_loop_thread_asks_nothing_of_a_file_a_task_thread_may_be_closing(tmp
     body = delivery.RemovedOnClose(open(iso, "rb"), lambda: None, 1000, 5000, 10000, build)
     buffer = ReadOnlyFileBasedBuffer(body)
     assert buffer.prepare(5000) == 5000  # waitress's sizing: the answer's length, however far the file is
-    loop = channel.SendfileChannel.__new__(channel.SendfileChannel)
+    loop = waitress_adapter.SendfileChannel.__new__(waitress_adapter.SendfileChannel)
     loop.server = types.SimpleNamespace(pull_trigger=lambda: None)
     assert not loop._waiting(buffer)  # at 1000 of 4096 written
     buffer.skip(3096, True)
@@ -196,6 +196,6 @@ def test_finished_downloads_keep_no_image_headers(serve):
     for accession in ("BIG01", "ACC2001", "BIG01"):
         assert fetch(base + "/api/iso/download?accession_number=" + accession)[0] == 200
     assert wait_until_clean(service) == []
-    assert [job.state for job in service.registry.recent()] == ["done"] * 3
+    assert [job.state.value for job in service.jobs.recent()] == ["done"] * 3
     gc.collect()
-    assert [o for o in gc.get_objects() if isinstance(o, retrieval.ReceivedFile)] == []
+    assert [o for o in gc.get_objects() if isinstance(o, received.ReceivedFile)] == []

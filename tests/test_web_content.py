@@ -20,7 +20,7 @@ import pydicom
 import pytest
 
 from mkiso import demo, webcontent, web
-from mkiso.retrieval import ReceivedFile
+from mkiso.received import ReceivedFile
 from conftest import DCMTK_DIR
 from discs import check_pdi, download
 from test_compressed_get import jls_pacs, jpeg_pacs  # noqa: F401 (fixtures)

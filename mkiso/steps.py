@@ -1,0 +1,435 @@
+"""A job's steps: accession numbers in, a checked disc (or relayed images) out.
+
+find every study (404 names the accession without one), refuse a mix of
+patients (409), list each study's images (the manifest), answer from the
+disc cache when the same disc was made before, else retrieve each study
+once (shared with concurrent jobs), stage the disc, make and check the
+DICOMDIR, size it (413/507), build the ISO and keep it in the cache.  A job
+owns one folder under the work dir; it is removed on any failure, and on
+success when the ISO is no longer needed.  ``jobs`` runs these steps as
+jobs (slots, queue, state, cancel), and hands a streamed download's last
+one, genisoimage, to its answer (``delivery.Build``).  What the steps find
+out about a job they report through its methods (``jobs.Job``).
+"""
+
+import dataclasses
+import errno
+import functools
+import logging
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+
+from . import disc, disk, errors, logs, media, records, webcontent
+from .disc import Iso
+from .retrieval import Listed, Retrievals
+
+log = logging.getLogger(__name__)
+
+
+PLAN_ATTEMPTS = 3
+RESUME_WAIT_S = 5  # for the receiver to listen again once cached discs made room
+
+
+@dataclasses.dataclass
+class Layout:
+    """One disc staged and sized, not yet written."""
+
+    staging: str
+    images: list
+    size: int
+    number: int
+    profile: str = ""  # the media profile's name (PS3.11), for the job's JSON
+    volume: str = ""  # File-set ID and Volume Identifier
+
+
+class Steps:
+    """The steps of every job, with the PACS, the receiver, the publisher and the disc cache they use."""
+
+    def __init__(self, config, pacs, receiver, jobs_dir, retrievals_dir, publisher, patient_api, cache, metrics):
+        self.config = config
+        self.pacs = pacs
+        self.publisher = publisher
+        self.patient_api = patient_api
+        self.jobs_dir = jobs_dir
+        self.cache = cache
+        self.metrics = metrics
+        self.retrievals = Retrievals(pacs, receiver, retrievals_dir, config.limits.min_free_bytes, metrics)
+
+    @contextmanager
+    def folder(self, job):
+        """The job's folder, removed if the job fails; on success the caller removes it once delivered."""
+        self.check_free_space()
+        try:
+            folder = tempfile.mkdtemp(prefix="job-%s-" % job.id, dir=self.jobs_dir)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            raise errors.Unavailable(
+                "The work dir %s is not writable (%s); no disc can be made until it is."
+                % (self.jobs_dir, exc.strerror), code="work_dir_unwritable")
+        try:
+            yield folder
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+
+    # -- steps ------------------------------------------------------------
+
+    def find(self, accessions, folder):
+        studies, missing = [], []
+        for accession in accessions:
+            found = self.pacs.find_studies(accession, folder)
+            if not found:
+                missing.append(accession)
+            studies += found
+        if missing:
+            raise errors.NotFound("The PACS has no study for accession number%s %s."
+                                  % ("s" if len(missing) > 1 else "", ", ".join(missing)), code="study_not_found")
+        unique = {}
+        for study in studies:
+            unique.setdefault(study.study_uid, study)
+        studies = list(unique.values())
+        self.check_one_patient(studies)
+        return studies
+
+    def manifests(self, job, studies, folder):
+        """Each study's SOP Instance UIDs (None where the PACS refuses IMAGE-level queries)."""
+        job.step("manifest")
+        manifests = {study.study_uid: self.pacs.list_instances(study.study_uid, folder) for study in studies}
+        job.expect(sum(len(manifests[study.study_uid]) if manifests[study.study_uid] is not None
+                                  else (study.instances or 0) for study in studies))
+        return manifests
+
+    def check_one_patient(self, studies):
+        patients = {study.patient_id for study in studies}
+        if len(patients) > 1 and not self.config.limits.allow_multi_patient:
+            raise errors.Conflict(
+                "The accession numbers %s belong to %d different patients; one disc holds one patient."
+                % (", ".join(sorted({s.accession for s in studies})), len(patients)))
+
+    @contextmanager
+    def retrieved(self, job, studies, manifests):
+        """Every study's verified files, released when the block ends.
+
+        The manifests go into the compact form the check needs
+        (``retrieval.Listed``) and are emptied: while 50,000 images arrive
+        and are read, a job keeps their records, not a second copy of every
+        UID (SPEC §8, flat memory).  Not with ``pacs.retrieve: get``: C-GET
+        fetches again, series by series and in the syntax the manifest
+        names, what did not come (``pacs.get_study``), so it keeps the
+        manifest itself.
+        """
+        job.step("retrieve")
+        compact = self.retrievals.receiver is not None  # C-MOVE: the manifest is only checked against
+        listed = {uid: Listed(manifest) if compact and manifest is not None else manifest
+                  for uid, manifest in manifests.items()}
+        manifests.clear()
+        held = []
+        try:
+            for study in studies:
+                held.append(self._retrieve(job, study, listed[study.study_uid]))
+            yield [received for retrieval in held for received in retrieval.files]
+        finally:
+            for retrieval in held:
+                self.retrievals.release(retrieval)
+
+    def _retrieve(self, job, study, manifest):
+        """The study's verified files; a retrieval short of space makes cached discs give way and runs again.
+
+        The PACS reports no sizes, so how much room a study needs is known
+        only as it arrives: what came before the space ran out, scaled to
+        the images expected, is what the least recently used cached discs
+        give way for.  Every round evicts at least one, so this ends; with
+        none left to evict, the 507 stands.
+        """
+        while True:
+            try:
+                return self.retrievals.get(study, manifest, watch=job.watch)
+            except errors.InsufficientStorage:
+                freed = self.cache.free(self._room_for(job, study, manifest))
+                if not freed:
+                    raise
+            log.info("cached discs evicted to make room", extra={"fields": {
+                "accession": study.accession, "bytes": freed, "request_id": job.request_id}})
+            receiver = self.retrievals.receiver  # paused for want of space: it resumes within a moment
+            deadline = time.monotonic() + RESUME_WAIT_S
+            while receiver is not None and not receiver.listening and time.monotonic() < deadline:
+                time.sleep(0.1)
+
+    def _room_for(self, job, study, manifest):
+        """Bytes to free for ``study``'s retrieval, estimated from what arrived of it (at least 1)."""
+        count, size = next((retrieval.arrived() for retrieval in job.retrievals
+                            if retrieval.study.study_uid == study.study_uid), (0, 0))
+        expected = len(manifest) if manifest is not None else (study.instances or count)
+        estimate = size * expected // count if count else 0
+        return max(1, estimate + self.config.limits.min_free_bytes - disk.free_bytes(self.jobs_dir))
+
+    def check_free_space(self, needed=0):
+        """507 unless ``needed`` bytes fit above limits.min_free_bytes, after evicting cached discs."""
+        wanted = needed + self.config.limits.min_free_bytes
+        free = disk.free_bytes(self.jobs_dir)
+        if free < wanted and self.cache.free(wanted - free):
+            free = disk.free_bytes(self.jobs_dir)
+        if free < wanted:
+            raise errors.InsufficientStorage(
+                "The work dir has %d bytes free; this needs %d (including limits.min_free_bytes)." % (free, wanted))
+
+    # -- the download -----------------------------------------------------
+
+    def make_iso(self, job, build=True):
+        """Build the disc for ``job.accessions``; the caller sends and cleans up the Iso.
+
+        The file is named after the accession, or with ``job.named_by_patient``
+        after the patient.  Without ``build`` (a HEAD) everything is done
+        and checked up to the ISO's exact size, and no ISO is written.
+        What was found goes on ``job.export`` (the audit record) as it is known.
+        """
+        with self.folder(job) as folder:
+            try:
+                return self._make_iso(job, folder, build)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise errors.InsufficientStorage("The work dir ran out of space while making the disc.")
+                raise
+
+    def _make_iso(self, job, folder, build):
+        config, accessions, export = self.config, job.accessions, job.export
+        watch = logs.Stopwatch(self.metrics.phase)
+        studies = export.studies = self.find(accessions, folder)
+        watch.lap("find")
+        manifests = self.manifests(job, studies, folder)
+        watch.lap("manifest")
+        named = self.patient_name(studies) if job.named_by_patient else None
+        stem = disc.patient_stem(named) if named is not None else accessions[0]
+        label = disc.volume_label(config.iso.volume_label, accessions)
+        key = None  # no manifest, no key: such a disc is not cached
+        if None not in manifests.values():
+            key = self.cache.key(studies, manifests, layout=config.iso.layout, dicomdir=config.iso.dicomdir,
+                                 label=label, viewer=disc.viewer_digest(config.iso.viewer_dir), named=named,
+                                 media=config.iso.media, capacity=media.capacity(config.iso),
+                                 transcode=config.iso.transcode, private_objects=config.iso.private_objects,
+                                 web_content=config.iso.web_content, institution=config.iso.institution,
+                                 contact=config.iso.contact)
+            cached = self._from_cache(job, key, os.path.join(folder, "disc.iso"))
+            if cached is not None:
+                export.bytes = job.disc_bytes
+                return [Iso(cached, job.disc_bytes, stem, accessions[0], folder, images=job.images_expected)]
+        with self.retrieved(job, studies, manifests) as files:
+            watch.lap("retrieve")
+            files, omitted = self.sort_out(files)
+            job.left_off(omitted)
+            if config.iso.transcode == "explicit-le":
+                job.step("transcode")
+                transcoded = os.path.join(folder, "transcoded")
+                os.mkdir(transcoded)
+                files = media.transcode(files, transcoded, config.tools.dcmtk_dir, config.timeouts.iso_s)
+                watch.lap("transcode")
+            laid = self._lay_out(job, folder, files, omitted, label, watch)
+        export.images = sum(len(layout.images) for layout in laid)
+        job.sized(sum(layout.size for layout in laid))
+        self.check_free_space(job.disc_bytes)
+        export.bytes = job.disc_bytes
+        isos = [Iso(os.path.join(folder, "disc-%d.iso" % layout.number if len(laid) > 1 else "disc.iso")
+                    if build else None, layout.size, stem, accessions[0], folder, len(layout.images),
+                    layout.number, len(laid), layout.profile, layout.volume) for layout in laid]
+        rest = functools.partial(self._write_isos, job, laid, isos, label, key, watch, len(studies))
+        if build and job.stream and len(isos) == 1:
+            isos[0].write = rest  # run while the answer goes out: jobs hands it to delivery.Build
+        else:
+            rest()
+        return isos
+
+    def _write_isos(self, job, laid, isos, label, key, watch, studies, on_tick=None):
+        """Write each disc's ISO (none for a HEAD), exactly the size genisoimage announced; then cache it."""
+        try:
+            for layout, iso in zip(laid, isos, strict=True):
+                if iso.path is None:
+                    continue
+                job.step("iso")
+                disc.make_iso(self.config.tools.genisoimage, layout.staging, label, iso.path,
+                              self.config.timeouts.iso_s, layout.number, len(laid), on_tick=on_tick)
+                written = os.path.getsize(iso.path)
+                if written != iso.size:
+                    raise errors.MkisoError("genisoimage wrote %d bytes where it announced %d."
+                                            % (written, iso.size), code="iso_failed")
+        finally:
+            for layout in laid:
+                disk.remove_soon(layout.staging)
+            shutil.rmtree(os.path.join(isos[0].folder, "transcoded"), ignore_errors=True)
+        watch.lap("iso")
+        if key and len(isos) == 1 and isos[0].path is not None:
+            self.cache.store(key, isos[0].path)
+        log.info("iso built", extra={"fields": dict({
+            "accessions": ",".join(job.accessions), "studies": studies, "images": job.export.images,
+            "private_omitted": (job.omitted or {}).get("objects", 0),
+            "discs": len(isos), "bytes": job.disc_bytes, "request_id": job.request_id}, **watch.fields)})
+
+    def sort_out(self, files):
+        """(what goes on the disc, the SOP classes of the private objects left off), SPEC §4.1.
+
+        Every object's record type is known before anything is staged: a
+        standard class mkiso lacks is a 500 naming it.  ``iso.private_objects:
+        omit`` leaves a vendor's private classes off (README.TXT and the job
+        say so); the legacy layout, which has no DICOMDIR, keeps everything.
+        """
+        if self.config.iso.layout != "pdi":
+            return files, []
+        private = [received for received in files if records.record_type(received.sop_class_uid) == records.PRIVATE]
+        if not private or self.config.iso.private_objects == "keep":
+            return files, []
+        kept = [received for received in files if not records.is_private(received.sop_class_uid)]
+        if not kept:
+            raise errors.MkisoError(
+                "Every object of these studies is of a private SOP class (%s); with iso.private_objects: omit "
+                "there is nothing to put on a disc." % ", ".join(sorted({r.sop_class_uid for r in private})),
+                code="only_private_objects")
+        return kept, [received.sop_class_uid for received in private]
+
+    def _lay_out(self, job, folder, files, omitted, label, watch):
+        """Plan, stage, index and size every disc; plan again, tighter, while genisoimage finds one too big.
+
+        Without ``job.split`` more than one disc is a 413 saying how many:
+        the same number a split job makes.
+        """
+        config = self.config
+        limit = budget = media.capacity(config.iso)
+        for _ in range(PLAN_ATTEMPTS):
+            groups = self.plan(files, budget)
+            if len(groups) > 1 and not job.split:
+                raise errors.TooLarge(
+                    "These studies need %d discs of %s; ask for a job with split, or fewer accession numbers."
+                    % (len(groups), media.describe(config.iso)), code="needs_split", details={"discs": len(groups)})
+            laid = [self._stage_disc(job, folder, number, len(groups), group, omitted, label, watch)
+                    for number, group in enumerate(groups, start=1)]
+            over = max(layout.size for layout in laid) - limit
+            if over <= 0:
+                return laid
+            for layout in laid:
+                shutil.rmtree(layout.staging)
+            budget -= over + 8 * disc.SECTOR
+        raise errors.TooLarge("The disc cannot be laid out within %s." % media.describe(config.iso),
+                              code="disc_too_large")
+
+    def plan(self, files, budget):
+        """``files`` split into discs of ``budget`` bytes, each also holding the viewer and the web content."""
+        iso = self.config.iso
+        fixed = media.BASE + disc.viewer_bytes(iso.viewer_dir)
+        if self.web_content:
+            return media.plan(files, budget, fixed + webcontent.DISC_BYTES,
+                              media.PerDisc(webcontent.STUDY_BYTES, webcontent.SERIES_BYTES))
+        return media.plan(files, budget, fixed)
+
+    @property
+    def web_content(self):
+        """Whether discs carry the web content: asked for, and in the PDI layout it belongs to."""
+        return self.config.iso.web_content and self.config.iso.layout == "pdi"
+
+    def _stage_disc(self, job, folder, number, of, files, omitted, label, watch):
+        config = self.config
+        job.step("stage")
+        staging = os.path.join(folder, "disc-%d" % number)
+        os.mkdir(staging)
+        syntaxes = {received.transfer_syntax for received in files}
+        private = {received.sop_class_uid for received in files if records.is_private(received.sop_class_uid)}
+        profile = media.profile(syntaxes, config.iso.media, private)
+        readme = disc.Readme(
+            studies=len({received.study_uid for received in files}),
+            series=len({received.series_uid for received in files}), objects=len(files), profile=profile.text,
+            syntaxes=[media.syntax_name(uid) for uid in sorted(syntaxes)], viewer_dir=config.iso.viewer_dir,
+            institution=config.iso.institution, contact=config.iso.contact, number=number, of=of, omitted=omitted)
+        images = disc.stage(staging, files, config.iso.layout, config.iso.viewer_dir, readme)
+        watch.lap("stage")
+        volume = disc.disc_label(label, number, of)
+        if self.web_content:
+            webcontent.write(staging, images, config.iso, os.path.join(config.tools.dcmtk_dir, "dcmj2pnm"),
+                             config.timeouts.iso_s, number, of)
+            watch.lap("web")
+        if config.iso.layout == "pdi":
+            job.step("dicomdir")
+            dcmmkdir = os.path.join(config.tools.dcmtk_dir, "dcmmkdir")
+            disc.make_dicomdir(staging, images, config.iso.dicomdir, dcmmkdir, config.timeouts.iso_s, volume)
+            watch.lap("dicomdir")
+        job.step("size")
+        size = disc.iso_size(config.tools.genisoimage, staging, label, config.timeouts.iso_s, number, of)
+        watch.lap("size")
+        return Layout(staging, images, size, number, profile.name, volume)
+
+    def _from_cache(self, job, key, iso_path):
+        """The cached ISO linked to ``iso_path``, or None when this disc is not cached."""
+        size = self.cache.fetch(key, iso_path)
+        if size is None:
+            return None
+        job.export.images = job.images_expected
+        job.sized(size)
+        log.info("iso from the cache", extra={"fields": {
+            "accessions": ",".join(job.accessions), "bytes": size, "request_id": job.request_id}})
+        return iso_path
+
+    def patient_name(self, studies):
+        """The name a multi-study disc is called by: the patient API's, else the PACS'."""
+        return self.patient_api.name(studies[0].accession) or studies[0].patient_name
+
+    # -- print ------------------------------------------------------------
+
+    def require_publisher(self):
+        """503 when no publisher is configured: asked before a print job is queued, and when it runs."""
+        if self.publisher is None:
+            raise errors.Unavailable("Printing is not configured (publisher.host is empty).",
+                                     code="publisher_not_configured")
+
+    def print_studies(self, job):
+        """Relay every image of the accessions to the publisher (SPEC §5); what went where goes on the export."""
+        self.require_publisher()
+        export = job.export
+        watch = logs.Stopwatch(self.metrics.phase)
+        with self.folder(job) as folder:
+            try:
+                studies = export.studies = self.find(job.accessions, folder)
+                watch.lap("find")
+                manifests = self.manifests(job, studies, folder)
+                watch.lap("manifest")
+                export.destination = self.publisher.peer.address
+                with self.retrieved(job, studies, manifests) as files:
+                    watch.lap("retrieve")
+                    export.images = len(files)
+                    job.step("send")
+                    sent = self.publisher.send(files, folder)
+                    watch.lap("send")
+                    discs = len(self.plan(files, media.capacity(self.config.iso)))
+                    export.bytes = job.progress()["bytes_received"]
+                    self.metrics.sent("publisher", export.bytes)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+        log.info("sent to publisher", extra={"fields": dict({
+            "accessions": ",".join(job.accessions), "studies": len(studies), "images": sent}, **watch.fields)})
+        # The publisher composes its own discs; how many of iso.media it will need, as mkiso would split them.
+        return {"status": "sent", "accessions": job.accessions, "studies": len(studies), "instances": sent,
+                "discs": discs, "media": self.config.iso.media}
+
+    # -- what the desk page shows ---------------------------------------------
+
+    def describe(self, accessions, export):
+        """What the PACS holds for the accessions (GET /api/studies): C-FINDs and manifests, no retrieval.
+
+        The studies found go on ``export`` (the lookup's audit line).  A
+        PACS that leaves ModalitiesInStudy empty (dcmqrscp does) is asked
+        for its series' modalities instead: the clerk tells studies apart by them.
+        """
+        with tempfile.TemporaryDirectory(prefix="studies-", dir=self.jobs_dir) as folder:
+            export.destination = self.pacs.peer.address  # who was asked
+            studies = export.studies = self.find(accessions, folder)
+            described = []
+            for study in studies:
+                manifest = self.pacs.list_instances(study.study_uid, folder)
+                described.append({
+                    "accession": study.accession, "study_uid": study.study_uid,
+                    "patient_name": study.patient_name, "patient_id": study.patient_id,
+                    "date": study.study_date, "description": study.description,
+                    "modalities": study.modalities or self.pacs.series_modalities(study.study_uid, folder),
+                    "series": len(set(manifest.values())) if manifest is not None else None,
+                    "images": len(manifest) if manifest is not None else study.instances,
+                })
+        return described

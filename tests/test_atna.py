@@ -1,0 +1,223 @@
+"""The ATNA copy of the audit trail on its own, without a service: the syslog frame, the DICOM
+audit message of each event, and the sending over UDP and TCP to sockets the test holds on 127.0.0.1.
+
+A central audit repository parses these messages by the standards (RFC 5424,
+RFC 6587, DICOM PS3.15 A.5); a field out of place is an event it drops.
+"""
+
+import datetime
+import logging
+import os
+import socket
+import threading
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from mkiso import atna, audit, pacs
+
+WHEN = datetime.datetime(2026, 3, 1, 8, 0, 0, 250000, tzinfo=datetime.timezone.utc)
+STUDIES = [
+    pacs.Study("ACC2", "1.2.3.2", "PAT-2", "ROE^JANE"),
+    pacs.Study("ACC1", "1.2.3.1", "PAT-1", "MÜLLER^JÖRG"),
+    pacs.Study("ACC3", "1.2.3.3", "PAT-1", "MÜLLER^JÖRG"),
+]
+DESTINATIONS = {"download": "", "print": "RIMAGE@10.0.0.5:104", "query": "ABPACS@10.0.0.9:104"}
+
+
+def event(action="download", status=200, code=None, caller="his", studies=STUDIES):
+    """(entry, export) of one audit event, as the audit trail hands them to the sender."""
+    export = audit.Export(action, "req-7", "10.1.2.3", caller=caller, time=WHEN,
+                          destination=DESTINATIONS[action], studies=list(studies))
+    export.accessions = [study.accession for study in studies]
+    return export.entry(status, code), export
+
+
+def parse(entry, export):
+    """The audit message's XML root, read back by a strict parser."""
+    return ET.fromstring(atna.audit_message(entry, export, "CDRECORD"))
+
+
+def participants(root, requestor):
+    return [item for item in root.findall("ActiveParticipant") if item.get("UserIsRequestor") == requestor]
+
+
+def role(item):
+    return item.find("RoleIDCode").get("csd-code")
+
+
+# -- the syslog message ----------------------------------------------------------
+
+
+def test_the_header_is_rfc5424_with_pri_authpriv_notice():
+    """<85>: facility authpriv (10) and severity notice (5); then version 1, the event's own time,
+    this host, app name, process ID, the message ID of DICOM audit messages and no structured data."""
+    message = atna.syslog_message(*event(), "CDRECORD")
+    header = message.split(b" \xef\xbb\xbf", 1)[0].decode("ascii")
+    assert header == "<85>1 2026-03-01T08:00:00.250Z %s mkiso %d DICOM+RFC3881 -" % (
+        socket.gethostname(), os.getpid())
+
+
+def test_the_body_is_the_audit_message_as_utf8_behind_a_bom():
+    """RFC 5424 MSG-UTF8: a BOM says the body is UTF-8, and a patient's name keeps its letters."""
+    entry, export = event()
+    message = atna.syslog_message(entry, export, "CDRECORD")
+    header, body = message.split(b" ", 7)[6:]
+    assert header == b"-"
+    assert body.startswith(b"\xef\xbb\xbf<AuditMessage>")
+    assert body[3:].decode("utf-8") == atna.audit_message(entry, export, "CDRECORD")
+    assert "MÜLLER^JÖRG".encode("utf-8") in body
+
+
+# -- the DICOM audit message -----------------------------------------------------
+
+
+@pytest.mark.parametrize("action, event_id, name, action_code, destination_role", [
+    ("download", "110106", "Export", "R", "110154"),  # the images leave on a medium
+    ("print", "110104", "DICOM Instances Transferred", "R", "110152"),  # to the publisher over DICOM
+    ("query", "110112", "Query", "E", "110152"),  # the PACS was asked
+])
+def test_each_action_is_its_dicom_event(action, event_id, name, action_code, destination_role):
+    root = parse(*event(action))
+    identification = root.find("EventIdentification")
+    assert identification.get("EventActionCode") == action_code
+    assert identification.get("EventDateTime") == "2026-03-01T08:00:00.250Z"
+    code = identification.find("EventID")
+    assert (code.get("csd-code"), code.get("codeSystemName"), code.get("originalText")) == (event_id, "DCM", name)
+    others = participants(root, "false")
+    assert [role(item) for item in others] == ["110153", destination_role]
+    assert others[0].get("UserID") == "CDRECORD"
+    assert others[0].get("AlternativeUserID") == str(os.getpid())
+    assert root.find("AuditSourceIdentification").get("AuditSourceID") == "CDRECORD"
+
+
+def test_a_download_names_its_medium_and_a_transfer_its_destination():
+    medium = participants(parse(*event("download")), "false")[1]
+    assert medium.get("UserID") == "req-7"
+    media_type = medium.find("MediaIdentifier/MediaType")
+    assert (media_type.get("csd-code"), media_type.get("originalText")) == ("110033", "DVD")
+    for action in ("print", "query"):
+        destination = participants(parse(*event(action)), "false")[1]
+        assert destination.get("UserID") == DESTINATIONS[action]
+        assert destination.find("MediaIdentifier") is None
+
+
+@pytest.mark.parametrize("status, code, indicator", [
+    (200, None, "0"),  # success
+    (404, "not_found", "4"),  # minor failure: the client's request
+    (409, "multiple_patients", "4"),
+    (502, "upstream_failed", "8"),  # serious failure: ours or the PACS's
+    (507, "insufficient_storage", "8"),
+])
+def test_the_outcome_says_who_failed_and_why(status, code, indicator):
+    identification = parse(*event(status=status, code=code)).find("EventIdentification")
+    assert identification.get("EventOutcomeIndicator") == indicator
+    assert identification.findtext("EventOutcomeDescription") == code  # None: no description at all
+
+
+@pytest.mark.parametrize("caller, user_id", [("his", "his"), (None, "unknown")])
+def test_the_requestor_is_the_caller_at_its_address(caller, user_id):
+    [requestor] = participants(parse(*event(caller=caller)), "true")
+    assert (requestor.get("UserID"), requestor.get("NetworkAccessPointID")) == (user_id, "10.1.2.3")
+    assert requestor.get("NetworkAccessPointTypeCode") == "2"  # an IP address
+    assert role(requestor) == "110150"
+
+
+def test_every_study_and_each_patient_once_are_participant_objects():
+    """The repository answers "who saw patient X" from these: each patient once, however many studies."""
+    objects = parse(*event()).findall("ParticipantObjectIdentification")
+    studies = [(item.get("ParticipantObjectID"), item.find("Accession").get("Number")) for item in objects
+               if item.get("ParticipantObjectTypeCode") == "2"]
+    assert studies == [("1.2.3.2", "ACC2"), ("1.2.3.1", "ACC1"), ("1.2.3.3", "ACC3")]
+    patients = [(item.get("ParticipantObjectID"), item.findtext("ParticipantObjectName")) for item in objects
+                if item.get("ParticipantObjectTypeCode") == "1"]
+    assert patients == [("PAT-1", "MÜLLER^JÖRG"), ("PAT-2", "ROE^JANE")]
+
+
+def test_a_lookup_that_found_nothing_names_no_patient():
+    objects = parse(*event("query", status=404, code="not_found", studies=[])).findall(
+        "ParticipantObjectIdentification")
+    assert objects == []
+
+
+HOSTILE = "A\x00B\x01C\x1b[2J\x7fD\ud800E\ufffeF"
+MADE_VALID = "A\ufffdB\ufffdC\ufffd[2J\x7fD\ufffdE\ufffdF"  # DEL is allowed in XML 1.0
+
+
+@pytest.mark.parametrize("where, read", [
+    ("name", lambda root: root.findtext("ParticipantObjectIdentification[@ParticipantObjectTypeCode='1']/"
+                                        "ParticipantObjectName")),
+    ("patient_id", lambda root: root.find("ParticipantObjectIdentification[@ParticipantObjectTypeCode='1']").get(
+        "ParticipantObjectID")),
+    ("accession", lambda root: root.find("ParticipantObjectIdentification/Accession").get("Number")),
+    ("caller", lambda root: participants(root, "true")[0].get("UserID")),
+])
+def test_characters_xml_cannot_hold_are_replaced_wherever_they_come(where, read):
+    """A PACS may send anything in a name or ID; the message must still parse, not lose the event."""
+    study = pacs.Study(HOSTILE if where == "accession" else "ACC1", "1.2.3",
+                       HOSTILE if where == "patient_id" else "PAT-1", HOSTILE if where == "name" else "DOE^JOHN")
+    entry, export = event(caller=HOSTILE if where == "caller" else "his", studies=[study])
+    message = atna.syslog_message(entry, export, "CDRECORD")
+    root = ET.fromstring(message.split(b" \xef\xbb\xbf", 1)[1])
+    assert read(root) == MADE_VALID
+
+
+def test_what_xml_can_hold_is_kept():
+    study = pacs.Study("ACC1", "1.2.3", "PAT-1", "DOE\tJOHN\n<&> \"'\U0001F600\uffe0")
+    assert parse(*event(studies=[study])).findtext(".//ParticipantObjectName") == study.patient_name
+
+
+# -- sending ---------------------------------------------------------------------
+
+
+def test_over_udp_one_datagram_is_one_message():
+    entry, export = event()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver:
+        receiver.bind(("127.0.0.1", 0))
+        receiver.settimeout(10)
+        atna.Syslog("udp://127.0.0.1:%d" % receiver.getsockname()[1], "CDRECORD").send(entry, export)
+        datagram = receiver.recv(65536)
+    assert datagram == atna.syslog_message(entry, export, "CDRECORD")
+
+
+def test_over_tcp_the_message_is_octet_counted():
+    """RFC 6587: the length in decimal, a space, then exactly that many octets (no newline)."""
+    entry, export = event()
+    received = []
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(10)
+
+        def accept():
+            connection, _ = listener.accept()
+            with connection:
+                received.append(b"".join(iter(lambda: connection.recv(65536), b"")))
+
+        thread = threading.Thread(target=accept)
+        thread.start()
+        atna.Syslog("tcp://127.0.0.1:%d" % listener.getsockname()[1], "CDRECORD").send(entry, export)
+        thread.join(10)
+    message = atna.syslog_message(entry, export, "CDRECORD")
+    assert received == [b"%d " % len(message) + message]
+
+
+@pytest.mark.parametrize("url, tcp, address", [
+    ("udp://127.0.0.1:514", False, ("127.0.0.1", 514)),
+    ("tcp://audit.example.org:6514", True, ("audit.example.org", 6514)),
+    ("tcp://[2001:db8::1]:6514", True, ("2001:db8::1", 6514)),
+])
+def test_the_url_gives_transport_and_address(url, tcp, address):
+    sender = atna.Syslog(url, "CDRECORD")
+    assert (sender.tcp, sender.address, sender.url) == (tcp, address, url)
+
+
+def test_a_repository_that_is_down_costs_a_warning_not_an_exception(caplog):
+    """The audit file is the record; the export must not fail because the copy could not go out."""
+    closed = socket.create_server(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now: the connection is refused
+    with caplog.at_level(logging.WARNING, logger="mkiso.atna"):
+        atna.Syslog("tcp://127.0.0.1:%d" % port, "CDRECORD").send(*event())
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert record.getMessage().startswith("audit event not sent to tcp://127.0.0.1:%d: " % port)
+    assert record.fields == {"request_id": "req-7"}

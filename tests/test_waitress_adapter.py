@@ -1,0 +1,81 @@
+"""What mkiso uses of waitress beyond its public API is there, in the waitress installed here.
+
+This file runs in both suites: on PyPI's waitress 3.x and on Debian 12's
+python3-waitress 2.1, the one the .deb runs on.  A waitress release that
+moved a name is caught here, and at start-up mkiso then keeps waitress's
+stock channel, with a warning, and still sends every ISO.
+"""
+
+import logging
+import os
+import time
+import urllib.request
+
+from waitress.channel import HTTPChannel
+from waitress.server import create_server
+
+from mkiso import delivery, disc, server as mkiso_server, waitress_adapter
+
+
+def stock_server():
+    return create_server(lambda environ, start_response: [], host="127.0.0.1", port=0, map={})
+
+
+def test_every_name_the_adapter_uses_is_in_this_waitress():
+    server = stock_server()
+    try:
+        assert waitress_adapter.missing(server) == []
+    finally:
+        server.close()
+
+
+def test_a_name_gone_from_waitress_is_reported(monkeypatch):
+    """The check looks at waitress's own objects, not at mkiso's subclass (which defines the names it
+    overrides, whatever waitress does)."""
+    monkeypatch.delattr(HTTPChannel, "_flush_some")
+    server = stock_server()
+    try:
+        assert waitress_adapter.missing(server) == ["HTTPChannel._flush_some"]
+    finally:
+        server.close()
+
+
+def test_adapted_server_sends_through_sendfile_with_its_own_pools():
+    server, _ = mkiso_server.listen(lambda environ, start_response: [], "127.0.0.1", 0, 2)
+    try:
+        assert server.channel_class is waitress_adapter.SendfileChannel
+        assert isinstance(server.task_dispatcher, waitress_adapter.Pools)
+    finally:
+        server.task_dispatcher.shutdown()
+        server.close()
+
+
+def test_without_a_name_mkiso_keeps_the_stock_channel_and_still_sends_the_iso(monkeypatch, caplog, live_server,
+                                                                            tmp_path):
+    """As if a waitress release had renamed a channel attribute: a warning names it, waitress's own
+    channel and pool serve, and an ISO answer still arrives whole and its files go when it ends."""
+    monkeypatch.setattr(waitress_adapter, "CHANNEL_NAMES", waitress_adapter.CHANNEL_NAMES + ("_renamed_later",))
+    monkeypatch.setattr(waitress_adapter.os, "sendfile", None)  # the stock channel never calls it
+    folder = tmp_path / "job"
+    folder.mkdir()
+    data = os.urandom(3 * delivery.BLOCK + 123)
+    (folder / "disc.iso").write_bytes(data)
+    served = []
+
+    def app(environ, start_response):
+        iso = disc.Iso(str(folder / "disc.iso"), len(data), "ACC1", "ACC1", str(folder))
+        response = delivery.iso_response(environ, iso)
+        served.append(response.closer)
+        start_response("200 OK", response.headers)
+        return response.body
+
+    caplog.set_level(logging.WARNING, logger="mkiso.waitress_adapter")
+    base = live_server(app)
+    assert [r.getMessage() for r in caplog.records if "_renamed_later" in r.getMessage()], caplog.text
+    with urllib.request.urlopen(base + "/disc.iso", timeout=30) as answer:
+        assert answer.read() == data
+    assert len(served) == 1
+    deadline = time.monotonic() + 10
+    while folder.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not folder.exists(), "the ISO's folder was not removed when its answer ended"
