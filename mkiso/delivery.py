@@ -259,11 +259,15 @@ class Build:
         self.wake = None
         self._job = job
         self._write, iso.write = iso.write, None
-        iso.build = self
         self._ended = threading.Event()
         self._after = []
         self._lock = threading.Lock()
-        threading.Thread(target=self._run, name="iso-" + job.id[:8], daemon=True).start()
+        iso.build = self
+        try:
+            threading.Thread(target=self._run, name="iso-" + job.id[:8], daemon=True).start()
+        except BaseException:  # no build runs: the Iso is a plain one again, which cleanup removes at once
+            iso.write, iso.build, self._write = self._write, None, None
+            raise
 
     @property
     def ended(self):

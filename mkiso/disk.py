@@ -1,13 +1,18 @@
-"""Space in the work dir: the one number every guard against a full disk reads, and giving it back.
+"""Space in the work dir: the one number every guard against a full disk reads, giving it back, and
+telling a full disk met while making a disc (507) from an internal error.
 
 The receiver pauses below ``limits.min_free_bytes``, a job refuses to start
 (507), a failed retrieval is told apart from a PACS failure, and health
 reports it; all of them ask here.
 """
 
+import errno
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+from . import errors
 
 _remover = ThreadPoolExecutor(1, thread_name_prefix="remover")
 
@@ -26,3 +31,15 @@ def remove_soon(path):
     need not wait for.  Whatever a crash leaves, the next start removes.
     """
     _remover.submit(shutil.rmtree, path, ignore_errors=True)
+
+
+@contextmanager
+def out_of_space_is_507():
+    """ENOSPC met in the block is errors.InsufficientStorage (507): around a job's steps, and around the
+    start of a streamed disc's build, which the keeper runs after them."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise errors.InsufficientStorage("The work dir ran out of space while making the disc.")
+        raise

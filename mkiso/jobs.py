@@ -35,7 +35,7 @@ import time
 from datetime import datetime, timezone
 from typing import Optional
 
-from . import audit, delivery, errors, process
+from . import audit, delivery, disk, errors, process
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +269,8 @@ class Jobs:
                     else:
                         self.report(job, discs=self.steps.make_iso(job, build))
                         if job.iso is not None and job.iso.write is not None:  # the answer goes out while
-                            delivery.Build(job.iso, job).begun()  # genisoimage writes it
+                            with disk.out_of_space_is_507():  # genisoimage writes it
+                                delivery.Build(job.iso, job).begun()
                     process.check_cancelled()
                 except Exception as exc:
                     _drop_discs(job)  # made just before a cancel took: they go too

@@ -187,13 +187,8 @@ class Steps:
         and checked up to the ISO's exact size, and no ISO is written.
         What was found goes on ``job.export`` (the audit record) as it is known.
         """
-        with self.folder(job) as folder:
-            try:
-                return self._make_iso(job, folder, build)
-            except OSError as exc:
-                if exc.errno == errno.ENOSPC:
-                    raise errors.InsufficientStorage("The work dir ran out of space while making the disc.")
-                raise
+        with self.folder(job) as folder, disk.out_of_space_is_507():
+            return self._make_iso(job, folder, build)
 
     def _make_iso(self, job, folder, build):
         config, accessions, export = self.config, job.accessions, job.export

@@ -7,19 +7,22 @@ failing half-way, writing more than it announced, or failing before the
 first byte.  The other discs are the real genisoimage's.
 """
 
+import errno
 import gc
 import logging
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import types
 
 import pytest
 from waitress.buffers import ReadOnlyFileBasedBuffer
 
-from mkiso import delivery, received, waitress_adapter, web
+from mkiso import delivery, disc, received, steps, waitress_adapter, web
+from mkiso.jobs import State
 from discs import check_pdi, open_iso
 from conftest import wait_until_clean
 from test_concurrency import fetch, logged_access
@@ -199,3 +202,58 @@ def test_finished_downloads_keep_no_image_headers(serve):
     assert [job.state.value for job in service.jobs.recent()] == ["done"] * 3
     gc.collect()
     assert [o for o in gc.get_objects() if isinstance(o, received.ReceivedFile)] == []
+
+
+# -- the hand-over of a streamed disc's last step from the steps to its build (jobs.Jobs._execute) ----------
+
+def stream_one(make_service, wsgi_call):
+    service = make_service()
+    response = wsgi_call(web.Application(service.config, service), "/api/iso/download",
+                         query="accession_number=ACC2001")
+    return service, response
+
+
+def test_a_full_disk_as_the_streamed_build_starts_is_507_and_leaves_nothing(make_service, wsgi_call, monkeypatch):
+    """The build starts after the steps returned, outside their own ENOSPC handling: still a 507."""
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(disc, "make_iso", no_space)
+    service, response = stream_one(make_service, wsgi_call)
+    assert response.status == 507 and response.json()["code"] == "insufficient_storage", response.body[:300]
+    assert wait_until_clean(service) == []
+    [job] = service.jobs.recent()
+    assert job.stream and job.state is State.FAILED and service.jobs.counts() == (0, 0)
+
+
+def test_a_build_thread_that_cannot_start_is_an_error_and_leaves_nothing(make_service, wsgi_call, monkeypatch):
+    start = threading.Thread.start
+
+    def refused(thread):
+        if thread.name.startswith("iso-"):
+            raise RuntimeError("can't start new thread")
+        return start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", refused)
+    service, response = stream_one(make_service, wsgi_call)
+    monkeypatch.undo()
+    assert response.status == 500 and response.json()["code"] == "internal_error", response.body[:300]
+    assert wait_until_clean(service) == []
+    [job] = service.jobs.recent()
+    assert job.state is State.FAILED and service.jobs.counts() == (0, 0)
+
+
+def test_a_cancel_between_the_steps_and_the_build_cancels_and_leaves_nothing(make_service, wsgi_call, monkeypatch):
+    make_iso = steps.Steps.make_iso
+
+    def then_cancelled(self, job, build=True):
+        isos = make_iso(self, job, build)
+        job.cancelled = True  # as Jobs.cancel sets it, just after the steps returned
+        return isos
+
+    monkeypatch.setattr(steps.Steps, "make_iso", then_cancelled)
+    service, response = stream_one(make_service, wsgi_call)
+    assert response.status == 409 and response.json()["code"] == "cancelled", response.body[:300]
+    assert wait_until_clean(service) == []
+    [job] = service.jobs.recent()
+    assert job.state is State.CANCELLED and service.jobs.counts() == (0, 0)
