@@ -125,7 +125,6 @@ class RemovedOnClose:
         self._handle = handle
         self._cleanup = cleanup
         self._offset = offset
-        self._remaining = length
         self._size = size
         self.end = offset + length  # the position after the answer's last byte
         self.build = build
@@ -147,14 +146,13 @@ class RemovedOnClose:
         """Never past the answer's end, whichever server reads it; never a byte not yet written."""
         if self.cut_off:  # a server reading it through Python: its connection ends with this error
             raise OSError("the answer was cut off: too many finished discs wait for their readers")
-        size = self._remaining if size is None or size < 0 else min(size, self._remaining)
+        remaining = max(0, self.end - self._handle.tell())  # from the position: waitress's own buffer
+        size = remaining if size is None or size < 0 else min(size, remaining)  # reads ahead, then seeks back
         if self.build is not None:
             self.build.wait_for(self._handle.tell() + size)
             if self.build.error is not None:
                 raise OSError("the ISO could not be written: %s" % self.build.error)
-        data = self._handle.read(size)
-        self._remaining -= len(data)
-        return data
+        return self._handle.read(size)
 
     def close(self):
         if self._cleanup is None:

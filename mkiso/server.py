@@ -140,6 +140,7 @@ def listen(app, host, port, threads):
         connection_limit=CONNECTIONS,
         asyncore_use_poll=True,  # select() cannot watch a descriptor above 1023
     )
-    waitress_adapter.adapt(server, CHEAP_PATHS, CHEAP_THREADS)
+    if waitress_adapter.adapt(server, CHEAP_PATHS, CHEAP_THREADS) and isinstance(app, web.Application):
+        app.stream_isos = False  # waitress's stock channel: each ISO is written whole before it is sent
     return server, server_map
 

@@ -161,6 +161,9 @@ class Application:
         self._streams = collections.Counter()  # (caller, address) -> open event streams
         self._streams_lock = threading.Lock()
         self.lookups = Lookups(config.limits.max_jobs)
+        # An ISO's answer starts while genisoimage writes it only through mkiso's sendfile channel: waitress's
+        # stock one would wait for the bytes in its loop thread (server.listen says when it serves).
+        self.stream_isos = True
 
     def __call__(self, environ, start_response):
         started = time.monotonic()
@@ -299,7 +302,8 @@ class Application:
         """
         server = self.config.server
         head = request.method == "HEAD"
-        stream = not head and not server.x_accel_prefix  # sent while written (nginx needs it whole)
+        # sent while written, if the channel can (nginx needs it whole)
+        stream = self.stream_isos and not head and not server.x_accel_prefix
         job = self._new_job(request, "download", wanted, named_by_patient, stream=stream)
         job.export.deferred = stream  # audited when its answer ends; nginx's is audited when handed over
         iso = self.service.jobs.run(job, build=not head or bool(server.x_accel_prefix), audited=not head)

@@ -11,10 +11,13 @@ import os
 import time
 import urllib.request
 
+import pytest
 from waitress.channel import HTTPChannel
 from waitress.server import create_server
 
-from mkiso import delivery, disc, server as mkiso_server, waitress_adapter
+from mkiso import delivery, disc, server as mkiso_server, waitress_adapter, web
+from mkiso.jobs import State
+from discs import check_pdi, open_iso
 
 
 def stock_server():
@@ -50,15 +53,22 @@ def test_adapted_server_sends_through_sendfile_with_its_own_pools():
         server.close()
 
 
-def test_without_a_name_mkiso_keeps_the_stock_channel_and_still_sends_the_iso(monkeypatch, caplog, live_server,
-                                                                            tmp_path):
-    """As if a waitress release had renamed a channel attribute: a warning names it, waitress's own
-    channel and pool serve, and an ISO answer still arrives whole and its files go when it ends."""
+def as_if_a_name_were_gone(monkeypatch):
+    """As if a waitress release had renamed a channel attribute."""
     monkeypatch.setattr(waitress_adapter, "CHANNEL_NAMES", waitress_adapter.CHANNEL_NAMES + ("_renamed_later",))
     monkeypatch.setattr(waitress_adapter.os, "sendfile", None)  # the stock channel never calls it
+
+
+@pytest.mark.parametrize("size", [3 * delivery.BLOCK + 123, 24 * delivery.BLOCK + 123])
+def test_without_a_name_mkiso_keeps_the_stock_channel_and_still_sends_the_iso(monkeypatch, caplog, live_server,
+                                                                            tmp_path, size):
+    """A warning names what is missing, waitress's own channel and pool serve, and an ISO answer still
+    arrives whole (larger than one send too: waitress's buffer reads ahead and seeks back) and its files
+    go when it ends."""
+    as_if_a_name_were_gone(monkeypatch)
     folder = tmp_path / "job"
     folder.mkdir()
-    data = os.urandom(3 * delivery.BLOCK + 123)
+    data = os.urandom(size)
     (folder / "disc.iso").write_bytes(data)
     served = []
 
@@ -79,3 +89,18 @@ def test_without_a_name_mkiso_keeps_the_stock_channel_and_still_sends_the_iso(mo
     while folder.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not folder.exists(), "the ISO's folder was not removed when its answer ended"
+
+
+def test_without_the_sendfile_channel_a_download_is_written_whole_before_it_is_sent(monkeypatch, live_server,
+                                                                                   make_service, archive, tmp_path):
+    """The stock channel would wait for genisoimage's bytes in waitress's loop thread, stalling every
+    connection: so the disc is not streamed there, and arrives exact."""
+    as_if_a_name_were_gone(monkeypatch)
+    service = make_service()
+    base = live_server(web.Application(service.config, service))
+    iso = tmp_path / "disc.iso"
+    with urllib.request.urlopen(base + "/api/iso/download?accession_number=ACC2001", timeout=60) as answer:
+        iso.write_bytes(answer.read())
+    check_pdi(open_iso(str(iso), str(tmp_path / "disc")), archive.sop_uids("ACC2001"))
+    [job] = service.jobs.recent()
+    assert job.stream is False and job.state is State.DONE
