@@ -23,8 +23,8 @@ setup(
     name="mkiso",
     version=VERSION,
     description="Turn accession numbers into a patient DICOM CD/DVD",
-    packages=["mkiso"],
-    package_data={"mkiso": ["desk.html", "desk.js"]},  # the desk page and its script, served at / and /desk.js
+    packages=["mkiso", "mkiso.dicom", "mkiso.disc", "mkiso.http"],
+    package_data={"mkiso.http": ["desk.html", "desk.js"]},  # the desk page and its script, served at / and /desk.js
     # force: the C file is always this Cython's, never one another Cython left in the tree
     ext_modules=cythonize(extensions, compiler_directives={"language_level": "3"}, force=True),
     python_requires=">=3.10",  # zip(strict=True), dataclass(slots=True)

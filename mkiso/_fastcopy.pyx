@@ -234,7 +234,7 @@ cdef enum:
     MAX_DEPTH = 16
     NWANTED = 15
 
-# The tags mkiso.received.HEADER_TAGS names, in this order, sorted.
+# The tags mkiso.dicom.received.HEADER_TAGS names, in this order, sorted.
 WANTED_TAGS = (
     0x00080005, 0x00080016, 0x00080018, 0x00080020, 0x00080030, 0x00080050, 0x00080060, 0x00081030,
     0x00100010, 0x00100020, 0x0020000D, 0x0020000E, 0x00200010, 0x00200011, 0x00200013,

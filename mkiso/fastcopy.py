@@ -7,7 +7,7 @@ that is impossible.  The extension does it with the GIL released and
 in-kernel copies.
 
 Scanning headers: the extension picks the few tags a disc needs out of each
-file in C; its twin is pydicom itself (``mkiso.received.read_received``),
+file in C; its twin is pydicom itself (``mkiso.dicom.received.read_received``),
 to which the extension hands every file it does not take on.
 
 ``MKISO_NO_CEXT=1`` forces the twins, which is what runs if the extension

@@ -35,7 +35,8 @@ import time
 from datetime import datetime, timezone
 from typing import Optional
 
-from . import audit, delivery, disk, errors, process
+from . import audit, disk, errors, process
+from .http import delivery
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ class Job:
     images_expected: Optional[int] = None
     disc_bytes: Optional[int] = None
     retrievals: list = dataclasses.field(default_factory=list)
-    discs: list = dataclasses.field(default_factory=list)  # every disc's disc.Iso, once made
+    discs: list = dataclasses.field(default_factory=list)  # every disc's tree.Iso, once made
     answer: Optional[dict] = None  # a print's answer
     omitted: Optional[dict] = None  # private objects left off the disc (SPEC §4.1); None from the cache
     cancelled: bool = False

@@ -7,7 +7,7 @@ SIGTERM/SIGINT can stop accepting at once, let running requests finish up to
 The cheap open paths (``/api/health``, ``/metrics``) are served by a small
 pool of their own (``waitress_adapter.Pools``): a flood of them queues
 there, never in front of a download.  What mkiso uses of waitress beyond
-its public API is all in ``waitress_adapter``.  A request body over ``web.MAX_BODY`` is refused by waitress
+its public API is all in ``waitress_adapter``.  A request body over ``application.MAX_BODY`` is refused by waitress
 with 413 from its Content-Length, before a byte of it is read or spooled.
 
 Under systemd (``Type=notify``) it says READY=1 once listening, WATCHDOG=1
@@ -24,7 +24,8 @@ import time
 
 from waitress.server import create_server
 
-from . import __version__, config as configuration, logs, waitress_adapter, web
+from . import __version__, config as configuration, logs
+from .http import application, waitress_adapter
 from .service import Service
 from .systemd import Notifier
 
@@ -80,7 +81,7 @@ class Server:
         if self.service.receiver is not None and not self.service.receiver.wait_ready():
             log.warning("the receiver is not listening yet; health will say why")
         try:
-            server, server_map = listen(web.Application(self.config, self.service), self.config.server.host,
+            server, server_map = listen(application.Application(self.config, self.service), self.config.server.host,
                                         self.config.server.port, self.config.server.threads)
         except OSError as exc:
             log.error("cannot listen on %s:%s: %s", self.config.server.host, self.config.server.port, exc.strerror)
@@ -127,20 +128,20 @@ class Server:
 
 def listen(app, host, port, threads):
     """(the waitress server for ``app``, the map its loop turns): ``threads`` workers (and one per event
-    stream), the cheap paths' own pool, file bodies through sendfile, bodies over web.MAX_BODY refused
+    stream), the cheap paths' own pool, file bodies through sendfile, bodies over application.MAX_BODY refused
     unread."""
     server_map = {}
     server = create_server(
         app, map=server_map, host=host, port=port,
-        threads=threads + web.EVENT_STREAMS,  # event streams hold a thread each
+        threads=threads + application.EVENT_STREAMS,  # event streams hold a thread each
         ident="mkiso",
         clear_untrusted_proxy_headers=False,  # X-Forwarded-For: web trusts server.trusted_proxies only
-        max_request_body_size=web.MAX_BODY,
+        max_request_body_size=application.MAX_BODY,
         channel_request_lookahead=1,  # a connection stays read while its request runs: a client gone shows
         connection_limit=CONNECTIONS,
         asyncore_use_poll=True,  # select() cannot watch a descriptor above 1023
     )
-    if waitress_adapter.adapt(server, CHEAP_PATHS, CHEAP_THREADS) and isinstance(app, web.Application):
+    if waitress_adapter.adapt(server, CHEAP_PATHS, CHEAP_THREADS) and isinstance(app, application.Application):
         app.stream_isos = False  # waitress's stock channel: each ISO is written whole before it is sent
     return server, server_map
 

@@ -9,12 +9,14 @@ import os
 import shutil
 import threading
 
-from . import audit, delivery, health, pacs, process, receiver
+from . import audit, process
+from .http import delivery, health
+from .dicom import pacs, receiver
 from .cache import DiscCache
 from .jobs import Jobs
 from .metrics import Metrics
 from .patients import PatientApi
-from .publisher import Publisher
+from .dicom.publisher import Publisher
 from .steps import Steps
 
 log = logging.getLogger(__name__)

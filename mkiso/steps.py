@@ -22,9 +22,10 @@ import tempfile
 import time
 from contextlib import contextmanager
 
-from . import disc, disk, errors, logs, media, records, webcontent
-from .disc import Iso
-from .retrieval import Listed, Retrievals
+from .disc import media, records, tree, webcontent
+from . import disk, errors, logs
+from .disc.tree import Iso
+from .dicom.retrieval import Listed, Retrievals
 
 log = logging.getLogger(__name__)
 
@@ -198,12 +199,12 @@ class Steps:
         manifests = self.manifests(job, studies, folder)
         watch.lap("manifest")
         named = self.patient_name(studies) if job.named_by_patient else None
-        stem = disc.patient_stem(named) if named is not None else accessions[0]
-        label = disc.volume_label(config.iso.volume_label, accessions)
+        stem = tree.patient_stem(named) if named is not None else accessions[0]
+        label = tree.volume_label(config.iso.volume_label, accessions)
         key = None  # no manifest, no key: such a disc is not cached
         if None not in manifests.values():
             key = self.cache.key(studies, manifests, layout=config.iso.layout, dicomdir=config.iso.dicomdir,
-                                 label=label, viewer=disc.viewer_digest(config.iso.viewer_dir), named=named,
+                                 label=label, viewer=tree.viewer_digest(config.iso.viewer_dir), named=named,
                                  media=config.iso.media, capacity=media.capacity(config.iso),
                                  transcode=config.iso.transcode, private_objects=config.iso.private_objects,
                                  web_content=config.iso.web_content, institution=config.iso.institution,
@@ -244,7 +245,7 @@ class Steps:
                 if iso.path is None:
                     continue
                 job.step("iso")
-                disc.make_iso(self.config.tools.genisoimage, layout.staging, label, iso.path,
+                tree.make_iso(self.config.tools.genisoimage, layout.staging, label, iso.path,
                               self.config.timeouts.iso_s, layout.number, len(laid), on_tick=on_tick)
                 written = os.path.getsize(iso.path)
                 if written != iso.size:
@@ -304,14 +305,14 @@ class Steps:
                 return laid
             for layout in laid:
                 shutil.rmtree(layout.staging)
-            budget -= over + 8 * disc.SECTOR
+            budget -= over + 8 * tree.SECTOR
         raise errors.TooLarge("The disc cannot be laid out within %s." % media.describe(config.iso),
                               code="disc_too_large")
 
     def plan(self, files, budget):
         """``files`` split into discs of ``budget`` bytes, each also holding the viewer and the web content."""
         iso = self.config.iso
-        fixed = media.BASE + disc.viewer_bytes(iso.viewer_dir)
+        fixed = media.BASE + tree.viewer_bytes(iso.viewer_dir)
         if self.web_content:
             return media.plan(files, budget, fixed + webcontent.DISC_BYTES,
                               media.PerDisc(webcontent.STUDY_BYTES, webcontent.SERIES_BYTES))
@@ -330,14 +331,14 @@ class Steps:
         syntaxes = {received.transfer_syntax for received in files}
         private = {received.sop_class_uid for received in files if records.is_private(received.sop_class_uid)}
         profile = media.profile(syntaxes, config.iso.media, private)
-        readme = disc.Readme(
+        readme = tree.Readme(
             studies=len({received.study_uid for received in files}),
             series=len({received.series_uid for received in files}), objects=len(files), profile=profile.text,
             syntaxes=[media.syntax_name(uid) for uid in sorted(syntaxes)], viewer_dir=config.iso.viewer_dir,
             institution=config.iso.institution, contact=config.iso.contact, number=number, of=of, omitted=omitted)
-        images = disc.stage(staging, files, config.iso.layout, config.iso.viewer_dir, readme)
+        images = tree.stage(staging, files, config.iso.layout, config.iso.viewer_dir, readme)
         watch.lap("stage")
-        volume = disc.disc_label(label, number, of)
+        volume = tree.disc_label(label, number, of)
         if self.web_content:
             webcontent.write(staging, images, config.iso, os.path.join(config.tools.dcmtk_dir, "dcmj2pnm"),
                              config.timeouts.iso_s, number, of)
@@ -345,10 +346,10 @@ class Steps:
         if config.iso.layout == "pdi":
             job.step("dicomdir")
             dcmmkdir = os.path.join(config.tools.dcmtk_dir, "dcmmkdir")
-            disc.make_dicomdir(staging, images, config.iso.dicomdir, dcmmkdir, config.timeouts.iso_s, volume)
+            tree.make_dicomdir(staging, images, config.iso.dicomdir, dcmmkdir, config.timeouts.iso_s, volume)
             watch.lap("dicomdir")
         job.step("size")
-        size = disc.iso_size(config.tools.genisoimage, staging, label, config.timeouts.iso_s, number, of)
+        size = tree.iso_size(config.tools.genisoimage, staging, label, config.timeouts.iso_s, number, of)
         watch.lap("size")
         return Layout(staging, images, size, number, profile.name, volume)
 

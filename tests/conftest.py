@@ -17,7 +17,8 @@ import time
 import pytest
 import yaml
 
-from mkiso import config as configuration, demo, server as mkiso_server, waitress_adapter
+from mkiso import config as configuration, demo, server as mkiso_server
+from mkiso.http import waitress_adapter
 from mkiso.service import JOBS, RETRIEVALS, Service
 
 DCMTK_DIR = os.path.dirname(shutil.which("findscu") or "/usr/bin/findscu")

@@ -6,7 +6,7 @@ import subprocess
 
 import pydicom
 
-from mkiso.receiver import listening_sockets
+from mkiso.dicom.receiver import listening_sockets
 
 FILE_ID = re.compile(r"^[A-Z0-9_]{1,8}$")
 

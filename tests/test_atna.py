@@ -14,7 +14,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from mkiso import atna, audit, pacs
+from mkiso import atna, audit
+from mkiso.dicom import pacs
 
 WHEN = datetime.datetime(2026, 3, 1, 8, 0, 0, 250000, tzinfo=datetime.timezone.utc)
 STUDIES = [

@@ -12,7 +12,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from mkiso import audit, web
+from mkiso import audit
+from mkiso.http import application
 from test_print import FakeRimage
 
 KEYS = {"his": "his-key-0123456789", "desk-1": "desk-key-0123456789"}
@@ -29,7 +30,7 @@ def audit_lines(service):
 
 
 def app_for(service):
-    return web.Application(service.config, service)
+    return application.Application(service.config, service)
 
 
 def test_a_download_is_one_line_naming_the_patient_the_caller_and_the_client(make_service, wsgi_call, archive,

@@ -7,7 +7,8 @@ tests see the same values (defaults, empty strings) the service would.
 import pytest
 import yaml
 
-from mkiso import auth, config as configuration
+from mkiso import config as configuration
+from mkiso.http import auth
 
 UNNAMED = "unnamed-key-0123456789"
 HIS = "his-key-0123456789"

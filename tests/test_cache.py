@@ -10,7 +10,8 @@ import time
 import pydicom
 import pytest
 
-from mkiso import demo, service as service_module, web
+from mkiso import demo, service as service_module
+from mkiso.http import application
 from mkiso.cache import DiscCache
 from conftest import DCMTK_DIR
 from discs import check_pdi, open_iso
@@ -33,7 +34,7 @@ def download(wsgi_call, app, accession):
 def test_the_same_disc_again_is_served_from_the_cache(make_service, wsgi_call, caplog, archive, tmp_path):
     caplog.set_level(logging.INFO)
     service = make_service(cache=ON)
-    app = web.Application(service.config, service)
+    app = application.Application(service.config, service)
     first = download(wsgi_call, app, "ACC2001")
     assert retrievals(caplog) == 1
     head = wsgi_call(app, "/api/iso/download", method="HEAD", query="accession_number=ACC2001")
@@ -64,7 +65,7 @@ def test_the_same_disc_again_is_served_from_the_cache(make_service, wsgi_call, c
 def test_a_different_disc_is_not_taken_from_the_cache(make_service, wsgi_call, caplog):
     caplog.set_level(logging.INFO)
     service = make_service(cache=ON)
-    app = web.Application(service.config, service)
+    app = application.Application(service.config, service)
     download(wsgi_call, app, "ACC2001")
     multiple = wsgi_call(app, "/api/iso/download-multiple", query="accession_numbers=ACC2001,DUP01")
     assert multiple.status == 200
@@ -74,7 +75,7 @@ def test_a_different_disc_is_not_taken_from_the_cache(make_service, wsgi_call, c
 def test_the_off_switch(make_service, wsgi_call, caplog):
     caplog.set_level(logging.INFO)
     service = make_service(cache={"max_bytes": 0})
-    app = web.Application(service.config, service)
+    app = application.Application(service.config, service)
     download(wsgi_call, app, "ACC2001")
     download(wsgi_call, app, "ACC2001")
     assert retrievals(caplog) == 2
@@ -99,7 +100,7 @@ def test_an_image_added_to_the_study_makes_a_new_disc(own_pacs, make_service, ws
     caplog.set_level(logging.INFO)
     pacs, study = own_pacs
     service = make_service(cache=ON)
-    app = web.Application(service.config, service)
+    app = application.Application(service.config, service)
     first = download(wsgi_call, app, "GROW01")
     added = demo.SampleStudy(study.patient_id, study.patient_name, study.accession, series=(1,))
     added.study_uid = study.study_uid
@@ -164,7 +165,7 @@ def test_a_patient_corrected_in_the_pacs_gets_a_new_disc(correctable_pacs, make_
     caplog.set_level(logging.INFO)
     pacs, study = correctable_pacs
     service = make_service(cache=ON)
-    app = web.Application(service.config, service)
+    app = application.Application(service.config, service)
     (tmp_path / "first.iso").write_bytes(download(wsgi_call, app, "FIX01"))
     kept = download(wsgi_call, app, "KEEP01")
     assert dict(zip(PATIENT, patient_on_disc(tmp_path / "first.iso", tmp_path / "first"), strict=True))[
@@ -204,7 +205,7 @@ def test_cached_discs_give_way_before_a_download_fails_for_space(space_pacs, sma
     caplog.set_level(logging.INFO)
     small_work_dir("64m")
     service = make_service(cache=ON, limits={"min_free_bytes": 4 * 2 ** 20})
-    app = web.Application(service.config, service)
+    app = application.Application(service.config, service)
     for n in (1, 2, 3):
         download(wsgi_call, app, "FILL%d" % n)
     assert service.cache.stats()[0] == 3
@@ -221,7 +222,7 @@ def test_cached_discs_give_way_before_a_download_fails_for_space(space_pacs, sma
 def test_cached_discs_never_outlive_ttl(make_service, wsgi_call, monkeypatch):
     monkeypatch.setattr(service_module, "HOUSEKEEPING_EVERY_S", 0.2)
     service = make_service(cache={"max_bytes": 10 ** 9, "ttl_s": 1})
-    download(wsgi_call, web.Application(service.config, service), "ACC2001")
+    download(wsgi_call, application.Application(service.config, service), "ACC2001")
     assert len(os.listdir(service.path("cache"))) == 1
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and os.listdir(service.path("cache")):

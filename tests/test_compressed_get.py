@@ -14,7 +14,9 @@ import subprocess
 import pydicom
 import pytest
 
-from mkiso import config as configuration, demo, pacs, process, web
+from mkiso import config as configuration, demo, process
+from mkiso.dicom import pacs
+from mkiso.http import application
 from conftest import DCMTK_DIR, write_config
 from discs import check_pdi, download
 
@@ -97,7 +99,7 @@ def make_disc(make_service, settings, wsgi_call, archive, accession, retrieve, t
     settings["pacs"]["port"] = archive.port
     (tmp_path / retrieve / "work").mkdir(parents=True)  # a work dir each: two services run side by side
     service = make_service(pacs={"retrieve": retrieve}, paths={"work_dir": str(tmp_path / retrieve / "work")})
-    _, disc, _ = download(wsgi_call, web.Application(service.config, service), "/api/iso/download",
+    _, disc, _ = download(wsgi_call, application.Application(service.config, service), "/api/iso/download",
                           tmp_path / retrieve, "accession_number=" + accession, name=retrieve)
     return disc
 
@@ -146,7 +148,7 @@ def records(disc):
 def test_what_no_proposal_can_fetch_is_an_incomplete_study(make_service, settings, wsgi_call, jpeg_pacs):
     settings["pacs"]["port"] = jpeg_pacs.port
     service = make_service(pacs={"retrieve": "get"})
-    response = wsgi_call(web.Application(service.config, service), "/api/iso/download",
+    response = wsgi_call(application.Application(service.config, service), "/api/iso/download",
                          query="accession_number=GJ57")
     assert set(jpeg_pacs.stored[uid] for uid in jpeg_pacs.samples["GJ57"].sop_uids) == {JPEG_LOSSLESS_14}
     assert response.status == 502 and response.json()["code"] == "incomplete_study", response.body

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from mkiso import web
+from mkiso.http import application
 from discs import check_pdi, open_iso
 from conftest import job_leftovers, wait_until_clean
 
@@ -20,7 +20,7 @@ from conftest import job_leftovers, wait_until_clean
 def server(make_service, live_server, caplog):
     caplog.set_level(logging.INFO, logger="mkiso.access")
     service = make_service(limits={"max_jobs": 8})
-    return service, live_server(web.Application(service.config, service))
+    return service, live_server(application.Application(service.config, service))
 
 
 def fetch(url, timeout=120):
@@ -112,7 +112,7 @@ def test_a_finished_download_is_logged_complete_with_its_bytes(server, caplog):
 def test_busy_beyond_max_jobs_is_503_with_retry_after(make_service, wsgi_call, silent_pacs):
     """One slot, taken by a download stuck at a PACS that never answers: the next one is 503."""
     service = make_service(limits={"max_jobs": 1}, timeouts={"find_s": 3})
-    app = web.Application(service.config, service)
+    app = application.Application(service.config, service)
     holder = threading.Thread(target=wsgi_call, args=(app, "/api/iso/download"),
                               kwargs={"query": "accession_number=ACC2001"})
     holder.start()

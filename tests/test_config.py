@@ -276,7 +276,8 @@ def test_what_the_config_points_at_must_be_there(host, breakage, expected, comma
 
 def test_a_start_that_fails_after_the_checks_leaves_nothing(host, monkeypatch, caplog):
     """Should the receiver fail to start anyway (a tool gone meanwhile), mkiso's folders go again."""
-    from mkiso import receiver, server
+    from mkiso import server
+    from mkiso.dicom import receiver
 
     def vanished(self):
         raise OSError("storescp vanished")

@@ -2,7 +2,8 @@
 
 import pytest
 
-from mkiso import delivery, disc
+from mkiso.disc import tree
+from mkiso.http import delivery
 
 
 @pytest.mark.parametrize("person_name, plain, utf8", [
@@ -12,7 +13,7 @@ from mkiso import delivery, disc
     ("O'Brien^Seán", "O_BRIEN_SEAN.iso", "O_Brien_Se%C3%A1n.iso"),
 ])
 def test_patient_names(person_name, plain, utf8):
-    value = delivery.disposition(disc.patient_stem(person_name), "ACC1")
+    value = delivery.disposition(tree.patient_stem(person_name), "ACC1")
     assert value == "attachment; filename=\"%s\"; filename*=UTF-8''%s" % (plain, utf8)
 
 
@@ -28,11 +29,11 @@ def test_no_separator_quote_or_control_character(hostile):
 
 @pytest.mark.parametrize("empty", ["", "^^^", "山田^太郎", "..."])
 def test_never_an_empty_name(empty):
-    value = delivery.disposition(disc.patient_stem(empty), "ACC-7")
+    value = delivery.disposition(tree.patient_stem(empty), "ACC-7")
     assert 'filename="ACC-7.iso"' in value
 
 
 def test_utf8_only_name_falls_back_to_the_accession_in_ascii():
-    value = delivery.disposition(disc.patient_stem("山田^太郎"), "ACC-7")
+    value = delivery.disposition(tree.patient_stem("山田^太郎"), "ACC-7")
     assert 'filename="ACC-7.iso"' in value
     assert "filename*=UTF-8''%E5%B1%B1%E7%94%B0_%E5%A4%AA%E9%83%8E.iso" in value

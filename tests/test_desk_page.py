@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from mkiso import web
+from mkiso.http import application
 from discs import check_pdi, open_iso
 from test_jobs import slow_receiver_tools
 
@@ -45,7 +45,7 @@ def visible_text(driver, element_id):
 
 
 def open_page(browser, live_server, service):
-    base = live_server(web.Application(service.config, service))
+    base = live_server(application.Application(service.config, service))
     browser.get(base + "/")
     return base
 
@@ -144,7 +144,7 @@ def test_keyboard_only(browser, live_server, make_service):
 
 def test_a_request_too_big_for_one_disc_lists_every_disc(browser, live_server, make_service, tmp_path):
     """With a tiny test medium the patient's two studies need several discs: one link each."""
-    from mkiso import media
+    from mkiso.disc import media
     service = make_service(iso={"media": "cd", "max_bytes": media.BASE + 10000, "headroom_bytes": 0,
                                 "web_content": False})  # a medium so small that the pages would not fit
     open_page(browser, live_server, service)

@@ -13,8 +13,9 @@ import subprocess
 import pydicom
 import pytest
 
-from mkiso import demo, dicomdir, disc, fastcopy
-from mkiso.received import read_received
+from mkiso import demo, fastcopy
+from mkiso.disc import dicomdir, tree
+from mkiso.dicom.received import read_received
 from conftest import DCMTK_DIR
 
 OFFSETS = {"OffsetOfTheNextDirectoryRecord", "OffsetOfReferencedLowerLevelDirectoryEntity", "RecordInUseFlag"}
@@ -52,15 +53,15 @@ def staged(tmp_path_factory):
     """One disc staged twice: DICOMDIR from mkiso in one tree, from dcmmkdir in the other."""
     root = tmp_path_factory.mktemp("dicomdir")
     files = [read_received(path) for path in sample_files(str(root / "received"))]
-    images = disc.pdi_paths(files)
+    images = tree.pdi_paths(files)
     trees = {}
     for name in ("builtin", "dcmmkdir"):
-        tree = str(root / name)
+        staging = str(root / name)
         for _, path in images:
-            os.makedirs(os.path.join(tree, os.path.dirname(path)), exist_ok=True)
-        fastcopy.place_files([(image.path, os.path.join(tree, path)) for image, path in images])
-        disc.make_dicomdir(tree, images, name, os.path.join(DCMTK_DIR, "dcmmkdir"), 60, "DICOMDIR_TEST")
-        trees[name] = os.path.join(tree, "DICOMDIR")
+            os.makedirs(os.path.join(staging, os.path.dirname(path)), exist_ok=True)
+        fastcopy.place_files([(image.path, os.path.join(staging, path)) for image, path in images])
+        tree.make_dicomdir(staging, images, name, os.path.join(DCMTK_DIR, "dcmmkdir"), 60, "DICOMDIR_TEST")
+        trees[name] = os.path.join(staging, "DICOMDIR")
     return trees, images
 
 

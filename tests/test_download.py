@@ -12,7 +12,8 @@ import time
 import pydicom
 import pytest
 
-from mkiso import demo, logs, web
+from mkiso import demo, logs
+from mkiso.http import application
 from discs import check_pdi, download, joliet_listing, volume_id
 
 
@@ -32,7 +33,7 @@ def service(request, make_service, viewer):
 
 @pytest.fixture
 def app(service):
-    return web.Application(service.config, service)
+    return application.Application(service.config, service)
 
 
 def test_single_download_is_a_complete_pdi_disc(wsgi_call, app, archive, tmp_path):
@@ -104,7 +105,7 @@ def test_accession_list_on_accession_number_parameter(wsgi_call, app, archive, t
 
 def test_legacy_layout(make_service, viewer, wsgi_call, archive, tmp_path):
     service = make_service(iso={"layout": "legacy", "viewer_dir": viewer, "volume_label": "Patient CD"})
-    app = web.Application(service.config, service)
+    app = application.Application(service.config, service)
     _, disc, iso_path = download(wsgi_call, app, "/mkiso.php", tmp_path, "accession_number=DUP01")
     received = [path for path in disc.files if path.startswith("DICOMDIR" + os.sep)]
     assert os.path.isdir(os.path.join(disc.root, "DICOMDIR"))
@@ -144,7 +145,7 @@ def test_two_patients_is_409(wsgi_call, app):
 
 def test_two_patients_allowed_when_configured(make_service, wsgi_call, archive, tmp_path):
     service = make_service(limits={"allow_multi_patient": True})
-    app = web.Application(service.config, service)
+    app = application.Application(service.config, service)
     _, disc, _ = download(wsgi_call, app, "/api/iso/download-multiple", tmp_path, "accession_numbers=ACC2001,ACC3001")
     dicomdir = check_pdi(disc, archive.sop_uids("ACC2001", "ACC3001"))
     assert [r.DirectoryRecordType for r in dicomdir.DirectoryRecordSequence].count("PATIENT") == 2
@@ -152,14 +153,14 @@ def test_two_patients_allowed_when_configured(make_service, wsgi_call, archive, 
 
 def test_disc_over_max_bytes_is_413(make_service, wsgi_call):
     service = make_service(iso={"max_bytes": 100000})
-    response = wsgi_call(web.Application(service.config, service), "/api/iso/download",
+    response = wsgi_call(application.Application(service.config, service), "/api/iso/download",
                          query="accession_number=ACC2001")
     assert response.status == 413 and response.json()["code"] == "disc_too_large"
 
 
 def test_too_little_free_space_is_507_before_asking_the_pacs(make_service, silent_pacs, wsgi_call):
     service = make_service(limits={"min_free_bytes": 10 ** 18})
-    response = wsgi_call(web.Application(service.config, service), "/api/iso/download",
+    response = wsgi_call(application.Application(service.config, service), "/api/iso/download",
                          query="accession_number=ACC2001")
     assert response.status == 507 and response.json()["code"] == "insufficient_storage"
     with pytest.raises(BlockingIOError):
@@ -208,7 +209,7 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("path, query, code", BAD_INPUTS)
 def test_bad_input_is_400_and_the_pacs_is_not_asked(make_service, silent_pacs, wsgi_call, path, query, code):
     service = make_service()
-    response = wsgi_call(web.Application(service.config, service), path, query=query)
+    response = wsgi_call(application.Application(service.config, service), path, query=query)
     assert response.status == 400, response.body
     body = response.json()
     assert body["code"] == code and body["error"].endswith(".")
@@ -218,7 +219,7 @@ def test_bad_input_is_400_and_the_pacs_is_not_asked(make_service, silent_pacs, w
 
 def test_refused_values_are_shown_escaped_in_the_answer_and_the_log(make_service, silent_pacs, wsgi_call, caplog):
     service = make_service()
-    app = web.Application(service.config, service)
+    app = application.Application(service.config, service)
     with caplog.at_level(logging.INFO):
         body = wsgi_call(app, "/api/iso/download\u0085", query="accession_number=ACC%C2%852001").json()
         answer = wsgi_call(app, "/api/iso/download", query="accession_number=ACC%C2%852001").json()
@@ -231,7 +232,7 @@ def test_refused_values_are_shown_escaped_in_the_answer_and_the_log(make_service
 
 def test_bad_input_error_names_the_problem(make_service, silent_pacs, wsgi_call):
     service = make_service()
-    app = web.Application(service.config, service)
+    app = application.Application(service.config, service)
     body = wsgi_call(app, "/api/iso/download", query="accession_number=ACC*").json()
     assert body["error"] == "Accession number 'ACC*' contains a wildcard (* or ?); only exact numbers are accepted."
     body = wsgi_call(app, "/api/iso/download", query="accession_number=" + "X" * 17).json()
@@ -240,7 +241,7 @@ def test_bad_input_error_names_the_problem(make_service, silent_pacs, wsgi_call)
 
 def test_auth_required_when_enabled(make_service, wsgi_call, archive, tmp_path):
     service = make_service(auth={"enabled": True, "api_key": "k3y"})
-    app = web.Application(service.config, service)
+    app = application.Application(service.config, service)
     for headers in ({}, {"X-API-Key": "wrong"}, {"X-API-Key": "k3y "}):
         response = wsgi_call(app, "/api/iso/download", query="accession_number=ACC2001", headers=headers)
         assert response.status == 401 and response.json()["code"] == "unauthorized"
@@ -251,7 +252,7 @@ def test_auth_required_when_enabled(make_service, wsgi_call, archive, tmp_path):
 def test_pacs_stopped_is_502(make_service, settings, wsgi_call):
     settings["pacs"]["port"] = demo.free_port()
     service = make_service()
-    response = wsgi_call(web.Application(service.config, service), "/api/iso/download",
+    response = wsgi_call(application.Application(service.config, service), "/api/iso/download",
                          query="accession_number=ACC2001")
     assert response.status == 502
     body = response.json()
@@ -262,7 +263,7 @@ def test_pacs_that_never_answers_is_504_within_the_timeout(make_service, setting
     settings["timeouts"]["find_s"] = 2
     service = make_service()
     started = time.monotonic()
-    response = wsgi_call(web.Application(service.config, service), "/api/iso/download",
+    response = wsgi_call(application.Application(service.config, service), "/api/iso/download",
                          query="accession_number=ACC2001")
     elapsed = time.monotonic() - started
     assert response.status == 504, response.body
@@ -279,7 +280,7 @@ def no_tool_left_for_port(port):
 
 def test_pacs_refusing_our_ae_is_502(make_service, wsgi_call):
     service = make_service(pacs={"ae_title": "NOTTHEPACS"})
-    response = wsgi_call(web.Application(service.config, service), "/api/iso/download",
+    response = wsgi_call(application.Application(service.config, service), "/api/iso/download",
                          query="accession_number=ACC2001")
     assert response.status == 502 and "association rejected" in response.json()["error"]
 
@@ -287,7 +288,7 @@ def test_pacs_refusing_our_ae_is_502(make_service, wsgi_call):
 def test_an_unwritable_work_dir_is_503_with_a_sentence(make_service, wsgi_call, silent_pacs):
     """The work dir read-only (a bind mount: root ignores file modes): 503, and health says why."""
     service = make_service(timeouts={"find_s": 2})  # health's C-ECHO to the silent PACS
-    app = web.Application(service.config, service)
+    app = application.Application(service.config, service)
     work_dir = service.config.paths.work_dir
     subprocess.run(["mount", "--bind", work_dir, work_dir], check=True)
     try:
@@ -308,7 +309,7 @@ def test_the_iso_line_carries_the_phase_split(make_service, wsgi_call, caplog):
     """The benchmark reads where the time went from this line: every phase, in milliseconds."""
     caplog.set_level(logging.INFO, logger="mkiso.steps")
     service = make_service()
-    assert wsgi_call(web.Application(service.config, service), "/api/iso/download",
+    assert wsgi_call(application.Application(service.config, service), "/api/iso/download",
                      query="accession_number=ACC2001").status == 200
     [line] = [record for record in caplog.records if record.getMessage() == "iso built"]
     for phase in ("find", "manifest", "retrieve", "stage", "dicomdir", "size", "iso"):

@@ -23,7 +23,9 @@ import subprocess
 import pydicom
 import pytest
 
-from mkiso import demo, media, web, webcontent
+from mkiso import demo
+from mkiso.disc import media, webcontent
+from mkiso.http import application
 from conftest import DCMTK_DIR
 from discs import volume_id
 from test_dicomdir import BEYOND_F5, OFFSETS
@@ -96,7 +98,7 @@ def every_service(make_service, settings, every_pacs):
 
 
 def disc_job(service, wsgi_call, tmp_path, accession):
-    app = web.Application(service.config, service)
+    app = application.Application(service.config, service)
     job = split_job(wsgi_call, app, [accession])
     return job, fetch_discs(wsgi_call, app, job, tmp_path)
 
@@ -308,7 +310,7 @@ def test_the_volume_is_the_file_set_for_one_study_and_several(make_service, wsgi
     """The conftest archive: a label with dots, and two accessions of one patient (MKISO)."""
     from discs import download
     service = make_service()
-    app = web.Application(service.config, service)
+    app = application.Application(service.config, service)
     _, disc, iso_path = download(wsgi_call, app, "/api/iso/download", tmp_path,
                                  "accession_number=MR.180505.026", name="one")
     assert volume_id(iso_path) == "MR_180505_026" == pydicom.dcmread(os.path.join(disc.root, "DICOMDIR")).FileSetID
@@ -319,7 +321,7 @@ def test_the_volume_is_the_file_set_for_one_study_and_several(make_service, wsgi
 
 def test_a_standard_class_mkiso_does_not_know_is_an_error_naming_it(every_service, wsgi_call):
     service = every_service(iso={"private_objects": "keep"})
-    response = wsgi_call(web.Application(service.config, service), "/api/iso/download",
+    response = wsgi_call(application.Application(service.config, service), "/api/iso/download",
                          query="accession_number=UNK01")
     assert response.status == 500 and response.json()["code"] == "unknown_sop_class"
     assert UNKNOWN_CLASS in response.json()["error"]
@@ -327,7 +329,7 @@ def test_a_standard_class_mkiso_does_not_know_is_an_error_naming_it(every_servic
 
 def test_a_study_of_private_objects_only_makes_no_empty_disc(every_service, wsgi_call):
     service = every_service()
-    response = wsgi_call(web.Application(service.config, service), "/api/iso/download",
+    response = wsgi_call(application.Application(service.config, service), "/api/iso/download",
                          query="accession_number=PRIVONLY")
     assert response.status == 500 and response.json()["code"] == "only_private_objects"
     assert PRIVATE_CLASS in response.json()["error"]

@@ -15,7 +15,8 @@ from pydicom.dataset import Dataset
 from pydicom.datadict import tag_for_keyword
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from mkiso import demo, errors, fastcopy, received
+from mkiso import demo, errors, fastcopy
+from mkiso.dicom import received
 from conftest import DCMTK_DIR
 
 try:

@@ -3,7 +3,8 @@
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from mkiso import config as configuration, demo, process, web
+from mkiso import config as configuration, demo, process
+from mkiso.http import application
 from mkiso.service import Service
 from conftest import write_config
 
@@ -12,7 +13,7 @@ CHECKS = ("tools", "work_dir", "receiver", "pacs", "publisher", "viewer", "cache
 
 def test_all_ok_against_the_real_pacs(make_service, wsgi_call):
     service = make_service()
-    response = wsgi_call(web.Application(service.config, service), "/api/health", query="strict=1")
+    response = wsgi_call(application.Application(service.config, service), "/api/health", query="strict=1")
     body = response.json()
     assert response.status == 200, body
     assert body["status"] == "ok"
@@ -26,7 +27,7 @@ def test_all_ok_against_the_real_pacs(make_service, wsgi_call):
 def test_pacs_down_is_degraded_and_strict_503(make_service, settings, wsgi_call):
     settings["pacs"]["port"] = demo.free_port()  # nothing listens there
     service = make_service()
-    app = web.Application(service.config, service)
+    app = application.Application(service.config, service)
     response = wsgi_call(app, "/api/health")
     body = response.json()
     assert response.status == 200 and body["status"] == "degraded"
@@ -38,14 +39,14 @@ def test_pacs_down_is_degraded_and_strict_503(make_service, settings, wsgi_call)
 def test_silent_pacs_fails_within_timeout(make_service, settings, silent_pacs, wsgi_call):
     settings["timeouts"]["find_s"] = 2
     service = make_service()
-    body = wsgi_call(web.Application(service.config, service), "/api/health").json()
+    body = wsgi_call(application.Application(service.config, service), "/api/health").json()
     assert body["checks"]["pacs"]["ok"] is False
 
 
 def test_wrong_tool_path_is_degraded(make_service, settings, wsgi_call, tmp_path):
     settings["tools"]["genisoimage"] = str(tmp_path / "no-genisoimage")
     service = make_service()
-    app = web.Application(service.config, service)
+    app = application.Application(service.config, service)
     body = wsgi_call(app, "/api/health").json()
     assert body["checks"]["tools"]["ok"] is False
     assert "no-genisoimage" in body["checks"]["tools"]["detail"]
@@ -54,20 +55,20 @@ def test_wrong_tool_path_is_degraded(make_service, settings, wsgi_call, tmp_path
 
 def test_publisher_configured_but_down(make_service, wsgi_call):
     service = make_service(publisher={"host": "127.0.0.1", "port": demo.free_port()})
-    body = wsgi_call(web.Application(service.config, service), "/api/health").json()
+    body = wsgi_call(application.Application(service.config, service), "/api/health").json()
     assert body["checks"]["publisher"]["ok"] is False
     assert body["status"] == "degraded"
 
 
 def test_viewer_missing_is_degraded(make_service, tmp_path, wsgi_call):
     service = make_service(iso={"viewer_dir": str(tmp_path / "no-viewer")})
-    body = wsgi_call(web.Application(service.config, service), "/api/health").json()
+    body = wsgi_call(application.Application(service.config, service), "/api/health").json()
     assert body["checks"]["viewer"] == {"ok": False, "detail": "viewer folder %s is missing" % (tmp_path / "no-viewer")}
 
 
 def test_work_dir_below_free_space_limit(make_service, wsgi_call):
     service = make_service(limits={"min_free_bytes": 10 ** 18})
-    body = wsgi_call(web.Application(service.config, service), "/api/health").json()
+    body = wsgi_call(application.Application(service.config, service), "/api/health").json()
     assert body["checks"]["work_dir"]["ok"] is False
     assert "below limits.min_free_bytes" in body["checks"]["work_dir"]["detail"]
 
@@ -80,7 +81,7 @@ def test_receiver_port_taken_is_reported(settings, silent_listener, wsgi_call):
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and "Address already in use" not in service.receiver.last_error:
             time.sleep(0.05)
-        body = wsgi_call(web.Application(service.config, service), "/api/health").json()
+        body = wsgi_call(application.Application(service.config, service), "/api/health").json()
     finally:
         service.stop()
     assert body["checks"]["receiver"]["ok"] is False
@@ -89,7 +90,7 @@ def test_receiver_port_taken_is_reported(settings, silent_listener, wsgi_call):
 
 def test_a_flood_of_health_calls_runs_the_costly_checks_once(make_service, wsgi_call, monkeypatch):
     service = make_service()
-    app = web.Application(service.config, service)
+    app = application.Application(service.config, service)
     counts = {"tools": 0, "pacs": 0}
     for name, method in (("tools", "check_tools"), ("pacs", "check_pacs")):
         real = getattr(service.health, method)
@@ -108,7 +109,7 @@ def test_a_flood_of_health_calls_runs_the_costly_checks_once(make_service, wsgi_
 
 def test_with_auth_on_health_tells_a_stranger_only_ok_or_not(make_service, wsgi_call):
     service = make_service(auth={"enabled": True, "api_key": "s3cret"})
-    app = web.Application(service.config, service)
+    app = application.Application(service.config, service)
     stranger = wsgi_call(app, "/api/health")
     assert stranger.status == 200
     assert stranger.json() == {"status": "ok", "checks": {name: {"ok": True} for name in CHECKS}}
@@ -141,7 +142,7 @@ def test_a_sandbox_that_refuses_setpriv_is_named_not_a_restart_loop(settings, tm
         deadline = time.monotonic() + 10
         while not service.receiver.refused and time.monotonic() < deadline:
             time.sleep(0.1)
-        body = wsgi_call(web.Application(config, service), "/api/health").json()
+        body = wsgi_call(application.Application(config, service), "/api/health").json()
         sentence = "setpriv was refused capset by the service's sandbox"
         assert body["checks"]["receiver"]["ok"] is False
         assert body["checks"]["receiver"]["detail"].startswith("storescp cannot run: " + sentence)
@@ -150,7 +151,8 @@ def test_a_sandbox_that_refuses_setpriv_is_named_not_a_restart_loop(settings, tm
         assert "findscu, movescu" in tools["detail"] and "genisoimage" in tools["detail"]
         time.sleep(1.5)  # down for a while, yet not "down against its will": systemd would not help
         assert service.receiver.down_seconds() == 0
-        answer = wsgi_call(web.Application(config, service), "/api/iso/download", query="accession_number=ACC2001")
+        answer = wsgi_call(application.Application(config, service), "/api/iso/download",
+                           query="accession_number=ACC2001")
         assert answer.status >= 500 and sentence in answer.json()["error"], answer.body[:300]
     finally:
         service.stop()

@@ -16,7 +16,7 @@ import urllib.request
 import pytest
 import waitress.buffers
 
-from mkiso import web
+from mkiso.http import application
 from conftest import job_leftovers
 
 KEY = "k" * 32
@@ -28,7 +28,7 @@ def server(make_service, live_server, caplog):
 
     def start(**overrides):
         service = make_service(**overrides)
-        return service, live_server(web.Application(service.config, service))
+        return service, live_server(application.Application(service.config, service))
 
     return start
 
@@ -155,7 +155,7 @@ def test_a_chunked_body_over_64_kb_is_413(server, spooled):
 
 def test_deeply_nested_json_is_400(make_service, wsgi_call):
     service = make_service()
-    app = web.Application(service.config, service)
+    app = application.Application(service.config, service)
     for body in (b"[" * 20000 + b"]" * 20000, b'{"accessions": ' + b"[" * 40 + b"]" * 40 + b"}"):
         response = wsgi_call(app, "/api/jobs", method="POST", body=body,
                              headers={"Content-Type": "application/json"})
@@ -202,7 +202,7 @@ def audit_lines(service):
 @pytest.mark.parametrize("forwarded", ["::1%\u0085{\"fake\":1}", "::1%eth0", "10.1.2.3\x00", "not-an-address"])
 def test_a_crafted_forwarded_for_is_recorded_as_the_proxy(make_service, wsgi_call, caplog, forwarded):
     service = make_service()
-    app = web.Application(service.config, service)
+    app = application.Application(service.config, service)
     response = wsgi_call(app, "/api/iso/download", query="accession_number=NOSUCH1",
                          headers={"X-Forwarded-For": forwarded}, peer="127.0.0.1")
     assert response.status == 404
@@ -214,7 +214,7 @@ def test_a_crafted_forwarded_for_is_recorded_as_the_proxy(make_service, wsgi_cal
 
 def test_a_forwarded_address_is_taken_from_a_trusted_proxy(make_service, wsgi_call):
     service = make_service()
-    app = web.Application(service.config, service)
+    app = application.Application(service.config, service)
     wsgi_call(app, "/api/iso/download", query="accession_number=NOSUCH1",
               headers={"X-Forwarded-For": "10.1.2.3, 2001:DB8::1"}, peer="127.0.0.1")
     assert json.loads(audit_lines(service)[0])["client"] == "2001:db8::1"
@@ -222,7 +222,8 @@ def test_a_forwarded_address_is_taken_from_a_trusted_proxy(make_service, wsgi_ca
 
 def test_syslog_xml_of_a_name_with_control_characters_parses(make_service):
     import xml.etree.ElementTree as ET
-    from mkiso import atna, audit, pacs
+    from mkiso import atna, audit
+    from mkiso.dicom import pacs
     export = audit.Export("download", "rid", "127.0.0.1", caller="desk\x01", accessions=["ACC\x1b1"])
     export.studies = [pacs.Study("ACC\x1b1", "1.2.3", "PAT\x00-1", "EVIL\x01^NAME\x1b[2J\ud800")]
     entry = export.entry(200, None)
@@ -366,7 +367,7 @@ def wait_for_audit(service, count=1, timeout=15):
 
 def test_the_audit_line_of_a_416_says_416(make_service, wsgi_call):
     service = make_service()
-    app = web.Application(service.config, service)
+    app = application.Application(service.config, service)
     response = wsgi_call(app, "/api/iso/download", query="accession_number=ACC2001",
                          headers={"Range": "bytes=999999999999-"})
     assert response.status == 416
@@ -376,7 +377,7 @@ def test_the_audit_line_of_a_416_says_416(make_service, wsgi_call):
 
 def test_the_audit_line_of_a_range_counts_the_range(make_service, wsgi_call):
     service = make_service()
-    app = web.Application(service.config, service)
+    app = application.Application(service.config, service)
     response = wsgi_call(app, "/api/iso/download", query="accession_number=ACC2001", headers={"Range": "bytes=0-99"})
     assert response.status == 206
     [line] = wait_for_audit(service)
@@ -460,7 +461,7 @@ def test_slow_readers_isos_count_against_a_byte_budget(server, caplog):
 
 def receiver_processes(service):
     """(count, summed RSS in bytes) of the receiver's storescp and its children."""
-    from mkiso import receiver
+    from mkiso.dicom import receiver
     count = rss = 0
     for pid in receiver.group_members(service.receiver.pid):
         try:
@@ -485,7 +486,7 @@ def test_200_idle_receiver_connections_are_bounded(make_service, wsgi_call, arch
         during = receiver_processes(service)
         assert during[0] <= 1 + 4, "%d receiver processes" % during[0]
         assert during[1] <= before[1] * 6, (before, during)
-        app = web.Application(service.config, service)
+        app = application.Application(service.config, service)
         response = wsgi_call(app, "/api/iso/download", query="accession_number=ACC2001")
         assert response.status == 200, response.body[:300]
     finally:

@@ -18,8 +18,8 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from mkiso import web
-from mkiso.receiver import listening_sockets
+from mkiso.http import application
+from mkiso.dicom.receiver import listening_sockets
 from conftest import DCMTK_DIR, job_leftovers
 from discs import check_pdi, download, open_iso
 
@@ -34,7 +34,7 @@ def service(make_service):
 
 @pytest.fixture
 def app(service):
-    return web.Application(service.config, service)
+    return application.Application(service.config, service)
 
 
 def pacs_files(archive, accession):
@@ -209,7 +209,7 @@ def refusing_tools(tmp_path):
 def test_pacs_refusing_image_level_queries_falls_back_to_the_counts(
         make_service, refusing_tools, wsgi_call, archive, tmp_path, caplog):
     service = make_service(tools={"dcmtk_dir": refusing_tools})
-    app = web.Application(service.config, service)
+    app = application.Application(service.config, service)
     with caplog.at_level(logging.INFO, logger="mkiso"):
         for name in ("first", "second"):
             _, disc, _ = download(wsgi_call, app, "/api/iso/download", tmp_path, "accession_number=ACC2001", name)
@@ -242,7 +242,7 @@ def test_receiver_down_shows_in_health(service, app, wsgi_call):
 
 def test_with_c_get_nothing_listens_and_health_says_not_used(make_service, wsgi_call, receiver_port):
     service = make_service(pacs={"retrieve": "get"})
-    body = wsgi_call(web.Application(service.config, service), "/api/health").json()
+    body = wsgi_call(application.Application(service.config, service), "/api/health").json()
     assert body["checks"]["receiver"] == {"ok": True, "detail": "not used (pacs.retrieve: get)"}
     assert receiver_port not in listening_sockets()
 
@@ -253,7 +253,7 @@ def test_receiver_pauses_below_min_free_bytes_and_resumes(small_work_dir, make_s
                                                          tmp_path):
     point = small_work_dir("64m")
     service = make_service(limits={"min_free_bytes": 16 * 2 ** 20})
-    app = web.Application(service.config, service)
+    app = application.Application(service.config, service)
     port = service.config.receiver.port
     filler = point / "filler"
     with open(filler, "wb") as handle:
@@ -275,7 +275,7 @@ def test_disk_full_during_the_retrieval_is_507_and_nothing_is_left(small_work_di
     """BIG01 is about 10 MB; the work dir has 6 MB."""
     small_work_dir("6m")
     service = make_service(limits={"min_free_bytes": 512 * 1024}, pacs={"retrieve": retrieve})
-    response = wsgi_call(web.Application(service.config, service), "/api/iso/download",
+    response = wsgi_call(application.Application(service.config, service), "/api/iso/download",
                          query="accession_number=BIG01")
     body = response.json()
     assert response.status == 507 and body["code"] == "insufficient_storage", body

@@ -7,7 +7,8 @@ import urllib.request
 
 import pytest
 
-from mkiso import delivery, disc, waitress_adapter, web
+from mkiso.disc import tree
+from mkiso.http import application, delivery, waitress_adapter
 from discs import check_pdi, open_iso
 from conftest import wait_until_clean
 
@@ -44,7 +45,7 @@ def test_unsatisfiable_ranges(header):
 @pytest.fixture
 def server(make_service, live_server):
     service = make_service()
-    return service, live_server(web.Application(service.config, service))
+    return service, live_server(application.Application(service.config, service))
 
 
 def get(url, headers=None, method="GET"):
@@ -113,7 +114,7 @@ def test_head_sizes_the_disc_without_writing_it(server, monkeypatch):
     def no_iso(*args, **kwargs):
         raise AssertionError("HEAD must not write the ISO")
 
-    monkeypatch.setattr(disc, "make_iso", no_iso)
+    monkeypatch.setattr(tree, "make_iso", no_iso)
     url = base + "/api/iso/download?accession_number=ACC2001"
     status, headers, body = get(url, method="HEAD")
     assert status == 200 and body == b"" and int(headers["Content-Length"]) > 0

@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from mkiso import web
+from mkiso.http import application
 from mkiso.config import DCMTK_TOOLS
 from conftest import job_leftovers
 from discs import check_pdi, open_iso
@@ -82,7 +82,7 @@ def tools_running(name, study_uid):
 
 @pytest.fixture
 def app_of():
-    return lambda service: web.Application(service.config, service)
+    return lambda service: application.Application(service.config, service)
 
 
 def test_a_job_from_start_to_iso(make_service, wsgi_call, app_of, archive, tmp_path):

@@ -8,7 +8,7 @@ import time
 import urllib.error
 import urllib.request
 
-from mkiso import web
+from mkiso.http import application
 
 ACCESSIONS = ("MR.180505.026", "ACC1002", "ACC2001", "DUP01", "ACC3001")  # 3 patients, 6 studies
 LOOKUPS = 40
@@ -30,7 +30,7 @@ def timed(url):
 
 def test_forty_lookups_at_once_leave_health_and_downloads_fast(make_service, live_server, archive):
     service = make_service(limits={"max_jobs": 4, "allow_multi_patient": True})
-    base = live_server(web.Application(service.config, service))
+    base = live_server(application.Application(service.config, service))
     lookup = base + "/api/studies?accession_numbers=" + ",".join(ACCESSIONS)
     assert fetch(base + "/api/health")[0] == 200  # its tool checks and C-ECHOs are shared for 5 s
     alone = timed(base + "/api/iso/download?accession_number=ACC2001")  # this machine's pace, now
@@ -76,7 +76,7 @@ def test_forty_lookups_at_once_leave_health_and_downloads_fast(make_service, liv
 
 def test_a_lookup_that_finds_nothing_is_audited_too(make_service, wsgi_call):
     service = make_service()
-    app = web.Application(service.config, service)
+    app = application.Application(service.config, service)
     assert wsgi_call(app, "/api/studies", query="accession_numbers=NOPE1").status == 404
     assert wsgi_call(app, "/api/studies", query="accession_numbers=ACC*").status == 400  # nothing asked, no line
     with open(service.config.audit.path, encoding="utf-8") as handle:
@@ -87,7 +87,7 @@ def test_a_lookup_that_finds_nothing_is_audited_too(make_service, wsgi_call):
 def test_modalities_come_from_the_series_when_the_pacs_gives_none(make_service, wsgi_call):
     """dcmqrscp leaves ModalitiesInStudy empty; the clerk still sees MR and CT."""
     service = make_service()
-    answer = wsgi_call(web.Application(service.config, service), "/api/studies",
+    answer = wsgi_call(application.Application(service.config, service), "/api/studies",
                        query="accession_numbers=MR.180505.026,ACC1002").json()
     assert {study["accession"]: study["modalities"] for study in answer["studies"]} == {
         "MR.180505.026": ["MR"], "ACC1002": ["CT"]}

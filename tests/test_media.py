@@ -16,7 +16,9 @@ import time
 import pydicom
 import pytest
 
-from mkiso import demo, media, web
+from mkiso import demo
+from mkiso.disc import media
+from mkiso.http import application
 from conftest import DCMTK_DIR
 from discs import check_pdi, open_iso, volume_id
 
@@ -155,7 +157,7 @@ def check_split(discs, expected_uids, capacity):
 
 def test_three_studies_three_cds_newest_first(service_for, wsgi_call, media_pacs, tmp_path):
     service = service_for(iso=SMALL_CD)
-    app = web.Application(service.config, service)
+    app = application.Application(service.config, service)
     job = split_job(wsgi_call, app, ["OLD01", "NEW01", "MID01"])
     assert [entry["number"] for entry in job["discs"]] == [1, 2, 3] and "iso" not in job["links"]
     per_disc = check_split(fetch_discs(wsgi_call, app, job, tmp_path),
@@ -168,7 +170,7 @@ def test_three_studies_three_cds_newest_first(service_for, wsgi_call, media_pacs
 
 def test_the_synchronous_download_says_how_many_discs(service_for, wsgi_call):
     service = service_for(iso=SMALL_CD)
-    response = wsgi_call(web.Application(service.config, service), "/api/iso/download-multiple",
+    response = wsgi_call(application.Application(service.config, service), "/api/iso/download-multiple",
                          query="accession_numbers=OLD01,NEW01,MID01")
     assert response.status == 413
     body = response.json()
@@ -178,7 +180,7 @@ def test_the_synchronous_download_says_how_many_discs(service_for, wsgi_call):
 
 def test_a_study_bigger_than_a_disc_splits_at_series(service_for, wsgi_call, media_pacs, tmp_path):
     service = service_for(iso=SMALL_CD)
-    app = web.Application(service.config, service)
+    app = application.Application(service.config, service)
     job = split_job(wsgi_call, app, ["SER01"])
     per_disc = check_split(fetch_discs(wsgi_call, app, job, tmp_path), media_pacs.two_series.sop_uids, CD)
     series = [set(media_pacs.two_series.sop_uids[:3]), set(media_pacs.two_series.sop_uids[3:])]
@@ -187,7 +189,7 @@ def test_a_study_bigger_than_a_disc_splits_at_series(service_for, wsgi_call, med
 
 def test_a_series_bigger_than_a_disc_splits_at_images(service_for, wsgi_call, media_pacs, tmp_path):
     service = service_for(iso=SMALL_CD)
-    app = web.Application(service.config, service)
+    app = application.Application(service.config, service)
     job = split_job(wsgi_call, app, ["IMG01"])
     per_disc = check_split(fetch_discs(wsgi_call, app, job, tmp_path), media_pacs.one_series.sop_uids, CD)
     assert [len(uids) for uids in per_disc] == [3, 2]
@@ -197,7 +199,7 @@ def test_a_series_bigger_than_a_disc_splits_at_images(service_for, wsgi_call, me
 @pytest.mark.parametrize("medium, profile", [("cd", "STD-GEN-CD"), ("dvd", "STD-GEN-DVD")])
 def test_what_fits_is_one_disc_with_its_profile(service_for, wsgi_call, media_pacs, tmp_path, medium, profile):
     service = service_for(iso={"media": medium})
-    app = web.Application(service.config, service)
+    app = application.Application(service.config, service)
     job = split_job(wsgi_call, app, ["NEW01"])
     [(disc, iso_path)] = fetch_discs(wsgi_call, app, job, tmp_path)
     assert volume_id(iso_path) == "NEW01" and volume_set(iso_path) == (1, 1)
@@ -210,7 +212,7 @@ def test_what_fits_is_one_disc_with_its_profile(service_for, wsgi_call, media_pa
 
 def test_jpeg_is_kept_and_stated(jpeg_service, wsgi_call, jpeg_pacs, tmp_path):
     service = jpeg_service()
-    app = web.Application(service.config, service)
+    app = application.Application(service.config, service)
     job = split_job(wsgi_call, app, ["JPG01"])
     [(disc, _)] = fetch_discs(wsgi_call, app, job, tmp_path)
     assert disc_uids(disc) == set(jpeg_pacs.study.sop_uids)
@@ -225,7 +227,7 @@ def test_jpeg_is_kept_and_stated(jpeg_service, wsgi_call, jpeg_pacs, tmp_path):
 
 def test_transcoding_makes_a_conformant_cd_with_the_same_pixels(jpeg_service, wsgi_call, jpeg_pacs, tmp_path):
     service = jpeg_service(iso={"media": "cd", "transcode": "explicit-le"})
-    app = web.Application(service.config, service)
+    app = application.Application(service.config, service)
     job = split_job(wsgi_call, app, ["JPG01"])
     [(disc, _)] = fetch_discs(wsgi_call, app, job, tmp_path)
     assert job["discs"][0]["profile"] == "STD-GEN-CD"
@@ -256,7 +258,7 @@ def test_an_image_that_cannot_be_decompressed_is_an_error_naming_it(make_service
     settings["pacs"]["port"] = pacs.port
     try:
         service = make_service(iso={"transcode": "explicit-le"})
-        response = wsgi_call(web.Application(service.config, service), "/api/iso/download",
+        response = wsgi_call(application.Application(service.config, service), "/api/iso/download",
                              query="accession_number=JLS01")
     finally:
         pacs.stop()
@@ -269,7 +271,7 @@ def test_print_says_how_many_discs_the_publisher_needs(service_for, wsgi_call, t
     rimage = FakeRimage(str(tmp_path / "rimage"))
     try:
         service = service_for(iso=SMALL_CD, publisher={"host": "127.0.0.1", "port": rimage.port})
-        response = wsgi_call(web.Application(service.config, service), "/api/iso/print",
+        response = wsgi_call(application.Application(service.config, service), "/api/iso/print",
                              query="accession_number=OLD01,NEW01,MID01")
     finally:
         rimage.stop()
@@ -280,7 +282,7 @@ def test_print_says_how_many_discs_the_publisher_needs(service_for, wsgi_call, t
 def test_plan_refuses_an_image_larger_than_any_disc(tmp_path):
     path = tmp_path / "big"
     path.write_bytes(b"\0" * 50000)
-    from mkiso.received import ReceivedFile
+    from mkiso.dicom.received import ReceivedFile
     image = ReceivedFile(str(path), "P", "S", "R", 1, 1, "I")
     with pytest.raises(Exception, match="does not fit on an empty disc"):
         media.plan([image], limit=media.BASE + 10000, fixed=media.BASE)

@@ -4,7 +4,8 @@ import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from mkiso import __version__, metrics, web
+from mkiso import __version__, metrics
+from mkiso.http import application
 from test_print import FakeRimage
 
 PHASES = ("find", "manifest", "retrieve", "transfer", "checks", "stage", "dicomdir", "size", "iso", "send")
@@ -48,7 +49,7 @@ def test_metrics_move_by_exactly_what_happened_and_name_no_patient(make_service,
     try:
         service = make_service(publisher={"host": "127.0.0.1", "port": rimage.port, "ae_title": "RIMAGE"},
                                cache={"max_bytes": 10 ** 9})
-        app = web.Application(service.config, service)
+        app = application.Application(service.config, service)
         before, _ = scrape(wsgi_call, app)
 
         download = wsgi_call(app, "/api/iso/download", query="accession_number=ACC2001")
@@ -111,14 +112,14 @@ def test_metrics_move_by_exactly_what_happened_and_name_no_patient(make_service,
 
 def test_metrics_are_open_with_auth_on(make_service, wsgi_call):
     service = make_service(auth={"enabled": True, "api_key": "k" * 32})
-    app = web.Application(service.config, service)
+    app = application.Application(service.config, service)
     assert wsgi_call(app, "/metrics").status == 200
     assert wsgi_call(app, "/api/jobs").status == 401
 
 
 def test_metrics_can_be_turned_off(make_service, wsgi_call):
     service = make_service(metrics={"enabled": False})
-    assert wsgi_call(web.Application(service.config, service), "/metrics").status == 404
+    assert wsgi_call(application.Application(service.config, service), "/metrics").status == 404
 
 
 def test_each_service_counts_on_its_own_registry():

@@ -18,7 +18,8 @@ import urllib.request
 
 import pytest
 
-from mkiso import demo, server as mkiso_server, web
+from mkiso import demo, server as mkiso_server
+from mkiso.http import application
 from conftest import job_leftovers
 from discs import check_pdi, open_iso
 
@@ -122,7 +123,7 @@ def wait_until_removed(service, timeout=10):
 def behind_nginx(make_service, live_server, nginx):
     """mkiso with x_accel_prefix (ISOs kept 2 s) behind nginx; every ISO must be gone after that."""
     service = make_service(server={"x_accel_prefix": PREFIX, "x_accel_keep_s": 2})
-    upstream = live_server(web.Application(service.config, service))
+    upstream = live_server(application.Application(service.config, service))
     yield service, upstream, nginx(int(upstream.rsplit(":", 1)[1]), service.config.paths.work_dir)
     assert wait_until_removed(service) == [], "an ISO outlived x_accel_keep_s"
 
@@ -170,7 +171,7 @@ def test_the_internal_location_is_not_reachable_from_outside(behind_nginx):
 def plain_behind_nginx(make_service, live_server, nginx):
     """mkiso without x-accel (it sends the ISO itself) behind the snippet."""
     service = make_service()
-    upstream = live_server(web.Application(service.config, service))
+    upstream = live_server(application.Application(service.config, service))
     return service, nginx(int(upstream.rsplit(":", 1)[1]), service.config.paths.work_dir), upstream
 
 
@@ -298,7 +299,7 @@ DESK_KEY = "desk-0123456789abcdef-key"
 def keyed_behind_nginx(make_service, live_server, nginx):
     """mkiso with auth on and named keys, behind the snippet whose HIS key file holds the HIS's key."""
     service = make_service(auth={"enabled": True, "keys": {"his": HIS_KEY, "desk-1": DESK_KEY}})
-    upstream = live_server(web.Application(service.config, service))
+    upstream = live_server(application.Application(service.config, service))
     return service, nginx(int(upstream.rsplit(":", 1)[1]), service.config.paths.work_dir, HIS_KEY)
 
 

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from mkiso import web
+from mkiso.http import application
 from test_jobs import slow_genisoimage
 
 EVIL = "http://evil.example"
@@ -33,7 +33,7 @@ def send(url, method="GET", body=None, headers=None):
 def served(make_service, live_server):
     def serve(**overrides):
         service = make_service(**overrides)
-        return service, live_server(web.Application(service.config, service))
+        return service, live_server(application.Application(service.config, service))
     return serve
 
 

@@ -7,7 +7,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from mkiso import web
+from mkiso.http import application
 from mkiso.patients import PatientApi
 
 PACS_NAME = "attachment; filename=\"MULLER_JURGEN.iso\"; filename*=UTF-8''M%C3%BCller_J%C3%BCrgen.iso"
@@ -72,7 +72,7 @@ def api_server():
 def multi_download(make_service, wsgi_call, url, timeout_s=2):
     service = make_service(patient_api={"url": url, "name_field": "patient.name", "timeout_s": timeout_s,
                                         "retries": 2})
-    response = wsgi_call(web.Application(service.config, service), "/api/iso/download-multiple", query=QUERY)
+    response = wsgi_call(application.Application(service.config, service), "/api/iso/download-multiple", query=QUERY)
     assert response.status == 200, response.body
     return response
 
@@ -133,7 +133,7 @@ def test_api_off_uses_the_pacs_name(make_service, wsgi_call):
 def test_single_download_keeps_the_accession_name(make_service, wsgi_call, api_server):
     server = api_server(GOOD)
     service = make_service(patient_api={"url": server.url, "name_field": "patient.name"})
-    response = wsgi_call(web.Application(service.config, service), "/api/iso/download",
+    response = wsgi_call(application.Application(service.config, service), "/api/iso/download",
                          query="accession_number=ACC2001")
     assert 'filename="ACC2001.iso"' in response.header("Content-Disposition")
     assert server.requests == []

@@ -8,7 +8,9 @@ import time
 import pydicom
 import pytest
 
-from mkiso import demo, publisher, web
+from mkiso import demo
+from mkiso.dicom import publisher
+from mkiso.http import application
 from conftest import DCMTK_DIR
 
 
@@ -43,7 +45,7 @@ def rimage(tmp_path):
 
 def print_app(make_service, port, ae_title="RIMAGE", **overrides):
     service = make_service(publisher={"host": "127.0.0.1", "port": port, "ae_title": ae_title}, **overrides)
-    return web.Application(service.config, service)
+    return application.Application(service.config, service)
 
 
 def test_print_one_accession(make_service, rimage, wsgi_call, archive):
@@ -86,7 +88,8 @@ def test_print_bad_input_is_400(make_service, rimage, wsgi_call):
 
 def test_publisher_not_configured_is_503(make_service, wsgi_call):
     service = make_service()
-    response = wsgi_call(web.Application(service.config, service), "/api/iso/print", query="accession_number=ACC2001")
+    response = wsgi_call(application.Application(service.config, service), "/api/iso/print",
+                         query="accession_number=ACC2001")
     assert response.status == 503
     assert response.json()["code"] == "publisher_not_configured"
     assert "publisher.host" in response.json()["error"]

@@ -1,4 +1,4 @@
-"""The record type of each SOP class (mkiso.records), held against the standard's table as dcmtk has it.
+"""The record type of each SOP class (mkiso.disc.records), held against the standard's table as dcmtk has it.
 
 dcmmkdir is the oracle for the classes it knows: an object of each class of the
 table, all put through dcmmkdir at once, gets the record type mkiso's table
@@ -15,7 +15,8 @@ from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from mkiso import demo, errors, records
+from mkiso import demo, errors
+from mkiso.disc import records
 from conftest import DCMTK_DIR
 
 # One class of every record type the table has, with the type PS3.3 F.4 gives it.

@@ -4,8 +4,9 @@ import os
 
 import pytest
 
-from mkiso import demo, errors, pacs, process
-from mkiso.retrieval import verify
+from mkiso import demo, errors, process
+from mkiso.dicom import pacs
+from mkiso.dicom.retrieval import verify
 
 FINAL_SUCCESS = """\
 I: Received Move Response 1 (Pending)

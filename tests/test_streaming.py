@@ -21,7 +21,10 @@ import types
 import pytest
 from waitress.buffers import ReadOnlyFileBasedBuffer
 
-from mkiso import delivery, disc, received, steps, waitress_adapter, web
+from mkiso import steps
+from mkiso.dicom import received
+from mkiso.disc import tree
+from mkiso.http import application, delivery, waitress_adapter
 from mkiso.jobs import State
 from discs import check_pdi, open_iso
 from conftest import wait_until_clean
@@ -66,7 +69,7 @@ def serve(make_service, live_server, caplog):
 
     def start(tool, **settings):
         service = make_service(tools={"genisoimage": tool}, **settings)
-        return service, live_server(web.Application(service.config, service))
+        return service, live_server(application.Application(service.config, service))
     return start
 
 
@@ -208,7 +211,7 @@ def test_finished_downloads_keep_no_image_headers(serve):
 
 def stream_one(make_service, wsgi_call):
     service = make_service()
-    response = wsgi_call(web.Application(service.config, service), "/api/iso/download",
+    response = wsgi_call(application.Application(service.config, service), "/api/iso/download",
                          query="accession_number=ACC2001")
     return service, response
 
@@ -218,7 +221,7 @@ def test_a_full_disk_as_the_streamed_build_starts_is_507_and_leaves_nothing(make
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(disc, "make_iso", no_space)
+    monkeypatch.setattr(tree, "make_iso", no_space)
     service, response = stream_one(make_service, wsgi_call)
     assert response.status == 507 and response.json()["code"] == "insufficient_storage", response.body[:300]
     assert wait_until_clean(service) == []

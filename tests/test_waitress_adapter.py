@@ -15,7 +15,9 @@ import pytest
 from waitress.channel import HTTPChannel
 from waitress.server import create_server
 
-from mkiso import delivery, disc, server as mkiso_server, waitress_adapter, web
+from mkiso import server as mkiso_server
+from mkiso.disc import tree
+from mkiso.http import application, delivery, waitress_adapter
 from mkiso.jobs import State
 from discs import check_pdi, open_iso
 
@@ -73,13 +75,13 @@ def test_without_a_name_mkiso_keeps_the_stock_channel_and_still_sends_the_iso(mo
     served = []
 
     def app(environ, start_response):
-        iso = disc.Iso(str(folder / "disc.iso"), len(data), "ACC1", "ACC1", str(folder))
+        iso = tree.Iso(str(folder / "disc.iso"), len(data), "ACC1", "ACC1", str(folder))
         response = delivery.iso_response(environ, iso)
         served.append(response.closer)
         start_response("200 OK", response.headers)
         return response.body
 
-    caplog.set_level(logging.WARNING, logger="mkiso.waitress_adapter")
+    caplog.set_level(logging.WARNING, logger="mkiso.http.waitress_adapter")
     base = live_server(app)
     assert [r.getMessage() for r in caplog.records if "_renamed_later" in r.getMessage()], caplog.text
     with urllib.request.urlopen(base + "/disc.iso", timeout=30) as answer:
@@ -97,7 +99,7 @@ def test_without_the_sendfile_channel_a_download_is_written_whole_before_it_is_s
     connection: so the disc is not streamed there, and arrives exact."""
     as_if_a_name_were_gone(monkeypatch)
     service = make_service()
-    base = live_server(web.Application(service.config, service))
+    base = live_server(application.Application(service.config, service))
     iso = tmp_path / "disc.iso"
     with urllib.request.urlopen(base + "/api/iso/download?accession_number=ACC2001", timeout=60) as answer:
         iso.write_bytes(answer.read())

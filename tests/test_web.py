@@ -2,7 +2,8 @@
 
 import pytest
 
-from mkiso import config as configuration, web
+from mkiso import config as configuration
+from mkiso.http import application
 from mkiso.errors import UpstreamFailed
 
 
@@ -26,7 +27,7 @@ def make_app(auth=None, status="ok"):
     if auth:
         raw["auth"] = auth
     config = configuration.validate(raw)
-    return web.Application(config, FakeService(status))
+    return application.Application(config, FakeService(status))
 
 
 def test_unknown_path_is_json_404(wsgi_call):

@@ -19,8 +19,10 @@ import xml.etree.ElementTree as ElementTree
 import pydicom
 import pytest
 
-from mkiso import demo, webcontent, web
-from mkiso.received import ReceivedFile
+from mkiso import demo
+from mkiso.disc import webcontent
+from mkiso.http import application
+from mkiso.dicom.received import ReceivedFile
 from conftest import DCMTK_DIR
 from discs import check_pdi, download
 from test_compressed_get import jls_pacs, jpeg_pacs  # noqa: F401 (fixtures)
@@ -99,7 +101,8 @@ def previews(trees):
 
 
 def get_disc(wsgi_call, service, tmp_path, query, path="/api/iso/download", name="disc"):
-    _, disc, iso_path = download(wsgi_call, web.Application(service.config, service), path, tmp_path, query, name)
+    app = application.Application(service.config, service)
+    _, disc, iso_path = download(wsgi_call, app, path, tmp_path, query, name)
     return disc, iso_path
 
 
@@ -172,7 +175,7 @@ def test_each_split_disc_has_its_own_index_of_its_part(make_service, settings, w
                                                        tmp_path):  # noqa: F811
     settings["pacs"]["port"] = media_pacs.pacs.port
     service = make_service(iso=SMALL_CD)
-    app = web.Application(service.config, service)
+    app = application.Application(service.config, service)
     discs = fetch_discs(wsgi_call, app, split_job(wsgi_call, app, ["OLD01", "NEW01", "MID01"]), tmp_path)
     accessions = ["NEW01", "MID01", "OLD01"]  # newest first
     for number, (disc, iso_path) in enumerate(discs, start=1):

@@ -23,7 +23,7 @@ copies an image's ImageType into its IMAGE record, a key PS3.3 F.5 does not
 have for these profiles: dciodvfy warns of it in dcmmkdir's own DICOMDIR.)
 Objects that are not images (dose reports, key images, presentation
 states, PDFs: a handful a study) get the record their SOP class calls for
-(``mkiso.records``), with keys read from the file by pydicom when the
+(``mkiso.disc.records``), with keys read from the file by pydicom when the
 DICOMDIR is written: the per-image cost stays where it is.  A missing
 StudyID, SeriesNumber or InstanceNumber is invented (from the disc's own
 numbering), never a reason to drop an image.  ``iso.dicomdir: dcmmkdir``
@@ -39,7 +39,8 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from . import __version__, errors, records as record_types
+from .. import __version__, errors
+from . import records as record_types
 
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.8.498.1"  # pydicom's root, as pydicom itself uses
@@ -199,7 +200,7 @@ def encode_image_record(image, disc_path, number):
 
 
 def records(placed):
-    """(level, encoded record) in depth-first order for images laid out by ``disc.pdi_paths``.
+    """(level, encoded record) in depth-first order for images laid out by ``tree.pdi_paths``.
 
     ``placed`` is [(received file, disc path)] grouped by patient, study and
     series in that order, so new records start at the first key that changes.

@@ -35,7 +35,7 @@ import xml.etree.ElementTree as ElementTree
 
 import pydicom
 
-from . import errors, process
+from .. import errors, process
 
 log = logging.getLogger(__name__)
 

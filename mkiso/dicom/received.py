@@ -14,7 +14,7 @@ import pydicom
 import pydicom.charset
 from pydicom.valuerep import PersonName
 
-from . import errors, fastcopy
+from .. import errors, fastcopy
 
 # What a disc needs from each image: the §3 checks, the PDI layout and the DICOMDIR records.
 # In tag order: mkiso._fastcopy.WANTED_TAGS lists the same tags.

@@ -36,7 +36,8 @@ import unicodedata
 import wsgiref.util
 from urllib.parse import quote
 
-from . import disc, errors, process
+from ..disc import tree
+from .. import errors, process
 from .responses import Response
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ BLOCK = 1 << 20
 UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\"\'`:*?<>|;,%]+')
 SINGLE_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 FIRST_BYTES = 1 << 16  # written before a streamed answer starts
-HELD_BACK = disc.SECTOR  # of a streamed ISO, sent only once genisoimage succeeded and the size is right
+HELD_BACK = tree.SECTOR  # of a streamed ISO, sent only once genisoimage succeeded and the size is right
 
 
 def clean_name(text):
@@ -249,7 +250,7 @@ class Build:
     """
 
     def __init__(self, iso, job):
-        """Start ``iso.write(on_tick)``, the last step of ``job`` that writes ``iso`` (a ``disc.Iso``); it
+        """Start ``iso.write(on_tick)``, the last step of ``job`` that writes ``iso`` (a ``tree.Iso``); it
         is ``iso.build`` from now on."""
         self.iso = iso
         self.written = 0

@@ -28,7 +28,7 @@ import shutil
 import tempfile
 import threading
 import time
-from . import disk, errors, logs, process
+from .. import disk, errors, logs, process
 from .received import read_all
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""The disc: staging tree, DICOMDIR and ISO image (SPEC §4).
+"""The disc's tree and its ISO: the staging tree, README.TXT, the DICOMDIR's making, the ISO image (SPEC §4).
 
 ``pdi`` follows PS3.10/PS3.11/PS3.12 and IHE PDI: the images under
 DICOM/PATnnnnn/STUnnnnn/SERnnnnn/IMGnnnnn (file IDs of at most 8 characters
@@ -29,7 +29,8 @@ from typing import Callable, Optional
 
 import pydicom
 
-from . import __version__, dicomdir, errors, fastcopy, process
+from .. import __version__, errors, fastcopy, process
+from . import dicomdir
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,9 @@ from xml.sax.saxutils import escape, quoteattr
 
 import pydicom
 
-from . import __version__, disc, process, records
-from .received import integer
+from .. import __version__, process
+from . import records, tree
+from ..dicom.received import integer
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,9 @@ PREVIEW_QUALITY = "85"
 # What the web content takes on a disc, for the split plan: estimates, rounded up (genisoimage
 # then sizes each real disc, and a plan that was too hopeful is made again tighter).
 # A folder takes a sector in the ISO 9660 tree and one in the Joliet tree.
-DISC_BYTES = 4 * disc.SECTOR  # INDEX.HTM and the folder IHE_PDI/
-STUDY_BYTES = 4 * disc.SECTOR  # a study's page and its folder of previews
-SERIES_BYTES = 8 * disc.SECTOR  # a preview of at most PREVIEW_WIDTH pixels (JPEG) and its row
+DISC_BYTES = 4 * tree.SECTOR  # INDEX.HTM and the folder IHE_PDI/
+STUDY_BYTES = 4 * tree.SECTOR  # a study's page and its folder of previews
+SERIES_BYTES = 8 * tree.SECTOR  # a preview of at most PREVIEW_WIDTH pixels (JPEG) and its row
 
 PRIVACY = ("This disc holds personal health information. Keep it safe, and give it only to the patient "
            "or to those who care for them.")
@@ -269,11 +270,11 @@ def jpeg_size(path):
 
 def viewer_entry(viewer_dir):
     """The viewer's program on the disc, as AUTORUN.INF's open= names it; None if it names none there."""
-    program = disc.autorun_program(viewer_dir)
+    program = tree.autorun_program(viewer_dir)
     if program is None:
         return None
     paths = {path.replace(os.sep, "/").upper(): path.replace(os.sep, "/")
-             for _, path in disc.viewer_paths(viewer_dir, disc.PDI_RESERVED)}
+             for _, path in tree.viewer_paths(viewer_dir, tree.PDI_RESERVED)}
     return paths.get(program.replace("\\", "/").lstrip("./").upper())
 
 

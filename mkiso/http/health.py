@@ -16,7 +16,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from . import __version__, config as configuration, disk, pacs, process
+from .. import __version__, config as configuration, disk, process
+from ..dicom import pacs
 
 EXPENSIVE_EVERY_S = 5
 

@@ -22,7 +22,7 @@ invented, as for images), type 2 is present even when empty, type 3 and 1C
 are copied where the file has them.
 """
 
-from . import errors
+from .. import errors
 
 STANDARD_ROOT = "1.2.840.10008."
 IMAGE = "IMAGE"

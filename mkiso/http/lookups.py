@@ -14,7 +14,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from . import errors
+from .. import errors
 
 NICE = 10
 RETRY_AFTER_S = 1  # a lookup takes a second or two

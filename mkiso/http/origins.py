@@ -34,7 +34,7 @@ import ipaddress
 import socket
 from urllib.parse import urlsplit
 
-from . import errors
+from .. import errors
 
 ANY_HOST = "*"
 

@@ -20,8 +20,8 @@ is an error naming its transfer syntax, never a silent copy.
 import dataclasses
 import os
 
-from . import errors, process
-from .disc import SECTOR, number_order, sectors
+from .. import errors, process
+from .tree import SECTOR, number_order, sectors
 
 CAPACITY = {"cd": 700000000, "dvd": 4700000000, "dvd-dl": 8500000000, "bd": 25000000000, "none": None}
 NAMES = {"cd": "CD", "dvd": "DVD", "dvd-dl": "dual-layer DVD", "bd": "Blu-ray disc", "none": "disc"}

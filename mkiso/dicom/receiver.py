@@ -36,7 +36,7 @@ import subprocess
 import threading
 import time
 
-from . import disk, process
+from .. import disk, process
 
 log = logging.getLogger(__name__)
 

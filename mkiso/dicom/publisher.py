@@ -11,7 +11,8 @@ import logging
 import os
 import re
 
-from . import errors, fastcopy, pacs, process
+from .. import errors, fastcopy, process
+from . import pacs
 
 log = logging.getLogger(__name__)
 

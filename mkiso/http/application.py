@@ -23,12 +23,13 @@ import time
 import uuid
 from urllib.parse import parse_qs
 
-from . import accessions, audit, auth, delivery, errors, metrics, origins
+from .. import accessions, audit, errors, metrics
+from . import auth, delivery, origins
 from .lookups import Lookups
-from .jobs import Job, State
+from ..jobs import Job, State
 from .responses import Response
 
-log = logging.getLogger("mkiso.web")
+log = logging.getLogger(__name__)
 access_log = logging.getLogger("mkiso.access")
 
 SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
