@@ -24,6 +24,11 @@ from mkiso.service import JOBS, RETRIEVALS, Service
 DCMTK_DIR = os.path.dirname(shutil.which("findscu") or "/usr/bin/findscu")
 
 
+def pytest_collection_modifyitems(items):
+    """The long test first: spread over the cores (scripts/test), the others fill the rest beside it."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 @pytest.fixture(scope="session")
 def receiver_port():
     """The one port the PACS has on file for our AE title CDRECORD."""

@@ -80,6 +80,7 @@ def timed_download(base, accession="ACC2001"):
     return time.monotonic() - started
 
 
+@pytest.mark.alone
 def test_a_health_flood_does_not_hold_up_a_download(server):
     """200 concurrent health calls with a download alongside: the download within 2x of alone.
 
@@ -285,6 +286,7 @@ def test_sigterm_with_a_broken_work_dir_exits_0_without_traceback(tmp_path, sett
 # -- a POST flood -------------------------------------------------------------------
 
 
+@pytest.mark.alone
 def test_a_post_flood_does_not_starve_synchronous_downloads(server):
     """6 clients posting unknown accessions while the HIS downloads: every download is 200."""
     service, base = server(limits={"max_jobs": 2}, jobs={"max_failed": 10, "max_per_minute": 30})
@@ -473,6 +475,7 @@ def receiver_processes(service):
     return count, rss
 
 
+@pytest.mark.alone
 def test_200_idle_receiver_connections_are_bounded(make_service, wsgi_call, archive, receiver_port):
     """200 idle connections to the receiver's port: within 2 s at most receiver.max_associations
     children remain (and their memory with them); a download still gets its images."""

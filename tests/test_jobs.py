@@ -281,6 +281,7 @@ def test_events_follow_the_job_to_ready(make_service, live_server, app_of, wsgi_
     assert {"retrieve", "ready"} <= set(phases)
 
 
+@pytest.mark.alone
 def test_twenty_event_streams_do_not_starve_health_or_downloads(make_service, live_server, app_of, wsgi_call,
                                                                  tmp_path, archive):
     service = make_service(tools={"genisoimage": slow_genisoimage(tmp_path, "BIG01")}, limits={"max_jobs": 4})

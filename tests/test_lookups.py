@@ -8,6 +8,8 @@ import time
 import urllib.error
 import urllib.request
 
+import pytest
+
 from mkiso.http import application
 
 ACCESSIONS = ("MR.180505.026", "ACC1002", "ACC2001", "DUP01", "ACC3001")  # 3 patients, 6 studies
@@ -28,6 +30,7 @@ def timed(url):
     return status, time.monotonic() - started, body
 
 
+@pytest.mark.alone
 def test_forty_lookups_at_once_leave_health_and_downloads_fast(make_service, live_server, archive):
     service = make_service(limits={"max_jobs": 4, "allow_multi_patient": True})
     base = live_server(application.Application(service.config, service))

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import urllib.request
 
+import pytest
 import yaml
 
 from mkiso import demo
@@ -45,6 +46,7 @@ def download(port, accession):
         assert size == int(answer.headers["Content-Length"]) > 0
 
 
+@pytest.mark.long
 def test_peak_rss_per_10000_images_stays_small(tmp_path):
     assert shutil.which("Orthanc"), "Debian's orthanc is needed (scripts/setup installs it)"
     receiver_port, http_port = demo.free_port(), demo.free_port()

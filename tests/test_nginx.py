@@ -250,6 +250,7 @@ def health_answers(base, timeout):
         return False
 
 
+@pytest.mark.alone
 def test_slow_clients_are_absorbed_by_nginx(plain_behind_nginx):
     """More half-open requests than waitress keeps connections (server.CONNECTIONS): straight at
     waitress they stop every answer, through nginx none."""
