@@ -20,11 +20,15 @@ def children_of(pid):
 
 
 def start_server(path, port):
+    """The server, once it answers: its loop turns only after its SIGTERM/SIGINT handlers are set
+    (the port listens a moment earlier; a signal then, on a loaded machine, met the default action)."""
     proc = subprocess.Popen([sys.executable, "-m", "mkiso", "--config", path],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     if not demo.wait_for_port(port, timeout=20):
         proc.kill()
         pytest.fail("server did not listen: %s" % proc.communicate()[0].decode())
+    with urllib.request.urlopen("http://127.0.0.1:%d/api/desk" % port, timeout=30) as answer:
+        assert answer.status == 200
     return proc
 
 
