@@ -1,7 +1,7 @@
 """Shared fixtures: a real dcmqrscp PACS seeded with synthetic studies, a
 configuration pointing at it, a started Service, and a tiny WSGI client.
 
-Everything listens on loopback ports chosen free at run time.
+Everything listens on loopback ports chosen free at run time (``Ports``).
 """
 
 import io
@@ -22,6 +22,43 @@ from mkiso.http import waitress_adapter
 from mkiso.service import JOBS, RETRIEVALS, Service
 
 DCMTK_DIR = os.path.dirname(shutil.which("findscu") or "/usr/bin/findscu")
+
+
+class Ports:
+    """Loopback ports for the tests' servers: below the kernel's ephemeral range, a block of its own
+    for each pytest-xdist worker, none handed out twice by a process.
+
+    ``demo.free_port`` asks the kernel for port 0, a pick from the ephemeral range: between its close
+    and the server's bind (or between two tests, for the session's receiver port) another worker's
+    pick, or an outgoing connection, could take it again; with four workers that once took a
+    session's receiver port and failed every test after it.  No pick of the kernel's comes below
+    the ephemeral range, and each process has its own block there (one outside xdist: the last).
+    """
+
+    FIRST, BLOCK = 10000, 2000
+
+    def __init__(self, worker):
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as handle:
+            ephemeral = int(handle.read().split()[0])
+        blocks = max(1, (ephemeral - self.FIRST) // self.BLOCK)
+        index = int(worker[2:]) % blocks if worker else blocks - 1
+        self.next = self.FIRST + index * self.BLOCK
+        self.end = self.next + self.BLOCK
+
+    def take(self):
+        while self.next < self.end:
+            port, self.next = self.next, self.next + 1
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:  # something listens there, or a connection of an earlier run lingers
+                    continue
+            return port
+        raise RuntimeError("this test process used its %d ports" % self.BLOCK)
+
+
+# For the tests and for the demo PACSes they start (Orthanc takes two of its own).
+demo.free_port = Ports(os.environ.get("PYTEST_XDIST_WORKER")).take
 
 
 def pytest_collection_modifyitems(items):
