@@ -232,12 +232,13 @@ from libc.string cimport memcmp
 cdef enum:
     HEAD_BYTES = 65536
     MAX_DEPTH = 16
-    NWANTED = 15
+    NWANTED = 18
 
 # The tags mkiso.dicom.received.HEADER_TAGS names, in this order, sorted.
 WANTED_TAGS = (
     0x00080005, 0x00080016, 0x00080018, 0x00080020, 0x00080030, 0x00080050, 0x00080060, 0x00081030,
-    0x00100010, 0x00100020, 0x0020000D, 0x0020000E, 0x00200010, 0x00200011, 0x00200013,
+    0x00100010, 0x00100020, 0x00100021, 0x00100030, 0x00100040, 0x0020000D, 0x0020000E, 0x00200010,
+    0x00200011, 0x00200013,
 )
 cdef unsigned int _wanted[NWANTED]
 for _i, _tag in enumerate(WANTED_TAGS):

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from .disc import media, records, tree, webcontent
 from . import disk, errors, logs
 from .disc.tree import Iso
+from .dicom import identity
 from .dicom.retrieval import Listed, Retrievals
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ class Steps:
         for study in studies:
             unique.setdefault(study.study_uid, study)
         studies = list(unique.values())
-        self.check_one_patient(studies)
+        identity.check_one_patient(studies, self.config.limits.allow_multi_patient)
         return studies
 
     def manifests(self, job, studies, folder):
@@ -103,13 +104,6 @@ class Steps:
         job.expect(sum(len(manifests[study.study_uid]) if manifests[study.study_uid] is not None
                                   else (study.instances or 0) for study in studies))
         return manifests
-
-    def check_one_patient(self, studies):
-        patients = {study.patient_id for study in studies}
-        if len(patients) > 1 and not self.config.limits.allow_multi_patient:
-            raise errors.Conflict(
-                "The accession numbers %s belong to %d different patients; one disc holds one patient."
-                % (", ".join(sorted({s.accession for s in studies})), len(patients)))
 
     @contextmanager
     def retrieved(self, job, studies, manifests):
@@ -365,7 +359,10 @@ class Steps:
         return iso_path
 
     def patient_name(self, studies):
-        """The name a multi-study disc is called by: the patient API's, else the PACS'."""
+        """The name a multi-study disc is called by: the patient API's, else the PACS'; None for a disc
+        of several patients (``limits.allow_multi_patient``): no one patient's name fits it."""
+        if len({identity.of_study(study) for study in studies}) > 1:
+            return None
         return self.patient_api.name(studies[0].accession) or studies[0].patient_name
 
     # -- print ------------------------------------------------------------

@@ -69,9 +69,9 @@ def received(tmp_path):
     return sample, study, paths
 
 
-def intruder(study, tmp_path, patient_id):
-    """One more image with the study's UID (and this Patient ID), as anyone could send to the receiver."""
-    extra = demo.SampleStudy(patient_id, "OTHER^ONE", "ACC9", series=(1,))
+def intruder(study, tmp_path, patient_id, name="OTHER^ONE"):
+    """One more image with the study's UID (and this patient), as anyone could send to the receiver."""
+    extra = demo.SampleStudy(patient_id, name, "ACC9", series=(1,))
     extra.study_uid = study.study_uid
     return demo.write_study(extra, str(tmp_path / ("intruder-" + patient_id)))
 
@@ -115,9 +115,9 @@ def test_no_files_at_all(received):
 def test_file_of_another_patient_stops_the_disc(received, tmp_path):
     _, study, paths = received
     paths = paths + intruder(study, tmp_path, "PAT-OTHER")
-    with pytest.raises(errors.UpstreamFailed, match="another Patient ID") as caught:
+    with pytest.raises(errors.UpstreamFailed, match="its PatientID") as caught:
         verify(study, move(4), paths, None)
-    assert caught.value.code == "wrong_patient"
+    assert caught.value.code == "patient_mismatch"
 
 
 def test_file_of_another_study_stops_the_disc(received, tmp_path):
@@ -156,7 +156,7 @@ def test_manifest_missing_image_is_incomplete_with_the_number(received):
 
 def test_image_not_in_the_manifest_is_unexpected(received, tmp_path):
     sample, study, paths = received
-    paths = paths + intruder(study, tmp_path, "PAT-9")
+    paths = paths + intruder(study, tmp_path, "PAT-9", "TEST^ONE")
     with pytest.raises(errors.UpstreamFailed, match="1 images arrived .* that the PACS does not list") as caught:
         verify(study, move(4), paths, list(sample.sop_uids))
     assert caught.value.code == "unexpected_image"

@@ -48,7 +48,7 @@ class Publisher:
         """Send every file, one association per patient; raise unless all were accepted."""
         by_patient = {}
         for received in files:
-            by_patient.setdefault(received.patient_id, []).append(received)
+            by_patient.setdefault(received.patient, []).append(received)
         accepted = 0
         for number, images in enumerate(by_patient.values(), start=1):
             batch = os.path.join(folder, "publish-%d" % number)

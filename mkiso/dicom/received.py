@@ -15,13 +15,14 @@ import pydicom.charset
 from pydicom.valuerep import PersonName
 
 from .. import errors, fastcopy
+from . import identity
 
 # What a disc needs from each image: the §3 checks, the PDI layout and the DICOMDIR records.
 # In tag order: mkiso._fastcopy.WANTED_TAGS lists the same tags.
 HEADER_TAGS = [
     "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "StudyDate", "StudyTime", "AccessionNumber",
-    "Modality", "StudyDescription", "PatientName", "PatientID", "StudyInstanceUID", "SeriesInstanceUID",
-    "StudyID", "SeriesNumber", "InstanceNumber",
+    "Modality", "StudyDescription", "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate",
+    "PatientSex", "StudyInstanceUID", "SeriesInstanceUID", "StudyID", "SeriesNumber", "InstanceNumber",
 ]
 
 
@@ -46,12 +47,21 @@ class ReceivedFile:
     transfer_syntax: str = ""
     charset: Tuple[str, ...] = ()
     patient_name: str = ""
+    issuer: str = ""  # IssuerOfPatientID: with patient_id, the patient (``identity``)
+    birth_date: str = ""
+    sex: str = ""
     study_date: str = ""
     study_time: str = ""
     study_description: str = ""
     study_id: str = ""
     accession: str = ""
     modality: str = ""
+
+    @property
+    def patient(self):
+        """Whose image this is (``identity.Patient``): what the disc's PATIENT records and a print's
+        associations group by."""
+        return identity.of_file(self)
 
 
 def read_received(path):
@@ -62,11 +72,12 @@ def read_received(path):
             "A received image could not be read as DICOM (%s); the disc was not made." % exc,
             code="bad_image")
     charset = header.get("SpecificCharacterSet") or ()
+    charset = (str(charset),) if isinstance(charset, str) else tuple(str(value) for value in charset)
+    identity.check_charset(charset)  # before a name is decoded with it
     meta = getattr(header, "file_meta", None)
     return _received(
         path, {keyword: _text(header, keyword) for keyword in HEADER_TAGS},
-        str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else "",
-        (str(charset),) if isinstance(charset, str) else tuple(str(value) for value in charset))
+        str(meta.get("TransferSyntaxUID", "") or "") if meta is not None else "", charset)
 
 
 def _received(path, text, transfer_syntax, charset):
@@ -88,6 +99,9 @@ def _received(path, text, transfer_syntax, charset):
         transfer_syntax=sys.intern(transfer_syntax),
         charset=_CHARSETS.setdefault(charset, charset),
         patient_name=shared["PatientName"],
+        issuer=shared["IssuerOfPatientID"],
+        birth_date=shared["PatientBirthDate"],
+        sex=shared["PatientSex"],
         study_date=shared["StudyDate"],
         study_time=shared["StudyTime"],
         study_description=shared["StudyDescription"],
@@ -109,7 +123,7 @@ def _text(header, keyword):
 PERSON, TEXT = "PN", "text"
 TEXT_DELIMITERS = {0x0D, 0x0A, 0x09, 0x0C}  # pydicom's for text VRs
 _KINDS = {"PatientName": PERSON, "AccessionNumber": TEXT, "StudyDescription": TEXT, "PatientID": TEXT,
-          "StudyID": TEXT}
+          "IssuerOfPatientID": TEXT, "StudyID": TEXT}
 
 
 def read_all(paths):
@@ -142,6 +156,8 @@ def _decode_scan(path, raw):
         charset = ()
         if found["SpecificCharacterSet"]:
             charset = tuple(part.decode("ascii").strip(" \0") for part in found["SpecificCharacterSet"].split(b"\\"))
+            if not all(identity.defined_charset(term) for term in charset):
+                return None  # pydicom reads it, and refuses it (read_received)
         encodings = pydicom.charset.convert_encodings(list(charset) or None)
         fields = {}
         for keyword, value in found.items():

@@ -76,6 +76,8 @@ def patient_record(image):
     record = _record("PATIENT", image.charset)
     record.PatientName = image.patient_name
     record.PatientID = image.patient_id
+    if image.issuer:  # two patients may share an ID: whose ID it is tells their records apart
+        record.IssuerOfPatientID = image.issuer
     return record
 
 
@@ -212,7 +214,7 @@ def records(placed):
     last = None
     numbers = [0, 0, 0, 0]
     for image, disc_path in placed:
-        keys = (image.patient_id, image.study_uid, image.series_uid)
+        keys = (image.patient, image.study_uid, image.series_uid)
         changed = 0 if last is None else next((level for level in range(3) if keys[level] != last[level]), 3)
         for level in range(changed, 3):
             numbers[level] += 1

@@ -81,7 +81,7 @@ def pdi_paths(files):
     """(received file, path on the disc) for every image, in PDI order: a ``Placement``."""
     patients = {}
     for received in files:
-        studies = patients.setdefault(received.patient_id, {})
+        studies = patients.setdefault(received.patient, {})
         series = studies.setdefault(received.study_uid, {})
         series.setdefault(received.series_uid, []).append(received)
     placed = Placement()
