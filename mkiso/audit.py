@@ -6,14 +6,19 @@ JSON line to ``audit.path`` (0600); so does every lookup (``query``): it
 shows patient names and IDs to whoever asks.  The file is reopened for
 each line, so logrotate may move it away at any time (the service never rotates it).
 
-A download whose line cannot be written is not handed out: ``record``
-raises, and the caller gets 507 (disk full) or 500 instead of the disc.
-A synchronous download's line says what really happened (the status
-answered, a 416 too; the bytes sent; ``complete`` false when the client
-left early), so it is written when its answer ends (``deferred``): before
-the first byte ``check`` proves the trail writable, with room for the line,
-and the export fails as above if it is not.
-With ``audit.syslog`` set, the same event also goes to a central audit
+An export whose line cannot be written does not happen: ``record`` and
+``begin`` raise, and the caller gets 507 (disk full) or 500 instead of the
+disc or the print.  Where the outcome is known only once the bytes or
+images have gone (a synchronous download: the status answered, a 416 too,
+the bytes sent, ``complete`` false when the client left early; a print:
+what the publisher accepted), a first line comes before the first byte or
+image leaves (``begin``: ``"stage": "begun"``, fsynced, with what is
+known then) and the outcome after (``"stage": "ended"``).  So a full or
+read-only audit disk stops the export before anything leaves, and a crash,
+a SIGKILL or a SIGTERM in between leaves the first line standing: never an
+export without its line.  Every other export, and every failure before
+anything left, is one ``ended`` line.
+With ``audit.syslog`` set, each outcome also goes to a central audit
 repository as a DICOM audit message (``atna``); that copy is best effort,
 the file is the record.
 
@@ -42,7 +47,6 @@ from . import atna, errors
 log = logging.getLogger(__name__)
 
 DEFAULT_PATH = "/var/log/mkiso/audit.log"
-RESERVE = 64 * 1024  # free bytes a deferred line needs on the trail's file system
 
 
 @dataclasses.dataclass
@@ -59,13 +63,16 @@ class Export:
     bytes: int = 0
     destination: str = ""  # print: the publisher
     complete: bool = True  # false: the client left before it had the whole answer
-    deferred: bool = False  # the line is written when the answer ends (web), not when the job is done
-    recorded: bool = False
+    deferred: bool = False  # the outcome is written when the answer ends (web), not when the job is done
+    begun: bool = False  # its "begun" line is written: what leaves from now on is on record
+    recorded: bool = False  # its outcome line is written (or was tried)
     started: float = dataclasses.field(default_factory=time.monotonic)
     time: datetime.datetime = dataclasses.field(
         default_factory=lambda: datetime.datetime.now(datetime.timezone.utc))
 
-    def entry(self, status, code):
+    def entry(self, status, code, stage="ended"):
+        """The line; a ``begun`` one has no outcome yet (status, code and complete null, no bytes sent)."""
+        begun = stage == "begun"
         return {
             "time": self.time.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "request_id": self.request_id,
@@ -76,11 +83,12 @@ class Export:
             "study_uids": [study.study_uid for study in self.studies],
             "patient_ids": sorted({study.patient_id for study in self.studies}),
             "images": self.images,
-            "bytes": self.bytes,
-            "complete": self.complete,
+            "bytes": 0 if begun else self.bytes,
+            "complete": None if begun else self.complete,
             "status": status,
             "code": code,
             "duration_ms": int((time.monotonic() - self.started) * 1000),
+            "stage": stage,
         }
 
 
@@ -91,24 +99,24 @@ class Audit:
         self._lock = threading.Lock()
 
     def record(self, export, status, code=None):
-        """Append the export's line; an export without its line must not happen, so this raises."""
+        """Append the export's outcome line; an export without its line must not happen, so this raises."""
         export.recorded = True
-        entry = export.entry(status, code)
+        entry = self._write(export, export.entry(status, code))
+        if self.syslog is not None:
+            self.syslog.send(entry, export)
+
+    def begin(self, export):
+        """Append the export's ``begun`` line, fsynced, before its first byte or image leaves; raises
+        as ``record`` does, and then nothing may leave."""
+        self._write(export, export.entry(None, None, stage="begun"))
+        export.begun = True
+
+    def _write(self, export, entry):
         data = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
         with self._failing(export):
             with self._lock:
                 self._append(data)
-        if self.syslog is not None:
-            self.syslog.send(entry, export)
-
-    def check(self, export):
-        """Raise as ``record`` would if a line could not be written now: the trail cannot be opened for
-        appending, or its file system has less than RESERVE bytes free."""
-        with self._failing(export):
-            os.close(self._open())
-            room = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
-            if room.f_bavail * room.f_frsize < RESERVE:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return entry
 
     @contextlib.contextmanager
     def _failing(self, export):

@@ -15,7 +15,8 @@ beyond), and at most ``jobs.max_failed`` failed or cancelled jobs are kept
 
 The steps themselves are in ``steps``; ``Jobs`` runs them, keeps each
 job's state and progress for the API and the events stream, writes its
-audit line (one per job), cancels it (its tools killed, its files removed)
+audit lines (SPEC §11: one per job, or a ``begun`` line before anything
+leaves and the outcome after), cancels it (its tools killed, its files removed)
 and forgets it ``jobs.keep_s`` after it ended.  A streamed download's last
 step, genisoimage, runs while its answer goes out (``delivery.Build``):
 the job's slot is handed over to it and freed when it ends.  Jobs live in
@@ -132,6 +133,11 @@ class Job:
     def left_off(self, sop_classes):
         """Private objects of these SOP classes (one entry each) stay off the disc (SPEC §4.1)."""
         self.keeper.report(self, omitted={"objects": len(sop_classes), "sop_classes": sorted(set(sop_classes))})
+
+    def exporting(self):
+        """Images are about to leave (a print's first to the publisher): the export's ``begun`` audit
+        line goes first (SPEC §11); raises, and nothing leaves, when it cannot be written."""
+        self.keeper.audit.begin(self.export)
 
     def watch(self, retrieval):
         """A retrieval this job waits for: its arrivals count in the progress (a retried one replaces
@@ -331,17 +337,17 @@ class Jobs:
                            "request_id": job.request_id})
 
     def _audit(self, job, failure=None):
-        """The job's one audit line (SPEC §11): its failure, or that it succeeded.
+        """The job's audit line (SPEC §11): its failure, or that it succeeded.
 
-        A streamed download's line is written by its answer when it ends
-        (what was really sent); here the trail is only checked to take it.
-        A failure's line is written once, and a trail that cannot take it
-        is logged: the job's own error is what the caller hears.
+        A synchronous download's outcome is written by its answer when it
+        ends (what was really sent); here, before its first byte, its
+        ``begun`` line.  A failure's line is written once, and a trail that
+        cannot take it is logged: the job's own error is what the caller hears.
         """
         export = job.export
         if failure is None:
             if export.deferred:
-                self.audit.check(export)
+                self.audit.begin(export)
             else:
                 self.audit.record(export, 200)
         elif not export.recorded:

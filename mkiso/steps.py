@@ -389,6 +389,7 @@ class Steps:
                     watch.lap("retrieve")
                     export.images = len(files)
                     job.step("send")
+                    job.exporting()
                     sent = self.publisher.send(files, folder)
                     watch.lap("send")
                     discs = len(self.plan(files, media.capacity(self.config.iso)))

@@ -1,24 +1,30 @@
-"""The audit trail (SPEC §11): one line per export, the right client and caller, no export without it."""
+"""The audit trail (SPEC §11): a line before anything leaves and the outcome after, the right client and
+caller, no export without it, whatever fails or kills the server in between."""
 
 import gzip
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
 import sys
 import threading
+import time
 import xml.etree.ElementTree as ET
 
 import pytest
 
-from mkiso import audit
+from mkiso import audit, demo
 from mkiso.http import application
+from conftest import write_config
+from test_hostile import fetch, port_of, read_head
 from test_print import FakeRimage
+from test_server import start_server
 
 KEYS = {"his": "his-key-0123456789", "desk-1": "desk-key-0123456789"}
 LINE_KEYS = {"time", "request_id", "client", "caller", "action", "accessions", "study_uids", "patient_ids",
-             "images", "bytes", "complete", "status", "code", "duration_ms"}
+             "images", "bytes", "complete", "status", "code", "duration_ms", "stage"}
 
 
 def audit_lines(service):
@@ -33,16 +39,20 @@ def app_for(service):
     return application.Application(service.config, service)
 
 
-def test_a_download_is_one_line_naming_the_patient_the_caller_and_the_client(make_service, wsgi_call, archive,
-                                                                            caplog):
+def test_a_download_is_a_begun_line_then_its_outcome_naming_the_patient_the_caller_and_the_client(
+        make_service, wsgi_call, archive, caplog):
     service = make_service(auth={"enabled": True, "keys": KEYS},
                            server={"trusted_proxies": ["127.0.0.1", "10.1.0.0/16"]})
     response = wsgi_call(app_for(service), "/mkiso_multiple.php", query="accession_numbers=MR.180505.026,ACC1002",
                          headers={"X-API-Key": KEYS["desk-1"], "X-Forwarded-For": "192.0.2.7, 10.1.2.3"},
                          peer="127.0.0.1")
     assert response.status == 200, response.body
-    [line] = audit_lines(service)
-    assert set(line) == LINE_KEYS
+    [begun, line] = audit_lines(service)
+    assert set(begun) == set(line) == LINE_KEYS
+    assert (begun["stage"], line["stage"]) == ("begun", "ended")
+    assert (begun["status"], begun["code"], begun["complete"], begun["bytes"]) == (None, None, None, 0)
+    for same in ("time", "request_id", "client", "caller", "accessions", "study_uids", "patient_ids", "images"):
+        assert begun[same] == line[same], same
     studies = archive.by_accession("MR.180505.026") + archive.by_accession("ACC1002")
     assert line["time"].endswith("Z") and line["time"][:2] == "20"
     assert line["request_id"] == response.header("X-Request-ID")
@@ -63,7 +73,7 @@ def test_forwarded_for_from_an_untrusted_peer_is_ignored(make_service, wsgi_call
     response = wsgi_call(app_for(service), "/api/iso/download", query="accession_number=ACC2001",
                          headers={"X-Forwarded-For": "10.9.9.9"}, peer="192.0.2.50")
     assert response.status == 200
-    [line] = audit_lines(service)
+    [_, line] = audit_lines(service)
     assert line["client"] == "192.0.2.50" and line["caller"] is None
 
 
@@ -85,8 +95,9 @@ def test_failures_are_recorded_with_status_and_code(make_service, wsgi_call):
     service = make_service()
     response = wsgi_call(app_for(service), "/api/iso/download-multiple", query="accession_numbers=NOPE1,NOPE2")
     assert response.status == 404
-    [line] = audit_lines(service)
+    [line] = audit_lines(service)  # nothing left: no begun line
     assert (line["status"], line["code"], line["study_uids"], line["images"]) == (404, "study_not_found", [], 0)
+    assert line["stage"] == "ended"
     assert line["accessions"] == ["NOPE1", "NOPE2"]
 
 
@@ -109,10 +120,10 @@ def test_named_keys_and_the_unnamed_key(make_service, wsgi_call):
     for key in ("the-old-single-key", KEYS["his"]):
         response = wsgi_call(app, "/api/iso/download", query="accession_number=ACC2001", headers={"X-API-Key": key})
         assert response.status == 200
-    assert [line["caller"] for line in audit_lines(service)] == [None, "his"]
+    assert [line["caller"] for line in audit_lines(service)] == [None, None, "his", "his"]
 
 
-def test_a_print_is_one_line(make_service, wsgi_call, archive, tmp_path):
+def test_a_print_is_a_begun_line_then_its_outcome(make_service, wsgi_call, archive, tmp_path):
     rimage = FakeRimage(str(tmp_path / "rimage"))
     try:
         service = make_service(publisher={"host": "127.0.0.1", "port": rimage.port})
@@ -120,21 +131,32 @@ def test_a_print_is_one_line(make_service, wsgi_call, archive, tmp_path):
     finally:
         rimage.stop()
     assert response.status == 200, response.body
-    [line] = audit_lines(service)
+    [begun, line] = audit_lines(service)
+    assert (begun["stage"], begun["status"], begun["action"], begun["images"]) == ("begun", None, "print", 4)
     assert (line["action"], line["status"], line["patient_ids"]) == ("print", 200, ["PAT-2001"])
     assert line["images"] == len(archive.sop_uids("ACC2001"))
 
 
 @pytest.fixture
-def full_audit_dir(tmp_path):
-    """A folder on a tmpfs with no space left (root only)."""
-    point = tmp_path / "full"
+def audit_mount(tmp_path):
+    """A tmpfs of its own for the trail, to fill or to remount read-only (root only)."""
+    point = tmp_path / "trail"
     point.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(point)]).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(point)]).returncode:
         pytest.skip("a tmpfs cannot be mounted here (needs root)")
-    subprocess.run(["dd", "if=/dev/zero", "of=%s" % (point / "filler"), "bs=4k"], capture_output=True)
     yield point
     subprocess.run(["umount", str(point)], check=True)
+
+
+def fill(point):
+    subprocess.run(["dd", "if=/dev/zero", "of=%s" % (point / "filler"), "bs=4k"], capture_output=True)
+
+
+@pytest.fixture
+def full_audit_dir(audit_mount):
+    """A folder on a tmpfs with no space left."""
+    fill(audit_mount)
+    return audit_mount
 
 
 def test_no_disc_without_its_audit_line_disk_full(make_service, wsgi_call, full_audit_dir):
@@ -161,6 +183,108 @@ def test_no_disc_without_its_audit_line_behind_nginx(make_service, wsgi_call):
     response = wsgi_call(app_for(service), "/api/iso/download", query="accession_number=ACC2001")
     assert (response.status, response.json()["code"]) == (500, "audit_failed")
     assert response.header("X-Accel-Redirect") is None
+
+
+def test_a_print_whose_trail_turned_read_only_relays_nothing(make_service, wsgi_call, audit_mount, tmp_path):
+    """The print's begun line comes before its first image: a read-only trail stops it there (it relayed
+    every image, then answered 500)."""
+    rimage = FakeRimage(str(tmp_path / "rimage"))
+    try:
+        service = make_service(audit={"path": str(audit_mount / "audit.log")},
+                               publisher={"host": "127.0.0.1", "port": rimage.port})
+        subprocess.run(["mount", "-o", "remount,ro", str(audit_mount)], check=True)
+        response = wsgi_call(app_for(service), "/api/iso/print", query="accession_number=ACC2001")
+        sent = os.listdir(rimage.folder)
+    finally:
+        rimage.stop()
+    assert (response.status, response.json()["code"]) == (500, "audit_failed"), response.body[:300]
+    assert sent == []
+
+
+def test_a_trail_filling_after_the_headers_keeps_the_begun_line(make_service, live_server, audit_mount, caplog):
+    """The disk of the trail fills while the ISO goes out: its begun line is already on it (the whole ISO
+    went out with no line)."""
+    service = make_service(audit={"path": str(audit_mount / "audit.log")})
+    base = live_server(app_for(service))
+    with socket.create_connection(("127.0.0.1", port_of(base)), timeout=60) as client:
+        client.sendall(b"GET /api/iso/download?accession_number=BIG01 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                       b"Connection: close\r\n\r\n")
+        head, body = read_head(client)
+        fill(audit_mount)
+        while True:
+            chunk = client.recv(1 << 16)
+            if not chunk:
+                break
+            body += chunk
+    assert b" 200 " in head.split(b"\r\n")[0]
+    assert len(body) == int(header_of(head, b"content-length"))
+    lines = audit_lines(service)
+    assert lines and lines[0]["stage"] == "begun"
+    assert lines[0]["request_id"] == header_of(head, b"x-request-id").decode()
+    assert (lines[0]["accessions"], lines[0]["patient_ids"]) == (["BIG01"], ["PAT-4001"])
+
+
+def header_of(head, name):
+    for line in head.split(b"\r\n")[1:]:
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == name:
+            return value.strip()
+    return None
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGKILL, signal.SIGTERM])
+def test_a_server_killed_mid_download_leaves_its_begun_line(settings, tmp_path, signal_number):
+    """SIGKILL or SIGTERM while the ISO goes out (6 MB had left with no line)."""
+    settings["server"] = {"port": demo.free_port()}
+    proc = start_server(write_config(tmp_path / "config.yaml", settings), settings["server"]["port"])
+    try:
+        with socket.create_connection(("127.0.0.1", settings["server"]["port"]), timeout=60) as client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            client.sendall(b"GET /api/iso/download?accession_number=BIG01 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            head, body = read_head(client)
+            while len(body) < 4096:
+                body += client.recv(4096)
+            proc.send_signal(signal_number)
+            proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    with open(settings["audit"]["path"], encoding="utf-8") as handle:
+        lines = [json.loads(line) for line in handle]
+    assert lines and lines[0]["stage"] == "begun"
+    assert lines[0]["request_id"] == header_of(head, b"x-request-id").decode()
+    assert (lines[0]["action"], lines[0]["patient_ids"], lines[0]["images"]) == ("download", ["PAT-4001"], 20)
+
+
+def test_a_server_stopped_mid_print_leaves_the_prints_lines(settings, tmp_path):
+    """SIGTERM while a slow publisher takes the images (10 of 20 had gone with no line): the begun line,
+    and the outcome once the shutdown stopped the print."""
+    rimage = FakeRimage(str(tmp_path / "rimage"), "--sleep-during", "1")
+    settings["server"] = {"port": demo.free_port()}
+    settings["publisher"] = {"host": "127.0.0.1", "port": rimage.port}
+    proc = start_server(write_config(tmp_path / "config.yaml", settings), settings["server"]["port"])
+    answers = []
+    try:
+        url = "http://127.0.0.1:%d/api/iso/print?accession_number=BIG01" % settings["server"]["port"]
+        printing = threading.Thread(target=lambda: answers.append(fetch(url)), daemon=True)
+        printing.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not os.listdir(rimage.folder):
+            time.sleep(0.05)
+        assert os.listdir(rimage.folder), "the publisher got nothing"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        printing.join(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        rimage.stop()
+    with open(settings["audit"]["path"], encoding="utf-8") as handle:
+        lines = [json.loads(line) for line in handle]
+    assert [(line["action"], line["stage"]) for line in lines] == [("print", "begun"), ("print", "ended")]
+    assert lines[1]["status"] != 200 and lines[0]["request_id"] == lines[1]["request_id"]
 
 
 def test_an_existing_trail_is_kept_private(make_service, wsgi_call):
@@ -264,7 +388,7 @@ def test_a_syslog_that_is_down_costs_a_warning_not_the_export(make_service, wsgi
     closed.close()
     service = make_service(audit={"syslog": "tcp://127.0.0.1:%d" % port})
     assert wsgi_call(app_for(service), "/api/iso/download", query="accession_number=ACC2001").status == 200
-    assert len(audit_lines(service)) == 1
+    assert [line["stage"] for line in audit_lines(service)] == ["begun", "ended"]
     assert "audit event not sent to tcp://127.0.0.1:%d" % port in caplog.text
 
 

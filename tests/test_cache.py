@@ -179,7 +179,8 @@ def test_a_patient_corrected_in_the_pacs_gets_a_new_disc(correctable_pacs, make_
     assert len(os.listdir(service.path("cache"))) == 3  # a new entry beside the first two
     assert download(wsgi_call, app, "KEEP01") == kept and retrievals(caplog) == 3  # unchanged: the cache's
     with open(service.config.audit.path) as handle:
-        assert json.loads(handle.readlines()[2])["patient_ids"] == [second["PatientID"]]
+        outcomes = [line for line in map(json.loads, handle) if line["stage"] == "ended"]
+    assert outcomes[2]["patient_ids"] == [second["PatientID"]]
 
 
 IMAGE = 512 * 1024  # bytes of pixels per image: a study's size in MiB is half its image count

@@ -320,7 +320,8 @@ def test_a_post_flood_does_not_starve_synchronous_downloads(server):
         time.sleep(0.1)
     failed = [job for job in service.jobs.recent() if job.state.value == "failed"]
     assert 0 < len(failed) <= 10
-    assert len(audit_lines(service)) == statuses.count(202) + 3
+    # each job's outcome, and each download's (written when its answer has closed: waited for)
+    assert len(wait_for_audit(service, statuses.count(202) + 3)) == statuses.count(202) + 3
 
 
 
@@ -361,10 +362,15 @@ def test_closed_event_streams_free_their_places_and_each_caller_has_8(server, si
 
 
 def wait_for_audit(service, count=1, timeout=15):
+    """The exports' outcome lines, once ``count`` are written (a download's, when its answer closed)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and len(audit_lines(service)) < count:
+    while time.monotonic() < deadline and len(outcomes(service)) < count:
         time.sleep(0.05)
-    return [json.loads(line) for line in audit_lines(service)]
+    return outcomes(service)
+
+
+def outcomes(service):
+    return [line for line in map(json.loads, audit_lines(service)) if line["stage"] == "ended"]
 
 
 def test_the_audit_line_of_a_416_says_416(make_service, wsgi_call):

@@ -322,7 +322,7 @@ def test_the_his_key_reaches_the_legacy_urls_only(keyed_behind_nginx):
     assert get(front + "/mkiso/")[0] == 200  # the page itself; it asks the clerk for the desk's key
     with open(service.config.audit.path, encoding="utf-8") as handle:
         lines = [json.loads(line) for line in handle]
-    exports = [line for line in lines if line["action"] == "download"]
+    exports = [line for line in lines if line["action"] == "download" and line["stage"] == "ended"]
     assert [line["caller"] for line in exports] == ["his", "his"], lines
 
 
