@@ -227,10 +227,12 @@ def test_allowed_two_patients_sharing_a_patient_id_stay_apart(identity_app, wsgi
     found = check_pdi(disc, wanted)
     patients = [record for record in found.DirectoryRecordSequence if record.DirectoryRecordType == "PATIENT"]
     assert sorted(str(record.PatientName) for record in patients) == ["ALPHA^ANNA", "BETA^BERT"]
-    for folder, patient in (("PAT00001", identity_pacs.alpha), ("PAT00002", identity_pacs.beta)):
-        names = {str(pydicom.dcmread(path, stop_before_pixels=True).PatientName)
-                 for path in glob.glob(os.path.join(disc.root, "DICOM", folder, "*", "*", "*"))}
-        assert len(names) == 1
+    by_name = {patient.patient_name: patient for patient in (identity_pacs.alpha, identity_pacs.beta)}
+    for folder in ("PAT00001", "PAT00002"):  # each folder one patient's images, all of them
+        headers = [pydicom.dcmread(path, stop_before_pixels=True)
+                   for path in glob.glob(os.path.join(disc.root, "DICOM", folder, "*", "*", "*"))]
+        [name] = {str(header.PatientName) for header in headers}
+        assert {str(header.SOPInstanceUID) for header in headers} == set(by_name.pop(name).sop_uids)
     assert dciodvfy_findings(os.path.join(disc.root, "DICOMDIR")) == []
     response = wsgi_call(app, "/api/iso/print", query="accession_number=IDA01,IDB01")
     assert response.status == 200, response.body[:300]
