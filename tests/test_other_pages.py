@@ -165,6 +165,20 @@ def test_a_request_without_a_host_header_is_answered(served):
         assert sock.makefile("rb").readline().split()[1] == b"200"
 
 
+@pytest.mark.parametrize("dest", ["iframe", "frame", "embed", "object"])
+def test_a_frame_on_another_site_cannot_print_or_download_but_a_link_may(served, dest):
+    """A hidden iframe is a navigation too; a secure origin's browser marks it (Sec-Fetch-Dest)."""
+    service, base = served()
+    framed = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": dest}
+    for path in ("/send_rimage_multiple.php?accession_number=ACC2001", "/mkiso.php?accession_number=ACC3001"):
+        status, _, answer = send(base + path, headers=framed)
+        assert status == 403 and json.loads(answer)["code"] == "foreign_origin", (path, answer)
+        assert dest in json.loads(answer)["error"]
+    assert service.jobs.recent() == []
+    same_site = dict(framed, **{"Sec-Fetch-Site": "same-site"})  # the HIS in the gateway's own domain
+    assert send(base + "/mkiso.php?accession_number=ACC3001", headers=same_site)[0] == 200
+
+
 def test_every_answer_says_nosniff_and_no_referrer_and_the_page_allows_no_inline_code(served):
     _, base = served()
     for path in ("/", "/desk.js", "/api/health", "/api/desk", "/nope", "/api/studies?accession_numbers=ACC2001"):

@@ -10,6 +10,7 @@ depend on it (over plain HTTP to a host name Chromium sends no
 
 import http.client
 import json
+import logging
 import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,6 +19,7 @@ import pytest
 
 from mkiso.http import application
 from test_desk_page import By, chromium, wait
+from test_print import FakeRimage
 
 EVIL = "evil.example"
 STEAL = """<!doctype html><title>Win a prize</title><pre id="out"></pre><script>
@@ -30,6 +32,11 @@ STEAL = """<!doctype html><title>Win a prize</title><pre id="out"></pre><script>
   document.getElementById("out").textContent = JSON.stringify(out);
 })();
 </script>"""
+FRAMES = """<!doctype html><title>Win a prize</title>
+<iframe hidden src="{gw}/send_rimage_multiple.php?accession_number=ACC2001"></iframe>
+<iframe style="display:none" src="{gw}/mkiso.php?accession_number=ACC3001"></iframe>
+<object data="{gw}/mkiso_multiple.php?accession_numbers=ACC2001" width="0" height="0"></object>
+<embed src="{gw}/mkiso2.php?accession_number=ACC3001" width="0" height="0">"""
 
 
 class AttackerSite:
@@ -126,3 +133,27 @@ def test_a_rebound_host_name_reads_no_patient_names(browser, attacker, make_serv
         assert status == 403 and json.loads(body)["code"] == "foreign_host", (path, body)
         assert "server.allowed_hosts" in json.loads(body)["error"] and "DOE" not in body and "PAT-2001" not in body
     assert audited(service) == []  # no lookup ran (it is audited as a query)
+
+
+def test_hidden_frames_on_another_site_neither_print_nor_download(browser, attacker, make_service, live_server,
+                                                                tmp_path, caplog):
+    """Auth off, the gateway reached as http://127.0.0.1 (a secure origin to chromium, so it marks the
+    frames): hidden iframes, an object and an embed pointing at the legacy print and download URLs."""
+    caplog.set_level(logging.INFO, logger="mkiso")
+    rimage = FakeRimage(str(tmp_path / "rimage"))
+    try:
+        service = make_service(publisher={"host": "127.0.0.1", "port": rimage.port, "ae_title": "RIMAGE"})
+        gateway = live_server(application.Application(service.config, service))
+        browser.get(attacker(FRAMES.format(gw=gateway)).url)
+        legacy = ("/send_rimage_multiple.php", "/mkiso.php", "/mkiso_multiple.php", "/mkiso2.php")
+
+        def answered():
+            return {record.fields["path"]: record.fields["status"] for record in caplog.records
+                    if getattr(record, "fields", {}).get("path") in legacy}
+        wait(browser, lambda: len(answered()) == len(legacy))
+        assert answered() == dict.fromkeys(legacy, 403)
+        assert rimage.received_sop_uids() == set()
+    finally:
+        rimage.stop()
+    assert service.jobs.recent() == [] and audited(service) == []
+    assert not [name for name in browser.downloads.iterdir()]

@@ -29,7 +29,8 @@ through it.  Three doors are closed here:
   ``Sec-Fetch-Site: cross-site``, and such a fetch of anything but the
   page is refused (an ``<img>`` elsewhere would otherwise start a
   download).  Following a link (``Sec-Fetch-Mode: navigate``, the HIS's
-  own links to the legacy URLs) stays allowed.
+  own links to the legacy URLs) stays allowed, but not into a frame:
+  a hidden ``<iframe>`` is a navigation too, and printed a disc.
 """
 
 import ipaddress
@@ -39,6 +40,7 @@ from urllib.parse import urlsplit
 from .. import errors
 
 ANY_HOST = "*"
+FRAMES = frozenset(("iframe", "frame", "embed", "object"))  # Sec-Fetch-Dest of a navigation nobody sees
 
 
 def host_name(value):
@@ -81,9 +83,11 @@ class Origins:
         """403 for a request another web page made, unless it fetches the desk page (``page``) itself."""
         if page and request.method in ("GET", "HEAD"):
             return
-        if request.header("Sec-Fetch-Site") == "cross-site" and request.header("Sec-Fetch-Mode") != "navigate":
-            raise errors.Forbidden("Another web site's page asked for this in passing (%s); refused."
-                                   % (request.header("Sec-Fetch-Dest") or "a resource")[:30])
+        dest = request.header("Sec-Fetch-Dest") or "a resource"
+        if request.header("Sec-Fetch-Site") == "cross-site" and (
+                request.header("Sec-Fetch-Mode") != "navigate" or dest in FRAMES):
+            raise errors.Forbidden("Another web site's page asked for this in passing (%s); refused. "
+                                   "Open it with a link instead." % dest[:30])
         origin = request.header("Origin")
         if origin is not None and not self.own(origin, host_name(request.header("Host"))):
             raise errors.Forbidden("Requests from other web pages (%s) are refused; add the origin to "
