@@ -16,8 +16,8 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
-@pytest.fixture
-def browser(tmp_path):
+def chromium(tmp_path, *flags):
+    """Headless chromium saving downloads to ``tmp_path``/downloads (``driver.downloads``), with ``flags``."""
     if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
         pytest.skip("Debian's chromium and chromium-driver are not installed (scripts/setup installs them)")
     downloads = tmp_path / "downloads"
@@ -26,12 +26,18 @@ def browser(tmp_path):
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1280,800", "--user-data-dir=%s" % (tmp_path / "profile")):
+                 "--window-size=1280,800", "--user-data-dir=%s" % (tmp_path / "profile")) + flags:
         options.add_argument(flag)
     options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
                                               "download.prompt_for_download": False})
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
     driver.downloads = downloads
+    return driver
+
+
+@pytest.fixture
+def browser(tmp_path):
+    driver = chromium(tmp_path)
     yield driver
     driver.quit()
 

@@ -95,7 +95,7 @@ def test_a_health_flood_does_not_hold_up_a_download(server):
         for _ in range(200):
             sock = socket.create_connection(("127.0.0.1", port_of(base)), timeout=120)
             flood.append(sock)
-            sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         flooded = timed_download(base)
         answers = []
         for sock in flood:  # waitress serves 100 connections at once: the rest wait for these to close
@@ -130,7 +130,7 @@ def spooled(monkeypatch):
 def test_a_50_mb_body_is_413_before_it_is_read(server, spooled, key):
     service, base = server(auth={"enabled": True, "api_key": KEY})
     with socket.create_connection(("127.0.0.1", port_of(base)), timeout=30) as sock:
-        head = "POST /api/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" \
+        head = "POST /api/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n" \
                "Content-Length: %d\r\n" % (50 * 1024 * 1024)
         if key:
             head += "X-API-Key: %s\r\n" % key
@@ -145,7 +145,7 @@ def test_a_50_mb_body_is_413_before_it_is_read(server, spooled, key):
 def test_a_chunked_body_over_64_kb_is_413(server, spooled):
     service, base = server()
     with socket.create_connection(("127.0.0.1", port_of(base)), timeout=30) as sock:
-        sock.sendall(b"POST /api/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /api/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Transfer-Encoding: chunked\r\n\r\n")
         for _ in range(3):
             sock.sendall(b"8000\r\n" + b" " * 0x8000 + b"\r\n")
@@ -330,7 +330,7 @@ def test_a_post_flood_does_not_starve_synchronous_downloads(server):
 def open_stream(base, job_id, clerk):
     """An event stream of ``job_id`` for the clerk at 10.0.0.<clerk> (nginx, trusted, says which)."""
     sock = socket.create_connection(("127.0.0.1", port_of(base)), timeout=30)
-    sock.sendall(("GET /api/jobs/%s/events HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 10.0.0.%d\r\n\r\n"
+    sock.sendall(("GET /api/jobs/%s/events HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Forwarded-For: 10.0.0.%d\r\n\r\n"
                   % (job_id, clerk)).encode("ascii"))
     return sock, int(read_head(sock)[0].split()[1])
 
@@ -398,7 +398,7 @@ def test_the_audit_line_of_a_client_leaving_after_4_kb(server):
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         client.settimeout(60)
         client.connect(("127.0.0.1", port_of(base)))
-        client.sendall(b"GET /api/iso/download?accession_number=BIG01 HTTP/1.1\r\nHost: x\r\n\r\n")
+        client.sendall(b"GET /api/iso/download?accession_number=BIG01 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         head, body = read_head(client)
         length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
         while len(body) < 4096:
@@ -436,7 +436,7 @@ def test_slow_readers_isos_count_against_a_byte_budget(server, caplog):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
             sock.settimeout(60)
             sock.connect(("127.0.0.1", port_of(base)))
-            sock.sendall(b"GET /api/iso/download?accession_number=BIG01 HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.sendall(b"GET /api/iso/download?accession_number=BIG01 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             head, body = read_head(sock)
             assert head.startswith(b"HTTP/1.1 200")
             length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])

@@ -7,6 +7,7 @@ start, cancel or read work.
 """
 
 import json
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -113,31 +114,69 @@ def test_a_host_name_that_is_not_ours_is_refused(served):
 
 
 SCRIPT = {"Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors", "Sec-Fetch-Dest": "empty"}  # fetch()
+KINDS = {
+    "plain-http": {},  # a page's fetch over plain HTTP to a host name (no Sec-Fetch-*), the HIS's server, curl
+    "script": SCRIPT,  # a page's fetch to a secure origin
+    "typed": {"Sec-Fetch-Site": "none", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"},
+    "link": {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"},
+}
 
 
 @pytest.mark.parametrize("listed, host, status", [
-    (["pacs-gw.example.org"], "PACS-GW.example.org", 200),
+    (["pacs-gw.example.org"], "PACS-GW.example.org.", 200),
     (["pacs-gw.example.org"], "evil.example", 403),
+    (["pacs-gw.example.org"], "pacs-gw.example.org.evil.example", 403),
     (["*"], "evil.example", 200),  # the check given up (documented)
 ])
-def test_listed_host_names_are_answered(served, listed, host, status):
-    """A page's script (as a rebinding attack reads answers: same-origin fetch, no Origin on a GET)."""
+@pytest.mark.parametrize("kind", KINDS)
+def test_listed_host_names_are_answered(served, listed, host, status, kind):
     _, base = served(server={"allowed_hosts": listed})
-    assert send(base + "/api/health", headers=dict(SCRIPT, Host=host))[0] == status
+    assert send(base + "/api/health", headers=dict(KINDS[kind], Host=host))[0] == status
 
 
-@pytest.mark.parametrize("headers", [
-    {},  # the HIS's server (PHP, curl): no browser, any of the gateway's names
-    {"Sec-Fetch-Site": "none", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"},  # a typed URL
-    {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"},  # the HIS's link
-], ids=["no-browser", "typed", "link"])
-def test_the_his_and_a_clerks_link_may_use_any_name_of_the_gateway(served, headers):
-    """Upgrading must not cut off a HIS that calls the gateway by an alias nginx answers to;
-    the same name from a page's script is refused."""
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_name_not_ours_is_refused_whatever_the_request_says(served, kind):
+    """DNS rebinding over plain HTTP: the browser marks the page's same-origin GET with nothing, so it
+    looks like the HIS's server or a clerk's link; the Host alone decides. An alias of the gateway
+    that the HIS uses must be listed (the README's upgrade note)."""
+    service, base = served()
+    for path in ("/api/studies?accession_numbers=ACC2001", "/api/jobs", "/mkiso.php?accession_number=ACC2001",
+                 "/send_rimage_multiple.php?accession_number=ACC2001", "/api/health", "/"):
+        status, _, answer = send(base + path, headers=dict(KINDS[kind], Host="pacs-gw.hospital.example"))
+        error = json.loads(answer)
+        assert status == 403 and error["code"] == "foreign_host", (path, answer)
+        assert "pacs-gw.hospital.example" in error["error"] and "server.allowed_hosts" in error["error"]
+    assert service.jobs.recent() == []
+
+
+def test_the_machines_own_names_and_addresses_are_answered(served):
     _, base = served()
-    assert send(base + "/api/health", headers=dict(headers, Host="pacs-gw.hospital.example"))[0] == 200
-    status, _, answer = send(base + "/api/health", headers=dict(SCRIPT, Host="pacs-gw.hospital.example"))
-    assert status == 403 and json.loads(answer)["code"] == "foreign_host"
+    own = socket.gethostname()
+    for host in (own, own.split(".")[0].upper(), "localhost", "desk.localhost", "127.0.0.1", "[::1]", "10.1.2.3"):
+        assert send(base + "/api/health", headers={"Host": host})[0] == 200, host
+
+
+def test_a_request_without_a_host_header_is_answered(served):
+    """HTTP/1.0 without Host: no browser sends one, so no rebinding page can (behind nginx, nginx sends
+    its server_name instead, which must be ours)."""
+    _, base = served()
+    with socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])), timeout=30) as sock:
+        sock.sendall(b"GET /api/health HTTP/1.0\r\n\r\n")
+        assert sock.makefile("rb").readline().split()[1] == b"200"
+
+
+@pytest.mark.parametrize("dest", ["iframe", "frame", "embed", "object"])
+def test_a_frame_on_another_site_cannot_print_or_download_but_a_link_may(served, dest):
+    """A hidden iframe is a navigation too; a secure origin's browser marks it (Sec-Fetch-Dest)."""
+    service, base = served()
+    framed = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": dest}
+    for path in ("/send_rimage_multiple.php?accession_number=ACC2001", "/mkiso.php?accession_number=ACC3001"):
+        status, _, answer = send(base + path, headers=framed)
+        assert status == 403 and json.loads(answer)["code"] == "foreign_origin", (path, answer)
+        assert dest in json.loads(answer)["error"]
+    assert service.jobs.recent() == []
+    same_site = dict(framed, **{"Sec-Fetch-Site": "same-site"})  # the HIS in the gateway's own domain
+    assert send(base + "/mkiso.php?accession_number=ACC3001", headers=same_site)[0] == 200
 
 
 def test_every_answer_says_nosniff_and_no_referrer_and_the_page_allows_no_inline_code(served):

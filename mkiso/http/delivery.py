@@ -50,16 +50,31 @@ FIRST_BYTES = 1 << 16  # written before a streamed answer starts
 HELD_BACK = tree.SECTOR  # of a streamed ISO, sent only once genisoimage succeeded and the size is right
 
 
+# Characters of a patient's name that must not reach a file name.  Invisible ones are dropped: format
+# characters (Cf: U+202E RIGHT-TO-LEFT OVERRIDE turns round what follows, so "Smith\u202egnp.iso" shows
+# as "Smithosi.png"; the other bidi controls, zero-width spaces and joiners), private use, surrogates
+# (which UTF-8 cannot even encode) and unassigned code points.  Controls and line or paragraph
+# separators are a gap between words, like a space.
+INVISIBLE = frozenset(("Cf", "Co", "Cs", "Cn"))
+GAPS = frozenset(("Cc", "Zl", "Zp"))
+
+
+def _shown(text):
+    """The characters of ``text`` that a file manager shows as they are, a gap for a control or line break."""
+    kinds = ((char, unicodedata.category(char)) for char in text)
+    return "".join("_" if kind in GAPS else char for char, kind in kinds if kind not in INVISIBLE)
+
+
 def clean_name(text):
-    """A file name stem: no path separator, quote or control character."""
-    text = UNSAFE.sub("_", text)
+    """A file name stem: no path separator, quote, control, invisible or bidirectional character."""
+    text = UNSAFE.sub("_", _shown(text))
     text = re.sub(r"\s+", "_", text.strip())
     return re.sub(r"_+", "_", text).strip("._")[:100]
 
 
 def ascii_name(text):
-    """The ASCII form for ``filename=``: accents dropped, upper-cased."""
-    folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    """The ASCII form for ``filename=``: accents dropped, upper-cased (gaps where ``clean_name`` has them)."""
+    folded = unicodedata.normalize("NFKD", clean_name(text)).encode("ascii", "ignore").decode("ascii")
     return clean_name(folded).upper()
 
 
