@@ -139,7 +139,7 @@ class Syslog:
         self.url = url
         self.source_id = source_id
         self.max_queued = QUEUE_MAX if max_queued is None else max_queued
-        self._queue = collections.deque()  # (request id, frame), oldest first
+        self._queue = collections.deque()  # (request id, message), oldest first
         self._changed = threading.Condition()
         self._closing = False
         self._thread = None
@@ -166,7 +166,6 @@ class Syslog:
     def send(self, entry, export):
         """Queue the event's message (built now, from the event as it is now); never waits."""
         message = syslog_message(entry, export, self.source_id)
-        frame = b"%d " % len(message) + message if self.tcp else message
         with self._changed:
             if self._closing:
                 refused = "the service is stopping"
@@ -174,7 +173,7 @@ class Syslog:
                 refused = "the queue is full (%d waiting)" % len(self._queue)
             else:
                 refused = None
-                self._queue.append((entry["request_id"], frame))
+                self._queue.append((entry["request_id"], message))
                 self._changed.notify()
         if refused is not None:
             self._lose("dropped", entry["request_id"], refused)
@@ -191,24 +190,25 @@ class Syslog:
                     self._changed.wait()
                 if not self._queue:
                     return
-                request_id, frame = self._queue.popleft()
+                request_id, message = self._queue.popleft()
             try:
-                self._transmit(frame)
+                self._transmit(message)
             except OSError as exc:
                 self._lose("failed", request_id, exc.strerror or str(exc))
             else:
                 with self._changed:
                     self._sent += 1
 
-    def _transmit(self, frame):
-        """The one place that knows the transport: a connection for each message over TCP, a datagram over UDP."""
+    def _transmit(self, message):
+        """The one place that knows the transport: over TCP a connection for each message, octet-counted;
+        over UDP a datagram."""
         if self.tcp:
             with socket.create_connection(self.address, timeout=TIMEOUT_S) as sock:
-                sock.sendall(frame)
+                sock.sendall(b"%d " % len(message) + message)
         else:
             family = socket.getaddrinfo(*self.address, type=socket.SOCK_DGRAM)[0][0]
             with socket.socket(family, socket.SOCK_DGRAM) as sock:
-                sock.sendto(frame, self.address)
+                sock.sendto(message, self.address)
 
     def _lose(self, how, request_id, why):
         with self._changed:
