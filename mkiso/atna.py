@@ -9,13 +9,25 @@ Over UDP one
 datagram a message; over TCP octet-counted frames (RFC 6587).
 
 This copy is best effort: the audit file is the record, so a repository
-that is down costs a warning in the log, not the export.
+that is down costs a warning in the log, not the export.  Nor may it cost
+an answer's time: the audit line of a synchronous download is recorded
+when its body closes, in the web server's loop thread, and a repository
+that swallows TCP connections once held that thread (every answer of the
+server) for the whole connect timeout.  So ``send`` only queues the message;
+one thread of the sender's own delivers the queue in order.  What it could
+not deliver (failed, or dropped because the queue was full or the service
+stopping) is counted for health and ``/metrics`` and logged with the
+event's request id, so that the file can fill the repository's gaps.
 """
 
+import collections
+import dataclasses
 import logging
 import os
 import re
 import socket
+import threading
+import time
 import xml.etree.ElementTree as ET
 
 log = logging.getLogger(__name__)
@@ -23,7 +35,9 @@ log = logging.getLogger(__name__)
 FACILITY_AUTHPRIV, SEVERITY_NOTICE = 10, 5
 PRI = "<%d>" % (FACILITY_AUTHPRIV * 8 + SEVERITY_NOTICE)
 BOM = "\ufeff"
-TIMEOUT_S = 5
+TIMEOUT_S = 5  # one event's connect and send
+QUEUE_MAX = 1000  # events waiting for the sender (a few KB each); more are dropped, never waited for
+FLUSH_S = 2  # what shutdown gives the sender to deliver what is queued
 
 # Characters XML 1.0 cannot hold, not even as a character reference (control characters, lone surrogates).
 NOT_XML = re.compile("[^\x09\x0a\x0d\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
@@ -100,27 +114,108 @@ def syslog_message(entry, export, source_id):
     return (header + " " + BOM + audit_message(entry, export, source_id)).encode("utf-8")
 
 
-class Syslog:
-    """A sender to ``udp://host:port`` or ``tcp://host:port`` (config checked)."""
+@dataclasses.dataclass(frozen=True)
+class SenderState:
+    """What the sender did so far, for health and /metrics."""
 
-    def __init__(self, url, source_id):
+    sent: int
+    failed: int  # the repository could not be reached or refused the message
+    dropped: int  # never tried: the queue was full, or the service stopped first
+    queued: int
+    running: bool  # the sender's thread is alive
+    lost_at: float = None  # time.monotonic() of the last event failed or dropped
+    lost_why: str = ""
+
+
+class Syslog:
+    """A sender to ``udp://host:port`` or ``tcp://host:port`` (config checked): a bounded queue and one
+    thread that empties it, from ``start`` to ``stop``."""
+
+    def __init__(self, url, source_id, max_queued=None):
         scheme, rest = url.split("://", 1)
         host, port = rest.rsplit(":", 1)
         self.tcp = scheme == "tcp"
         self.address = (host.strip("[]"), int(port))
         self.url = url
         self.source_id = source_id
+        self.max_queued = QUEUE_MAX if max_queued is None else max_queued
+        self._queue = collections.deque()  # (request id, message), oldest first
+        self._changed = threading.Condition()
+        self._closing = False
+        self._thread = None
+        self._sent = self._failed = self._dropped = 0
+        self._lost = (None, "")
+
+    def start(self):
+        self._thread = threading.Thread(target=self._run, name="audit-syslog", daemon=True)
+        self._thread.start()
+
+    def stop(self, flush_s=FLUSH_S):
+        """Give the sender ``flush_s`` to deliver what is queued; what is left then is dropped (and logged)."""
+        with self._changed:
+            self._closing = True
+            self._changed.notify()
+        if self._thread is not None:
+            self._thread.join(flush_s)
+        with self._changed:
+            left = [request_id for request_id, _ in self._queue]
+            self._queue.clear()
+        for request_id in left:
+            self._lose("dropped", request_id, "the service stopped before it was sent")
 
     def send(self, entry, export):
+        """Queue the event's message (built now, from the event as it is now); never waits."""
         message = syslog_message(entry, export, self.source_id)
-        try:
-            if self.tcp:
-                with socket.create_connection(self.address, timeout=TIMEOUT_S) as sock:
-                    sock.sendall(b"%d " % len(message) + message)
+        with self._changed:
+            if self._closing:
+                refused = "the service is stopping"
+            elif len(self._queue) >= self.max_queued:
+                refused = "the queue is full (%d waiting)" % len(self._queue)
             else:
-                family = socket.getaddrinfo(*self.address, type=socket.SOCK_DGRAM)[0][0]
-                with socket.socket(family, socket.SOCK_DGRAM) as sock:
-                    sock.sendto(message, self.address)
-        except OSError as exc:
-            log.warning("audit event not sent to %s: %s", self.url, exc.strerror or exc,
-                        extra={"fields": {"request_id": entry["request_id"]}})
+                refused = None
+                self._queue.append((entry["request_id"], message))
+                self._changed.notify()
+        if refused is not None:
+            self._lose("dropped", entry["request_id"], refused)
+
+    def state(self):
+        with self._changed:
+            return SenderState(self._sent, self._failed, self._dropped, len(self._queue),
+                               self._thread is not None and self._thread.is_alive(), *self._lost)
+
+    def _run(self):
+        while True:
+            with self._changed:
+                while not self._queue and not self._closing:
+                    self._changed.wait()
+                if not self._queue:
+                    return
+                request_id, message = self._queue.popleft()
+            try:
+                self._transmit(message)
+            except OSError as exc:
+                self._lose("failed", request_id, exc.strerror or str(exc))
+            else:
+                with self._changed:
+                    self._sent += 1
+
+    def _transmit(self, message):
+        """The one place that knows the transport: over TCP a connection for each message, octet-counted;
+        over UDP a datagram."""
+        if self.tcp:
+            with socket.create_connection(self.address, timeout=TIMEOUT_S) as sock:
+                sock.sendall(b"%d " % len(message) + message)
+        else:
+            family = socket.getaddrinfo(*self.address, type=socket.SOCK_DGRAM)[0][0]
+            with socket.socket(family, socket.SOCK_DGRAM) as sock:
+                sock.sendto(message, self.address)
+
+    def _lose(self, how, request_id, why):
+        with self._changed:
+            if how == "failed":
+                self._failed += 1
+            else:
+                self._dropped += 1
+            self._lost = (time.monotonic(), "%s: %s" % (how, why))
+        log.warning("audit event not sent to %s (%s): %s", self.url, how, why,
+                    extra={"fields": {"request_id": request_id}})

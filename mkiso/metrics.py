@@ -9,7 +9,7 @@ Two kinds of numbers.  Events are counted as they happen (a job ends, a
 phase's lap, images retrieved, bytes sent); the phases are the laps of the
 very stopwatch whose fields the log lines carry.  States are read when
 scraped from what the service keeps anyway (jobs running and queued, the
-cache, the receiver, the health checks), so a scrape costs what
+cache, the receiver, the audit syslog's sender, the health checks), so a scrape costs what
 /api/health costs and nothing more.  Every service has a registry of its
 own, not the library's global one: two services in one process (the
 tests) count apart.  No label carries an accession number, a patient name
@@ -94,6 +94,17 @@ class _State:
             yield _gauge("mkiso_receiver_up", "1 while the receiver (storescp) listens.", int(receiver.listening))
             yield CounterMetricFamily("mkiso_receiver_restarts", "Times the receiver was restarted.",
                                       value=receiver.restarts)
+        syslog = service.audit.syslog
+        if syslog is not None:  # audit.syslog set
+            state = syslog.state()
+            events = CounterMetricFamily(
+                "mkiso_audit_syslog_events", "Audit events for audit.syslog by outcome: sent, failed (the "
+                "repository could not be reached), dropped (the queue was full, or the service stopping).",
+                labels=["outcome"])
+            for outcome, count in (("sent", state.sent), ("failed", state.failed), ("dropped", state.dropped)):
+                events.add_metric([outcome], count)
+            yield events
+            yield _gauge("mkiso_audit_syslog_queued", "Audit events waiting for the syslog sender.", state.queued)
         checks = GaugeMetricFamily("mkiso_health_check_ok", "1 where the health check passes (as /api/health).",
                                    labels=["check"])
         for name, check in service.health.report(detailed=False)["checks"].items():

@@ -48,7 +48,7 @@ class Service:
         self.cache = DiscCache(self.path(CACHE), config.cache.max_bytes, config.cache.ttl_s,
                                mode=0o640 if config.server.x_accel_prefix else 0o600)
         self.health = health.Health(config, self.receiver, self.pacs,
-                                    self.publisher.peer if self.publisher else None, self.cache)
+                                    self.publisher.peer if self.publisher else None, self.cache, self.audit.syslog)
         self.metrics = Metrics()
         self.steps = Steps(
             config, self.pacs, self.receiver, self.path(JOBS), self.path(RETRIEVALS),
@@ -65,7 +65,7 @@ class Service:
         return os.path.join(self.work_dir, *parts)
 
     def start(self):
-        """Clear a crash's leftovers, then start the receiver.
+        """Clear a crash's leftovers, then start the audit's syslog sender and the receiver.
 
         The work dir itself must exist (``config.check_system``); only
         mkiso's own folders are made inside it.
@@ -75,6 +75,8 @@ class Service:
             os.mkdir(self.path(folder))
         if self.config.server.x_accel_prefix:  # nginx (in our group) reads finished ISOs under jobs/
             os.chmod(self.path(JOBS), 0o750)
+        if self.audit.syslog is not None:
+            self.audit.syslog.start()
         if self.receiver is not None:
             self.receiver.start()
         self._housekeeper = threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True)
@@ -90,7 +92,7 @@ class Service:
         """Every step of the way out, each one even when another failed (a work dir gone read-only or
         removed under us must not leave children running): a failed step is one warning."""
         self._stopping.set()
-        for step in (self._stop_housekeeping, self.jobs.discard_all, self._stop_receiver,
+        for step in (self._stop_housekeeping, self.jobs.discard_all, self._stop_syslog, self._stop_receiver,
                      self._kill_children, self.remove_leftovers):
             try:
                 step()
@@ -100,6 +102,11 @@ class Service:
     def _stop_housekeeping(self):
         if self._housekeeper is not None:
             self._housekeeper.join(5)
+
+    def _stop_syslog(self):
+        """After the jobs (their last audit events), with a short flush: the audit file has them all."""
+        if self.audit.syslog is not None:
+            self.audit.syslog.stop()
 
     def _stop_receiver(self):
         if self.receiver is not None:

@@ -1,5 +1,7 @@
 """The ATNA copy of the audit trail on its own, without a service: the syslog frame, the DICOM
-audit message of each event, and the sending over UDP and TCP to sockets the test holds on 127.0.0.1.
+audit message of each event, and the sending over UDP and TCP to sockets the test holds on 127.0.0.1:
+a repository that works gets every event in order, one that swallows connections costs the caller
+nothing, and what could not go is counted and logged.
 
 A central audit repository parses these messages by the standards (RFC 5424,
 RFC 6587, DICOM PS3.15 A.5); a field out of place is an event it drops.
@@ -10,6 +12,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -171,34 +174,153 @@ def test_what_xml_can_hold_is_kept():
 # -- sending ---------------------------------------------------------------------
 
 
-def test_over_udp_one_datagram_is_one_message():
+class Blackhole:
+    """A TCP port on 127.0.0.1 that swallows connections, as a repository behind a dropping firewall or a
+    hung one does: it listens with a full backlog and never accepts, so the kernel drops each new SYN
+    and a connect waits for its whole timeout."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+        self.fillers = []
+        for _ in range(10):
+            filler = socket.socket()
+            filler.settimeout(0.5)
+            try:
+                filler.connect(self.listener.getsockname())
+            except TimeoutError:
+                filler.close()
+                break
+            self.fillers.append(filler)
+        else:
+            raise RuntimeError("the backlog never filled")
+        self.url = "tcp://127.0.0.1:%d" % self.listener.getsockname()[1]
+
+    def close(self):
+        for sock in self.fillers + [self.listener]:
+            sock.close()
+
+
+@pytest.fixture
+def blackhole():
+    hole = Blackhole()
+    yield hole
+    hole.close()
+
+
+@pytest.fixture
+def sender():
+    """A started Syslog for a URL (and queue size); stopped, with a flush, after the test."""
+    started = []
+
+    def start(url, **kwargs):
+        syslog = atna.Syslog(url, "CDRECORD", **kwargs)
+        syslog.start()
+        started.append(syslog)
+        return syslog
+
+    yield start
+    for syslog in started:
+        syslog.stop()
+
+
+def wait_for(condition, timeout=15):
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return condition()
+
+
+def test_over_udp_one_datagram_is_one_message(sender):
     entry, export = event()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver:
         receiver.bind(("127.0.0.1", 0))
         receiver.settimeout(10)
-        atna.Syslog("udp://127.0.0.1:%d" % receiver.getsockname()[1], "CDRECORD").send(entry, export)
+        sender("udp://127.0.0.1:%d" % receiver.getsockname()[1]).send(entry, export)
         datagram = receiver.recv(65536)
     assert datagram == atna.syslog_message(entry, export, "CDRECORD")
 
 
-def test_over_tcp_the_message_is_octet_counted():
-    """RFC 6587: the length in decimal, a space, then exactly that many octets (no newline)."""
-    entry, export = event()
+def tcp_repository(listener, count):
+    """A repository reading ``count`` connections one after the other; returns what each carried."""
     received = []
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        listener.settimeout(10)
 
-        def accept():
+    def accept():
+        for _ in range(count):
             connection, _ = listener.accept()
             with connection:
-                received.append(b"".join(iter(lambda: connection.recv(65536), b"")))
+                received.append(read_all(connection))
 
-        thread = threading.Thread(target=accept)
-        thread.start()
-        atna.Syslog("tcp://127.0.0.1:%d" % listener.getsockname()[1], "CDRECORD").send(entry, export)
+    thread = threading.Thread(target=accept)
+    thread.start()
+    return received, thread
+
+
+def read_all(connection):
+    return b"".join(iter(lambda: connection.recv(65536), b""))
+
+
+def test_over_tcp_the_message_is_octet_counted(sender):
+    """RFC 6587: the length in decimal, a space, then exactly that many octets (no newline)."""
+    entry, export = event()
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(10)
+        received, thread = tcp_repository(listener, 1)
+        sender("tcp://127.0.0.1:%d" % listener.getsockname()[1]).send(entry, export)
         thread.join(10)
     message = atna.syslog_message(entry, export, "CDRECORD")
     assert received == [b"%d " % len(message) + message]
+
+
+def test_events_reach_a_working_repository_all_and_in_order(sender):
+    """The queue changes when a message leaves, never which leave or in what order."""
+    events = []
+    for number in range(30):
+        entry, export = event(action=("download", "print", "query")[number % 3])
+        entry["request_id"] = export.request_id = "req-%d" % number
+        events.append((entry, export))
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(10)
+        received, thread = tcp_repository(listener, len(events))
+        syslog = sender("tcp://127.0.0.1:%d" % listener.getsockname()[1])
+        for entry, export in events:
+            syslog.send(entry, export)
+        thread.join(20)
+        syslog.stop(flush_s=10)
+    messages = [atna.syslog_message(entry, export, "CDRECORD") for entry, export in events]
+    assert received == [b"%d " % len(message) + message for message in messages]
+    state = syslog.state()
+    assert (state.sent, state.failed, state.dropped, state.queued, state.lost_at) == (30, 0, 0, 0, None)
+
+
+def test_a_blackholed_repository_costs_the_caller_nothing_and_what_is_lost_is_counted(sender, blackhole, caplog):
+    """``send`` only queues: with the sender stuck connecting for TIMEOUT_S, events wait up to the
+    queue's size, the others are dropped at once, each with a warning naming its request; shutdown gives
+    the stuck sender FLUSH_S, not its timeout, and drops what is still queued."""
+    syslog = sender(blackhole.url, max_queued=2)
+    caplog.set_level(logging.WARNING, logger="mkiso.atna")
+    entry, export = event()
+    syslog.send(entry, export)
+    assert wait_for(lambda: syslog.state().queued == 0)  # the sender took it and waits for the connection
+    for number in range(1, 5):
+        entry["request_id"] = "req-%d" % number
+        syslog.send(entry, export)
+    state = syslog.state()
+    assert (state.sent, state.failed, state.dropped, state.queued, state.running) == (0, 0, 2, 2, True)
+    assert state.lost_why == "dropped: the queue is full (2 waiting)"
+    dropped = [record.fields["request_id"] for record in caplog.records]
+    assert dropped == ["req-3", "req-4"]
+    assert caplog.records[0].getMessage() == (
+        "audit event not sent to %s (dropped): the queue is full (2 waiting)" % blackhole.url)
+
+    started = time.monotonic()
+    syslog.stop(flush_s=0.5)
+    assert time.monotonic() - started < atna.TIMEOUT_S  # the stuck connection is not waited for
+    assert syslog.state().dropped == 4
+    assert [record.fields["request_id"] for record in caplog.records][2:] == ["req-1", "req-2"]
+    assert wait_for(lambda: syslog.state().failed == 1)  # the stuck one: its connect timed out
+    assert syslog.state().lost_why == "failed: timed out"
+    syslog.send(entry, export)  # after stop: dropped, said why
+    assert syslog.state().dropped == 5 and syslog.state().lost_why == "dropped: the service is stopping"
 
 
 @pytest.mark.parametrize("url, tcp, address", [
@@ -211,14 +333,17 @@ def test_the_url_gives_transport_and_address(url, tcp, address):
     assert (sender.tcp, sender.address, sender.url) == (tcp, address, url)
 
 
-def test_a_repository_that_is_down_costs_a_warning_not_an_exception(caplog):
+def test_a_repository_that_is_down_costs_a_warning_not_an_exception(sender, caplog):
     """The audit file is the record; the export must not fail because the copy could not go out."""
     closed = socket.create_server(("127.0.0.1", 0))
     port = closed.getsockname()[1]
     closed.close()  # nothing listens there now: the connection is refused
     with caplog.at_level(logging.WARNING, logger="mkiso.atna"):
-        atna.Syslog("tcp://127.0.0.1:%d" % port, "CDRECORD").send(*event())
+        syslog = sender("tcp://127.0.0.1:%d" % port)
+        syslog.send(*event())
+        syslog.stop()
     [record] = caplog.records
     assert record.levelno == logging.WARNING
-    assert record.getMessage().startswith("audit event not sent to tcp://127.0.0.1:%d: " % port)
+    assert record.getMessage() == "audit event not sent to tcp://127.0.0.1:%d (failed): Connection refused" % port
     assert record.fields == {"request_id": "req-7"}
+    assert (syslog.state().failed, syslog.state().sent) == (1, 0)

@@ -1,14 +1,18 @@
 """The health report against a real dcmqrscp and a real receiver."""
 
+import json
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 from mkiso import config as configuration, demo, process
-from mkiso.http import application
+from mkiso.http import application, health
 from mkiso.service import Service
 from conftest import write_config
+from test_atna import blackhole, wait_for  # noqa: F401 (a fixture)
+from test_concurrency import fetch
 
-CHECKS = ("tools", "work_dir", "receiver", "pacs", "publisher", "viewer", "cache")
+CHECKS = ("tools", "work_dir", "receiver", "pacs", "publisher", "viewer", "cache", "audit_syslog")
 
 
 def test_all_ok_against_the_real_pacs(make_service, wsgi_call):
@@ -22,6 +26,7 @@ def test_all_ok_against_the_real_pacs(make_service, wsgi_call):
     assert "C-ECHO" in body["checks"]["pacs"]["detail"]
     assert body["checks"]["publisher"]["detail"] == "not configured"
     assert "listening on port %d" % service.config.receiver.port in body["checks"]["receiver"]["detail"]
+    assert body["checks"]["audit_syslog"]["detail"] == "not configured"
 
 
 def test_pacs_down_is_degraded_and_strict_503(make_service, settings, wsgi_call):
@@ -156,3 +161,49 @@ def test_a_sandbox_that_refuses_setpriv_is_named_not_a_restart_loop(settings, tm
         assert answer.status >= 500 and sentence in answer.json()["error"], answer.body[:300]
     finally:
         service.stop()
+
+
+def test_a_blackholed_audit_repository_holds_no_answer_and_shows_in_health(
+        make_service, live_server, blackhole, monkeypatch):  # noqa: F811
+    """A synchronous download's audit event is recorded when its body closes, in the server's loop
+    thread; the repository swallows the syslog connection. Every answer meanwhile comes at once (it
+    was held for the connect timeout, about 5 s), and once the connect has timed out health says so."""
+    monkeypatch.setattr(health, "EXPENSIVE_EVERY_S", 3600)  # the C-ECHOs once, before the clock matters
+    service = make_service(audit={"syslog": blackhole.url})
+    base = live_server(application.Application(service.config, service))
+    assert fetch(base + "/api/health")[0] == 200
+    status, _, body = fetch(base + "/api/iso/download?accession_number=ACC2001")
+    assert status == 200, body[:300]
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:  # each answer within a second while the sender is stuck
+        try:
+            status, _, body = fetch(base + "/api/health", timeout=1)
+        except socket.timeout:
+            raise AssertionError("health did not answer within 1 s while the audit syslog was stuck")
+        assert status == 200
+    state = service.audit.syslog.state()
+    assert (state.sent, state.failed, state.queued) == (0, 0, 0)  # the event is in the stuck connect
+    assert wait_for(lambda: service.audit.syslog.state().failed == 1)
+    report = json.loads(fetch(base + "/api/health")[2])
+    assert report["status"] == "degraded"
+    assert report["checks"]["audit_syslog"]["ok"] is False
+    assert report["checks"]["audit_syslog"]["detail"].startswith(
+        "%s: 0 sent, 1 failed, 0 dropped, 0 queued; last lost " % blackhole.url)
+    assert report["checks"]["audit_syslog"]["detail"].endswith(" s ago (failed: timed out)")
+
+
+def test_events_dropped_from_a_full_queue_show_in_health(make_service, wsgi_call, blackhole, monkeypatch):  # noqa: F811
+    monkeypatch.setattr("mkiso.atna.QUEUE_MAX", 1)
+    monkeypatch.setattr("mkiso.atna.TIMEOUT_S", 60)  # no failure while the test counts
+    service = make_service(audit={"syslog": blackhole.url})
+    app = application.Application(service.config, service)
+    for _ in range(4):  # each lookup is a query event: one in the stuck connect, one queued, the rest dropped
+        assert wsgi_call(app, "/api/studies", query="accession_numbers=ACC2001").status == 200
+    check = wsgi_call(app, "/api/health").json()["checks"]["audit_syslog"]
+    dropped = service.audit.syslog.state().dropped
+    assert dropped in (2, 3)  # 3: the sender took the first only after the last was queued
+    assert check["ok"] is False
+    assert check["detail"].startswith("%s: 0 sent, 0 failed, %d dropped, 1 queued; last lost " % (
+        blackhole.url, dropped))
+    assert check["detail"].endswith(" s ago (dropped: the queue is full (1 waiting))")
+    assert wsgi_call(app, "/api/health", query="strict=1").status == 503

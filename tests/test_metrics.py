@@ -1,11 +1,13 @@
 """GET /metrics (SPEC §12): Prometheus' text format, moved by exactly what happened, no patient data."""
 
+import socket
 import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from mkiso import __version__, metrics
 from mkiso.http import application
+from test_atna import blackhole, wait_for  # noqa: F401 (a fixture)
 from test_print import FakeRimage
 
 PHASES = ("find", "manifest", "retrieve", "transfer", "checks", "stage", "dicomdir", "size", "iso", "send")
@@ -127,3 +129,48 @@ def test_each_service_counts_on_its_own_registry():
     one.job_ended("download", "failed", "study_not_found")
     assert b'mkiso_jobs_total{action="download",state="failed"} 1.0' in one.exposition()
     assert b"mkiso_jobs_total{" not in two.exposition()
+
+
+def lookups(wsgi_call, app, count):
+    """``count`` audit events: each lookup of the desk page is a query event."""
+    for _ in range(count):
+        assert wsgi_call(app, "/api/studies", query="accession_numbers=ACC2001").status == 200
+
+
+def test_the_audit_syslog_counts_what_it_sent(make_service, wsgi_call):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as repository:
+        repository.bind(("127.0.0.1", 0))
+        service = make_service(audit={"syslog": "udp://127.0.0.1:%d" % repository.getsockname()[1]})
+        app = application.Application(service.config, service)
+        lookups(wsgi_call, app, 3)
+        assert wait_for(lambda: service.audit.syslog.state().sent == 3)
+        samples, _ = scrape(wsgi_call, app)
+    assert {outcome: value(samples, "mkiso_audit_syslog_events_total", outcome=outcome)
+            for outcome in ("sent", "failed", "dropped")} == {"sent": 3, "failed": 0, "dropped": 0}
+    assert value(samples, "mkiso_audit_syslog_queued") == 0
+    assert value(samples, "mkiso_health_check_ok", check="audit_syslog") == 1
+
+
+def test_audit_events_a_stuck_syslog_dropped_are_counted(make_service, wsgi_call, blackhole, monkeypatch):  # noqa: F811
+    """The repository swallows the connection: one event waits in it, one in the queue (of 1), the
+    others are dropped; the counters say so, and the check is down."""
+    monkeypatch.setattr("mkiso.atna.QUEUE_MAX", 1)
+    monkeypatch.setattr("mkiso.atna.TIMEOUT_S", 60)  # no failure while the test counts
+    service = make_service(audit={"syslog": blackhole.url})
+    app = application.Application(service.config, service)
+    lookups(wsgi_call, app, 4)
+    samples, _ = scrape(wsgi_call, app)
+    dropped = service.audit.syslog.state().dropped
+    assert dropped in (2, 3)  # 3: the sender took the first only after the last was queued
+    counted = {outcome: value(samples, "mkiso_audit_syslog_events_total", outcome=outcome)
+               for outcome in ("sent", "failed", "dropped")}
+    assert counted == {"sent": 0, "failed": 0, "dropped": dropped}
+    assert value(samples, "mkiso_audit_syslog_queued") == 1
+    assert value(samples, "mkiso_health_check_ok", check="audit_syslog") == 0
+
+
+def test_without_audit_syslog_there_are_no_syslog_counters(make_service, wsgi_call):
+    service = make_service()
+    samples, _ = scrape(wsgi_call, application.Application(service.config, service))
+    assert not [key for key in samples if key[0].startswith("mkiso_audit_syslog")]
+    assert value(samples, "mkiso_health_check_ok", check="audit_syslog") == 1

@@ -1,12 +1,15 @@
 """The patient API names the multi-study ISO, and never costs a download."""
 
 import json
+import logging
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from mkiso import patients
 from mkiso.http import application
 from mkiso.patients import PatientApi
 
@@ -56,17 +59,23 @@ GOOD = (200, json.dumps({"patient": {"name": "Mueller-Lüdenscheid^Jürgen"}}), 
 
 
 @pytest.fixture
-def api_server():
+def started():
+    """``started(Server, *args)``: a test server, closed after the test."""
     servers = []
 
-    def start(*script):
-        server = PatientApiServer(script)
+    def start(kind, *args):
+        server = kind(*args)
         servers.append(server)
         return server
 
     yield start
     for server in servers:
         server.close()
+
+
+@pytest.fixture
+def api_server(started):
+    return lambda *script: started(PatientApiServer, script)
 
 
 def multi_download(make_service, wsgi_call, url, timeout_s=2):
@@ -144,3 +153,112 @@ def test_accession_is_quoted_into_the_url(api_server):
     settings = type("Settings", (), {"url": server.url, "name_field": "patient.name", "timeout_s": 2, "retries": 0})
     assert PatientApi(settings).name("A B/C") == "Mueller-Lüdenscheid^Jürgen"
     assert server.requests == ["/patients/A%20B%2FC"]
+
+
+class TricklingApi:
+    """A raw HTTP server on 127.0.0.1 answering every request as ``how`` says: ``body`` (the headers at
+    once, then the body a byte every ``pause_s``), ``headers`` (the status line, then the headers a byte at
+    a time), ``garbage`` (a status line that is not HTTP) or ``huge`` (a valid JSON answer of 2 MiB).
+    It stops trickling when closed."""
+
+    BODY = json.dumps({"patient": {"name": "Trickle^Tom", "note": "x" * 40}}).encode()
+
+    def __init__(self, how, pause_s=0.5):
+        self.how, self.pause_s = how, pause_s
+        self.connections = 0
+        self.closed = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = "http://127.0.0.1:%d/patients/{accession}" % self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            self.connections += 1
+            threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
+
+    def _answer(self, connection):
+        with connection:
+            try:
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    request += connection.recv(4096) or b"\r\n\r\n"
+                body = self.BODY if self.how != "huge" else json.dumps(
+                    {"patient": {"name": "Big^Ben", "note": "x" * (2 << 20)}}).encode()
+                head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+                if self.how == "garbage":
+                    connection.sendall(b"SPDY/9 banana\r\n\r\n")
+                elif self.how in ("body", "headers"):
+                    at = 17 if self.how == "headers" else len(head)  # 17: just the status line
+                    connection.sendall(head[:at])
+                    for byte in (head + body)[at:]:
+                        if self.closed.wait(self.pause_s):
+                            return
+                        connection.sendall(bytes([byte]))
+                else:
+                    connection.sendall(head + body)
+            except OSError:
+                pass  # the client shut its end: its time was up
+
+    def close(self):
+        self.closed.set()
+        self.listener.close()
+
+
+@pytest.fixture
+def trickling(started):
+    return lambda how: started(TricklingApi, how)
+
+
+def name_within(api, accession, bound_s):
+    """api.name(accession) in a thread: (it ended within ``bound_s``, its answer)."""
+    answer = {}
+    thread = threading.Thread(target=lambda: answer.update(name=api.name(accession)), daemon=True)
+    thread.start()
+    thread.join(bound_s)
+    return not thread.is_alive(), answer.get("name")
+
+
+def settings(url, timeout_s=1, retries=2):
+    return type("Settings", (), {"url": url, "name_field": "patient.name", "timeout_s": timeout_s,
+                                 "retries": retries})
+
+
+@pytest.mark.parametrize("trickled", ["body", "headers"])
+def test_an_api_trickling_its_answer_costs_one_timeout_in_all(trickling, caplog, trickled):
+    """A byte every half second keeps every single read within a 1 s timeout; the whole answer would
+    take a minute.  The attempt ends at 1 s, whatever it was reading, and is not retried."""
+    server = trickling(trickled)
+    caplog.set_level(logging.WARNING, logger="mkiso.patients")
+    ended, name = name_within(PatientApi(settings(server.url)), "ACC1", 5)
+    assert ended, "the patient API held the call past its timeout_s"
+    assert name is None
+    assert server.connections == 1
+    said = [record.getMessage() for record in caplog.records]
+    assert said == ["patient API: no answer within 1s; using the PACS name"]
+
+
+def test_a_trickling_api_does_not_hold_the_download(make_service, wsgi_call, trickling):
+    server = trickling("body")
+    response = {}
+    thread = threading.Thread(target=lambda: response.update(
+        answer=multi_download(make_service, wsgi_call, server.url, timeout_s=1)), daemon=True)
+    thread.start()
+    thread.join(20)  # the download itself and one timeout; the trickle alone lasts over 40 s
+    assert not thread.is_alive(), "the download waited for the trickling patient API"
+    assert response["answer"].header("Content-Disposition") == PACS_NAME
+
+
+@pytest.mark.parametrize("how, said", [
+    ("garbage", "patient API: the answer is not HTTP: BadStatusLine; using the PACS name"),
+    ("huge", "patient API: the answer is longer than %d bytes; using the PACS name" % patients.MAX_ANSWER),
+])
+def test_an_answer_that_is_not_a_name_is_said_so(trickling, caplog, how, said):
+    server = trickling(how)
+    caplog.set_level(logging.WARNING, logger="mkiso.patients")
+    assert PatientApi(settings(server.url)).name("ACC1") is None
+    assert [record.getMessage() for record in caplog.records] == [said]
+    assert server.connections == 1

@@ -4,6 +4,10 @@ Each check really exercises what it names: the tools are run, the work dir
 is written to, the PACS and publisher get a C-ECHO.  The two echoes run at
 the same time so a silent peer costs one timeout, not two.
 
+The audit's syslog copy is checked by what its sender did: a repository
+that lost events (failed, or dropped from a full queue) within RECENT_S
+degrades health, so that a monitor polling now and then still sees it.
+
 The costly checks (the tools and the C-ECHOs) are computed at most once per
 EXPENSIVE_EVERY_S and shared by every caller meanwhile, so that a flood of
 health calls costs one round of them.  The detail strings name paths, ports
@@ -20,6 +24,7 @@ from .. import __version__, config as configuration, disk, process
 from ..dicom import pacs
 
 EXPENSIVE_EVERY_S = 5
+RECENT_S = 900  # the audit syslog check stays degraded this long after an event was lost
 
 
 class Check:
@@ -32,8 +37,9 @@ class Check:
 
 
 class Health:
-    def __init__(self, config, receiver, pacs_client, publisher_peer, cache):
+    def __init__(self, config, receiver, pacs_client, publisher_peer, cache, syslog=None):
         self.config = config
+        self.syslog = syslog  # atna.Syslog, or None: audit.syslog not set
         self.cache = cache
         self.receiver = receiver
         self.pacs = pacs_client
@@ -53,6 +59,7 @@ class Health:
             "publisher": expensive["publisher"],
             "viewer": self.check_viewer(),
             "cache": self.check_cache(),
+            "audit_syslog": self.check_audit_syslog(),
         }
         status = "ok" if all(check.ok for check in checks.values()) else "degraded"
         if not detailed:
@@ -144,6 +151,19 @@ class Health:
             return Check(True, "off (cache.max_bytes: 0)")
         entries, size = self.cache.stats()
         return Check(True, "%d discs, %d bytes of %d" % (entries, size, self.cache.max_bytes))
+
+    def check_audit_syslog(self):
+        if self.syslog is None:
+            return Check(True, "not configured")
+        state = self.syslog.state()
+        detail = "%s: %d sent, %d failed, %d dropped, %d queued" % (
+            self.syslog.url, state.sent, state.failed, state.dropped, state.queued)
+        if not state.running:
+            return Check(False, detail + "; the sender is not running")
+        if state.lost_at is not None and time.monotonic() - state.lost_at < RECENT_S:
+            return Check(False, "%s; last lost %d s ago (%s)" % (
+                detail, time.monotonic() - state.lost_at, state.lost_why))
+        return Check(True, detail)
 
     def check_viewer(self):
         viewer_dir = self.config.iso.viewer_dir
