@@ -149,6 +149,7 @@ SOP = {
     "pdf": "1.2.840.10008.5.1.4.1.1.104.1",  # Encapsulated PDF
 }
 PRIVATE_CLASS = "1.3.12.2.1107.5.9.1"  # Siemens CSA Non-Image: a vendor's own class
+CT_PERFORMED_PROTOCOL = "1.2.840.10008.5.1.4.1.1.200.2"  # stored with the study by recent CT scanners
 RECORD_OF = {"ct": "IMAGE", "multiframe": "IMAGE", "dose": "SR DOCUMENT", "report": "SR DOCUMENT",
              "key_images": "KEY OBJECT DOC", "presentation": "PRESENTATION", "pdf": "ENCAP DOC",
              "extra": "PRIVATE"}
@@ -184,9 +185,9 @@ class EveryKindStudy(SampleStudy):
     Grayscale Softcopy Presentation State and an Encapsulated PDF, each with
     the modules its IOD requires, all in ISO 8859-1 (ISO_IR 100): one
     patient's name is the same bytes in every file, as dcentvfy checks.
-    ``extra_class`` adds an object of that class (a vendor's private one, or
-    one mkiso does not know).  ``kinds`` maps each SOP Instance UID to its
-    kind.
+    ``extra_class`` adds an object of that class (a vendor's private one, a
+    CT Performed Procedure Protocol, or one mkiso does not know).  ``kinds``
+    maps each SOP Instance UID to its kind.
     """
 
     def __init__(self, patient_id, patient_name, accession, extra_class=None, dcmtk_dir="/usr/bin",
@@ -392,6 +393,11 @@ class EveryKindStudy(SampleStudy):
         return kind, ds
 
     def _extra(self):
+        if self.classes["extra"] == CT_PERFORMED_PROTOCOL:  # how the scanner scanned: a series of its own
+            kind, ds = self._object("extra", generate_uid(), 99, "CT", 1)
+            ds.SeriesDescription = "Performed protocol"
+            ds.ProtocolName = "Head routine"
+            return kind, ds
         kind, ds = self._object("extra", generate_uid(), 99, "OT", 1)
         ds.add_new(0x00290010, "LO", "SIEMENS CSA NON-IMAGE")
         ds.add_new(0x00291008, "CS", "RAWDATA")

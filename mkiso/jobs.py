@@ -37,6 +37,7 @@ from datetime import datetime, timezone
 from typing import Optional
 
 from . import audit, disk, errors, process
+from .disc import records
 from .http import delivery
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ class Job:
     retrievals: list = dataclasses.field(default_factory=list)
     discs: list = dataclasses.field(default_factory=list)  # every disc's tree.Iso, once made
     answer: Optional[dict] = None  # a print's answer
-    omitted: Optional[dict] = None  # private objects left off the disc (SPEC §4.1); None from the cache
+    omitted: Optional[dict] = None  # objects left off the disc (SPEC §4.1); None from the cache
     cancelled: bool = False
     keeper: "Jobs" = dataclasses.field(default=None, repr=False)
 
@@ -131,8 +132,9 @@ class Job:
         self.keeper.report(self, disc_bytes=disc_bytes)
 
     def left_off(self, sop_classes):
-        """Private objects of these SOP classes (one entry each) stay off the disc (SPEC §4.1)."""
-        self.keeper.report(self, omitted={"objects": len(sop_classes), "sop_classes": sorted(set(sop_classes))})
+        """Objects of these SOP classes (one entry each) stay off the disc: private ones, or of a class with
+        no directory record (SPEC §4.1)."""
+        self.keeper.report(self, omitted=records.left_off_report(sop_classes))
 
     def exporting(self):
         """Images are about to leave (a print's first to the publisher): the export's ``begun`` audit

@@ -254,29 +254,17 @@ class Steps:
             self.cache.store(key, isos[0].path)
         log.info("iso built", extra={"fields": dict({
             "accessions": ",".join(job.accessions), "studies": studies, "images": job.export.images,
-            "private_omitted": (job.omitted or {}).get("objects", 0),
+            "omitted": (job.omitted or {}).get("objects", 0),
             "discs": len(isos), "bytes": job.disc_bytes, "request_id": job.request_id}, **watch.fields)})
 
     def sort_out(self, files):
-        """(what goes on the disc, the SOP classes of the private objects left off), SPEC §4.1.
+        """(what goes on the disc, the SOP class of each object left off), SPEC §4.1: see records.sort_out.
 
-        Every object's record type is known before anything is staged: a
-        standard class mkiso lacks is a 500 naming it.  ``iso.private_objects:
-        omit`` leaves a vendor's private classes off (README.TXT and the job
-        say so); the legacy layout, which has no DICOMDIR, keeps everything.
+        The legacy layout, which has no DICOMDIR, keeps everything.
         """
         if self.config.iso.layout != "pdi":
             return files, []
-        private = [received for received in files if records.record_type(received.sop_class_uid) == records.PRIVATE]
-        if not private or self.config.iso.private_objects == "keep":
-            return files, []
-        kept = [received for received in files if not records.is_private(received.sop_class_uid)]
-        if not kept:
-            raise errors.MkisoError(
-                "Every object of these studies is of a private SOP class (%s); with iso.private_objects: omit "
-                "there is nothing to put on a disc." % ", ".join(sorted({r.sop_class_uid for r in private})),
-                code="only_private_objects")
-        return kept, [received.sop_class_uid for received in private]
+        return records.sort_out(files, self.config.iso.private_objects)
 
     def _lay_out(self, job, folder, files, omitted, label, watch):
         """Plan, stage, index and size every disc; plan again, tighter, while genisoimage finds one too big.

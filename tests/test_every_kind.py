@@ -3,8 +3,9 @@
 A PACS of this module's own holds a CT study with every kind of object a
 scanner or archive sends (demo.EveryKindStudy: images, a JPEG multi-frame
 image, dose SR, Comprehensive SR, key images, a presentation state, a PDF;
-all ISO 8859-1), one more with an object of a vendor's private SOP class and
-one with an object of a standard class mkiso has no record type for.
+all ISO 8859-1), one more with an object of a vendor's private SOP class,
+one with a CT Performed Procedure Protocol (a standard class with no
+directory record) and one with an object of a standard class mkiso does not know.
 Each disc mkiso makes of them is held against dcmmkdir, run here on the
 disc's own files (the records, their keys, their order within a series),
 against dciodvfy (no error, no warning on the DICOMDIR) and against
@@ -17,6 +18,7 @@ association profile, ``-xf``).
 """
 
 import os
+import pathlib
 import shutil
 import subprocess
 
@@ -32,7 +34,8 @@ from test_dicomdir import BEYOND_F5, OFFSETS
 from test_media import fetch_discs, split_job
 
 PRIVATE_CLASS = demo.PRIVATE_CLASS
-UNKNOWN_CLASS = "1.2.840.10008.5.1.4.1.1.200.2"  # CT Performed Procedure Protocol: no record type in the table
+PROTOCOL_CLASS = demo.CT_PERFORMED_PROTOCOL
+UNKNOWN_CLASS = "1.2.840.10008.5.1.4.1.1.999.1"  # made up: a class of a later edition than mkiso knows
 # Verification; Patient and Study Root Query/Retrieve FIND and MOVE
 QUERIES = ("1.2.840.10008.1.1", "1.2.840.10008.5.1.4.1.2.1.1", "1.2.840.10008.5.1.4.1.2.1.2",
            "1.2.840.10008.5.1.4.1.2.2.1", "1.2.840.10008.5.1.4.1.2.2.2")
@@ -41,7 +44,8 @@ QUERIES = ("1.2.840.10008.1.1", "1.2.840.10008.5.1.4.1.2.1.1", "1.2.840.10008.5.
 def pacs_profile(path):
     """A dcmtk association profile: each class of the studies with the transfer syntax it is stored in."""
     contexts = []
-    for kind, uid in sorted(dict(demo.SOP, private=PRIVATE_CLASS, unknown=UNKNOWN_CLASS).items()):
+    classes = dict(demo.SOP, private=PRIVATE_CLASS, protocol=PROTOCOL_CLASS, unknown=UNKNOWN_CLASS)
+    for kind, uid in sorted(classes.items()):
         contexts.append("%s\\%s" % (uid, "JPEG" if kind == "multiframe" else "Uncompressed"))
     with open(path, "w", encoding="ascii") as handle:
         handle.write("[[TransferSyntaxes]]\n[Uncompressed]\nTransferSyntax1 = 1.2.840.10008.1.2.1\n"
@@ -68,7 +72,9 @@ class EveryKindPacs:
                                            dcmtk_dir=DCMTK_DIR)
         self.unknown = demo.EveryKindStudy("PAT-9003", "NEW^NORA", "UNK01", extra_class=UNKNOWN_CLASS,
                                            dcmtk_dir=DCMTK_DIR)
-        self.pacs.add_studies([self.every, self.private, self.unknown])
+        self.protocol = demo.EveryKindStudy("PAT-9005", "Proto^Petra", "PROTO01", extra_class=PROTOCOL_CLASS,
+                                            dcmtk_dir=DCMTK_DIR)
+        self.pacs.add_studies([self.every, self.private, self.unknown, self.protocol])
         self.only_private = self._only_extra(demo.EveryKindStudy("PAT-9004", "ONLY^OLGA", "PRIVONLY",
                                                                  extra_class=PRIVATE_CLASS, dcmtk_dir=DCMTK_DIR))
         self.pacs.start()
@@ -207,7 +213,7 @@ def test_every_kind_of_object_is_filed_as_dcmmkdir_files_it(every_service, wsgi_
     text = readme(disc)
     assert "1 DICOM study with 7 series and 9 objects" in text
     assert "DICOM media profile: none" in text and "JPEG Lossless SV1 (1.2.840.10008.1.2.4.70)" in text
-    assert job["omitted"] == {"objects": 0, "sop_classes": []}
+    assert job["omitted"] == {"objects": 0, "sop_classes": [], "classes": []}
 
 
 def test_the_sr_records_carry_their_titles_and_verification(every_service, wsgi_call, every_pacs, tmp_path):
@@ -261,7 +267,8 @@ def test_a_private_object_is_left_off_and_said_so(every_service, wsgi_call, ever
     [private_uid] = [uid for uid, kind in every_pacs.private.kinds.items() if kind == "extra"]
     assert private_uid not in on_disc and len(on_disc) == 9
     assert volume_id(iso_path) == "PRIV_01"
-    assert job["omitted"] == {"objects": 1, "sop_classes": [PRIVATE_CLASS]}
+    assert job["omitted"] == {"objects": 1, "sop_classes": [PRIVATE_CLASS], "classes": [
+        {"sop_class_uid": PRIVATE_CLASS, "name": None, "objects": 1, "reason": "private"}]}
     text = readme(disc)
     assert "Left off this disc: 1 object of private SOP class %s" % PRIVATE_CLASS in text
     assert "9 objects" in text
@@ -277,10 +284,35 @@ def test_a_private_object_kept_is_a_private_record_and_the_disc_claims_no_profil
     [private] = [r for r in pydicom.dcmread(dicomdir).DirectoryRecordSequence if r.DirectoryRecordType == "PRIVATE"]
     assert private.PrivateRecordUID == PRIVATE_CLASS == private.ReferencedSOPClassUIDInFile
     assert [line for line in dciodvfy_findings(dicomdir) if line.startswith("Error")] == []
-    assert job["discs"][0]["profile"] == "NONE" and job["omitted"] == {"objects": 0, "sop_classes": []}
+    assert job["discs"][0]["profile"] == "NONE" and job["omitted"]["objects"] == 0
     text = readme(disc)
     assert "DICOM media profile: none: the disc holds objects of private SOP classes (%s)" % PRIVATE_CLASS in text
     assert "Left off" not in text and "10 objects" in text
+
+
+@pytest.mark.parametrize("private_objects", ["omit", "keep"])
+def test_a_protocol_object_is_left_off_and_said_so(every_service, wsgi_call, every_pacs, tmp_path, private_objects):
+    """A CT study as recent scanners store it, with their Performed Procedure Protocol: received and checked
+    against the PACS's list like every object, then left off the disc (PS3.3 gives it no record), and said so."""
+    service = every_service(iso={"private_objects": private_objects})
+    job, [(disc, iso_path)] = disc_job(service, wsgi_call, tmp_path, "PROTO01")
+    [protocol_uid] = [uid for uid, kind in every_pacs.protocol.kinds.items() if kind == "extra"]
+    assert job["progress"]["images_expected"] == job["progress"]["images_received"] == 10
+    on_disc = check_disc(disc, iso_path, every_pacs.protocol, tmp_path)
+    assert protocol_uid not in on_disc and len(on_disc) == 9
+    staged = {str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID) for path in dicom_files(disc)}
+    assert protocol_uid not in staged and len(staged) == 9  # not copied, not only unlisted
+    pages = [path for path in disc.files if path.endswith(".HTM")]
+    assert pages and not any("Performed protocol" in pathlib.Path(disc.root, path).read_text(encoding="utf-8")
+                             for path in pages)  # nor in the web content
+    assert job["discs"][0]["images"] == 9
+    assert job["omitted"] == {"objects": 1, "sop_classes": [PROTOCOL_CLASS], "classes": [
+        {"sop_class_uid": PROTOCOL_CLASS, "name": "CT Performed Procedure Protocol", "objects": 1,
+         "reason": "no_directory_record"}]}
+    text = readme(disc)
+    assert ("Left off this disc: 1 object of CT Performed Procedure Protocol (%s), which has no place in a "
+            "DICOMDIR" % PROTOCOL_CLASS) in text
+    assert "private" not in text.lower() and "1 DICOM study with 7 series and 9 objects" in text
 
 
 def test_readme_without_a_viewer_says_there_is_none(every_service, wsgi_call, every_pacs, tmp_path):

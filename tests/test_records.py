@@ -1,4 +1,5 @@
-"""The record type of each SOP class (mkiso.disc.records), held against the standard's table as dcmtk has it.
+"""The record type of each SOP class (mkiso.disc.records), held against the standard's table as dcmtk has it,
+and the classes with no record under a study, left off a disc and said so (SPEC §4.1).
 
 dcmmkdir is the oracle for the classes it knows: an object of each class of the
 table, all put through dcmmkdir at once, gets the record type mkiso's table
@@ -11,13 +12,18 @@ import subprocess
 
 import pydicom
 import pytest
+from pydicom._uid_dict import UID_dictionary
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from mkiso import demo, errors
+from mkiso.dicom.received import ReceivedFile
 from mkiso.disc import records
 from conftest import DCMTK_DIR
+
+PROTOCOL = "1.2.840.10008.5.1.4.1.1.200.2"  # CT Performed Procedure Protocol
+PRIVATE = "1.3.12.2.1107.5.9.1"  # Siemens CSA Non-Image
 
 # One class of every record type the table has, with the type PS3.3 F.4 gives it.
 EXAMPLES = {
@@ -82,7 +88,7 @@ def test_every_record_type_of_the_table_is_one_mkiso_can_write():
 
 
 def test_a_standard_class_the_table_lacks_is_an_error_naming_it():
-    unknown = "1.2.840.10008.5.1.4.1.1.200.2"  # CT Performed Procedure Protocol
+    unknown = "1.2.840.10008.5.1.4.1.1.999.1"  # made up: a class of a later edition than mkiso knows
     with pytest.raises(errors.MkisoError) as raised:
         records.record_type(unknown)
     assert raised.value.status == 500 and raised.value.code == "unknown_sop_class"
@@ -90,11 +96,82 @@ def test_a_standard_class_the_table_lacks_is_an_error_naming_it():
     assert not records.is_private(unknown)
 
 
-@pytest.mark.parametrize("uid", ["1.2.840.10008.5.1.4.1.1.8", "1.2.840.10008.5.1.1.27",  # retired stand-alone
+@pytest.mark.parametrize("uid", [PROTOCOL, "1.2.840.10008.5.1.4.1.1.200.8",  # the performed protocols
+                                 "1.2.840.10008.5.1.4.1.1.200.3", "1.2.840.10008.5.1.4.1.1.201.1",  # approval/inventory
+                                 "1.2.840.10008.5.1.4.1.1.8", "1.2.840.10008.5.1.1.27",  # retired stand-alone
                                  "1.2.840.10008.5.1.4.38.1", "1.2.840.10008.5.1.4.39.1"])  # hanging protocol, palette
-def test_classes_that_belong_under_no_study_are_refused_not_guessed(uid):
-    with pytest.raises(errors.MkisoError):
-        records.record_type(uid)
+def test_classes_with_no_record_under_a_study_are_known_and_filed_nowhere(uid):
+    assert records.record_type(uid) is None and not records.is_private(uid) and records.NO_RECORD[uid]
+
+
+def storage_classes():
+    """{UID: name} of every storage SOP class in pydicom's copy of PS3.6 (the DICOMDIR's own class and storage
+    commitment are no objects of a study)."""
+    return {uid: entry[0] for uid, entry in UID_dictionary.items()
+            if entry[1] == "SOP Class" and "Storage" in entry[0] and "Commitment" not in entry[0]
+            and "Directory" not in entry[0]}
+
+
+def test_every_storage_class_of_the_standard_is_filed_or_left_off_by_name():
+    """PS3.6 as pydicom has it: each storage class is in exactly one table; a later pydicom that knows a newer
+    class fails here until someone decides where its objects go."""
+    known = storage_classes()
+    assert len(known) > 150
+    assert not set(records.RECORD_TYPES) & set(records.NO_RECORD)
+    assert sorted(set(known) - set(records.RECORD_TYPES) - set(records.NO_RECORD)) == []
+    for uid, name in records.NO_RECORD.items():
+        if uid in known:
+            assert known[uid].replace(" Storage", "").replace(" SOP Class", "") == name.replace(" (retired)", "")
+
+
+def received(sop_class_uid, number=1):
+    return ReceivedFile(path="/nowhere/%d" % number, patient_id="P1", study_uid="1.2.3", series_uid="1.2.3.4",
+                        series_number=1, instance_number=number, sop_uid="1.2.3.4.%d" % number,
+                        sop_class_uid=sop_class_uid)
+
+
+@pytest.mark.parametrize("private_objects", ["omit", "keep"])
+def test_objects_of_a_class_with_no_record_are_left_off_whatever_private_objects_says(private_objects):
+    files = [received("1.2.840.10008.5.1.4.1.1.2", 1), received(PROTOCOL, 2), received(PRIVATE, 3),
+             received(PROTOCOL, 4)]
+    kept, left_off = records.sort_out(files, private_objects)
+    if private_objects == "omit":
+        assert kept == files[:1] and left_off == [PROTOCOL, PRIVATE, PROTOCOL]
+    else:
+        assert kept == [files[0], files[2]] and left_off == [PROTOCOL, PROTOCOL]
+
+
+def test_an_unknown_standard_class_is_refused_before_anything_is_left_off():
+    with pytest.raises(errors.MkisoError) as raised:
+        records.sort_out([received(PROTOCOL, 1), received("1.2.840.10008.5.1.4.1.1.999.1", 2)], "omit")
+    assert raised.value.code == "unknown_sop_class"
+
+
+@pytest.mark.parametrize("classes, private_objects, code", [
+    ([PRIVATE], "omit", "only_private_objects"), ([PROTOCOL], "keep", "nothing_to_file"),
+    ([PROTOCOL, PRIVATE], "omit", "nothing_to_file")])
+def test_nothing_left_for_a_disc_is_an_error_saying_why(classes, private_objects, code):
+    with pytest.raises(errors.MkisoError) as raised:
+        records.sort_out([received(uid, number) for number, uid in enumerate(classes)], private_objects)
+    assert raised.value.status == 500 and raised.value.code == code
+    assert all(uid in raised.value.message for uid in classes)
+    assert ("iso.private_objects: keep" in raised.value.message) == (PRIVATE in classes)
+
+
+def test_what_is_left_off_is_told_by_class_name_and_reason():
+    assert records.told([]) == []
+    [one] = records.told([PROTOCOL])
+    assert one == ("Left off this disc: 1 object of CT Performed Procedure Protocol (%s), which has no place in a "
+                   "DICOMDIR (PS3.3 gives it no directory record under a patient's study)." % PROTOCOL)
+    unfiled, private = records.told([PROTOCOL, PRIVATE, "1.2.840.10008.5.1.4.1.1.200.3", PROTOCOL])
+    assert unfiled.startswith("Left off this disc: 3 objects of CT Performed Procedure Protocol (%s), Protocol "
+                              "Approval (1.2.840.10008.5.1.4.1.1.200.3), which have no place" % PROTOCOL)
+    assert private.startswith("Left off this disc: 1 object of private SOP class %s (" % PRIVATE)
+    assert records.left_off_report([PROTOCOL, PRIVATE, PROTOCOL]) == {
+        "objects": 3, "sop_classes": [PROTOCOL, PRIVATE], "classes": [
+            {"sop_class_uid": PROTOCOL, "name": "CT Performed Procedure Protocol", "objects": 2,
+             "reason": "no_directory_record"},
+            {"sop_class_uid": PRIVATE, "name": None, "objects": 1, "reason": "private"}]}
 
 
 @pytest.mark.parametrize("uid", ["1.3.12.2.1107.5.9.1", "1.2.840.113619.4.27", "1.2.276.0.7230010.3.1.0.1"])

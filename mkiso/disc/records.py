@@ -8,19 +8,32 @@ record its SOP class calls for.  The table follows dcmtk's ``dcddirif.cc``
 image storage class, multi-frame and segmentation included; SR DOCUMENT for
 every SR class; and so on.
 
-Classes of a kind that has no place under a patient's study (hanging
-protocols, colour palettes, implant templates, inventories) and the retired
-stand-alone overlays, curves, LUTs and stored prints are not in the table:
-such an object is refused by name rather than filed under a record it does
-not fit.  A UID under the standard's root (1.2.840.10008.) that the table
-lacks is likewise an error naming it (500 ``unknown_sop_class``), never a
-guessed record; any other root is a vendor's private class (``PRIVATE``).
+Storage classes that the current PS3.3 F.5 files under no patient's study
+are in ``NO_RECORD`` with their names (PS3.6): the protocol objects recent CT
+and XA scanners store with a study (CT/XA Defined and Performed Procedure
+Protocol, Protocol Approval), the DICOS reports, the retired stand-alone
+overlays, curves, LUTs, stored prints and trial SRs (whose record types
+PS3.3 retired), and the objects of no patient whose records sit at the
+root of a DICOMDIR (hanging protocols, colour palettes, implant templates,
+inventories).  An object of such a class is left off the disc and said so
+(SPEC §4.1), whatever ``iso.private_objects`` says: refusing a whole study
+for a scanner's protocol would leave the patient without a disc, and
+filing it under a record it does not fit would mislead a viewer.  (dcmtk's
+dcddirif.cc files a Performed Procedure Protocol as an IMAGE: its default
+branch, not the standard.)
+
+A UID under the standard's root (1.2.840.10008.) that neither table has is
+an error naming it (500 ``unknown_sop_class``), never a guessed record: a
+class of a later edition of the standard wants a decision.  Any other root
+is a vendor's private class (``PRIVATE``).
 
 ``KEYS`` lists, per record type, the keys PS3.3 F.5 asks for and dcmmkdir
 copies from the file: type 1 must have a value (only InstanceNumber is
 invented, as for images), type 2 is present even when empty, type 3 and 1C
 are copied where the file has them.
 """
+
+import collections
 
 from .. import errors
 
@@ -269,6 +282,42 @@ RECORD_TYPES_BY_KIND = {
 
 RECORD_TYPES = {uid: kind for kind, uids in RECORD_TYPES_BY_KIND.items() for uid in uids}
 
+# Storage SOP classes (PS3.4 B.5) with no record under a patient's study in the current PS3.3 F.5, named
+# as in PS3.6: left off every disc, and said so.  dcmtk's dcuid.cc marks most of them UID_PROP_NO_DIR_RECORD
+# or UID_PROP_NON_PATIENT.
+NO_RECORD = {
+    # No directory record type at all.
+    "1.2.840.10008.5.1.4.1.1.200.1": "CT Defined Procedure Protocol",
+    "1.2.840.10008.5.1.4.1.1.200.2": "CT Performed Procedure Protocol",
+    "1.2.840.10008.5.1.4.1.1.200.3": "Protocol Approval",
+    "1.2.840.10008.5.1.4.1.1.200.7": "XA Defined Procedure Protocol",
+    "1.2.840.10008.5.1.4.1.1.200.8": "XA Performed Procedure Protocol",
+    "1.2.840.10008.5.1.4.1.1.501.3": "DICOS Threat Detection Report",
+    "1.2.840.10008.5.1.4.1.1.501.4": "DICOS 2D AIT",
+    "1.2.840.10008.5.1.4.1.1.501.5": "DICOS 3D AIT",
+    "1.2.840.10008.5.1.4.1.1.501.6": "DICOS Quadrupole Resonance (QR)",
+    "1.2.840.10008.5.1.4.1.1.601.5": "DICONDE Ultrasound Waveform",
+    # Retired classes whose record types (OVERLAY, CURVE, MODALITY LUT, VOI LUT, STORED PRINT) PS3.3 retired,
+    # and the trial SRs, which SR DOCUMENT never covered.
+    "1.2.840.10008.5.1.4.1.1.8": "Standalone Overlay (retired)",
+    "1.2.840.10008.5.1.4.1.1.9": "Standalone Curve (retired)",
+    "1.2.840.10008.5.1.4.1.1.10": "Standalone Modality LUT (retired)",
+    "1.2.840.10008.5.1.4.1.1.11": "Standalone VOI LUT (retired)",
+    "1.2.840.10008.5.1.4.1.1.129": "Standalone PET Curve (retired)",
+    "1.2.840.10008.5.1.1.27": "Stored Print (retired)",
+    "1.2.840.10008.5.1.4.1.1.88.1": "Text SR - Trial (retired)",
+    "1.2.840.10008.5.1.4.1.1.88.2": "Audio SR - Trial (retired)",
+    "1.2.840.10008.5.1.4.1.1.88.3": "Detail SR - Trial (retired)",
+    "1.2.840.10008.5.1.4.1.1.88.4": "Comprehensive SR - Trial (retired)",
+    # Objects of no patient: their records (HANGING PROTOCOL, PALETTE, IMPLANT..., INVENTORY) sit at the root.
+    "1.2.840.10008.5.1.4.38.1": "Hanging Protocol",
+    "1.2.840.10008.5.1.4.39.1": "Color Palette",
+    "1.2.840.10008.5.1.4.43.1": "Generic Implant Template",
+    "1.2.840.10008.5.1.4.44.1": "Implant Assembly Template",
+    "1.2.840.10008.5.1.4.45.1": "Implant Template Group",
+    "1.2.840.10008.5.1.4.1.1.201.1": "Inventory",
+}
+
 # Keys of each record type beyond the referenced file's (PS3.3 F.5): (keyword, type), type 1, 2 or 3
 # (3 also stands for 1C where the condition is "present in the file").  Records of type IMAGE are
 # made by mkiso.dicomdir's fast path; the SR's VerificationDateTime, its HAS CONCEPT MOD items and
@@ -327,16 +376,78 @@ def is_private(sop_class_uid):
 
 
 def record_type(sop_class_uid):
-    """The directory record type for objects of ``sop_class_uid``: 'IMAGE', 'SR DOCUMENT', ... or 'PRIVATE'.
+    """The directory record type for objects of ``sop_class_uid``: 'IMAGE', 'SR DOCUMENT', ... or 'PRIVATE';
+    None for a class of ``NO_RECORD``, whose objects are left off before anything is filed.
 
-    A standard class that the table lacks raises (500 ``unknown_sop_class``):
+    A standard class that neither table has raises (500 ``unknown_sop_class``):
     a wrong record type would mislead every viewer that reads the disc.
     """
     kind = RECORD_TYPES.get(sop_class_uid)
-    if kind is not None:
+    if kind is not None or sop_class_uid in NO_RECORD:
         return kind
     if is_standard(sop_class_uid):
         raise errors.MkisoError(
             "The study holds an object of SOP class %s, which mkiso cannot file in a DICOMDIR; "
             "the disc was not made." % sop_class_uid, code="unknown_sop_class")
     return PRIVATE
+
+
+def sort_out(files, private_objects):
+    """(the received files that go on a disc, the SOP class of each one left off), SPEC §4.1.
+
+    Every object's record type is known before anything is staged (an
+    unknown standard class raises).  Off go the classes of ``NO_RECORD``,
+    always, and a vendor's private classes with ``private_objects`` "omit";
+    a study of nothing else makes no empty disc (500).
+    """
+    kept, left_off = [], []
+    for received in files:
+        kind = record_type(received.sop_class_uid)
+        if kind is None or (kind == PRIVATE and private_objects == "omit"):
+            left_off.append(received.sop_class_uid)
+        else:
+            kept.append(received)
+    if files and not kept:
+        private = [uid for uid in left_off if uid not in NO_RECORD]
+        raise errors.MkisoError(
+            "No object of these studies can go on a disc, so none was made. %s%s" % (
+                " ".join(told(left_off, "Left off")),
+                " With iso.private_objects: keep the private ones would go on it." if private else ""),
+            code="only_private_objects" if len(private) == len(left_off) else "nothing_to_file")
+    return kept, left_off
+
+
+def told(sop_classes, lead="Left off this disc"):
+    """What README.TXT (and an error) say of the objects left off (their SOP classes, one entry each): a
+    sentence for those of a class with no record, one for the private ones; the classes by name where known."""
+    sentences = []
+    unfiled = [uid for uid in sop_classes if uid in NO_RECORD]
+    if unfiled:
+        classes = sorted(set(unfiled))
+        named = ", ".join("%s (%s)" % (NO_RECORD[uid], uid) for uid in classes)
+        one = len(classes) == 1
+        sentences.append("%s: %s of %s, which %s no place in a DICOMDIR (PS3.3 gives %s no directory record "
+                         "under a patient's study)." % (lead, _objects(len(unfiled)), named,
+                                                       "has" if one else "have", "it" if one else "them"))
+    private = [uid for uid in sop_classes if uid not in NO_RECORD]
+    if private:
+        classes = sorted(set(private))
+        sentences.append("%s: %s of private SOP class%s %s (a manufacturer's own format, which no general-purpose "
+                         "viewer reads)." % (lead, _objects(len(private)), "" if len(classes) == 1 else "es",
+                                             ", ".join(classes)))
+    return sentences
+
+
+def left_off_report(sop_classes):
+    """The job's JSON of the objects left off (their SOP classes, one entry each): how many, which classes,
+    and per class its name (PS3.6, None for a private one), its count and why (``no_directory_record`` or
+    ``private``)."""
+    counts = collections.Counter(sop_classes)
+    return {"objects": len(sop_classes), "sop_classes": sorted(counts),
+            "classes": [{"sop_class_uid": uid, "name": NO_RECORD.get(uid), "objects": counts[uid],
+                         "reason": "no_directory_record" if uid in NO_RECORD else "private"}
+                        for uid in sorted(counts)]}
+
+
+def _objects(count):
+    return "%d object%s" % (count, "" if count == 1 else "s")

@@ -30,7 +30,7 @@ from typing import Callable, Optional
 import pydicom
 
 from .. import __version__, errors, fastcopy, process
-from . import dicomdir
+from . import dicomdir, records
 
 log = logging.getLogger(__name__)
 
@@ -216,12 +216,7 @@ class Readme:
             lines.append("This is disc %d of %d; each disc can be read on its own." % (self.number, self.of))
         lines.append("DICOM media profile: " + self.profile)
         lines.append("Transfer syntaxes: %s." % ", ".join(self.syntaxes))
-        if self.omitted:
-            classes = sorted(set(self.omitted))
-            lines.append("Left off this disc: %d object%s of private SOP class%s %s (a manufacturer's own "
-                         "format, which no general-purpose viewer reads)." % (
-                             len(self.omitted), "" if len(self.omitted) == 1 else "s",
-                             "" if len(classes) == 1 else "es", ", ".join(classes)))
+        lines.extend(records.told(self.omitted))
         lines.append(viewer_sentence(self.viewer_dir))
         lines.append(PRIVACY)
         lines.append("Made by mkiso %s on %s UTC." % (
