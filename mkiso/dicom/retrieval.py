@@ -51,13 +51,11 @@ def verify(study, result, paths, manifest):
     if not paths:
         raise errors.UpstreamFailed("The PACS sent no images for %s." % what, code="incomplete_study")
     files = read_all(paths)
-    answered = identity.of_study(study)
     for received in files:
         if received.study_uid != study.study_uid:
             raise errors.UpstreamFailed(
                 "An image received for %s belongs to another study; the disc was not made." % what,
                 code="wrong_study")
-        identity.check_file(answered, received, what)
     # Sorted references, not a set or a Counter of 50,000 UIDs: a duplicate is next to its twin.
     arrived = sorted(received.sop_uid for received in files)
     twice = _repeated(arrived)
@@ -67,6 +65,10 @@ def verify(study, result, paths, manifest):
             "the disc was not made." % (twice, what), code="unexpected_image")
     if manifest is not None:
         check_manifest(what, manifest, arrived)
+    # After the manifest: an image somebody else sent is told as that, whoever it names.
+    answered = identity.of_study(study)
+    for received in files:
+        identity.check_file(answered, received, what)
     counted = result.completed is not None or result.warning is not None
     if counted and result.delivered != len(paths):
         raise errors.UpstreamFailed(
