@@ -451,6 +451,14 @@ class Jobs:
         else:
             _drop_discs(job)
 
+    def wait_ended(self, timeout):
+        """How many jobs still run after waiting up to ``timeout`` seconds for them to end."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while self._running and deadline > time.monotonic():
+                self._changed.wait(deadline - time.monotonic())
+            return self._running
+
     def discard_all(self):
         """At shutdown: every ready job's files go (they would be leftovers anyway)."""
         with self._changed:

@@ -29,6 +29,7 @@ CACHE = "cache"
 FOLDERS = (INBOX, JOBS, RETRIEVALS, CACHE)
 RECEIVER_PID = "receiver.pid"
 HOUSEKEEPING_EVERY_S = 5
+JOBS_END_S = 5  # at shutdown, for jobs whose tools were killed to write their last lines
 
 
 class Service:
@@ -92,8 +93,8 @@ class Service:
         """Every step of the way out, each one even when another failed (a work dir gone read-only or
         removed under us must not leave children running): a failed step is one warning."""
         self._stopping.set()
-        for step in (self._stop_housekeeping, self.jobs.discard_all, self._stop_syslog, self._stop_receiver,
-                     self._kill_children, self.remove_leftovers):
+        for step in (self._stop_housekeeping, self.jobs.discard_all, self._stop_receiver, self._kill_children,
+                     self._let_jobs_end, self._stop_syslog, self.remove_leftovers):
             try:
                 step()
             except Exception as exc:
@@ -111,6 +112,13 @@ class Service:
     def _stop_receiver(self):
         if self.receiver is not None:
             self.receiver.stop()
+
+    def _let_jobs_end(self):
+        """Their tools killed, the jobs still running end within moments: let them write their audit
+        outcome (a print or download stopped by the shutdown) before the process exits under them."""
+        running = self.jobs.wait_ended(JOBS_END_S)
+        if running:
+            log.warning("%d jobs had not ended %d s after their tools were killed", running, JOBS_END_S)
 
     def _kill_children(self):
         killed = process.kill_all()
