@@ -164,7 +164,8 @@ class HostilePacs:
 
     def answers(self, level, identifier):
         """What a real PACS answers from its files: one answer per entity of ``level`` that matches,
-        with the keys asked for (the counts and ModalitiesInStudy computed)."""
+        with the keys asked for (NumberOfStudyRelatedInstances, ModalitiesInStudy and
+        AvailableTransferSyntaxUID as a PACS computes them)."""
         unique = UNIQUE_KEY[level]
         entities = {}
         for _, header in self.headers():
@@ -179,6 +180,8 @@ class HostilePacs:
                     answer[keyword] = len(headers)
                 elif keyword == "ModalitiesInStudy":
                     answer[keyword] = sorted({text(header.get("Modality")) for header in headers})
+                elif keyword == "AvailableTransferSyntaxUID":  # the syntax the file is stored in
+                    answer[keyword] = text(first.file_meta.get("TransferSyntaxUID"))
                 elif keyword not in answer:
                     answer[keyword] = text(first.get(keyword))
             found.append(answer)
