@@ -43,10 +43,10 @@ import tempfile
 import xml.etree.ElementTree as ElementTree
 
 import pydicom
-import pydicom.charset
 import pydicom.datadict
 
 from .. import errors, process
+from . import identity
 
 log = logging.getLogger(__name__)
 
@@ -111,19 +111,13 @@ def checked_count(value, what, attribute):
 
 
 def checked_charsets(value, what):
-    """The 502 unless the SpecificCharacterSet ``value``'s terms are defined terms (PS3.3 C.12.1.1.2).
+    """The 502 unless each term of the SpecificCharacterSet ``value`` is a defined term (PS3.3 C.12.1.1.2).
 
-    One value: any term pydicom knows.  Several: code extensions, the first
-    possibly empty (the default repertoire) and not one that stands alone
-    (``ISO_IR 192``, ``GB18030``, ``GBK``), the others ``ISO 2022`` terms;
-    pydicom ignores what breaks these rules and decodes by guesswork.
-    findscu and pydicom decode the answer's names with these.
+    pydicom decodes the answer's names with it; an unknown term would be
+    read as something else.  The same terms as a received file's
+    (``identity.defined_charset``: the spellings pydicom mends too).
     """
-    terms = [term.strip(" \0") for term in value.split("\\")] if value.strip(" \0") else []
-    extended = len(terms) > 1
-    if any(term not in pydicom.charset.python_encoding or (extended and (
-            term in pydicom.charset.STAND_ALONE_ENCODINGS if number == 0 else not term.startswith("ISO 2022")))
-           for number, term in enumerate(terms)):
+    if not all(identity.defined_charset(term.strip(" \0")) for term in value.split("\\")):
         raise bad_answer(what, "SpecificCharacterSet", "a defined term of DICOM (PS3.3 C.12.1.1.2)", value)
 
 
