@@ -210,6 +210,7 @@ SCHEMA = {
     "limits": {
         "max_jobs": (int, 4, _positive),
         "max_accessions": (int, 20, _positive),
+        "max_studies_per_accession": (int, 20, _positive),
         "min_free_bytes": (int, 1000000000, _not_negative),
         "allow_multi_patient": (bool, False, None),
         "max_pending_bytes": (int, 20000000000, _positive),

@@ -64,6 +64,8 @@ def test_example_documents_every_key_with_its_default():
     (MINIMAL + "limits: {allow_multi_patient: 'yes please'}\n", "limits.allow_multi_patient must be true or false"),
     (MINIMAL + "limits: {max_jobs: true}\n", "limits.max_jobs must be an integer"),
     (MINIMAL + "limits: {max_jobs: 0}\n", "limits.max_jobs must be greater than 0"),
+    (MINIMAL + "limits: {max_studies_per_accession: 0}\n", "limits.max_studies_per_accession must be greater than 0"),
+    (MINIMAL + "limits: {max_studies_per_accession: many}\n", "limits.max_studies_per_accession must be an integer"),
     (MINIMAL + "timeouts: {find_s: fast}\n", "timeouts.find_s must be a number"),
     (MINIMAL + "iso: {layout: fancy}\n", "iso.layout must be one of: pdi, legacy"),
     (MINIMAL + "iso: {dicomdir: pydicom}\n", "iso.dicomdir must be one of: builtin, dcmmkdir"),

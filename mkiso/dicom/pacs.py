@@ -23,6 +23,15 @@ level, series by series, proposing the compressed syntaxes the manifest
 names for it, or, where the PACS did not say, each one getscu can propose,
 until nothing is missing.  What still is missing fails the retrieval as
 usual (incomplete_study), never a partial disc.
+
+What the PACS says is checked here, where it enters, once (SPEC §3.10):
+a UID names a receiver folder (``STUDY_<uid>``), a getscu file and a tool
+argument, so one that is not a UID never gets past this module; a count is
+an integer or absent; a character set is one pydicom knows; and more
+studies for one accession than ``limits.max_studies_per_accession`` stop
+the request before a manifest or a retrieval is asked for.  What fails is a
+502 ``bad_pacs_answer`` (``too_many_studies``) naming the attribute, never
+the value: it may be hostile, and the message is logged at WARNING.
 """
 
 import logging
@@ -34,8 +43,10 @@ import tempfile
 import xml.etree.ElementTree as ElementTree
 
 import pydicom
+import pydicom.datadict
 
 from .. import errors, process
+from . import identity
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +71,74 @@ FIND_KEYS = ("StudyInstanceUID",) + IDENTITY_KEYS + (
     "NumberOfStudyRelatedInstances",
     "SpecificCharacterSet",
 )
+
+
+# -- what the PACS says, checked where it enters (SPEC §3.10) ------------------
+
+# PS3.5 9.1: components of digits separated by dots, 1 to 64 characters.  Not required: that a
+# component has no leading zero ("1.2.04"): archives that write such UIDs exist and keep them for
+# years, and a leading zero is still a digit, harmless in a folder name or an argument.  Required:
+# nothing but digits and dots, no empty component (so no "..", no leading or trailing dot), at
+# most 64 characters: no real PACS sends anything else, and anything else could be a path.
+UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+UID_MAX = 64
+COUNT = re.compile(r"^[0-9]{1,12}$")  # IS, non-negative, padded with spaces; 12 digits: IS is at most 12 characters
+
+
+def bad_answer(what, attribute, rule, value=""):
+    """The 502 for an answer that fails its check; the value goes to the debug log only."""
+    log.debug("%s: %s refused: %r", what, attribute, value)
+    return errors.UpstreamFailed(
+        "%s: the PACS answered a %s that is not %s; nothing was retrieved." % (what, attribute, rule),
+        code="bad_pacs_answer")
+
+
+def checked_uid(value, what, attribute):
+    """``value`` if it is a UID (see UID), else the 502."""
+    if len(value) > UID_MAX or not UID.match(value):
+        raise bad_answer(what, attribute, "a DICOM UID (1 to 64 digits and dots, PS3.5 9.1)", value)
+    return value
+
+
+def checked_count(value, what, attribute):
+    """An integer count from ``value`` (IS text), None where the PACS gave none; else the 502."""
+    text = value.strip(" \0")
+    if not text:
+        return None
+    if not COUNT.match(text):
+        raise bad_answer(what, attribute, "a count (a non-negative integer)", value)
+    return int(text)
+
+
+def checked_charsets(value, what):
+    """The 502 unless each term of the SpecificCharacterSet ``value`` is a defined term (PS3.3 C.12.1.1.2).
+
+    pydicom decodes the answer's names with it; an unknown term would be
+    read as something else.  The same terms as a received file's
+    (``identity.defined_charset``: the spellings pydicom mends too).
+    """
+    if not all(identity.defined_charset(term.strip(" \0")) for term in value.split("\\")):
+        raise bad_answer(what, "SpecificCharacterSet", "a defined term of DICOM (PS3.3 C.12.1.1.2)", value)
+
+
+def raw_text(answer, keyword):
+    """The element ``keyword`` of a C-FIND answer as the PACS sent it (values joined by a backslash),
+    trailing padding removed; "" where it is absent or empty.
+
+    Read from the undecoded bytes: pydicom's own conversion of an IS or UI
+    value ("abc", "2\\3", "1.5") raises, or guesses, on what a PACS may send.
+    """
+    tag = pydicom.datadict.tag_for_keyword(keyword)
+    if tag not in answer:
+        return ""
+    value = answer.get_item(tag).value
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        return value.decode("ascii", "replace").rstrip(" \0")
+    if not isinstance(value, str):  # converted already: a multi-valued element is a list of values
+        return "\\".join(str(item) for item in value)
+    return value.rstrip(" \0")
 
 
 class Peer:
@@ -133,6 +212,7 @@ class MoveResult:
 SOP_INSTANCE_UID = "0008,0018"
 SERIES_INSTANCE_UID = "0020,000e"  # as dcmtk's XML writes tags: lower-case hex
 TRANSFER_SYNTAX = "0008,3002"  # AvailableTransferSyntaxUID
+MANIFEST_TAGS = (SOP_INSTANCE_UID, SERIES_INSTANCE_UID, TRANSFER_SYNTAX)
 
 # The compressed transfer syntaxes getscu can propose, each with its option, in the order a
 # retry tries them when the PACS did not say what the study holds: images first, then video.
@@ -190,6 +270,7 @@ class Pacs:
         self.dcmtk_dir = config.tools.dcmtk_dir
         self.find_timeout = config.timeouts.find_s
         self.move_timeout = config.timeouts.move_s
+        self.max_studies = config.limits.max_studies_per_accession
         self._told_no_manifest = False
         self._asks_syntaxes = True  # until the PACS refuses a query that asks for them
 
@@ -213,10 +294,21 @@ class Pacs:
         return args
 
     def find_studies(self, accession, scratch_dir):
-        """C-FIND at STUDY level with the accession number as an exact key."""
-        answers = self._find("C-FIND for accession %s" % accession, scratch_dir, "STUDY",
-                             [("AccessionNumber", accession)], FIND_KEYS)
-        return [self._study(accession, answer) for answer in answers]
+        """C-FIND at STUDY level with the accession number as an exact key; the studies, each checked.
+
+        More studies than ``limits.max_studies_per_accession`` are a 502
+        before anything else is asked of the PACS: each would cost an
+        IMAGE-level C-FIND and a retrieval, and one accession is one order.
+        """
+        what = "C-FIND for accession %s" % accession
+        answers = self._find(what, scratch_dir, "STUDY", [("AccessionNumber", accession)], FIND_KEYS)
+        studies = [self._study(accession, answer, what) for answer in answers]
+        count = len({study.study_uid for study in studies})
+        if count > self.max_studies:
+            raise errors.UpstreamFailed(
+                "%s: the PACS answered %d studies, more than limits.max_studies_per_accession (%d); "
+                "nothing was retrieved." % (what, count, self.max_studies), code="too_many_studies")
+        return studies
 
     def series_modalities(self, study_uid, scratch_dir):
         """The study's modalities from a SERIES-level C-FIND: where the PACS leaves ModalitiesInStudy empty."""
@@ -272,24 +364,27 @@ class Pacs:
             if final is None:
                 raise_for_failure(result.output, self.peer, what)
             status = final.group("status")
-            return (read_manifest(answers) if status == "Success" else None), status
+            return (read_manifest(answers, what) if status == "Success" else None), status
 
-    def _study(self, accession, answer):
-        study_uid = str(answer.get("StudyInstanceUID", "") or "")
+    def _study(self, accession, answer, what):
+        """A Study from one STUDY-level answer, its UID, count and character set checked first."""
+        checked_charsets(raw_text(answer, "SpecificCharacterSet"), what)
+        study_uid = checked_uid(raw_text(answer, "StudyInstanceUID"), what, "StudyInstanceUID")
+        instances = checked_count(raw_text(answer, "NumberOfStudyRelatedInstances"), what,
+                                  "NumberOfStudyRelatedInstances")
         found = str(answer.get("AccessionNumber", "") or "")
-        if not study_uid or found != accession:
+        if found != accession:
             raise errors.UpstreamFailed(
                 "C-FIND for accession %s: the PACS answered with a study that does not match it." % accession,
                 code="pacs_failed",
             )
-        instances = answer.get("NumberOfStudyRelatedInstances")
         return Study(
             accession=accession,
             study_uid=study_uid,
             patient_id=str(answer.get("PatientID", "") or ""),
             patient_name=str(answer.get("PatientName", "") or ""),
             study_date=str(answer.get("StudyDate", "") or ""),
-            instances=int(instances) if instances not in (None, "") else None,
+            instances=instances,
             description=str(answer.get("StudyDescription", "") or ""),
             modalities=_values(answer.get("ModalitiesInStudy")),
             identity={key: str(answer.get(key, "") or "") for key in IDENTITY_KEYS},
@@ -421,8 +516,16 @@ def _values(value):
     return [str(item) for item in value]
 
 
-def read_manifest(path):
-    """The Manifest in findscu's single XML file of answers (-Xs)."""
+def read_manifest(path, what="IMAGE-level C-FIND"):
+    """The Manifest in findscu's single XML file of answers (-Xs), every UID in it checked.
+
+    A SOP Instance UID names a getscu file and goes into C-GET requests,
+    a Series Instance UID too: each must be a UID (``checked_uid``).  An
+    answer without a SeriesInstanceUID or AvailableTransferSyntaxUID is
+    taken as it was (the PACS did not say); one without a SOPInstanceUID
+    is refused: it lists nothing.  Of several AvailableTransferSyntaxUIDs the
+    first is taken, as before; all are checked.
+    """
     manifest = Manifest()
     values = {}
     parents = []  # the elements open around the one that ends
@@ -432,13 +535,17 @@ def read_manifest(path):
             continue
         parents.pop()
         tag = (element.get("tag") or "").lower()
-        if element.tag == "element" and tag in (SOP_INSTANCE_UID, SERIES_INSTANCE_UID, TRANSFER_SYNTAX):
-            values[tag] = (element.text or "").strip().split("\\")[0]
+        if element.tag == "element" and tag in MANIFEST_TAGS:
+            values[tag] = (element.text or "").strip(" \t\r\n\0")
         elif element.tag == "data-set":
-            uid = values.get(SOP_INSTANCE_UID, "")
-            manifest[uid] = sys.intern(values.get(SERIES_INSTANCE_UID, ""))  # one string for a series' images
-            if values.get(TRANSFER_SYNTAX):
-                manifest.syntaxes[uid] = sys.intern(values[TRANSFER_SYNTAX])
+            uid = checked_uid(values.get(SOP_INSTANCE_UID, ""), what, "SOPInstanceUID")
+            series = values.get(SERIES_INSTANCE_UID, "")
+            # one string for a series' images
+            manifest[uid] = sys.intern(series and checked_uid(series, what, "SeriesInstanceUID"))
+            if values.get(TRANSFER_SYNTAX):  # 1-n: the first is the one it is stored in
+                syntaxes = [checked_uid(syntax, what, "AvailableTransferSyntaxUID")
+                            for syntax in values[TRANSFER_SYNTAX].split("\\")]
+                manifest.syntaxes[uid] = sys.intern(syntaxes[0])
             values = {}
             if parents:  # gone once read: 50,000 answers kept as a tree would outweigh the manifest
                 parents[-1].remove(element)
