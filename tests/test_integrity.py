@@ -222,18 +222,6 @@ def test_pacs_refusing_image_level_queries_falls_back_to_the_counts(
 
 # -- the receiver's life -------------------------------------------------------
 
-def test_receiver_killed_while_idle_is_restarted(service, app, wsgi_call, archive, tmp_path):
-    old_pid = service.receiver.pid
-    os.kill(old_pid, 9)
-    assert wait_for(lambda: service.receiver.restarts and service.receiver.running, 15)
-    assert service.receiver.restarts == 1 and service.receiver.pid != old_pid
-    assert service.receiver.wait_ready()
-    health = wsgi_call(app, "/api/health").json()
-    assert health["checks"]["receiver"]["ok"] and "restarts: 1" in health["checks"]["receiver"]["detail"]
-    _, disc, _ = download(wsgi_call, app, "/api/iso/download", tmp_path, "accession_number=ACC2001")
-    check_pdi(disc, archive.sop_uids("ACC2001"))
-
-
 def test_receiver_down_shows_in_health(service, app, wsgi_call):
     service.receiver.stop()
     body = wsgi_call(app, "/api/health").json()

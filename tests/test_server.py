@@ -12,11 +12,22 @@ import pytest
 
 from mkiso import demo
 from conftest import DCMTK_DIR, write_config
+from test_receiver import begin_association
 
 
 def children_of(pid):
     result = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
     return [int(line) for line in result.stdout.split()]
+
+
+def association_children(proc, port):
+    """Begin an association on the receiver's port; (its connection, the server's children once the
+    storescp serving it runs)."""
+    sock = begin_association(port)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not children_of(proc.pid):
+        time.sleep(0.05)
+    return sock, children_of(proc.pid)
 
 
 def start_server(path, port):
@@ -68,8 +79,8 @@ def test_serves_health_and_exits_0_on_sigterm(server_process):
         body = json.load(answer)
         assert answer.headers["X-Request-ID"]
     assert body["status"] == "ok", body
-    receiver_pids = children_of(proc.pid)
-    assert receiver_pids, "the receiver should run as a child"
+    held, receiver_pids = association_children(proc, settings["receiver"]["port"])
+    assert receiver_pids, "an association's storescp should run as a child"
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, output.decode()
@@ -78,6 +89,7 @@ def test_serves_health_and_exits_0_on_sigterm(server_process):
     time.sleep(0.2)
     for pid in receiver_pids:
         assert not os.path.exists("/proc/%d" % pid), "child %d outlived the server" % pid
+    held.close()
     assert os.listdir(settings["paths"]["work_dir"]) == []
 
 
@@ -90,11 +102,13 @@ def test_sigint_also_stops_cleanly(server_process):
 
 def test_sigkill_leaves_no_child_and_a_restart_gets_the_receiver_port(server_process):
     proc, base, settings, restart = server_process
-    children = children_of(proc.pid)
-    assert children and health(base)["checks"]["receiver"]["ok"]
+    assert health(base)["checks"]["receiver"]["ok"]
+    held, children = association_children(proc, settings["receiver"]["port"])
+    assert children, "an association's storescp should run as a child"
     proc.kill()
     proc.wait()
     assert gone(children), "a child outlived the SIGKILLed server (no parent-death signal)"
+    held.close()
     restart()
     check = health(base)["checks"]["receiver"]
     assert check["ok"] is True, check

@@ -126,11 +126,11 @@ class Health:
         if receiver.listening:
             return Check(
                 True,
-                "storescp pid %d listening on port %d as %s (restarts: %d)"
-                % (receiver.pid, receiver.port, receiver.ae_title, receiver.restarts),
+                "listening on port %d as %s, %d of %d associations running (restarts: %d)"
+                % (receiver.port, receiver.ae_title, receiver.associations, receiver.max_associations,
+                   receiver.restarts),
             )
-        state = "not listening" if receiver.running else "not running"
-        detail = "storescp is %s (restarts: %d)" % (state, receiver.restarts)
+        detail = "not listening on port %d (restarts: %d)" % (receiver.port, receiver.restarts)
         if receiver.last_error:
             detail += "; last error: " + receiver.last_error
         return Check(False, detail)
