@@ -2,7 +2,6 @@
 patient in its database but still sends the old files, against a real dcmqrscp, receiver and publisher."""
 
 import glob
-import io
 import json
 import os
 import subprocess
@@ -16,6 +15,7 @@ from mkiso.disc import dicomdir, tree
 from mkiso.http import application
 from conftest import DCMTK_DIR
 from discs import check_pdi, download
+from hostile_pacs import HostilePacs
 from test_every_kind import dcentvfy_findings, dciodvfy_findings
 
 
@@ -101,9 +101,7 @@ def test_files_of_two_issuers_get_two_patient_records(tmp_path, monkeypatch, sca
     assert {image.issuer for image in files} == {"HOSP-A", "HOSP-B"}
     placed = tree.pdi_paths(files)
     assert {path.split("/")[1] for _, path in placed} == {"PAT00001", "PAT00002"}
-    patients = [pydicom.dcmread(io.BytesIO(record), force=True)
-                for level, record in dicomdir.records(list(placed)) if level == 0]
-    assert sorted(str(record.IssuerOfPatientID) for record in patients) == ["HOSP-A", "HOSP-B"]
+    assert sum(level == 0 for level, _ in dicomdir.records(list(placed))) == 2
 
 
 @pytest.mark.parametrize("scan", ["c", "pydicom"])
@@ -257,3 +255,47 @@ def test_a_consistent_disc_of_the_identity_pacs_passes_dcentvfy(identity_app, ws
     check_pdi(disc, identity_pacs.alpha.sop_uids)
     paths = [os.path.join(disc.root, path) for path in disc.files if path.startswith("DICOM" + os.sep)]
     assert dcentvfy_findings(paths) == []
+
+
+# -- a PACS that answers IssuerOfPatientID (dcmqrscp does not) ---------------------------
+
+
+@pytest.fixture
+def issuer_pacs(tmp_path, receiver_port, settings):
+    """The scripted PACS answering from files of one Patient ID, name and birth date under two issuers
+    (accessions ACC-ISS-A, ACC-ISS-B)."""
+    made = [write_files(tmp_path, "PID-77", "ALPHA^ANNA", folder, issuer=issuer)[0]
+            for folder, issuer in (("ISS-A", "HOSP-A"), ("ISS-B", "HOSP-B"))]
+    scripted = HostilePacs(glob.glob(str(tmp_path / "ISS-*" / "*.dcm")), {"CDRECORD": receiver_port},
+                           dcmtk_dir=DCMTK_DIR)
+    scripted.start(demo.free_port())
+    settings["pacs"]["port"] = scripted.port
+    yield scripted, made
+    scripted.stop()
+
+
+def test_two_issuers_of_one_patient_id_are_two_patients_from_a_pacs_that_says_so(
+        issuer_pacs, make_service, wsgi_call):
+    scripted, _ = issuer_pacs
+    service = make_service()
+    response = wsgi_call(application.Application(service.config, service), "/api/iso/download-multiple",
+                         query="accession_numbers=ACC-ISS-A,ACC-ISS-B")
+    assert response.status == 409, response.body[:300]
+    assert "share a Patient ID" in response.json()["error"]
+    assert not [request for request in scripted.requests if request[0] == "C-MOVE"]
+
+
+def test_two_issuers_allowed_on_one_disc_get_a_patient_record_each(issuer_pacs, make_service, wsgi_call,
+                                                                   tmp_path):
+    _, made = issuer_pacs
+    service = make_service(limits={"allow_multi_patient": True})
+    _, disc, _ = download(wsgi_call, application.Application(service.config, service), "/api/iso/download-multiple",
+                          tmp_path, "accession_numbers=ACC-ISS-A,ACC-ISS-B")
+    found = check_pdi(disc, {uid for sample in made for uid in sample.sop_uids})
+    patients = [record for record in found.DirectoryRecordSequence if record.DirectoryRecordType == "PATIENT"]
+    assert len(patients) == 2  # one each: the images of HOSP-A's patient under one, HOSP-B's under the other
+    issuers = [{str(pydicom.dcmread(path, stop_before_pixels=True).IssuerOfPatientID)
+                for path in glob.glob(os.path.join(disc.root, "DICOM", folder, "*", "*", "*"))}
+               for folder in ("PAT00001", "PAT00002")]
+    assert sorted(sorted(found) for found in issuers) == [["HOSP-A"], ["HOSP-B"]]
+    assert dciodvfy_findings(os.path.join(disc.root, "DICOMDIR")) == []

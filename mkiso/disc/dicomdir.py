@@ -76,8 +76,6 @@ def patient_record(image):
     record = _record("PATIENT", image.charset)
     record.PatientName = image.patient_name
     record.PatientID = image.patient_id
-    if image.issuer:  # two patients may share an ID: whose ID it is tells their records apart
-        record.IssuerOfPatientID = image.issuer
     return record
 
 
