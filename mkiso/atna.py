@@ -49,6 +49,18 @@ EVENTS = {  # action -> EventID (DCM)
 }
 
 
+# DICOM CID 405, Media Type: what a download was made for.
+USB, CD, DVD = ("110030", "USB Disk Emulation"), ("110032", "CD"), ("110033", "DVD")
+
+
+def media_type(export):
+    """A ZIP is for a USB stick; an ISO for a CD with ``iso.media: cd``, else for a DVD (CID 405 has
+    no Blu-ray: "DVD and other DVD formatted media" is the nearest)."""
+    if export.format == "zip":
+        return USB
+    return CD if export.media == "cd" else DVD
+
+
 def _code(parent, tag, code, system, text):
     return ET.SubElement(parent, tag, {"csd-code": code, "codeSystemName": system, "originalText": text})
 
@@ -76,7 +88,8 @@ def audit_message(entry, export, source_id):
         media = ET.SubElement(root, "ActiveParticipant", {
             "UserID": entry["request_id"], "UserIsRequestor": "false"})
         _code(media, "RoleIDCode", "110154", "DCM", "Destination Media")
-        _code(ET.SubElement(media, "MediaIdentifier"), "MediaType", "110033", "DCM", "DVD")
+        media_code, media_name = media_type(export)
+        _code(ET.SubElement(media, "MediaIdentifier"), "MediaType", media_code, "DCM", media_name)
     else:
         destination = ET.SubElement(root, "ActiveParticipant", {
             "UserID": export.destination, "UserIsRequestor": "false"})

@@ -62,6 +62,8 @@ class Export:
     images: int = 0
     bytes: int = 0
     destination: str = ""  # print: the publisher
+    format: str = None  # a download's: iso | zip (SPEC §13); None for a print or a lookup
+    media: str = "dvd"  # iso.media: which medium an ISO is for (the ATNA message's media type)
     complete: bool = True  # false: the client left before it had the whole answer
     deferred: bool = False  # the outcome is written when the answer ends (web), not when the job is done
     begun: bool = False  # its "begun" line is written: what leaves from now on is on record
@@ -89,6 +91,7 @@ class Export:
             "code": code,
             "duration_ms": int((time.monotonic() - self.started) * 1000),
             "stage": stage,
+            "format": self.format,
         }
 
 

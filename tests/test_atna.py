@@ -29,10 +29,11 @@ STUDIES = [
 DESTINATIONS = {"download": "", "print": "RIMAGE@10.0.0.5:104", "query": "ABPACS@10.0.0.9:104"}
 
 
-def event(action="download", status=200, code=None, caller="his", studies=STUDIES):
-    """(entry, export) of one audit event, as the audit trail hands them to the sender."""
+def event(action="download", status=200, code=None, caller="his", studies=STUDIES, **medium):
+    """(entry, export) of one audit event, as the audit trail hands them to the sender; ``medium``: a
+    download's format and iso.media."""
     export = audit.Export(action, "req-7", "10.1.2.3", caller=caller, time=WHEN,
-                          destination=DESTINATIONS[action], studies=list(studies))
+                          destination=DESTINATIONS[action], studies=list(studies), **medium)
     export.accessions = [study.accession for study in studies]
     return export.entry(status, code), export
 
@@ -95,11 +96,18 @@ def test_each_action_is_its_dicom_event(action, event_id, name, action_code, des
     assert root.find("AuditSourceIdentification").get("AuditSourceID") == "CDRECORD"
 
 
-def test_a_download_names_its_medium_and_a_transfer_its_destination():
-    medium = participants(parse(*event("download")), "false")[1]
-    assert medium.get("UserID") == "req-7"
-    media_type = medium.find("MediaIdentifier/MediaType")
-    assert (media_type.get("csd-code"), media_type.get("originalText")) == ("110033", "DVD")
+@pytest.mark.parametrize("medium, media_type", [
+    ({"format": "iso", "media": "dvd"}, ("110033", "DVD")),
+    ({"format": "iso", "media": "cd"}, ("110032", "CD")),
+    ({"format": "iso", "media": "bd"}, ("110033", "DVD")),  # CID 405 has no Blu-ray: DVD-formatted media
+    ({"format": "zip", "media": "cd"}, ("110030", "USB Disk Emulation")),  # a ZIP is for a USB stick
+])
+def test_a_download_names_its_medium_and_a_transfer_its_destination(medium, media_type):
+    """The media type from DICOM CID 405: what the download was made for."""
+    destination = participants(parse(*event("download", **medium)), "false")[1]
+    assert destination.get("UserID") == "req-7"
+    found = destination.find("MediaIdentifier/MediaType")
+    assert (found.get("csd-code"), found.get("originalText")) == media_type
     for action in ("print", "query"):
         destination = participants(parse(*event(action)), "false")[1]
         assert destination.get("UserID") == DESTINATIONS[action]

@@ -24,7 +24,7 @@ from test_server import start_server
 
 KEYS = {"his": "his-key-0123456789", "desk-1": "desk-key-0123456789"}
 LINE_KEYS = {"time", "request_id", "client", "caller", "action", "accessions", "study_uids", "patient_ids",
-             "images", "bytes", "complete", "status", "code", "duration_ms", "stage"}
+             "images", "bytes", "complete", "status", "code", "duration_ms", "stage", "format"}
 
 
 def audit_lines(service):
@@ -64,6 +64,7 @@ def test_a_download_is_a_begun_line_then_its_outcome_naming_the_patient_the_call
     assert line["images"] == len(archive.sop_uids("MR.180505.026", "ACC1002"))
     assert line["bytes"] == len(response.body)
     assert (line["status"], line["code"]) == (200, None) and line["duration_ms"] >= 0
+    assert begun["format"] == line["format"] == "iso"
     assert stat.S_IMODE(os.stat(service.config.audit.path).st_mode) == 0o600
     assert "PAT-1001" not in caplog.text and "Müller" not in caplog.text  # identifiers only in the trail
 
@@ -134,6 +135,7 @@ def test_a_print_is_a_begun_line_then_its_outcome(make_service, wsgi_call, archi
     [begun, line] = audit_lines(service)
     assert (begun["stage"], begun["status"], begun["action"], begun["images"]) == ("begun", None, "print", 4)
     assert (line["action"], line["status"], line["patient_ids"]) == ("print", 200, ["PAT-2001"])
+    assert line["format"] is None  # a print goes over DICOM, in no file format
     assert line["images"] == len(archive.sop_uids("ACC2001"))
 
 

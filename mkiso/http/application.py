@@ -340,7 +340,8 @@ class Application:
         """The audit record of what the request hands out."""
         return audit.Export(action, request.request_id,
                             audit.client_address(request.environ, self.config.server.trusted_proxies),
-                            request.caller, accessions=wanted)
+                            request.caller, accessions=wanted, format="iso" if action == "download" else None,
+                            media=self.config.iso.media)
 
     # -- jobs (SPEC §9) --------------------------------------------------------
 
