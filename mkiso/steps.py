@@ -126,7 +126,9 @@ class Steps:
         try:
             for study in studies:
                 held.append(self._retrieve(job, study, listed[study.study_uid]))
-            yield [received for retrieval in held for received in retrieval.files]
+            files = [received for retrieval in held for received in retrieval.files]
+            identity.check_files_one_patient(files, studies, self.config.limits.allow_multi_patient)
+            yield files
         finally:
             for retrieval in held:
                 self.retrievals.release(retrieval)
@@ -348,10 +350,21 @@ class Steps:
 
     def patient_name(self, studies):
         """The name a multi-study disc is called by: the patient API's, else the PACS'; None for a disc
-        of several patients (``limits.allow_multi_patient``): no one patient's name fits it."""
+        of several patients (``limits.allow_multi_patient``): no one patient's name fits it.
+
+        The API's name only where it names the person the disc holds (accents, case and order aside):
+        a file called after another patient than its DICOMDIR is the wrong disc in a clerk's hand.
+        """
         if len({identity.of_study(study) for study in studies}) > 1:
             return None
-        return self.patient_api.name(studies[0].accession) or studies[0].patient_name
+        pacs_name = studies[0].patient_name
+        api_name = self.patient_api.name(studies[0].accession)
+        if api_name and not identity.same_person_name(api_name, pacs_name):
+            log.warning("the patient API names another person than the PACS for accession %s (%d and %d "
+                        "characters); the file is named after the PACS' name", studies[0].accession,
+                        len(api_name), len(pacs_name))
+            return pacs_name
+        return api_name or pacs_name
 
     # -- print ------------------------------------------------------------
 

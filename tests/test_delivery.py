@@ -63,7 +63,7 @@ def test_a_name_of_invisible_characters_only_falls_back_to_the_accession(invisib
 def test_a_download_named_by_the_patient_api_carries_no_override(make_service, wsgi_call):
     """The name comes from outside (the patient API here, the PACS otherwise) as the HIS typed it."""
     from test_patients import PatientApiServer
-    server = PatientApiServer([(200, json.dumps({"patient": {"name": "Smith\u202egnp^Jane\u200b"}}), 0)])
+    server = PatientApiServer([(200, json.dumps({"patient": {"name": "Müller\u202e-Lüdenscheid^Jürgen\u200b"}}), 0)])
     try:
         service = make_service(patient_api={"url": server.url, "name_field": "patient.name"})
         response = wsgi_call(application.Application(service.config, service), "/api/iso/download-multiple",
@@ -72,4 +72,5 @@ def test_a_download_named_by_the_patient_api_carries_no_override(make_service, w
         server.close()
     assert response.status == 200, response.body
     assert response.header("Content-Disposition") == \
-        "attachment; filename=\"SMITHGNP_JANE.iso\"; filename*=UTF-8''Smithgnp_Jane.iso"
+        "attachment; filename=\"MULLER-LUDENSCHEID_JURGEN.iso\"; " \
+        "filename*=UTF-8''M%C3%BCller-L%C3%BCdenscheid_J%C3%BCrgen.iso"

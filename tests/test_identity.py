@@ -4,6 +4,7 @@ patient in its database but still sends the old files, against a real dcmqrscp, 
 import glob
 import json
 import os
+import pathlib
 import subprocess
 
 import pydicom
@@ -299,3 +300,103 @@ def test_two_issuers_allowed_on_one_disc_get_a_patient_record_each(issuer_pacs, 
                for folder in ("PAT00001", "PAT00002")]
     assert sorted(sorted(found) for found in issuers) == [["HOSP-A"], ["HOSP-B"]]
     assert dciodvfy_findings(os.path.join(disc.root, "DICOMDIR")) == []
+
+
+# -- what the C-FIND answers leave out, the files still tell ---------------------------------
+
+
+def scripted_pacs(tmp_path, receiver_port, settings, folders):
+    """The scripted PACS answering from the files written into ``folders`` of ``tmp_path``."""
+    scripted = HostilePacs([path for folder in folders for path in glob.glob(str(tmp_path / folder / "*.dcm"))],
+                           {"CDRECORD": receiver_port}, dcmtk_dir=DCMTK_DIR)
+    scripted.start(demo.free_port())
+    settings["pacs"]["port"] = scripted.port
+    return scripted
+
+
+@pytest.fixture
+def blank_name_pacs(tmp_path, receiver_port, settings):
+    """PID-77 as ALPHA^ANNA (ACC-A) and BETA^BERT (ACC-B), the STUDY-level answers without a name."""
+    write_files(tmp_path, "PID-77", "ALPHA^ANNA", "A")
+    write_files(tmp_path, "PID-77", "BETA^BERT", "B")
+    scripted = scripted_pacs(tmp_path, receiver_port, settings, ("A", "B"))
+    scripted.alter("STUDY", PatientName="")
+    yield scripted
+    scripted.stop()
+
+
+def test_an_answer_without_the_name_still_keeps_two_patients_apart(blank_name_pacs, make_service, wsgi_call,
+                                                                   publisher_scp):
+    """The answers compared nothing on the name: the files' two patients made one disc, and one print
+    of two associations, before the files were held to one patient too."""
+    service = make_service(publisher={"host": "127.0.0.1", "port": publisher_scp.port, "ae_title": "RIMAGE"})
+    app = application.Application(service.config, service)
+    for path, query in (("/api/iso/download-multiple", "accession_numbers=ACC-A,ACC-B"),
+                        ("/api/iso/print", "accession_number=ACC-A,ACC-B")):
+        response = wsgi_call(app, path, query=query)
+        assert response.status == 409, (path, response.body[:300])
+        assert "2 different patients" in response.json()["error"]
+    assert os.listdir(publisher_scp.folder) == []
+
+
+@pytest.fixture
+def issuers_dcmqrscp(tmp_path, receiver_port, settings):
+    """A real dcmqrscp (its answers never carry IssuerOfPatientID) holding PID-77 ALPHA^ANNA twice, the
+    files of one from HOSP-A, of the other from HOSP-B."""
+    pacs_ = demo.Dcmqrscp(str(tmp_path / "pacs"), demo.free_port(), {"CDRECORD": receiver_port},
+                          dcmtk_dir=DCMTK_DIR)
+    studies = [demo.SampleStudy("PID-77", "ALPHA^ANNA", accession, series=(2,)) for accession in ("ISA01", "ISB01")]
+    pacs_.add_studies(studies)
+    for sample, issuer in zip(studies, ("HOSP-A", "HOSP-B"), strict=True):
+        for path in glob.glob(os.path.join(pacs_.storage, sample.study_uid, "*.dcm")):
+            ds = pydicom.dcmread(path)
+            ds.IssuerOfPatientID = issuer
+            ds.save_as(path)
+    pacs_.start()
+    settings["pacs"]["port"] = pacs_.port
+    yield pacs_
+    pacs_.stop()
+
+
+def test_two_issuers_behind_a_pacs_that_never_answers_issuers_are_two_patients(issuers_dcmqrscp, make_service,
+                                                                                 wsgi_call):
+    service = make_service()
+    response = wsgi_call(application.Application(service.config, service), "/api/iso/download-multiple",
+                         query="accession_numbers=ISA01,ISB01")
+    assert response.status == 409, response.body[:300]
+
+
+@pytest.fixture
+def lossy_pacs(tmp_path, receiver_port, settings):
+    """MÜLLER (ACC-A) and MÄLLER (ACC-B), PID-77, in Latin-1 bytes labelled UTF-8, in the files and in the
+    answers: both decode to M\\ufffdLLER."""
+    raw = {"ACC-A": b"M\xdcLLER^ANNA", "ACC-B": b"M\xc4LLER^ANNA"}
+    for accession, name in raw.items():
+        _, paths = write_files(tmp_path, "PID-77", "MXLLER^ANNA", accession[-1], charset="ISO_IR 192")
+        for path in paths:
+            data = pathlib.Path(path).read_bytes()
+            pathlib.Path(path).write_bytes(data.replace(b"MXLLER^ANNA", name))
+    scripted = scripted_pacs(tmp_path, receiver_port, settings, ("A", "B"))
+    answers = scripted.answers
+
+    def find(level, identifier):
+        found = answers(level, identifier)
+        for answer in found if level == "STUDY" else ():
+            answer["PatientName"] = raw[answer["AccessionNumber"]]
+        return found
+    scripted.find = find
+    yield scripted
+    scripted.stop()
+
+
+def test_names_that_are_no_text_in_their_character_set_are_refused(lossy_pacs, make_service, wsgi_call):
+    """Read with replacement characters, the two names were one (a disc of both, one PATIENT record):
+    a name that does not decode is refused where it enters, in the answer and in a file."""
+    service = make_service()
+    app = application.Application(service.config, service)
+    response = wsgi_call(app, "/api/iso/download-multiple", query="accession_numbers=ACC-A,ACC-B")
+    assert (response.status, response.json()["code"]) == (502, "bad_pacs_answer"), response.body[:300]
+    assert "PatientName" in response.json()["error"]
+    lossy_pacs.alter("STUDY", PatientName="")  # no name in the answer at all: the files are refused
+    response = wsgi_call(app, "/api/iso/download", query="accession_number=ACC-A")
+    assert (response.status, response.json()["code"]) == (502, "bad_image"), response.body[:300]

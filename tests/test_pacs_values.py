@@ -146,6 +146,7 @@ def test_a_study_uid_that_is_a_path_removes_nothing(server, hostile, studies, tm
     # UIDs, from the STUDY answers and from the IMAGE-level manifest
     ("STUDY", "StudyInstanceUID", b"1.2.3/../../x"),
     ("STUDY", "StudyInstanceUID", b"1.2..3"),
+    ("STUDY", "StudyInstanceUID", b"1.2.3\n"),  # a regular expression's $ takes a trailing newline
     ("STUDY", "StudyInstanceUID", b"1." + b"2" * 64),
     ("STUDY", "StudyInstanceUID", b""),
     ("IMAGE", "SOPInstanceUID", b"1.2.3/../../x"),
@@ -157,6 +158,7 @@ def test_a_study_uid_that_is_a_path_removes_nothing(server, hostile, studies, tm
     ("STUDY", "NumberOfStudyRelatedInstances", b"1.5"),
     ("STUDY", "NumberOfStudyRelatedInstances", b"-1"),
     ("STUDY", "NumberOfStudyRelatedInstances", b"1e3"),
+    ("STUDY", "NumberOfStudyRelatedInstances", b"3\n"),
     # the character set the answer's names are decoded with
     ("STUDY", "SpecificCharacterSet", b"ISO_IR 999"),
     ("STUDY", "SpecificCharacterSet", b"UTF-8"),

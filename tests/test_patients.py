@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from mkiso import patients
+from mkiso.dicom import identity
 from mkiso.http import application
 from mkiso.patients import PatientApi
 
@@ -132,6 +133,26 @@ def test_api_down_falls_back(make_service, wsgi_call):
     from mkiso import demo
     response = multi_download(make_service, wsgi_call, "http://127.0.0.1:%d/p/{accession}" % demo.free_port())
     assert response.header("Content-Disposition") == PACS_NAME
+
+
+def test_an_api_naming_another_person_is_not_believed(make_service, wsgi_call, api_server, caplog):
+    """The file would be called after another patient than the disc's DICOMDIR: the PACS' name then."""
+    server = api_server((200, json.dumps({"patient": {"name": "OTHER^OLGA"}}), 0))
+    response = multi_download(make_service, wsgi_call, server.url)
+    assert response.header("Content-Disposition") == PACS_NAME
+    assert "names another person than the PACS" in caplog.text and "OLGA" not in caplog.text
+
+
+@pytest.mark.parametrize("api_name, pacs_name, same", [
+    ("Mueller-Lüdenscheid^Jürgen", "Müller^Jürgen", True),  # the HIS's fuller name, spelled out
+    ("Müller, Jürgen", "MÜLLER^JÜRGEN", True),
+    ("Jane Doe", "DOE^JANE", True),
+    ("Doe^John", "DOE^JANE", False),  # another given name
+    ("OTHER^OLGA", "DOE^JANE", False),
+    ("DOE^JANE", "", False),  # nothing to compare with: not believed
+])
+def test_which_api_names_stand_for_the_pacs_name(api_name, pacs_name, same):
+    assert identity.same_person_name(api_name, pacs_name) is same
 
 
 def test_api_off_uses_the_pacs_name(make_service, wsgi_call):

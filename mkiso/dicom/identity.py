@@ -7,7 +7,9 @@ studies count as one patient only when all they say of the patient agrees:
 PatientID, IssuerOfPatientID, name, birth date and sex.  The check before a
 disc (one patient, or ``limits.allow_multi_patient``), the disc's PATIENT
 records and the print's one association per patient all group by that
-``Patient``.
+``Patient``.  The check runs on the C-FIND answers (before anything is
+retrieved) and again on the received files: an answer that leaves an
+attribute out compares nothing there, the files still tell.
 
 A file must also say what the PACS says: a PACS that corrected a name in
 its database may still send files with the old one, and a disc whose
@@ -21,6 +23,7 @@ insignificant.
 import dataclasses
 import functools
 import re
+import unicodedata
 
 import pydicom.charset
 
@@ -79,6 +82,30 @@ def significant(keyword, value):
     return _trimmed(groups, "=")
 
 
+def same_person_name(api_name, pacs_name):
+    """Whether the patient API's name can stand for the PACS' ``pacs_name`` on a file name: it holds
+    every word of the family name and, where there is one, a word of the given name, accents, case,
+    order and separators aside (``Müller`` is ``MULLER`` and ``MUELLER``).  So the HIS's fuller
+    "Mueller-Lüdenscheid, Jürgen" stands for ``MÜLLER^JÜRGEN``; another patient's name does not."""
+    have = {variant for word in _words(api_name) for variant in word}
+    components = (pacs_name or "").split("=")[0].split("^")
+    family, given = _words(components[0]), _words(" ".join(components[1:2]))
+    return (bool(family) and all(have & word for word in family)
+            and (not given or any(have & word for word in given)))
+
+
+_SPELLED_OUT = str.maketrans({"Ä": "AE", "Ö": "OE", "Ü": "UE", "ß": "SS"})
+
+
+def _words(text):
+    """Each word of ``text`` as the set of its folded spellings: accents dropped, or spelled out."""
+    words = []
+    for word in re.findall(r"\w+", (text or "").upper()):
+        plain = "".join(c for c in unicodedata.normalize("NFKD", word) if not unicodedata.combining(c))
+        words.append({plain, unicodedata.normalize("NFC", word).translate(_SPELLED_OUT)})
+    return words
+
+
 def _trimmed(parts, separator):
     while parts and not parts[-1]:
         parts.pop()
@@ -112,6 +139,21 @@ def check_one_patient(studies, allowed):
         raise errors.Conflict(
             "The accession numbers %s belong to %d different patients%s; one disc holds one patient."
             % (", ".join(sorted({study.accession for study in studies})), len(patients), shared))
+
+
+def check_files_one_patient(files, studies, allowed):
+    """409 when the received files name more than one patient (unless ``allowed``), whatever the C-FIND
+    answers said: a PACS that left a value out of them (dcmqrscp never answers IssuerOfPatientID; a
+    blank PatientName) compared nothing there, and two patients' files would share a disc, its PATIENT
+    record or a print's association."""
+    if allowed:
+        return
+    patients = {received.patient for received in files}
+    if len(patients) > 1:
+        raise errors.Conflict(
+            "The images of accession numbers %s name %d different patients (the PACS' answers did not say "
+            "so: they left the attribute that tells them apart out); one disc holds one patient."
+            % (", ".join(sorted({study.accession for study in studies})), len(patients)))
 
 
 # PS3.3 C.12.1.1.2's defined terms, as pydicom knows them ('' is the default repertoire).

@@ -95,7 +95,7 @@ def bad_answer(what, attribute, rule, value=""):
 
 def checked_uid(value, what, attribute):
     """``value`` if it is a UID (see UID), else the 502."""
-    if len(value) > UID_MAX or not UID.match(value):
+    if len(value) > UID_MAX or not UID.fullmatch(value):  # not match: its $ takes a trailing newline
         raise bad_answer(what, attribute, "a DICOM UID (1 to 64 digits and dots, PS3.5 9.1)", value)
     return value
 
@@ -105,7 +105,7 @@ def checked_count(value, what, attribute):
     text = value.strip(" \0")
     if not text:
         return None
-    if not COUNT.match(text):
+    if not COUNT.fullmatch(text):
         raise bad_answer(what, attribute, "a count (a non-negative integer)", value)
     return int(text)
 
@@ -372,6 +372,10 @@ class Pacs:
         study_uid = checked_uid(raw_text(answer, "StudyInstanceUID"), what, "StudyInstanceUID")
         instances = checked_count(raw_text(answer, "NumberOfStudyRelatedInstances"), what,
                                   "NumberOfStudyRelatedInstances")
+        said = {key: str(answer.get(key, "") or "") for key in IDENTITY_KEYS}
+        for key, _ in identity.PATIENT_ATTRIBUTES:  # decoded with replacement characters, two names could
+            if "\ufffd" in said[key]:  # read as one
+                raise bad_answer(what, key, "text in its SpecificCharacterSet", said[key])
         found = str(answer.get("AccessionNumber", "") or "")
         if found != accession:
             raise errors.UpstreamFailed(
@@ -381,13 +385,13 @@ class Pacs:
         return Study(
             accession=accession,
             study_uid=study_uid,
-            patient_id=str(answer.get("PatientID", "") or ""),
-            patient_name=str(answer.get("PatientName", "") or ""),
+            patient_id=said["PatientID"],
+            patient_name=said["PatientName"],
             study_date=str(answer.get("StudyDate", "") or ""),
             instances=instances,
             description=str(answer.get("StudyDescription", "") or ""),
             modalities=_values(answer.get("ModalitiesInStudy")),
-            identity={key: str(answer.get(key, "") or "") for key in IDENTITY_KEYS},
+            identity=said,
         )
 
     def move_study(self, study_uid):

@@ -86,6 +86,11 @@ def _received(path, text, transfer_syntax, charset):
     Every value but the file's own (path, SOP Instance UID, numbers) is
     interned: thousands of files share one string each.
     """
+    for keyword in ("PatientName", "PatientID", "IssuerOfPatientID"):
+        if "\ufffd" in text[keyword]:  # not text in its character set: two names could read as one
+            raise errors.UpstreamFailed(
+                "A received image's %s cannot be read in its SpecificCharacterSet; the disc was not made."
+                % keyword, code="bad_image")
     shared = {keyword: sys.intern(value) for keyword, value in text.items() if keyword not in OWN}
     return ReceivedFile(
         path=path,
