@@ -73,8 +73,9 @@ class Export:
         default_factory=lambda: datetime.datetime.now(datetime.timezone.utc))
 
     def entry(self, status, code, stage="ended"):
-        """The line; a ``begun`` one has no outcome yet (status, code and complete null, no bytes sent)."""
-        begun = stage == "begun"
+        """The line; a ``begun`` one has no outcome yet (status, code and complete null, no bytes sent);
+        a lookup exported nothing (no images, no bytes: a HEAD's sized disc is not sent)."""
+        begun, exported = stage == "begun", self.action != "query"
         return {
             "time": self.time.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "request_id": self.request_id,
@@ -84,8 +85,8 @@ class Export:
             "accessions": list(self.accessions),
             "study_uids": [study.study_uid for study in self.studies],
             "patient_ids": sorted({study.patient_id for study in self.studies}),
-            "images": self.images,
-            "bytes": 0 if begun else self.bytes,
+            "images": self.images if exported else 0,
+            "bytes": self.bytes if exported and not begun else 0,
             "complete": None if begun else self.complete,
             "status": status,
             "code": code,
@@ -158,14 +159,22 @@ class Audit:
         self.record(export, 200)
 
     def _append(self, data):
+        """One whole line, or none: a write the disk could take only part of is cut off again, else the
+        next line would be glued to it and neither would read as JSON (nor be found by mkiso-audit)."""
         fd = self._open()
         try:
-            mode = os.fstat(fd).st_mode
-            if stat.S_ISREG(mode) and mode & 0o077:
+            status = os.fstat(fd)
+            if stat.S_ISREG(status.st_mode) and status.st_mode & 0o077:
                 os.fchmod(fd, 0o600)
-            if os.write(fd, data) != len(data):  # a regular file writes all of it, or fails
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            os.fsync(fd)
+            try:
+                if os.write(fd, data) != len(data):  # a regular file writes all of it, or fails
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                os.fsync(fd)
+            except OSError:
+                if stat.S_ISREG(status.st_mode):
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, status.st_size)
+                raise
         finally:
             os.close(fd)
 

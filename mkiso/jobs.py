@@ -209,11 +209,10 @@ class Jobs:
 
     # -- starting ----------------------------------------------------------
 
-    def run(self, job, build=True, audited=True):
+    def run(self, job, build=True):
         """Run ``job`` in this thread now (a synchronous request); 503 when every slot is taken.
 
-        Without ``build`` (a HEAD) the disc is sized, not written; without
-        ``audited`` nothing is exported, so no audit line is written.
+        Without ``build`` (a HEAD) the disc is sized, not written.
         """
         with self._changed:
             if self._running >= self._slots:
@@ -223,7 +222,7 @@ class Jobs:
             self._running += 1
             job.synchronous = True
             self._add(job)
-        return self._execute(job, build, audited)
+        return self._execute(job, build)
 
     def submit(self, job):
         """Queue ``job`` to run in a thread of its own; 429 for a caller over its rate, 503 when the queue
@@ -256,13 +255,13 @@ class Jobs:
             self._running += 1
             self._running_posted += 1
         try:
-            self._execute(job, build=True, audited=True)
+            self._execute(job, build=True)
         except errors.MkisoError:
             pass  # the job's JSON holds the error
         except Exception:
             log.exception("job failed", extra={"fields": {"request_id": job.request_id}})
 
-    def _execute(self, job, build, audited):
+    def _execute(self, job, build):
         """The job's steps, its audit line, its end state; frees the slot.
 
         A streamed ISO (``delivery.Build``) is still being written when this
@@ -284,18 +283,17 @@ class Jobs:
                 except Exception as exc:
                     _drop_discs(job)  # made just before a cancel took: they go too
                     if not job.cancelled:
-                        self._failed(job, exc, audited)
+                        self._failed(job, exc, audited=True)
                         raise
                     cancelled = errors.Cancelled("The job was cancelled.")
-                    self._failed(job, cancelled, audited)
+                    self._failed(job, cancelled, audited=True)
                     raise cancelled from exc
-            if audited:
-                try:
-                    self._audit(job)
-                except errors.MkisoError as exc:
-                    _drop_discs(job)
-                    self._failed(job, exc, audited)
-                    raise
+            try:
+                self._audit(job)
+            except errors.MkisoError as exc:
+                _drop_discs(job)
+                self._failed(job, exc, audited=True)
+                raise
             building = job.iso.build if job.iso is not None else None
             if building is not None:
                 building.when_ended(lambda: self._built(job, building))

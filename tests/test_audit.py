@@ -15,7 +15,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from mkiso import audit, demo
+from mkiso import audit, demo, errors
 from mkiso.http import application
 from conftest import write_config
 from test_hostile import fetch, port_of, read_head
@@ -103,16 +103,80 @@ def test_failures_are_recorded_with_status_and_code(make_service, wsgi_call):
 
 
 def test_refused_before_any_export_is_not_an_export(make_service, wsgi_call):
-    """A bad parameter, a wrong key or a HEAD (sized, never built) reach no patient data: no line."""
+    """A bad parameter or a wrong key reach no patient data: no line."""
     service = make_service(auth={"enabled": True, "keys": KEYS})
     app = app_for(service)
     assert wsgi_call(app, "/api/iso/download", query="accession_number=A*",
                      headers={"X-API-Key": KEYS["his"]}).status == 400
     assert wsgi_call(app, "/api/iso/download", query="accession_number=ACC2001",
                      headers={"X-API-Key": "wrong-key-0123456789"}).status == 401
-    assert wsgi_call(app, "/api/iso/download", method="HEAD", query="accession_number=ACC2001",
-                     headers={"X-API-Key": KEYS["his"]}).status == 200
     assert audit_lines(service) == []
+
+
+def test_a_head_is_a_lookup_on_record(make_service, wsgi_call):
+    """A HEAD builds no disc, but the PACS was asked and its answer shown (a multi-download's file name
+    is the patient's): a query line, as /api/studies has (it had none)."""
+    service = make_service()
+    response = wsgi_call(app_for(service), "/api/iso/download-multiple", method="HEAD",
+                         query="accession_numbers=ACC2001")
+    assert response.status == 200 and "DOE_JANE" in response.header("Content-Disposition")
+    [line] = audit_lines(service)
+    assert (line["action"], line["stage"], line["status"], line["format"]) == ("query", "ended", 200, None)
+    assert line["patient_ids"] == ["PAT-2001"] and line["bytes"] == 0
+
+
+def test_each_fetch_of_a_jobs_disc_is_on_record(make_service, wsgi_call):
+    """Whoever has a job's link gets its disc, as often as they like: each fetch has its lines, with
+    its client and the bytes it got (the job's one line, written at ready, said neither)."""
+    service = make_service()
+    app = app_for(service)
+    created = wsgi_call(app, "/api/jobs", method="POST", headers={"Content-Type": "application/json"},
+                        body=json.dumps({"accessions": ["ACC2001"]}).encode())
+    assert created.status == 202, created.body
+    deadline = time.monotonic() + 60
+    while (job := wsgi_call(app, created.header("Location")).json())["state"] != "ready":
+        assert job["state"] in ("queued", "running") and time.monotonic() < deadline, job
+        time.sleep(0.1)
+    path, query = job["links"]["iso"].split("?")
+    got = [wsgi_call(app, path, query=query, peer=peer, headers=headers)
+           for peer, headers in (("10.66.0.1", {}), ("10.66.0.2", {"Range": "bytes=0-99"}))]
+    assert [answer.status for answer in got] == [200, 206]
+    fetches = [line for line in audit_lines(service) if line["request_id"] != job_request_id(service, job)]
+    assert [(line["client"], line["stage"]) for line in fetches] == [
+        ("10.66.0.1", "begun"), ("10.66.0.1", "ended"), ("10.66.0.2", "begun"), ("10.66.0.2", "ended")]
+    assert [line["bytes"] for line in fetches if line["stage"] == "ended"] == [len(got[0].body), 100]
+    assert all(line["patient_ids"] == ["PAT-2001"] and line["format"] == "iso" for line in fetches)
+
+
+def job_request_id(service, job):
+    return service.jobs.get(job["id"]).request_id
+
+
+def test_a_line_the_full_disk_cut_short_is_taken_back(audit_mount):
+    """A write the disk took only part of leaves no torn line: the next line, once there is room
+    again, reads as JSON and mkiso-audit finds it (it was glued to the torn one)."""
+    trail = audit.Audit(type("Config", (), {
+        "audit": type("Audit", (), {"path": str(audit_mount / "audit.log"), "syslog": ""}),
+        "receiver": type("Receiver", (), {"ae_title": "CDRECORD"})}))
+
+    def export(number):
+        return audit.Export("download", "req-%d" % number, "10.0.0.1", accessions=["ACC%d" % number])
+
+    number = 100
+    trail.record(export(number), 200)
+    while os.path.getsize(audit_mount / "audit.log") % 4096 < 4096 - 250:  # the last page nearly full
+        number += 1
+        trail.record(export(number), 200)
+    fill(audit_mount)
+    with pytest.raises(errors.InsufficientStorage):
+        trail.begin(export(2))
+    os.unlink(audit_mount / "filler")  # IT makes room
+    trail.record(export(3), 200)
+    lines = (audit_mount / "audit.log").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line)["request_id"] for line in lines][-1] == "req-3"
+    found = subprocess.run([sys.executable, "-m", "mkiso.audit", "--accession", "ACC3", str(audit_mount / "audit.log")],
+                           capture_output=True, text=True, timeout=30)
+    assert found.returncode == 0 and json.loads(found.stdout)["request_id"] == "req-3", found.stderr
 
 
 def test_named_keys_and_the_unnamed_key(make_service, wsgi_call):

@@ -298,8 +298,9 @@ class Application:
     def _iso_answer(self, request, wanted, named_by_patient):
         """The ISO itself, or behind nginx (server.x_accel_prefix) a redirect for nginx to send it.
 
-        A HEAD answered here needs the size only, so the ISO is not written
-        (and nothing is exported: no audit line).
+        A HEAD answered here needs the size only, so the ISO is not written;
+        nothing is exported, but the PACS was asked and its answer shown (the
+        file name may be the patient's): a ``query`` line, as a lookup has.
         """
         server = self.config.server
         head = request.method == "HEAD"
@@ -307,7 +308,9 @@ class Application:
         stream = self.stream_isos and not head and not server.x_accel_prefix
         job = self._new_job(request, "download", wanted, named_by_patient, stream=stream)
         job.export.deferred = stream  # audited when its answer ends; nginx's is audited when handed over
-        iso = self.service.jobs.run(job, build=not head or bool(server.x_accel_prefix), audited=not head)
+        if head:
+            job.export.action, job.export.format = "query", None
+        iso = self.service.jobs.run(job, build=not head or bool(server.x_accel_prefix))
         if job.export.deferred:
             request.export = job.export
         return self._send(request, iso, synchronous=True)
@@ -477,7 +480,23 @@ class Application:
         if number > len(job.discs):
             raise errors.NotFound("Job %s has %d disc%s." % (job.id, len(job.discs), "s" * (len(job.discs) > 1)),
                                   code="no_disc")
-        return self._send(request, job.discs[max(number, 1) - 1], synchronous=False)
+        disc = job.discs[max(number, 1) - 1]
+        if request.method != "HEAD":
+            self._fetching(request, job, disc)
+        return self._send(request, disc, synchronous=False)
+
+    def _fetching(self, request, job, disc):
+        """Fetching a job's disc is an export of its own: whoever has the link (a token travels) gets
+        the images, as often as they like.  Its begun line now, before the first byte; its outcome
+        (bytes, complete) when the answer ends, or at once behind nginx, which sends it."""
+        export = self._export(request, "download", job.accessions)
+        export.studies, export.images, export.format = job.export.studies, disc.images, job.export.format
+        if self.config.server.x_accel_prefix:
+            export.bytes = disc.size
+            self.service.audit.record(export, 200)
+            return
+        self.service.audit.begin(export)
+        request.export = export
 
     def studies(self, request):
         """What the PACS holds (for the desk page): it shows patient names, so it is audited (action
