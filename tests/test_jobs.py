@@ -113,7 +113,10 @@ def test_a_job_from_start_to_iso(make_service, wsgi_call, app_of, archive, tmp_p
     head = wsgi_call(app, path, method="HEAD", query=query)
     assert head.status == 200 and head.header("Content-Length") == str(len(iso.body)) and head.body == b""
     with open(service.config.audit.path) as handle:
-        assert len(handle.readlines()) == 1  # one export: the job, not each fetch
+        lines = [json.loads(line) for line in handle]
+    # the job's line at ready, then each fetch's begun and ended lines (the HEAD sends nothing)
+    assert [(line["stage"], line["bytes"]) for line in lines] == [
+        ("ended", len(iso.body)), ("begun", 0), ("ended", len(iso.body)), ("begun", 0), ("ended", 100)]
 
 
 def test_a_failed_job_shows_the_error_and_has_no_disc(make_service, wsgi_call, app_of):
