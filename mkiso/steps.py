@@ -224,7 +224,9 @@ class Steps:
             laid = self._lay_out(job, folder, files, omitted, label, watch)
         export.images = sum(len(layout.images) for layout in laid)
         job.sized(sum(layout.size for layout in laid))
-        self.check_free_space(job.disc_bytes if job.format == "iso" else 0)  # a ZIP is sent from its tree
+        # A ZIP is sent from its tree; it is written (and needs the room) only for nginx.
+        written = job.format == "iso" or bool(config.server.x_accel_prefix)
+        self.check_free_space(job.disc_bytes if written else 0)
         export.bytes = job.disc_bytes
         isos = [self._disc(job, folder, layout, len(laid), stem, build) for layout in laid]
         rest = functools.partial(self._write_isos, job, laid, isos, label, key, watch, len(studies))
