@@ -6,7 +6,8 @@ best: findscu; movescu into storescp (TCP_NODELAY=1); hard links into the
 genisoimage to a file; the file read once.  mkiso's rows are HTTP downloads
 of the same study through a real mkiso-server, by C-MOVE and by C-GET,
 which check more (manifest, every header) on the way, and by C-GET without
-the web content (``iso.web_content: false``): what the pages and previews cost.  Every number is the
+the web content (``iso.web_content: false``): what the pages and previews cost, and the same
+study as a ZIP (``format=zip``, the C-MOVE server) with its ratio to the ISO.  Every number is the
 median of --runs runs, the two sides interleaved and each run started after
 a sync, so that no run pays for the previous one's disk writeback, and
 each side removing its files when its run ends, as mkiso does; ratios, not
@@ -178,10 +179,11 @@ def reference_run(root, pacs, study, ref_port):
 
 # -- mkiso ---------------------------------------------------------------------
 
-MKISO_PHASES = ("find", "manifest", "transfer", "checks", "stage", "web", "dicomdir", "size", "iso")
+MKISO_PHASES = ("find", "manifest", "transfer", "checks", "stage", "web", "dicomdir", "digests", "size", "iso", "zip")
 
 
 NO_WEB = "get, iso.web_content false"
+ZIP_ROW = "move, format=zip"  # the same server as the move row, the same disc as a ZIP (SPEC §13)
 
 
 class MkisoServer:
@@ -206,9 +208,11 @@ class MkisoServer:
         self.proc = start_process([sys.executable, "-m", "mkiso", "--config", config], self.http_port,
                                   self.log_path)
 
-    def download(self, accession):
-        """One download; its phases in seconds, from the client and from the server's log lines."""
-        url = "http://127.0.0.1:%d/api/iso/download?accession_number=%s" % (self.http_port, accession)
+    def download(self, accession, medium="iso"):
+        """One download (``medium`` iso or zip); its phases in seconds, from the client and from the
+        server's log lines."""
+        url = "http://127.0.0.1:%d/api/iso/download?accession_number=%s&format=%s" % (self.http_port, accession,
+                                                                                     medium)
         with open(self.log_path) as log:
             log.seek(0, 2)
             first_byte, total, size = fetch(url)
@@ -301,10 +305,10 @@ def bench_size(images, image_kb, runs, root, pacs_choice):
         servers = {retrieve: MkisoServer(root, pacs, receiver_port, retrieve) for retrieve in ("move", "get")}
         # The web content's cost (SPEC §4.4): the same C-GET row without it (C-GET: no second receiver).
         servers[NO_WEB] = MkisoServer(root, pacs, receiver_port, "get", web_content=False)
-        reference, mkiso = [], {retrieve: [] for retrieve in servers}
+        reference, mkiso = [], {retrieve: [] for retrieve in list(servers) + [ZIP_ROW]}
         with_reference = images <= REFERENCE_MAX_IMAGES
         try:
-            rows = ["reference"] * with_reference + list(servers)
+            rows = ["reference"] * with_reference + list(servers) + [ZIP_ROW]
             for number in range(1, runs + 1):
                 # Interleaved, each after a sync: every run starts without the last one's writeback;
                 # the order turns each round, so that no row always follows the same one.
@@ -315,6 +319,8 @@ def bench_size(images, image_kb, runs, root, pacs_choice):
                     os.sync()
                     if row == "reference":
                         reference.append(reference_run(root, pacs, study, ref_port))
+                    elif row == ZIP_ROW:
+                        mkiso[row].append(servers["move"].download(study.accession, "zip"))
                     else:
                         mkiso[row].append(servers[row].download(study.accession))
             peaks = {retrieve: server.peak_kb() for retrieve, server in servers.items()}
@@ -329,7 +335,7 @@ def bench_size(images, image_kb, runs, root, pacs_choice):
         try:
             os.sync()
             cached = [cached_server.download(study.accession)["total"]]
-            iso_name, = os.listdir(cache_dir)
+            iso_name = os.path.join(os.listdir(cache_dir)[0], "disc.iso")  # an entry: its tree and its ISO
             delivery = {"mkiso": [], "nginx": []}
             for _ in range(runs):
                 again = cached_server.download(study.accession)
@@ -371,6 +377,8 @@ def report(images, image_kb, runs, pacs_name, reference, mkiso, peaks, peer, del
     for retrieve, results in mkiso.items():
         total = median([r["total"] for r in results])
         print("| mkiso %s: GET /api/iso/download, all checks | %.2f | **%s** |" % (retrieve, total, ratio(total)))
+    zip_total, move_total = (median([r["total"] for r in mkiso[row]]) for row in (ZIP_ROW, "move"))
+    print("| mkiso ZIP / ISO download of the same study (move) | | **%.2f** |" % (zip_total / move_total))
     print("| mkiso move, cache on: the first download | %.2f | %s |" % (cached[0], ratio(cached[0])))
     again = median(cached[1:])
     print("| mkiso move, cache on: the same disc again (C-FINDs, no C-MOVE) | %.2f | %s |" % (again, ratio(again)))

@@ -12,11 +12,19 @@ viewer's content and mkiso's version.  A study that changed has another key.
 A changed image under an unchanged SOP Instance UID is beyond any query:
 ``cache.ttl_s`` bounds how long such a disc could be handed out.
 
-Entries are hard links to the job's ISO (no copy); a job served from the
-cache gets a hard link of its own, so eviction never pulls a file from
-under a download.  Least recently used go first past ``cache.max_bytes``;
-none outlives ``cache.ttl_s``.  The index lives in memory: a restart
-starts empty (the folder is cleared with the other leftovers).
+An entry is a folder named by the key holding the disc's staged tree (hard
+links: no copy while the job's tree lives; its bytes then stay only for
+the entry), the per-file pass's results (``digests``: size, CRC-32,
+SHA-256 of each file, and the time stamp its ZIP uses) and its ISO once
+one was built (a hard link to the job's).  So either format of the same
+disc is served without a second retrieval (SPEC §13): a ZIP from the tree
+and the digests; an ISO from the cached ISO, or, when the disc was first
+made as a ZIP, built once from the cached tree and kept.  An entry counts
+the bytes of its tree plus those of its ISO.  A job served from the cache
+gets hard links of its own, so eviction never pulls a file from under a
+download.  Least recently used go first past ``cache.max_bytes``; none
+outlives ``cache.ttl_s``.  The index lives in memory: a restart starts
+empty (the folder is cleared with the other leftovers).
 """
 
 import collections
@@ -24,17 +32,35 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import threading
 import time
+from typing import Optional
 
-from . import __version__
+from . import __version__, fastcopy
+from .disc import digests as digests_module
+
+TREE = "tree"
+ISO = "disc.iso"
+DIGESTS = "digests"
 
 
 @dataclasses.dataclass
 class Entry:
-    path: str
-    size: int
+    folder: str
+    size: int  # its tree's bytes, and its ISO's once it has one
     stored: float
+    iso: bool = False
+
+
+@dataclasses.dataclass
+class Cached:
+    """A cached disc as linked into a job's folder: its ISO, or its tree with what a ZIP needs."""
+
+    iso: Optional[str]  # the ISO's path, when asked for and cached
+    tree: Optional[str]  # the staged tree's path, when the ISO was not (asked for, or cached)
+    digests: list  # digests.Digest of every file of the tree, sorted by path
+    when: tuple  # the ZIP's (date, time)
 
 
 class DiscCache:
@@ -63,8 +89,12 @@ class DiscCache:
         }
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode("utf-8")).hexdigest()
 
-    def fetch(self, key, target):
-        """Link the cached ISO for ``key`` to ``target``; its size, or None when not cached."""
+    def fetch(self, key, folder, iso=True):
+        """The cached disc for ``key`` linked into ``folder`` (a ``Cached``), or None when not cached.
+
+        With ``iso`` its ISO is linked (``folder``/disc.iso) if it has one;
+        otherwise (a ZIP, or an ISO still to be built) its tree (``folder``/tree).
+        """
         if not self.enabled:
             return None
         with self._lock:
@@ -74,23 +104,51 @@ class DiscCache:
                 self.misses += 1
                 return None
             self.hits += 1
-            os.link(entry.path, target)
             self._entries.move_to_end(key)
-            return entry.size
+            found, when = read_digests(os.path.join(entry.folder, DIGESTS))
+            if iso and entry.iso:
+                target = os.path.join(folder, ISO)
+                os.link(os.path.join(entry.folder, ISO), target)
+                return Cached(target, None, found, when)
+            tree = os.path.join(folder, TREE)
+            link_tree(os.path.join(entry.folder, TREE), tree, found)
+            return Cached(None, tree, found, when)
 
-    def store(self, key, iso_path):
-        """Keep ``iso_path`` (a finished ISO) under ``key``; older entries go past max_bytes."""
-        size = os.path.getsize(iso_path)
+    def store(self, key, tree, found, when, iso_path=None):
+        """Keep the staged ``tree`` (its files' ``found`` digests, its ZIP's time stamp ``when``) and its
+        ISO, if one was built, under ``key``; older entries go past max_bytes."""
+        size = sum(digest.size for digest in found) + (os.path.getsize(iso_path) if iso_path else 0)
         if not self.enabled or size > self.max_bytes:
             return
-        path = os.path.join(self.root, key + ".iso")
+        folder = os.path.join(self.root, key)
         with self._lock:
             self._drop(key)
-            os.link(iso_path, path)
-            os.chmod(path, self.mode)
-            self._entries[key] = Entry(path, size, time.monotonic())
-            while self._total() > self.max_bytes:
-                self._evict(next(iter(self._entries)))
+            os.mkdir(folder, 0o700 if self.mode == 0o600 else 0o750)
+            link_tree(tree, os.path.join(folder, TREE), found)
+            write_digests(os.path.join(folder, DIGESTS), found, when)
+            entry = self._entries[key] = Entry(folder, size, time.monotonic())
+            if iso_path:
+                self._link_iso(entry, iso_path)
+            self._trim()
+
+    def add_iso(self, key, iso_path):
+        """The ISO built from a cached tree joins its entry (if it is still there)."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and not entry.iso:
+                self._link_iso(entry, iso_path)
+                entry.size += os.path.getsize(iso_path)
+                self._trim()
+
+    def _link_iso(self, entry, iso_path):
+        path = os.path.join(entry.folder, ISO)
+        os.link(iso_path, path)
+        os.chmod(path, self.mode)
+        entry.iso = True
+
+    def _trim(self):
+        while self._total() > self.max_bytes and self._entries:
+            self._evict(next(iter(self._entries)))
 
     def free(self, wanted):
         """Evict least recently used entries until ``wanted`` bytes are freed (or none is left)."""
@@ -122,10 +180,35 @@ class DiscCache:
     def _drop(self, key):
         entry = self._entries.pop(key, None)
         if entry is not None:
-            try:
-                os.unlink(entry.path)
-            except FileNotFoundError:
-                pass
+            shutil.rmtree(entry.folder, ignore_errors=True)
 
     def _total(self):
         return sum(entry.size for entry in self._entries.values())
+
+
+def link_tree(source, target, found):
+    """Hard links (copies across file systems) of the files ``found`` under ``source`` into ``target``."""
+    folders = {os.path.dirname(digest.path) for digest in found}
+    for folder in sorted(folders):
+        os.makedirs(os.path.join(target, folder), exist_ok=True)
+    fastcopy.place_files([(os.path.join(source, digest.path), os.path.join(target, digest.path))
+                          for digest in found])
+
+
+def write_digests(path, found, when):
+    """The per-file pass's results as lines: the time stamp, then size, CRC-32, SHA-256 and path each."""
+    with open(path, "w", encoding="utf-8", errors="surrogateescape") as handle:
+        handle.write("%d %d\n" % when)
+        for digest in found:
+            handle.write("%d %08x %s %s\n" % (digest.size, digest.crc32, digest.sha256.hex(), digest.path))
+
+
+def read_digests(path):
+    """(digests, when) as ``write_digests`` wrote them."""
+    with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+        date, clock = (int(part) for part in handle.readline().split())
+        found = []
+        for line in handle:
+            size, crc, sha, name = line.rstrip("\n").split(" ", 3)
+            found.append(digests_module.Digest(name, int(size), int(crc, 16), bytes.fromhex(sha)))
+    return found, (date, clock)

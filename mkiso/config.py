@@ -193,6 +193,10 @@ SCHEMA = {
         "private_objects": (str, "omit", _one_of("omit", "keep")),
         "web_content": (bool, True, None),
     },
+    "zip": {
+        "enabled": (bool, True, None),
+        "max_bytes": (int, 0, _not_negative),
+    },
     "paths": {
         "work_dir": (str, "/var/spool/mkiso", None),
     },

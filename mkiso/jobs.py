@@ -84,6 +84,7 @@ class Job:
     split: bool = False  # a download too big for one disc makes several (else 413 needs_split)
     stream: bool = False  # a synchronous download whose answer may start while its ISO is written
     synchronous: bool = False
+    format: str = "iso"  # a download's medium: iso, or zip (SPEC §13)
     id: str = dataclasses.field(default_factory=lambda: secrets.token_hex(16))  # 128 random bits
     token: str = dataclasses.field(default_factory=lambda: secrets.token_urlsafe(32))  # for the ISO link
     state: State = State.QUEUED
@@ -175,14 +176,16 @@ class Job:
         links = {"self": "/api/jobs/" + self.id, "events": "/api/jobs/%s/events" % self.id}
         ready = self.state is State.READY
         query = "?token=" + self.token if token else ""
-        if ready and self.iso is not None:
-            links["iso"] = "/api/jobs/%s/iso%s" % (self.id, query)
-        discs = [{"number": iso.number, "bytes": iso.size, "images": iso.images,
+        if ready and self.iso is not None:  # links.iso, or links.zip for a ZIP job
+            links[self.format] = "/api/jobs/%s/%s%s" % (self.id, self.format, query)
+        discs = [{"number": iso.number, "bytes": iso.size, "images": iso.images, "format": self.format,
                   "volume": iso.volume, "profile": iso.profile,
-                  "links": {"iso": "/api/jobs/%s/discs/%d/iso%s" % (self.id, iso.number, query)}}
+                  "links": {self.format: "/api/jobs/%s/discs/%d/%s%s" % (self.id, iso.number, self.format, query)}}
                  for iso in (self.discs if ready else [])]
         return {
-            "id": self.id, "action": self.action, "accessions": list(self.accessions), "state": self.state.value,
+            "id": self.id, "action": self.action, "format": self.format if self.action == "download" else None,
+            "accessions": list(self.accessions),
+            "state": self.state.value,
             "progress": self.progress(), "error": self.error, "created": _iso_time(self.created),
             "updated": _iso_time(self.updated), "expires": _iso_time(self.ended + keep_s if self.ended else None),
             "links": links, "discs": discs, "result": self.answer, "omitted": self.omitted,

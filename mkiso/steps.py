@@ -16,13 +16,14 @@ import dataclasses
 import errno
 import functools
 import logging
+import math
 import os
 import shutil
 import tempfile
 import time
 from contextlib import contextmanager
 
-from .disc import media, records, tree, webcontent
+from .disc import digests, media, records, tree, webcontent, ziparchive
 from . import disk, errors, logs
 from .disc.tree import Iso
 from .dicom import identity
@@ -45,6 +46,9 @@ class Layout:
     number: int
     profile: str = ""  # the media profile's name (PS3.11), for the job's JSON
     volume: str = ""  # File-set ID and Volume Identifier
+    digests: list = dataclasses.field(default_factory=list)  # every file's (digests.Digest), sorted by path
+    when: tuple = (0, 0)  # its ZIP's time stamp (ziparchive.dos_time)
+    archive: object = None  # its ZIP's layout (ziparchive.Archive), for a ZIP
 
 
 class Steps:
@@ -205,10 +209,10 @@ class Steps:
                                  transcode=config.iso.transcode, private_objects=config.iso.private_objects,
                                  web_content=config.iso.web_content, institution=config.iso.institution,
                                  contact=config.iso.contact)
-            cached = self._from_cache(job, key, os.path.join(folder, "disc.iso"))
+            cached = self._from_cache(job, key, folder, label, build, stem)
             if cached is not None:
                 export.bytes = job.disc_bytes
-                return [Iso(cached, job.disc_bytes, stem, accessions[0], folder, images=job.images_expected)]
+                return [cached]
         with self.retrieved(job, studies, manifests) as files:
             watch.lap("retrieve")
             files, omitted = self.sort_out(files)
@@ -222,23 +226,31 @@ class Steps:
             laid = self._lay_out(job, folder, files, omitted, label, watch)
         export.images = sum(len(layout.images) for layout in laid)
         job.sized(sum(layout.size for layout in laid))
-        self.check_free_space(job.disc_bytes)
+        # A ZIP is sent from its tree; it is written (and needs the room) only for nginx.
+        written = job.format == "iso" or bool(config.server.x_accel_prefix)
+        self.check_free_space(job.disc_bytes if written else 0)
         export.bytes = job.disc_bytes
-        isos = [Iso(os.path.join(folder, "disc-%d.iso" % layout.number if len(laid) > 1 else "disc.iso")
-                    if build else None, layout.size, stem, accessions[0], folder, len(layout.images),
-                    layout.number, len(laid), layout.profile, layout.volume) for layout in laid]
+        isos = [self._disc(job, folder, layout, len(laid), stem, build) for layout in laid]
         rest = functools.partial(self._write_isos, job, laid, isos, label, key, watch, len(studies))
-        if build and job.stream and len(isos) == 1:
+        if build and job.stream and len(isos) == 1 and job.format == "iso":
             isos[0].write = rest  # run while the answer goes out: jobs hands it to delivery.Build
         else:
             rest()
         return isos
 
+    def _disc(self, job, folder, layout, of, stem, build):
+        """The ``Iso`` of one laid-out disc: its ISO's path, or its ZIP's layout over its staged tree."""
+        name = "disc-%d.%s" % (layout.number, job.format) if of > 1 else "disc." + job.format
+        return Iso(os.path.join(folder, name) if build else None, layout.size, stem, job.accessions[0], folder,
+                   len(layout.images), layout.number, of, layout.profile, layout.volume, archive=layout.archive,
+                   tree=layout.staging if layout.archive is not None and build else None)
+
     def _write_isos(self, job, laid, isos, label, key, watch, studies, on_tick=None):
-        """Write each disc's ISO (none for a HEAD), exactly the size genisoimage announced; then cache it."""
+        """Write each disc's ISO (none for a HEAD, none for a ZIP: it is sent from its staged tree), exactly
+        the size genisoimage announced; then cache the disc (its tree, and its ISO if one was built)."""
         try:
             for layout, iso in zip(laid, isos, strict=True):
-                if iso.path is None:
+                if iso.path is None or iso.archive is not None:
                     continue
                 job.step("iso")
                 tree.make_iso(self.config.tools.genisoimage, layout.staging, label, iso.path,
@@ -247,14 +259,16 @@ class Steps:
                 if written != iso.size:
                     raise errors.MkisoError("genisoimage wrote %d bytes where it announced %d."
                                             % (written, iso.size), code="iso_failed")
+            watch.lap(job.format)
+            if key and len(isos) == 1 and isos[0].path is not None:
+                self.cache.store(key, laid[0].staging, laid[0].digests, laid[0].when,
+                                 isos[0].path if isos[0].archive is None else None)
         finally:
-            for layout in laid:
-                disk.remove_soon(layout.staging)
+            for layout, iso in zip(laid, isos, strict=True):
+                if iso.tree is None:  # a ZIP's tree stays until its answer or its job ends
+                    disk.remove_soon(layout.staging)
             shutil.rmtree(os.path.join(isos[0].folder, "transcoded"), ignore_errors=True)
-        watch.lap("iso")
-        if key and len(isos) == 1 and isos[0].path is not None:
-            self.cache.store(key, isos[0].path)
-        log.info("iso built", extra={"fields": dict({
+        log.info("%s built" % job.format, extra={"fields": dict({
             "accessions": ",".join(job.accessions), "studies": studies, "images": job.export.images,
             "omitted": (job.omitted or {}).get("objects", 0),
             "discs": len(isos), "bytes": job.disc_bytes, "request_id": job.request_id}, **watch.fields)})
@@ -275,13 +289,18 @@ class Steps:
         the same number a split job makes.
         """
         config = self.config
-        limit = budget = media.capacity(config.iso)
+        if job.format == "zip":  # iso.media is a disc's; a ZIP is split only by zip.max_bytes
+            limit = budget = config.zip.max_bytes or math.inf
+            described = "ZIP files of at most %d bytes (zip.max_bytes)" % config.zip.max_bytes
+        else:
+            limit = budget = media.capacity(config.iso)
+            described = "discs of " + media.describe(config.iso)
         for _ in range(PLAN_ATTEMPTS):
             groups = self.plan(files, budget)
             if len(groups) > 1 and not job.split:
                 raise errors.TooLarge(
-                    "These studies need %d discs of %s; ask for a job with split, or fewer accession numbers."
-                    % (len(groups), media.describe(config.iso)), code="needs_split", details={"discs": len(groups)})
+                    "These studies need %d %s; ask for a job with split, or fewer accession numbers."
+                    % (len(groups), described), code="needs_split", details={"discs": len(groups)})
             laid = [self._stage_disc(job, folder, number, len(groups), group, omitted, label, watch)
                     for number, group in enumerate(groups, start=1)]
             over = max(layout.size for layout in laid) - limit
@@ -290,8 +309,7 @@ class Steps:
             for layout in laid:
                 shutil.rmtree(layout.staging)
             budget -= over + 8 * tree.SECTOR
-        raise errors.TooLarge("The disc cannot be laid out within %s." % media.describe(config.iso),
-                              code="disc_too_large")
+        raise errors.TooLarge("The disc cannot be laid out as %s." % described, code="disc_too_large")
 
     def plan(self, files, budget):
         """``files`` split into discs of ``budget`` bytes, each also holding the viewer and the web content."""
@@ -332,21 +350,55 @@ class Steps:
             dcmmkdir = os.path.join(config.tools.dcmtk_dir, "dcmmkdir")
             tree.make_dicomdir(staging, images, config.iso.dicomdir, dcmmkdir, config.timeouts.iso_s, volume)
             watch.lap("dicomdir")
+        job.step("digests")
+        # SHA256.TXT, before the ISO is sized: it is on the disc.  The digests are kept for a ZIP or the
+        # cache only (an ISO's SHA256.TXT holds all it needs; SPEC §8, flat memory).
+        found = digests.seal(staging, keep=job.format == "zip" or self.cache.enabled)
+        watch.lap("digests")
         job.step("size")
-        size = tree.iso_size(config.tools.genisoimage, staging, label, config.timeouts.iso_s, number, of)
+        when, archive = ziparchive.dos_time(time.time()), None
+        if job.format == "zip":
+            archive = ziparchive.Archive(found, when)
+            size = archive.size
+        else:
+            size = tree.iso_size(config.tools.genisoimage, staging, label, config.timeouts.iso_s, number, of)
         watch.lap("size")
-        return Layout(staging, images, size, number, profile.name, volume)
+        return Layout(staging, images, size, number, profile.name, volume, found, when, archive)
 
-    def _from_cache(self, job, key, iso_path):
-        """The cached ISO linked to ``iso_path``, or None when this disc is not cached."""
-        size = self.cache.fetch(key, iso_path)
-        if size is None:
+    def _from_cache(self, job, key, folder, label, build, stem):
+        """The cached disc as this job's ``Iso`` (its own hard links), or None when it is not cached.
+
+        Either format comes from the one entry (SPEC §13): a ZIP from the
+        cached tree and digests; an ISO from the cached ISO, or, for a disc
+        first made as a ZIP, built now from the cached tree (no retrieval) and
+        added to the entry.
+        """
+        found = self.cache.fetch(key, folder, iso=job.format == "iso")
+        if found is None:
             return None
+        config, path = self.config, os.path.join(folder, "disc." + job.format) if build else None
+        archive = tree_path = None
+        if job.format == "zip":
+            archive, tree_path = ziparchive.Archive(found.digests, found.when), found.tree if build else None
+            size = archive.size
+        elif found.iso is not None:
+            path, size = found.iso, os.path.getsize(found.iso)
+        elif build:
+            job.step("iso")
+            tree.make_iso(config.tools.genisoimage, found.tree, label, path, config.timeouts.iso_s)
+            self.cache.add_iso(key, path)
+            size = os.path.getsize(path)
+        else:
+            size = tree.iso_size(config.tools.genisoimage, found.tree, label, config.timeouts.iso_s)
+        if found.tree is not None and tree_path is None:
+            disk.remove_soon(found.tree)
         job.export.images = job.images_expected
         job.sized(size)
         log.info("iso from the cache", extra={"fields": {
-            "accessions": ",".join(job.accessions), "bytes": size, "request_id": job.request_id}})
-        return iso_path
+            "accessions": ",".join(job.accessions), "format": job.format, "bytes": size,
+            "request_id": job.request_id}})
+        return Iso(path, size, stem, job.accessions[0], folder, images=job.images_expected, archive=archive,
+                   tree=tree_path)
 
     def patient_name(self, studies):
         """The name a multi-study disc is called by: the patient API's, else the PACS'; None for a disc

@@ -9,10 +9,12 @@ import time
 
 import pydicom
 import pytest
+import shutil
 
 from mkiso import demo, service as service_module
 from mkiso.http import application
 from mkiso.cache import DiscCache
+from mkiso.disc import digests
 from conftest import DCMTK_DIR
 from discs import check_pdi, open_iso
 from test_integrity import wait_for
@@ -49,9 +51,12 @@ def test_the_same_disc_again_is_served_from_the_cache(make_service, wsgi_call, c
     iso_path.write_bytes(again)
     check_pdi(open_iso(str(iso_path), str(tmp_path / "again")), archive.sop_uids("ACC2001"))
     [cached] = os.listdir(service.path("cache"))
-    assert stat.S_IMODE(os.stat(service.path("cache", cached)).st_mode) == 0o600
-    health = wsgi_call(app, "/api/health").json()["checks"]["cache"]
-    assert health["ok"] and health["detail"].startswith("1 discs, %d bytes" % len(first))
+    assert stat.S_IMODE(os.stat(service.path("cache", cached)).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(service.path("cache", cached, "disc.iso")).st_mode) == 0o600
+    tree_bytes = sum(os.path.getsize(os.path.join(folder, name))
+                     for folder, _, names in os.walk(service.path("cache", cached, "tree")) for name in names)
+    health = wsgi_call(app, "/api/health").json()["checks"]["cache"]  # the tree (for a ZIP) and the ISO
+    assert health["ok"] and health["detail"].startswith("1 discs, %d bytes" % (len(first) + tree_bytes))
     job = wsgi_call(app, "/api/jobs", method="POST", body=b'{"accessions": ["ACC2001"]}',
                     headers={"Content-Type": "application/json"}).json()
     deadline = time.monotonic() + 30
@@ -202,9 +207,10 @@ def space_pacs(tmp_path, receiver_port, settings):
 
 def test_cached_discs_give_way_before_a_download_fails_for_space(space_pacs, small_work_dir, make_service,
                                                                  wsgi_call, caplog, tmp_path):
-    """64 MiB work dir, 36 of it cached discs: a 28 MiB study (and its 28 MiB ISO) fits only once all go."""
+    """80 MiB work dir, 72 of it cached discs (each its 12 MiB tree and its 12 MiB ISO): a 28 MiB study (and
+    its 28 MiB ISO) fits only once all go."""
     caplog.set_level(logging.INFO)
-    small_work_dir("64m")
+    small_work_dir("80m")
     service = make_service(cache=ON, limits={"min_free_bytes": 4 * 2 ** 20})
     app = application.Application(service.config, service)
     for n in (1, 2, 3):
@@ -215,7 +221,7 @@ def test_cached_discs_give_way_before_a_download_fails_for_space(space_pacs, sma
     (tmp_path / "room.iso").write_bytes(response.body)
     assert patient_on_disc(tmp_path / "room.iso", tmp_path / "room") == ("NEW^NORA", "PAT-7099")
     cached = os.listdir(service.path("cache"))
-    assert len(cached) == 1 and service.cache.stats() == (1, len(response.body))  # only the new disc
+    assert len(cached) == 1 and service.cache.stats()[0] == 1  # only the new disc
     assert "cached discs evicted to make room" in caplog.text
     assert wait_for(lambda: service.receiver.listening, 5)
 
@@ -234,11 +240,19 @@ def test_cached_discs_never_outlive_ttl(make_service, wsgi_call, monkeypatch):
 # -- the cache itself, on plain files ----------------------------------------------
 
 
-def iso_file(folder, name, size):
-    path = os.path.join(folder, name)
-    with open(path, "wb") as handle:
+def disc_tree(folder, name, size):
+    """A staged disc of one file of ``size`` bytes: (its tree, its digests)."""
+    root = os.path.join(folder, name)
+    os.makedirs(root)
+    with open(os.path.join(root, "IMG"), "wb") as handle:
         handle.write(os.urandom(size))
-    return path
+    return root, list(digests.digest_tree(root))
+
+
+def store(cache, folder, name, size):
+    tree, found = disc_tree(folder, name, size)
+    cache.store(name, tree, found, (1, 2))
+    return tree
 
 
 def test_least_recently_used_go_first_past_max_bytes(tmp_path):
@@ -246,25 +260,27 @@ def test_least_recently_used_go_first_past_max_bytes(tmp_path):
     root.mkdir()
     cache = DiscCache(str(root), max_bytes=2500, ttl_s=3600)
     for name in "abc":
-        cache.store(name, iso_file(str(tmp_path), name + ".iso", 1000))
+        store(cache, str(tmp_path), name, 1000)
         if name == "b":
-            assert cache.fetch("a", str(tmp_path / "a-used.iso")) == 1000  # a is used: b is now oldest
-    assert sorted(os.listdir(root)) == ["a.iso", "c.iso"]
+            os.mkdir(tmp_path / "a-used")
+            assert cache.fetch("a", str(tmp_path / "a-used")).tree  # a is used: b is now oldest
+    assert sorted(os.listdir(root)) == ["a", "c"]
     assert cache.stats() == (2, 2000)
-    assert cache.fetch("b", str(tmp_path / "b-again.iso")) is None
-    cache.store("huge", iso_file(str(tmp_path), "huge.iso", 3000))  # larger than the whole cache: not kept
+    assert cache.fetch("b", str(tmp_path)) is None
+    store(cache, str(tmp_path), "huge", 3000)  # larger than the whole cache: not kept
     assert cache.stats() == (2, 2000)
-    assert cache.free(1) == 1000 and sorted(os.listdir(root)) == ["c.iso"]
+    assert cache.free(1) == 1000 and sorted(os.listdir(root)) == ["c"]
 
 
 def test_a_fetched_disc_survives_eviction(tmp_path):
     root = tmp_path / "cache"
     root.mkdir()
     cache = DiscCache(str(root), max_bytes=1000, ttl_s=3600)
-    original = iso_file(str(tmp_path), "a.iso", 1000)
-    cache.store("a", original)
-    os.unlink(original)  # the job that made it is done
-    cache.fetch("a", str(tmp_path / "sending.iso"))
-    cache.store("b", iso_file(str(tmp_path), "b.iso", 1000))  # evicts a
-    assert os.listdir(root) == ["b.iso"]
-    assert os.path.getsize(tmp_path / "sending.iso") == 1000  # the download's own link still reads
+    original = store(cache, str(tmp_path), "a", 1000)
+    shutil.rmtree(original)  # the job that made it is done
+    os.mkdir(tmp_path / "sending")
+    fetched = cache.fetch("a", str(tmp_path / "sending"))
+    assert (fetched.digests[0].path, fetched.when) == ("IMG", (1, 2))
+    store(cache, str(tmp_path), "b", 1000)  # evicts a
+    assert os.listdir(root) == ["b"]
+    assert os.path.getsize(os.path.join(fetched.tree, "IMG")) == 1000  # the download's own link still reads

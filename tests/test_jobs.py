@@ -14,8 +14,8 @@ from mkiso.config import DCMTK_TOOLS
 from conftest import job_leftovers
 from discs import check_pdi, open_iso
 
-JOB_KEYS = {"id", "action", "accessions", "state", "progress", "error", "created", "updated", "expires", "links",
-            "discs", "result", "omitted"}
+JOB_KEYS = {"id", "action", "format", "accessions", "state", "progress", "error", "created", "updated", "expires",
+            "links", "discs", "result", "omitted"}
 PROGRESS_KEYS = {"phase", "images_expected", "images_received", "bytes_received", "disc_bytes"}
 
 
@@ -93,7 +93,7 @@ def test_a_job_from_start_to_iso(make_service, wsgi_call, app_of, archive, tmp_p
     job = response.json()
     assert set(job) == JOB_KEYS and set(job["progress"]) == PROGRESS_KEYS
     assert response.header("Location") == "/api/jobs/" + job["id"] and len(job["id"]) == 32
-    assert job["state"] in ("queued", "running") and job["action"] == "download"
+    assert job["state"] in ("queued", "running") and job["action"] == "download" and job["format"] == "iso"
     job = wait_for(wsgi_call, app, job["id"], ("ready", "failed"))
     assert job["state"] == "ready", job
     wanted = archive.sop_uids("MR.180505.026", "ACC1002")

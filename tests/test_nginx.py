@@ -6,6 +6,7 @@ zones (mkiso-limits.conf) are included at http level from a conf.d folder,
 as Debian's nginx.conf includes /etc/nginx/conf.d/*.conf.
 """
 
+import io
 import json
 import os
 import shutil
@@ -15,13 +16,14 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import zipfile
 
 import pytest
 
 from mkiso import demo, server as mkiso_server
 from mkiso.http import application
 from conftest import job_leftovers
-from discs import check_pdi, open_iso
+from discs import Disc, check_pdi, open_iso
 
 PREFIX = "/internal/mkiso/"
 SNIPPETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "debian", "nginx")
@@ -150,6 +152,23 @@ def test_nginx_sends_the_iso_and_it_is_removed_after_the_keep_time(behind_nginx,
     iso_path.write_bytes(body)
     check_pdi(open_iso(str(iso_path), str(tmp_path / "via-nginx")), archive.sop_uids("ACC2001"))
     assert job_leftovers(service), "the ISO must stay for its keep time"
+    assert wait_until_removed(service) == []
+
+
+def test_nginx_sends_a_zip_written_with_the_same_layout(behind_nginx, archive, tmp_path):
+    """nginx sends files, not layouts: the ZIP is written first, byte for byte the layout mkiso sends itself."""
+    service, upstream, front = behind_nginx
+    status, headers, _ = get(upstream + "/api/iso/download?accession_number=ACC2001&format=zip")
+    assert status == 200 and headers["X-Accel-Redirect"].endswith("/disc.zip")
+    assert headers["Content-Type"] == "application/zip"
+    status, headers, body = get(front + "/api/iso/download?accession_number=ACC2001&format=zip")
+    assert status == 200 and headers["Content-Type"] == "application/zip"
+    assert headers["Content-Disposition"].startswith('attachment; filename="ACC2001.zip"')
+    assert int(headers["Content-Length"]) == len(body)
+    with zipfile.ZipFile(io.BytesIO(body)) as opened:
+        assert opened.testzip() is None
+        opened.extractall(tmp_path / "stick")
+    check_pdi(Disc(str(tmp_path / "stick")), archive.sop_uids("ACC2001"))
     assert wait_until_removed(service) == []
 
 

@@ -30,12 +30,12 @@ from typing import Callable, Optional
 import pydicom
 
 from .. import __version__, errors, fastcopy, process
-from . import dicomdir, records
+from . import dicomdir, digests, records
 
 log = logging.getLogger(__name__)
 
 FILE_ID = re.compile(r"^[A-Z0-9_]{1,8}$")
-PDI_RESERVED = {"DICOMDIR", "DICOM", "README.TXT", "INDEX.HTM", "IHE_PDI"}  # the last two: web content
+PDI_RESERVED = {"DICOMDIR", "DICOM", "README.TXT", "INDEX.HTM", "IHE_PDI", digests.NAME}  # web content, SHA256.TXT
 LEGACY_FOLDER = "DICOMDIR"
 SECTOR = 2048
 PLACE_CHUNK = 2000
@@ -230,7 +230,7 @@ def stage(staging, files, layout, viewer_dir, readme=None):
     if layout == "pdi":
         images, reserved = pdi_paths(files), PDI_RESERVED
     else:
-        images, reserved = legacy_paths(files), {LEGACY_FOLDER}
+        images, reserved = legacy_paths(files), {LEGACY_FOLDER, digests.NAME}
     viewer = viewer_paths(viewer_dir, reserved)
     folders = {os.path.dirname(path) for _, path in images} | {os.path.dirname(path) for _, path in viewer}
     for folder in sorted(folders - {""}):
@@ -379,8 +379,11 @@ def patient_stem(person_name):
 
 @dataclasses.dataclass(eq=False)
 class Iso:
-    """One disc's ISO, waiting to be sent (``path`` None: sized, not built); ``cleanup`` removes the job's
-    folder.
+    """One disc's ISO or ZIP, waiting to be sent (``path`` None: sized, not built); ``cleanup`` removes the
+    job's folder.
+
+    A ZIP (``archive``, a ``ziparchive.Archive``) is sent from its staged
+    ``tree``; ``path`` is where its file goes if one is written (for nginx).
 
     ``size`` is genisoimage's -print-size, which the written file must
     match.  A job split over several discs has one Iso each (``number`` of
@@ -402,6 +405,13 @@ class Iso:
     volume: Optional[str] = None
     write: Optional[Callable] = dataclasses.field(default=None, repr=False)
     build: object = dataclasses.field(default=None, repr=False)
+    archive: object = dataclasses.field(default=None, repr=False)
+    tree: Optional[str] = None
+
+    @property
+    def format(self):
+        """The medium's format, as the job's JSON and the links say it: ``iso`` or ``zip``."""
+        return "iso" if self.archive is None else "zip"
 
     def __post_init__(self):
         if self.of > 1:

@@ -74,6 +74,9 @@ REASONS = {
 }
 
 
+FORMATS = ("iso", "zip")  # a download's medium (SPEC §13)
+
+
 class Route:
     """A path's handler (a method name of Application), its methods and aliases.
 
@@ -107,8 +110,9 @@ JOB_ID = r"(?P<job_id>[0-9a-f]{32})"
 PATTERN_ROUTES = [
     (re.compile("^/api/jobs/%s$" % JOB_ID), Route("job", methods=("GET", "DELETE"))),
     (re.compile("^/api/jobs/%s/events$" % JOB_ID), Route("job_events")),
-    (re.compile("^/api/jobs/%s/iso$" % JOB_ID), Route("job_iso", token_access=True)),
-    (re.compile("^/api/jobs/%s/discs/(?P<number>[1-9][0-9]{0,3})/iso$" % JOB_ID), Route("job_iso", token_access=True)),
+    (re.compile("^/api/jobs/%s/(?P<format>iso|zip)$" % JOB_ID), Route("job_iso", token_access=True)),
+    (re.compile("^/api/jobs/%s/discs/(?P<number>[1-9][0-9]{0,3})/(?P<format>iso|zip)$" % JOB_ID),
+     Route("job_iso", token_access=True)),
 ]
 
 
@@ -295,6 +299,17 @@ class Application:
         wanted = self._accessions(request, ("accession_numbers", "accession_number"), several=True)
         return self._iso_answer(request, wanted, named_by_patient=True)
 
+    def _format(self, given):
+        """The medium asked for (the ``format`` parameter or the body's key): iso (the default) or zip."""
+        if given is None:
+            return "iso"
+        if given not in FORMATS:
+            raise errors.BadRequest("The parameter format must be iso or zip.", code="bad_format")
+        if given == "zip" and not self.config.zip.enabled:
+            raise errors.BadRequest("ZIP downloads are turned off here (zip.enabled is false); ask for the ISO.",
+                                    code="zip_disabled")
+        return given
+
     def _iso_answer(self, request, wanted, named_by_patient):
         """The ISO itself, or behind nginx (server.x_accel_prefix) a redirect for nginx to send it.
 
@@ -304,9 +319,10 @@ class Application:
         """
         server = self.config.server
         head = request.method == "HEAD"
+        medium = self._format(request.param("format")) if request.path in ROUTES else "iso"  # legacy: ISO
         # sent while written, if the channel can (nginx needs it whole)
         stream = self.stream_isos and not head and not server.x_accel_prefix
-        job = self._new_job(request, "download", wanted, named_by_patient, stream=stream)
+        job = self._new_job(request, "download", wanted, named_by_patient, stream=stream, format=medium)
         job.export.deferred = stream  # audited when its answer ends; nginx's is audited when handed over
         if head:
             job.export.action, job.export.format = "query", None
@@ -370,9 +386,12 @@ class Application:
         split = body.get("split", False)
         if not isinstance(split, bool):
             raise errors.BadRequest("split must be true or false.")
+        medium = self._format(body.get("format"))
+        if action == "print" and medium != "iso":
+            raise errors.BadRequest("format is for downloads; a print sends the images.", code="bad_format")
         wanted = accessions.parse(",".join(given), "accessions", True, self.config.limits.max_accessions)
         request.accessions = wanted
-        job = self._new_job(request, action, wanted, named_by_patient=len(wanted) > 1, split=split)
+        job = self._new_job(request, action, wanted, named_by_patient=len(wanted) > 1, split=split, format=medium)
         jobs.submit(job)
         return Response.json(202, self._job_view(request, job), [("Location", "/api/jobs/" + job.id)])
 
@@ -462,7 +481,8 @@ class Application:
             jobs.wait_for_change(job, updated, STREAM_TICK_S)
 
     def job_iso(self, request):
-        """A ready job's disc: ``/iso`` when it made one, ``/discs/{n}/iso`` for each of several."""
+        """A ready job's disc: ``/iso`` (``/zip``) when it made one, ``/discs/{n}/iso`` (``/zip``) for each of
+        several; the format its job made."""
         job = self.service.jobs.get(request.match["job_id"])
         if not (request.authorized and self.keys.sees(request.caller, job.caller)):
             token = (request.param("token") or "").encode("utf-8", "surrogateescape")
@@ -473,10 +493,14 @@ class Application:
                 raise errors.NotFound("Job %s has no disc (it is %s)." % (job.id, job.state.value), code="no_disc")
             raise errors.Conflict("The disc of job %s is not ready yet (%s)." % (job.id, job.progress()["phase"]),
                                   code="not_ready")
+        if request.match["format"] != job.format:
+            raise errors.NotFound("Job %s made %s; fetch it from its link, /api/jobs/%s/%s."
+                                  % (job.id, "a ZIP" if job.format == "zip" else "an ISO", job.id, job.format),
+                                  code="no_disc")
         number = int(request.match.get("number") or 0)
         if number == 0 and len(job.discs) > 1:
-            raise errors.Conflict("Job %s made %d discs; fetch each from /api/jobs/%s/discs/<n>/iso."
-                                  % (job.id, len(job.discs), job.id), code="several_discs")
+            raise errors.Conflict("Job %s made %d discs; fetch each from /api/jobs/%s/discs/<n>/%s."
+                                  % (job.id, len(job.discs), job.id, job.format), code="several_discs")
         if number > len(job.discs):
             raise errors.NotFound("Job %s has %d disc%s." % (job.id, len(job.discs), "s" * (len(job.discs) > 1)),
                                   code="no_disc")

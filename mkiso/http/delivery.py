@@ -21,10 +21,19 @@ no slot: ten slow readers kept ten ISOs.  ``Pending`` counts them against
 ``limits.max_pending_bytes``; beyond it the oldest reader is cut off (its
 connection closed, its ISO removed), with a log line saying so.
 
+A ZIP (SPEC §13) is answered the same way: its layout (``ziparchive``)
+gives its length before the first byte, and its body (a
+``ziparchive.Reader`` in the same ``RemovedOnClose``) is a sequence of
+header pieces from memory and ranges of the staged files, which the
+sendfile channel sends by ``extent``; Range, HEAD and the cleanup as for an
+ISO.
+
 Behind nginx, with ``server.x_accel_prefix``, the answer is only headers:
 ``X-Accel-Redirect`` names the ISO under the prefix, which nginx maps to
 the work dir, and nginx sends the file (Range and all).  The ISO is made
 readable for nginx's group and removed after ``server.x_accel_keep_s``.
+nginx sends files, not layouts: a ZIP is written first (``ziparchive.write``,
+the kernel copying each file's bytes), then handed over as an ISO is.
 """
 
 import collections
@@ -36,13 +45,14 @@ import unicodedata
 import wsgiref.util
 from urllib.parse import quote
 
-from ..disc import tree
+from ..disc import tree, ziparchive
 from .. import errors, process
 from .responses import Response
 
 log = logging.getLogger(__name__)
 
 ISO_TYPE = "application/x-iso9660-image"
+TYPES = {"iso": ISO_TYPE, "zip": "application/zip"}
 BLOCK = 1 << 20
 UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\"\'`:*?<>|;,%]+')
 SINGLE_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
@@ -78,11 +88,12 @@ def ascii_name(text):
     return clean_name(folded).upper()
 
 
-def disposition(stem, fallback):
+def disposition(stem, fallback, extension="iso"):
     """Content-Disposition with an ASCII filename and an RFC 6266 filename*."""
     utf8 = clean_name(stem) or fallback
     plain = ascii_name(stem) or ascii_name(fallback) or "MKISO"
-    return "attachment; filename=\"%s.iso\"; filename*=UTF-8''%s" % (plain, quote(utf8 + ".iso", safe=""))
+    return "attachment; filename=\"%s.%s\"; filename*=UTF-8''%s" % (plain, extension,
+                                                                   quote(utf8 + "." + extension, safe=""))
 
 
 def byte_range(header, size):
@@ -118,7 +129,8 @@ class RangeNotSatisfiable(errors.MkisoError):
 
 
 class RemovedOnClose:
-    """The open ISO from ``offset``, at most ``length`` bytes; closing it removes the job's files.
+    """The open ISO (or a ZIP's ``ziparchive.Reader``) from ``offset``, at most ``length`` bytes; closing
+    it removes the job's files.
 
     The server closes it when the answer ends: after the last byte, or when
     the client went away.  The file position then tells how far sending
@@ -132,7 +144,7 @@ class RemovedOnClose:
 
     The server's connection that sends it from the file descriptor
     (``waitress_adapter.SendfileChannel``) asks it by these names only:
-    ``sent_by(hang_up, wake)`` (how to end the connection sending it from
+    ``extent(position, count)``, ``sent_by(hang_up, wake)`` (how to end the connection sending it from
     another thread, and to wake its loop as the ISO grows), ``waiting(position)``,
     ``sendable(position, count)``, ``failed``, ``cut_off`` and ``end``.
     """
@@ -183,6 +195,12 @@ class RemovedOnClose:
                 self.pending.remove(self)
         if self.on_close is not None:
             self.on_close(sent)
+
+    def extent(self, position, count):
+        """What the sendfile channel sends next, at most ``count`` bytes from ``position``: (file
+        descriptor, offset, count) of a file, or bytes (a ZIP's headers)."""
+        extent = getattr(self._handle, "extent", None)  # a ZIP's Reader; an ISO is its one open file
+        return (self._handle.fileno(), position, count) if extent is None else extent(position, count)
 
     def sent_by(self, hang_up, wake):
         """A connection sends this answer: ``hang_up()`` ends it from any thread (a ``cut``), ``wake()``
@@ -367,9 +385,9 @@ def iso_response(environ, iso, remove=True, pending=None):
         raise
     status, first, length = 200, 0, iso.size
     headers = [
-        ("Content-Type", ISO_TYPE),
+        ("Content-Type", TYPES[iso.format]),
         ("Accept-Ranges", "bytes"),
-        ("Content-Disposition", disposition(iso.stem, iso.fallback_stem)),
+        ("Content-Disposition", disposition(iso.stem, iso.fallback_stem, iso.format)),
     ]
     if wanted is not None:
         status, first, length = 206, wanted[0], wanted[1] - wanted[0] + 1
@@ -378,7 +396,8 @@ def iso_response(environ, iso, remove=True, pending=None):
     if iso.path is None:  # a HEAD: sized, never built
         cleanup()
         return Response(status, headers, [], length)
-    body = RemovedOnClose(open(iso.path, "rb"), cleanup, first, length, iso.size, iso.build)
+    handle = open(iso.path, "rb") if iso.archive is None else ziparchive.Reader(iso.archive, iso.tree)
+    body = RemovedOnClose(handle, cleanup, first, length, iso.size, iso.build)
     if remove and pending is not None:
         pending.add(body)
     wrapper = environ.get("wsgi.file_wrapper", wsgiref.util.FileWrapper)
@@ -391,7 +410,12 @@ def _keep():
 
 def accel_response(iso, prefix, work_dir, keep_s):
     """200 with X-Accel-Redirect and no body: nginx sends the file; it goes after ``keep_s`` (None: a
-    job's ISO, which goes when the job expires)."""
+    job's ISO, which goes when the job expires).  A ZIP is written to its file first (once: a job's
+    second fetch finds it)."""
+    if iso.archive is not None and not os.path.exists(iso.path):
+        part = "%s.%d.part" % (iso.path, threading.get_ident())  # two fetches at once: each its own
+        ziparchive.write(iso.archive, iso.tree, part)
+        os.replace(part, iso.path)
     os.chmod(iso.folder, 0o750)
     os.chmod(iso.path, 0o640)
     if keep_s is not None:
@@ -399,8 +423,8 @@ def accel_response(iso, prefix, work_dir, keep_s):
         remover.daemon = True
         remover.start()
     headers = [
-        ("Content-Type", ISO_TYPE),
-        ("Content-Disposition", disposition(iso.stem, iso.fallback_stem)),
+        ("Content-Type", TYPES[iso.format]),
+        ("Content-Disposition", disposition(iso.stem, iso.fallback_stem, iso.format)),
         ("X-Accel-Redirect", quote(prefix + os.path.relpath(iso.path, work_dir))),
         ("Content-Length", "0"),
     ]

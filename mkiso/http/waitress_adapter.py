@@ -17,7 +17,10 @@ each reaches into waitress's own classes:
   documents) is sent up to what the file holds; with nothing more to send
   yet the channel is not writable, and the build wakes the loop
   (``pull_trigger``) as the file grows.  A build that failed closes the
-  connection: the answer ends short.
+  connection: the answer ends short.  A ZIP's body is no one file: the
+  channel asks the body for its next ``extent``, a range of a staged file
+  (sendfile) or a header from memory (``send`` with MSG_MORE, so that it
+  shares a packet with the file's first bytes).
 - ``JsonErrorTask``: a request waitress refuses itself (a body over its
   limit: 413; a malformed request: 400) is answered in JSON, as every other
   error of SPEC §2, never having reached the application.
@@ -125,14 +128,14 @@ class SendfileChannel(HTTPChannel):
         while True:
             outbuf = self.outbufs[0]
             outbuflen = outbuf.__len__()
-            fd = _file_descriptor(outbuf)
-            if fd is not None and self._cut(outbuf):
+            by_kernel = _body(outbuf) is not None or _file_descriptor(outbuf) is not None
+            if by_kernel and self._cut(outbuf):
                 return False
             while outbuflen > 0:
-                if fd is None:
+                if not by_kernel:
                     num_sent = self.send(outbuf.get(self.sendbuf_len), do_close=do_close)
                 else:
-                    num_sent = self._sendfile(outbuf, fd, do_close)
+                    num_sent = self._sendfile(outbuf, do_close)
                 if num_sent:
                     outbuf.skip(num_sent, True)
                     outbuflen -= num_sent
@@ -176,7 +179,7 @@ class SendfileChannel(HTTPChannel):
         body.sent_by(self.hang_up, self.server.pull_trigger)
         return False
 
-    def _sendfile(self, outbuf, fd, do_close):
+    def _sendfile(self, outbuf, do_close):
         """As wasyncore's ``send``: the bytes sent, 0 when the socket is full, the client gone, or the
         file not yet written that far."""
         position = outbuf.file.tell()
@@ -186,12 +189,17 @@ class SendfileChannel(HTTPChannel):
                 self.handle_close()
             return 0
         count = min(outbuf.remain, CHUNK)
-        if body is not None:
+        if body is None:
+            extent = (outbuf.file.fileno(), position, count)
+        else:
             count = body.sendable(position, count)
             if count <= 0:
                 return 0
+            extent = body.extent(position, count)
         try:
-            return os.sendfile(self.socket.fileno(), fd, position, count)
+            if isinstance(extent, bytes):  # a ZIP's header: the file's bytes follow
+                return self.socket.send(extent, socket.MSG_MORE)
+            return os.sendfile(self.socket.fileno(), *extent)
         except BlockingIOError:
             return 0
         except OSError as exc:
