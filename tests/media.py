@@ -51,9 +51,9 @@ def make_iso(root, iso_path, label="MKISO"):
     return iso_path
 
 
-def make_zip(root, zip_path):
-    """The ZIP of ``root``: every file stored (zip.compress: stored), the names as on the disc."""
-    with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_STORED) as archive:
+def make_zip(root, zip_path, compression=zipfile.ZIP_STORED):
+    """The ZIP of ``root``: every file stored (zip.compress: stored) or DEFLATEd, the names as on the disc."""
+    with zipfile.ZipFile(zip_path, "w", compression) as archive:
         for path in files_of(root):
             archive.write(os.path.join(root, path), path)
     return zip_path

@@ -55,7 +55,6 @@ from .. import errors
 MANIFEST = "SHA256.TXT"
 DICOMDIR = "DICOMDIR"
 BLOCK = 4 << 20  # bytes a read: a file larger than this is hashed in pieces
-HEAD = 64 << 10  # of a DICOM file: where its SOP Instance UID is looked for
 BATCH = 256  # files a thread takes at a time, in the medium's order
 THREADS = min(2, os.cpu_count() or 1)
 MANIFEST_LINE = re.compile(r"^([0-9a-fA-F]{64}) [ *](.+)$")
@@ -127,7 +126,8 @@ def _check(medium, threads):
         return Report(problems, 0, 0)
     entries = medium.entries
     index = _Index(entries)
-    listed = _read_manifest(medium, index, problems)
+    manifest = index.find(MANIFEST)
+    listed = _read_manifest(medium, manifest, index, problems)
     references, fileset = _read_dicomdir(medium, index, problems)
     referenced = {entry.path for entry, _ in references}
     # The File-set's folders (DICOM/): every file in them must be referenced.
@@ -140,7 +140,7 @@ def _check(medium, threads):
         if damage:
             problems.append(Problem("unreadable", entry.path, damage))
         expected = listed.get(entry.path) if listed is not None else None
-        if listed is not None and expected is None and entry.path != MANIFEST:
+        if listed is not None and expected is None and entry is not manifest:
             problems.append(Problem("not listed", entry.path, "on the medium but not in %s" % MANIFEST))
         elif expected is not None and digest is not None and digest != expected:
             problems.append(Problem("changed", entry.path, "SHA-256 differs"))
@@ -182,9 +182,8 @@ class _Index:
         return entry
 
 
-def _read_manifest(medium, index, problems):
-    """{path on the medium: expected hex digest} from SHA256.TXT; None when there is none."""
-    entry = index.find(MANIFEST)
+def _read_manifest(medium, entry, index, problems):
+    """{path on the medium: expected hex digest} from SHA256.TXT (``entry``); None when there is none."""
     if entry is None:
         problems.append(Problem("missing", MANIFEST, "the list of checksums: no file can be checked against it"))
         return None
@@ -230,7 +229,7 @@ def _read_dicomdir(medium, index, problems):
         return [], set()  # the file's own read reports it
     try:
         records = dicomdir_references(data)
-    except _Unusual:
+    except (_Unusual, UnicodeDecodeError):
         try:
             records = _pydicom_references(data)
         except Exception:  # pydicom raises many kinds on a broken file
@@ -341,7 +340,7 @@ class Medium:
             for number, block in enumerate(self._blocks(entry)):
                 if dicom and number == 0:
                     try:
-                        scanned = sop_instance_uid(block[:HEAD])
+                        scanned = sop_instance_uid(block)
                     except (_Unusual, UnicodeDecodeError):
                         pass
                 digest.update(block)
@@ -473,10 +472,8 @@ class Iso(_Container):
         super().__init__(path)
         name = os.path.basename(path)
         primary = joliet = None
-        sector = 16
-        while True:
-            descriptor = self.pread(self.SECTOR, sector * self.SECTOR, name) if sector * self.SECTOR < self.length \
-                else b"\xff"
+        for sector in range(16, self.length // self.SECTOR):  # the volume descriptors, up to the terminator
+            descriptor = self.pread(self.SECTOR, sector * self.SECTOR, name)
             kind = descriptor[0]
             if kind == 255 or descriptor[1:6] != b"CD001":
                 break
@@ -484,7 +481,6 @@ class Iso(_Container):
                 primary = descriptor
             elif kind == 2 and descriptor[88:91] in (b"%/@", b"%/C", b"%/E"):
                 joliet = descriptor
-            sector += 1
         if primary is None:
             raise errors.MkisoError("%s has no ISO 9660 primary volume descriptor." % path, code="not_a_medium")
         self.block = struct.unpack_from("<H", primary, 128)[0]
@@ -754,6 +750,7 @@ def main(argv=None):
                     "SHA256.TXT, and the DICOMDIR against the files.")
     parser.add_argument("path", help="an ISO file, a ZIP file, or the folder where the disc or stick is mounted")
     args = parser.parse_args(argv)
+    sys.stdout.reconfigure(errors="backslashreplace")  # a file name in no encoding still gets its line
     try:
         report = check(args.path)
     except errors.MkisoError as exc:
