@@ -16,8 +16,12 @@ import zipfile
 
 import pydicom
 import pytest
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.sequence import Sequence
+from pydicom.uid import ImplicitVRLittleEndian
 
 from mkiso.disc import dicomdir, verify
 from mkiso.http import application
@@ -29,6 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE = "DICOM/PAT00001/STU00001/SER00001/IMG00001"
 OTHER_IMAGE = "DICOM/PAT00001/STU00001/SER00001/IMG00002"
 LONG_NAME = "VIEWER/lib/Long Named Library.dll"  # a viewer's long, mixed-case name: Rock Ridge and Joliet keep it
+LONGER_NAME = "VIEWER/lib/" + "Longer" * 20 + ".dat"  # over Joliet's 103 characters: Rock Ridge alone keeps it
 
 
 @pytest.fixture
@@ -38,6 +43,7 @@ def viewer(tmp_path):
     (folder / "AUTORUN.INF").write_text("[autorun]\r\nopen=VIEWER\\VIEWER.EXE\r\n")
     (folder / "VIEWER" / "VIEWER.EXE").write_bytes(b"MZ not really a viewer")
     (folder / LONG_NAME).write_bytes(b"not really a library" * 100)
+    (folder / LONGER_NAME).write_bytes(b"data")
     return str(folder)
 
 
@@ -95,7 +101,7 @@ def flip(path, at):
 
 def test_good_disc_zip_and_folder_pass(disc, tmp_path):
     files = count(disc)
-    assert os.path.exists(os.path.join(disc, LONG_NAME)) and os.path.exists(os.path.join(disc, "INDEX.HTM"))
+    assert os.path.exists(os.path.join(disc, LONGER_NAME)) and os.path.exists(os.path.join(disc, "INDEX.HTM"))
     deflated = make_zip(disc, str(tmp_path / "deflated.zip"), zipfile.ZIP_DEFLATED)  # PS3.3 Annex P allows it
     for kind, path in list(media(disc, tmp_path).items()) + [("deflated zip", deflated)]:
         status, out, err = run(path)
@@ -197,8 +203,10 @@ def test_a_file_that_is_no_medium(tmp_path, content):
 
 
 def test_joliet_and_plain_iso9660_names(disc, tmp_path):
-    """A disc made by another tool: Joliet without Rock Ridge keeps the long names; bare ISO 9660 has only
-    8.3 names, which then are not the ones listed."""
+    """A disc made by another tool: Joliet without Rock Ridge keeps names up to 103 characters; bare ISO
+    9660 has only 8.3 names, which then are not the ones listed."""
+    os.unlink(os.path.join(disc, LONGER_NAME))
+    write_manifest(disc)
     joliet = str(tmp_path / "joliet.iso")
     subprocess.run(["genisoimage", "-quiet", "-J", "-joliet-long", "-o", joliet, disc], check=True)
     status, out, _ = run(joliet)
@@ -236,8 +244,9 @@ def test_direct_dicomdir_reader_agrees_with_pydicom(disc):
         for name in names if folder.startswith(os.path.join(disc, "DICOM")))]
 
 
-def _dicomdir_with_nested_sequences(undefined):
-    """A DICOMDIR whose records carry nested sequences, encoded by pydicom with (un)defined lengths."""
+def _dicomdir_with_nested_sequences(undefined, implicit=False):
+    """A DICOMDIR whose records carry nested sequences and an icon (encapsulated pixel data), encoded by
+    pydicom with (un)defined lengths, in explicit VR (or, as PS3.10 does not allow, implicit VR)."""
     def record(number):
         item = Dataset()
         item.OffsetOfTheNextDirectoryRecord = 0
@@ -250,6 +259,12 @@ def _dicomdir_with_nested_sequences(undefined):
         inner.ConceptNameCodeSequence = Sequence([code])
         item.ConceptNameCodeSequence = Sequence([code])
         item.ContentSequence = Sequence([inner, inner])
+        icon = Dataset()
+        icon.Rows = icon.Columns = 1
+        icon.PixelData = encapsulate([b"\xff\xd8 a JPEG frame \xff\xd9"])
+        icon["PixelData"].VR = "OB"
+        icon["PixelData"].is_undefined_length = True
+        item.IconImageSequence = Sequence([icon])
         item.ReferencedFileID = ["DICOM", "DOC%05d" % number]
         item.ReferencedSOPInstanceUIDInFile = "1.2.3.%d" % number
         return item
@@ -265,15 +280,45 @@ def _dicomdir_with_nested_sequences(undefined):
     ds.DirectoryRecordSequence.is_undefined_length = undefined
     for item in ds.DirectoryRecordSequence:
         item.is_undefined_length_sequence_item = undefined
-    return dicomdir.PREAMBLE + dicomdir._file_meta() + dicomdir._encode(ds)
+    if not implicit:
+        return dicomdir.PREAMBLE + dicomdir._file_meta() + dicomdir._encode(ds)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = dicomdir.MEDIA_STORAGE_DIRECTORY
+    meta.MediaStorageSOPInstanceUID = "1.2.3"
+    meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_file_meta_info(buffer, meta)
+    head = buffer.getvalue()
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, True
+    write_dataset(buffer, ds)
+    return dicomdir.PREAMBLE + head + buffer.getvalue()
 
 
 @pytest.mark.parametrize("undefined", [True, False])
 def test_direct_dicomdir_reader_with_nested_sequences(undefined):
     data = _dicomdir_with_nested_sequences(undefined)
-    assert (b"\xfe\xff\xdd\xe0" in data) == undefined  # the sequence delimiters are really there (or not)
+    delimiters = data.count(b"\xfe\xff\xdd\xe0")  # the two icons' pixel data's, and the sequences' (or not)
+    assert delimiters > 2 if undefined else delimiters == 2
     assert verify.dicomdir_references(data) == verify._pydicom_references(data) == [
         (["DICOM", "DOC00001"], "1.2.3.1"), (["DICOM", "DOC00002"], "1.2.3.2")]
+
+
+def test_a_dicomdir_only_pydicom_reads(tmp_path):
+    """Implicit VR, which PS3.10 forbids in a DICOMDIR but pydicom reads: the direct reader leaves it to
+    pydicom, and its references are checked all the same."""
+    data = _dicomdir_with_nested_sequences(True, implicit=True)
+    with pytest.raises(verify._Unusual):
+        verify.dicomdir_references(data)
+    (tmp_path / "stick").mkdir()
+    (tmp_path / "stick" / "DICOMDIR").write_bytes(data)
+    status, out, _ = run(tmp_path / "stick")
+    assert (status, out) == (1, [
+        "missing: DICOM/DOC00001 (referenced by the DICOMDIR, not on the medium)",
+        "missing: DICOM/DOC00002 (referenced by the DICOMDIR, not on the medium)",
+        "missing: SHA256.TXT (the list of checksums: no file can be checked against it)",
+        "mkiso-verify: FAILED: 3 problems in 1 file"])
 
 
 def test_direct_header_reader_agrees_with_pydicom(disc):

@@ -25,10 +25,7 @@ os.walk.  Files are read in the image's order by a few threads: hashlib and
 longer than the whole budget on the DICOMDIR (1 s for 10,000 records) and
 the headers (0.2-0.3 ms a file), so both are read here where they are
 plain explicit VR little endian (all that PS3.10 allows for a DICOMDIR,
-nearly every image), and anything else is left to pydicom.  A file whose
-checksum vouches for it (listed, and the same bytes) needs no more than its
-SOP Instance UID; one the checksums cannot vouch for (changed, not listed,
-or no SHA256.TXT) is read by pydicom up to its pixels.
+nearly every image), and anything else is left to pydicom.
 
 Run as ``mkiso-verify PATH`` (or ``python3 -m mkiso.disc.verify``): one line
 per problem, a last line with the verdict and the counts; exit 0 when all
@@ -86,10 +83,14 @@ class Report:
 
     def verdict(self):
         if self.ok:
-            return "mkiso-verify: OK: %s files, %s DICOM objects, all as listed" % (
-                format(self.files, ","), format(self.objects, ","))
-        return "mkiso-verify: FAILED: %s problem%s in %s files" % (
-            format(len(self.problems), ","), "" if len(self.problems) == 1 else "s", format(self.files, ","))
+            return "mkiso-verify: OK: %s, %s, all as listed" % (
+                _counted(self.files, "file"), _counted(self.objects, "DICOM object"))
+        return "mkiso-verify: FAILED: %s in %s" % (
+            _counted(len(self.problems), "problem"), _counted(self.files, "file"))
+
+
+def _counted(number, noun):
+    return "%s %s%s" % (format(number, ","), noun, "" if number == 1 else "s")
 
 
 @dataclasses.dataclass(slots=True)
@@ -144,12 +145,11 @@ def _check(medium, threads):
             problems.append(Problem("not listed", entry.path, "on the medium but not in %s" % MANIFEST))
         elif expected is not None and digest is not None and digest != expected:
             problems.append(Problem("changed", entry.path, "SHA-256 differs"))
-    vouched = {path for path, expected in (listed or {}).items() if read[path][0] == expected}
     for entry, sop_uid in references:
         _, scanned, damage = read[entry.path]
         if damage:
             continue
-        found = _sop_instance_uid(medium, entry, scanned, entry.path in vouched)
+        found = _sop_instance_uid(medium, entry, scanned)
         if found is None:
             problems.append(Problem("unreadable", entry.path, "not readable as DICOM"))
         elif found != sop_uid:
@@ -157,7 +157,7 @@ def _check(medium, threads):
                                     "its SOP Instance UID is not the one its DICOMDIR record names"))
     for entry in loose:
         _, scanned, damage = read[entry.path]
-        is_dicom = not damage and _sop_instance_uid(medium, entry, scanned, entry.path in vouched) is not None
+        is_dicom = not damage and _sop_instance_uid(medium, entry, scanned) is not None
         problems.append(Problem("not in the DICOMDIR", entry.path,
                                 "a DICOM file its DICOMDIR does not reference" if is_dicom
                                 else "a file in the File-set's folders that is not a DICOM object either"))
@@ -251,14 +251,15 @@ def _read_dicomdir(medium, index, problems):
     return references, fileset
 
 
-def _sop_instance_uid(medium, entry, scanned, vouched):
+def _sop_instance_uid(medium, entry, scanned):
     """The file's SOP Instance UID, or None when it is not readable as DICOM.
 
     ``scanned`` is what ``sop_instance_uid`` found in its first bytes as
-    they were hashed (None where it left the file to pydicom): enough when
-    the file's checksum vouches for it; else pydicom reads it whole, up to
-    the pixel data, as a viewer would."""
-    if vouched and scanned is not None:
+    they were hashed; where it left the file to pydicom (None), pydicom
+    reads it up to the pixel data, as a viewer would.  (pydicom reads no
+    more than that: 2.3 and 3.0 alike read a header damaged after its first
+    elements without a word, so a damaged byte is the checksum's to find.)"""
+    if scanned is not None:
         return scanned
     try:
         with warnings.catch_warnings():
@@ -656,14 +657,15 @@ def sop_instance_uid(data):
 
 
 def _skip(data, vr, value, length):
-    """The offset after an element's value, undefined-length sequences walked through."""
+    """The offset after an element's value, undefined-length sequences (and an icon's encapsulated
+    pixel data: items of fragments) walked through."""
     if length != UNDEFINED:
         end = value + length
         if end > len(data):
             raise _Unusual
         return end
-    if vr != b"SQ":
-        raise _Unusual  # encapsulated pixel data or UN: never in a DICOMDIR record
+    if vr not in (b"SQ", b"OB", b"OW"):
+        raise _Unusual  # UN: a sequence in implicit VR inside
     at = value
     while True:
         tag, _, item, item_length = _element(data, at)
