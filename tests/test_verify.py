@@ -27,13 +27,14 @@ from mkiso.disc import dicomdir, verify
 from mkiso.http import application
 from conftest import DCMTK_DIR
 from discs import download
-from media import make_iso, make_zip, write_manifest
+from media import MANIFEST, files_of, make_iso, make_zip, write_manifest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE = "DICOM/PAT00001/STU00001/SER00001/IMG00001"
 OTHER_IMAGE = "DICOM/PAT00001/STU00001/SER00001/IMG00002"
 LONG_NAME = "VIEWER/lib/Long Named Library.dll"  # a viewer's long, mixed-case name: Rock Ridge and Joliet keep it
 LONGER_NAME = "VIEWER/lib/" + "Longer" * 20 + ".dat"  # over Joliet's 103 characters: Rock Ridge alone keeps it
+DEEP = "VIEWER/a/b/c/d/e/f/g/h/deep.txt"  # nine folders deep: ISO 9660 relocates it, Rock Ridge links it back
 
 
 @pytest.fixture
@@ -44,6 +45,8 @@ def viewer(tmp_path):
     (folder / "VIEWER" / "VIEWER.EXE").write_bytes(b"MZ not really a viewer")
     (folder / LONG_NAME).write_bytes(b"not really a library" * 100)
     (folder / LONGER_NAME).write_bytes(b"data")
+    (folder / DEEP).parent.mkdir(parents=True)
+    (folder / DEEP).write_bytes(b"deep")
     return str(folder)
 
 
@@ -109,6 +112,20 @@ def test_good_disc_zip_and_folder_pass(disc, tmp_path):
         assert out == ["mkiso-verify: OK: %d files, 4 DICOM objects, all as listed" % files], kind
         report = verify.check(path)  # what the service calls
         assert (report.ok, report.files, report.objects, report.problems) == (True, files, 4, [])
+
+
+def test_the_service_iso_is_read_in_place_as_osirrox_extracts_it(disc, tmp_path):
+    """The ISO as the service made it (Rock Ridge, Joliet, a relocated deep folder): the same paths and
+    sizes as osirrox gives, and the same bytes as each file extracted."""
+    iso = verify.Iso(str(tmp_path / "disc.iso"))  # as downloaded, before the test added SHA256.TXT
+    try:
+        extracted = [path for path in files_of(disc) if path != MANIFEST]
+        assert sorted(iso.entries) == extracted and DEEP in extracted
+        for path, entry in iso.entries.items():
+            with open(os.path.join(disc, path), "rb") as handle:
+                assert iso.read(entry) == handle.read(), path
+    finally:
+        iso.close()
 
 
 def test_one_changed_byte_in_an_image(disc, tmp_path):
@@ -205,7 +222,8 @@ def test_a_file_that_is_no_medium(tmp_path, content):
 def test_joliet_and_plain_iso9660_names(disc, tmp_path):
     """A disc made by another tool: Joliet without Rock Ridge keeps names up to 103 characters; bare ISO
     9660 has only 8.3 names, which then are not the ones listed."""
-    os.unlink(os.path.join(disc, LONGER_NAME))
+    for path in (LONGER_NAME, DEEP):  # what only Rock Ridge holds (genisoimage leaves a deep folder out)
+        os.unlink(os.path.join(disc, path))
     write_manifest(disc)
     joliet = str(tmp_path / "joliet.iso")
     subprocess.run(["genisoimage", "-quiet", "-J", "-joliet-long", "-o", joliet, disc], check=True)
