@@ -29,5 +29,6 @@ setup(
     ext_modules=cythonize(extensions, compiler_directives={"language_level": "3"}, force=True),
     python_requires=">=3.10",  # zip(strict=True), dataclass(slots=True)
     install_requires=["waitress>=2.1", "PyYAML>=5.4", "pydicom>=2.3", "prometheus_client>=0.16"],
-    entry_points={"console_scripts": ["mkiso-server = mkiso.server:main", "mkiso-audit = mkiso.audit:main"]},
+    entry_points={"console_scripts": ["mkiso-server = mkiso.server:main", "mkiso-audit = mkiso.audit:main",
+                                      "mkiso-verify = mkiso.disc.verify:main"]},
 )
