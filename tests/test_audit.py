@@ -487,3 +487,11 @@ def test_who_exported_patient_x_between_two_dates(tmp_path):
     assert query("--patient", "P9").returncode == 1
     bad = query("--since", "March")
     assert bad.returncode == 2 and "--since" in bad.stderr
+
+
+def test_a_zip_download_says_so_on_record(make_service, wsgi_call):
+    """The format in the line; the ATNA message calls the medium a USB stick (CID 405)."""
+    service = make_service()
+    response = wsgi_call(app_for(service), "/api/iso/download", query="accession_number=ACC2001&format=zip")
+    assert response.status == 200 and response.header("Content-Type") == "application/zip"
+    assert [(line["stage"], line["format"]) for line in audit_lines(service)] == [("begun", "zip"), ("ended", "zip")]

@@ -2,11 +2,12 @@
 
 import os
 import time
+import zipfile
 
 import pytest
 
 from mkiso.http import application
-from discs import check_pdi, open_iso
+from discs import Disc, check_pdi, open_iso
 from test_jobs import slow_receiver_tools
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is installed in the venv (requirements-dev)")
@@ -254,6 +255,40 @@ def test_the_publisher_button_shows_only_when_printing_is_configured(browser, li
     time.sleep(0.2)  # the page asked /api/desk at load; give a late answer its chance to show the button
     assert browser.find_element(By.ID, "download").is_displayed()
     assert browser.find_element(By.ID, "print").is_displayed() is printing
+
+
+def test_a_clerk_downloads_the_disc_for_a_usb_stick(browser, live_server, make_service, archive, tmp_path):
+    """The ZIP button beside the disc image's: the ready line says it is a ZIP, the link saves one the
+    stdlib reads back, holding the disc (its DICOMDIR, the patient's images, SHA256.TXT)."""
+    open_page(browser, live_server, make_service())
+    look_up(browser, "ACC2001")
+    wait(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, "#studies tr")) == 1)
+    button = browser.find_element(By.ID, "download-zip")
+    wait(browser, button.is_displayed)
+    assert button.text == "Download for a USB stick (ZIP)"
+    button.click()
+    link = browser.find_element(By.ID, "iso-link")
+    wait(browser, link.is_displayed)
+    assert visible_text(browser, "status").startswith(
+        "The disc for DOE, JANE (ACC2001) is ready as a ZIP for a USB stick")
+    assert link.text == "Download the ZIP for a USB stick" and "/zip?token=" in link.get_attribute("href")
+    link.click()
+    wait(browser, lambda: [name for name in os.listdir(browser.downloads) if name.endswith(".zip")])
+    [name] = [name for name in os.listdir(browser.downloads) if name.endswith(".zip")]
+    assert name == "ACC2001.zip"
+    with zipfile.ZipFile(browser.downloads / name) as archive_file:
+        assert archive_file.testzip() is None
+        archive_file.extractall(tmp_path / "stick")
+    check_pdi(Disc(str(tmp_path / "stick")), archive.sop_uids("ACC2001"))
+    assert (tmp_path / "stick" / "SHA256.TXT").exists()
+
+
+def test_the_zip_button_shows_only_when_zips_are_on(browser, live_server, make_service):
+    open_page(browser, live_server, make_service(zip={"enabled": False}))
+    look_up(browser, "ACC2001")
+    wait(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, "#studies tr")) == 1)
+    time.sleep(0.2)  # the page asked /api/desk at load
+    assert not browser.find_element(By.ID, "download-zip").is_displayed()
 
 
 def test_the_modality_is_shown_though_the_pacs_gives_no_modalities_in_study(browser, live_server, make_service):

@@ -284,9 +284,9 @@ class Application:
         return _static(DESK_SCRIPT, "text/javascript; charset=utf-8", lambda script: [("Cache-Control", "no-cache")])
 
     def desk_settings(self, request):
-        """What the desk page must know before the clerk types: whether to offer printing, whether to ask
-        for a key.  Open, like health: neither says more than the page itself would find out."""
-        return Response.json(200, {"printing": self.service.publisher is not None,
+        """What the desk page must know before the clerk types: whether to offer printing and ZIPs, whether
+        to ask for a key.  Open, like health: none says more than the page itself would find out."""
+        return Response.json(200, {"printing": self.service.publisher is not None, "zip": self.config.zip.enabled,
                                    "key_required": self.keys.enabled})
 
     # -- synchronous: a job the request waits for ---------------------------
@@ -351,15 +351,16 @@ class Application:
         job = self._new_job(request, "print", wanted)
         return Response.json(200, self.service.jobs.run(job))
 
-    def _new_job(self, request, action, wanted, named_by_patient=False, **asked):
+    def _new_job(self, request, action, wanted, named_by_patient=False, format="iso", **asked):
         """The job of this request; ``asked``: its other settings (``split``, ``stream``), see jobs.Job."""
-        return Job(action, wanted, self._export(request, action, wanted), named_by_patient=named_by_patient, **asked)
+        return Job(action, wanted, self._export(request, action, wanted, format), named_by_patient=named_by_patient,
+                   format=format, **asked)
 
-    def _export(self, request, action, wanted):
-        """The audit record of what the request hands out."""
+    def _export(self, request, action, wanted, format="iso"):
+        """The audit record of what the request hands out (a download's ``format``: iso or zip)."""
         return audit.Export(action, request.request_id,
                             audit.client_address(request.environ, self.config.server.trusted_proxies),
-                            request.caller, accessions=wanted, format="iso" if action == "download" else None,
+                            request.caller, accessions=wanted, format=format if action == "download" else None,
                             media=self.config.iso.media)
 
     # -- jobs (SPEC §9) --------------------------------------------------------

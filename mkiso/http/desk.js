@@ -170,20 +170,23 @@ function show(update) {
     for (const disc of current.discs) {
       const item = document.createElement("li");
       const a = document.createElement("a");
-      a.href = disc.links.iso;
+      a.href = disc.links[disc.format || "iso"];
       a.setAttribute("download", "");
       a.className = "button";
-      a.textContent = "Disc " + disc.number + " of " + current.discs.length + " (" + disc.images + " images, "
-        + megabytes(disc.bytes) + ")";
+      a.textContent = (disc.format === "zip" ? "ZIP " : "Disc ") + disc.number + " of " + current.discs.length
+        + " (" + disc.images + " images, " + megabytes(disc.bytes) + ")";
       item.appendChild(a);
       list.appendChild(item);
     }
     list.hidden = false;
   } else if (current.state === "ready") {
     percent = 100;
-    text = "The disc for " + whose(current) + " is ready (" + megabytes(p.disc_bytes) + ").";
+    const zip = current.format === "zip";
+    text = "The disc for " + whose(current) + " is ready" + (zip ? " as a ZIP for a USB stick (" : " (")
+      + megabytes(p.disc_bytes) + ").";
     kind = "good";
-    link.href = current.links.iso;
+    link.href = current.links[zip ? "zip" : "iso"];
+    link.textContent = zip ? "Download the ZIP for a USB stick" : "Download the disc image";
     link.setAttribute("download", "");
     link.hidden = false;
   } else if (current.state === "done") {
@@ -254,14 +257,18 @@ async function follow(current) {
   }
 }
 
-async function start(action) {
+const STARTERS = ["download", "download-zip", "print"];
+
+async function start(action, format) {
   if (!lookedUp) return;
   const mine = generation;
   const from = lookedUp;
-  $("download").disabled = $("print").disabled = true;
+  for (const id of STARTERS) $(id).disabled = true;
   try {
     // split: what does not fit on one disc (iso.media) becomes several, each complete
-    const created = await api("POST", "/api/jobs", { accessions: from.accessions, action, split: true });
+    const asked = { accessions: from.accessions, action, split: true };
+    if (format) asked.format = format;
+    const created = await api("POST", "/api/jobs", asked);
     if (mine !== generation) return;
     job = { patients: from.patients };
     $("job").hidden = false;
@@ -271,7 +278,7 @@ async function start(action) {
   } catch (e) {
     if (mine === generation) fail(e.message);
   } finally {
-    $("download").disabled = $("print").disabled = false;
+    for (const id of STARTERS) $(id).disabled = false;
   }
 }
 
@@ -292,6 +299,7 @@ async function settings() {
   try {
     const desk = await api("GET", "/api/desk");
     $("print").hidden = !desk.printing;
+    $("download-zip").hidden = !desk.zip;
     if (desk.key_required && !sessionStorage.getItem(KEY)) askForKey();
   } catch (e) {
     // the button stays hidden; the first lookup will say what is wrong
@@ -304,6 +312,7 @@ $("accessions").addEventListener("keydown", (event) => {
 });
 $("accessions").addEventListener("input", reset);
 $("download").addEventListener("click", () => start("download"));
+$("download-zip").addEventListener("click", () => start("download", "zip"));
 $("print").addEventListener("click", () => start("print"));
 $("cancel").addEventListener("click", cancel);
 $("key-form").addEventListener("submit", (event) => {
