@@ -282,6 +282,8 @@ class Jobs:
                         if job.iso is not None and job.iso.write is not None:  # the answer goes out while
                             with disk.out_of_space_is_507():  # genisoimage writes it
                                 delivery.Build(job.iso, job).begun()
+                        elif build:  # written whole before it leaves: read back first (SPEC §4.6)
+                            self.steps.read_back(job)
                     process.check_cancelled()
                 except Exception as exc:
                     _drop_discs(job)  # made just before a cancel took: they go too

@@ -23,7 +23,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 
-from .disc import digests, media, records, tree, webcontent, ziparchive
+from .disc import digests, media, records, tree, verify, webcontent, ziparchive
 from . import disk, errors, logs
 from .disc.tree import Iso
 from .dicom import identity
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 PLAN_ATTEMPTS = 3
 RESUME_WAIT_S = 5  # for the receiver to listen again once cached discs made room
+MAX_PROBLEMS_LOGGED = 20  # of a disc failing its read-back: the first ones say enough
 
 
 @dataclasses.dataclass
@@ -399,6 +400,21 @@ class Steps:
             "request_id": job.request_id}})
         return Iso(path, size, stem, job.accessions[0], folder, images=job.images_expected, archive=archive,
                    tree=tree_path)
+
+    def read_back(self, job):
+        """Every disc of a job read back as it will leave, before the job is ready (SPEC §4.6): the ISO
+        as written, or the staged tree a ZIP's files are sent from, checked as mkiso-verify checks a
+        disc (each file against SHA256.TXT, the DICOMDIR against the files)."""
+        job.step("verify")
+        for disc in job.discs:
+            report = verify.check(disc.tree if disc.format == "zip" else disc.path)
+            if not report.ok:
+                for problem in report.problems[:MAX_PROBLEMS_LOGGED]:
+                    log.error("read-back of disc %d: %s", disc.number, problem,
+                              extra={"fields": {"request_id": job.request_id}})
+                raise errors.MkisoError(
+                    "Disc %d did not pass its read-back check (%s); it is not handed out."
+                    % (disc.number, report.verdict().rsplit(": ", 1)[1]), code="disc_check_failed")
 
     def patient_name(self, studies):
         """The name a multi-study disc is called by: the patient API's, else the PACS'; None for a disc

@@ -1,5 +1,6 @@
 """Jobs (SPEC §9): start, watch, fetch, cancel; the queue; event streams beside downloads."""
 
+import glob
 import json
 import os
 import shutil
@@ -404,3 +405,47 @@ def test_without_named_keys_the_list_shows_no_token(make_service, wsgi_call, app
     assert "token=" in job["links"]["iso"]  # the job itself: its id is what opens it
     [listed] = wsgi_call(app, "/api/jobs").json()["jobs"]
     assert listed["id"] == job["id"] and "token" not in json.dumps(listed)
+
+
+@pytest.mark.parametrize("fmt", ["iso", "zip"])
+def test_a_disc_is_read_back_before_it_is_ready(make_service, wsgi_call, app_of, caplog, monkeypatch, fmt):
+    """A byte of an image changed on the disk between staging and hand-over (a failing disk, a
+    meddler): the read-back (SPEC §4.6) finds it, and the job fails instead of offering the disc."""
+    service = make_service()
+    app = app_of(service)
+    read_back = service.steps.read_back
+
+    def damaged_then_read_back(job):
+        disc = job.discs[0]
+        if disc.format == "iso":
+            with open(disc.path, "r+b") as handle:  # inside the last image's header
+                at = handle.read().rindex(b"DICM") + 100
+                handle.seek(at)
+                byte = handle.read(1)
+                handle.seek(at)
+                handle.write(bytes([byte[0] ^ 0xFF]))
+        else:
+            images = sorted(glob.glob(os.path.join(disc.tree, "DICOM", "*", "*", "*", "*")))
+            with open(images[0], "r+b") as handle:  # a hard link of the received file: a copy, as a disk would
+                data = bytearray(handle.read())
+            os.unlink(images[0])
+            data[-1] ^= 0xFF
+            with open(images[0], "wb") as handle:
+                handle.write(data)
+        read_back(job)
+
+    monkeypatch.setattr(service.steps, "read_back", damaged_then_read_back)
+    body = json.dumps({"accessions": ["ACC2001"], "action": "download", "format": fmt}).encode()
+    created = wsgi_call(app, "/api/jobs", method="POST", body=body, headers=JSON)
+    job = wait_for(wsgi_call, app, created.json()["id"], ("ready", "failed"))
+    assert job["state"] == "failed" and job["error"]["code"] == "disc_check_failed", job
+    assert fmt not in job["links"] and "did not pass its read-back check (1 problem in" in job["error"]["error"]
+    assert "read-back of disc 1: " in caplog.text
+
+
+def test_a_sound_disc_passes_its_read_back(make_service, wsgi_call, app_of, caplog):
+    service = make_service()
+    app = app_of(service)
+    job = wait_for(wsgi_call, app, post_job(wsgi_call, app, ["ACC2001"]).json()["id"], ("ready", "failed"))
+    assert job["state"] == "ready", job
+    assert "read-back" not in caplog.text

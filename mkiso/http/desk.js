@@ -139,8 +139,8 @@ async function lookUp(event) {
 
 const PHASES = { queued: "Waiting for a free slot", find: "Asking the PACS", manifest: "Asking the PACS",
   retrieve: "Receiving images", stage: "Laying out the disc", dicomdir: "Writing the DICOMDIR",
-  size: "Sizing the disc", iso: "Writing the disc image", send: "Sending to the publisher" };
-const WEIGHT = { queued: 0, find: 2, manifest: 4, stage: 82, dicomdir: 86, size: 90, iso: 94, send: 80 };
+  size: "Sizing the disc", iso: "Writing the disc image", verify: "Checking the disc", send: "Sending to the publisher" };
+const WEIGHT = { queued: 0, find: 2, manifest: 4, stage: 82, dicomdir: 86, size: 90, iso: 94, verify: 97, send: 80 };
 
 function megabytes(bytes) { return (bytes / 1e6).toFixed(1) + " MB"; }
 
