@@ -364,7 +364,7 @@ class Steps:
         else:
             size = tree.iso_size(config.tools.genisoimage, staging, label, config.timeouts.iso_s, number, of)
         watch.lap("size")
-        return Layout(staging, images, size, number, profile.name, volume, found, when, archive)
+        return Layout(staging, images, size, number, profile.of(job.format), volume, found, when, archive)
 
     def _from_cache(self, job, key, folder, label, build, stem):
         """The cached disc as this job's ``Iso`` (its own hard links), or None when it is not cached.

@@ -135,7 +135,14 @@ def test_a_job_makes_a_zip_and_links_it(wsgi_call, app, archive, tmp_path):
     answer = wsgi_call(app, path, query=query)
     assert answer.status == 200 and answer.header("Content-Type") == "application/zip"
     assert len(answer.body) == job["discs"][0]["bytes"] == job["progress"]["disc_bytes"]
-    check_pdi(unzip_checked(answer.body, tmp_path / "job"), archive.sop_uids("ACC2001"))
+    stick = unzip_checked(answer.body, tmp_path / "job")
+    check_pdi(stick, archive.sop_uids("ACC2001"))
+    # PS3.11's General Purpose USB profile for the ZIP; README.TXT names it beside the disc's, the same
+    # file on either medium
+    assert job["discs"][0]["profile"] == "STD-GEN-USB"
+    with open(os.path.join(stick.root, "README.TXT"), encoding="ascii") as handle:
+        assert "DICOM media profile: STD-GEN-DVD on a CD or DVD, STD-GEN-USB on a USB stick or as a ZIP" \
+            in handle.read()
     again = wsgi_call(app, "/api/jobs/%s/discs/1/zip" % job["id"], query=query)
     assert again.body == answer.body
     wrong = wsgi_call(app, "/api/jobs/%s/iso" % job["id"], query=query)

@@ -166,12 +166,19 @@ def plan(files, limit, fixed, per_disc=None):
 
 @dataclasses.dataclass
 class Profile:
-    name: str  # e.g. STD-GEN-CD
+    name: str  # e.g. STD-GEN-CD: on a disc
+    usb: str  # e.g. STD-GEN-USB: the same files as a ZIP, or on a USB stick (PS3.11, General Purpose USB)
     text: str  # README.TXT's line
+
+    def of(self, format):
+        """The profile's name for a disc made as ``format`` (iso or zip), for the job's JSON."""
+        return self.usb if format == "zip" else self.name
 
 
 def profile(transfer_syntaxes, media, private_classes=()):
-    """The PS3.11 application profile of a disc holding objects in ``transfer_syntaxes``.
+    """The PS3.11 application profiles of a disc holding objects in ``transfer_syntaxes``: on a CD or
+    DVD, and as a ZIP or on a USB stick.  README.TXT names both in one sentence: the ZIP holds the very
+    bytes of the ISO (SPEC §13), README.TXT too, and a burned disc is often copied to a stick.
 
     Objects of private SOP classes kept on the disc (``iso.private_objects:
     keep``) fit no general-purpose profile: then the disc claims none.
@@ -179,20 +186,22 @@ def profile(transfer_syntaxes, media, private_classes=()):
     syntaxes = set(transfer_syntaxes)
     optical = "CD" if media == "cd" else "DVD"
     if private_classes:
-        return Profile("NONE", "none: the disc holds objects of private SOP classes (%s), which no "
+        return Profile("NONE", "NONE", "none: the disc holds objects of private SOP classes (%s), which no "
                        "general-purpose profile allows." % ", ".join(sorted(private_classes)))
     if syntaxes <= {EXPLICIT_LE}:
-        name = "STD-GEN-%s" % optical
-        return Profile(name, "%s: General Purpose %s, uncompressed (Explicit VR Little Endian)." % (name, optical))
+        return _general("STD-GEN-%s" % optical, "STD-GEN-USB", "uncompressed (Explicit VR Little Endian)")
+    named = ", ".join(syntax_name(uid) for uid in sorted(syntaxes))
     if syntaxes <= JPEG:
-        return Profile("STD-GEN-DVD-JPEG", "STD-GEN-DVD-JPEG: General Purpose DVD with JPEG (%s)."
-                       % ", ".join(syntax_name(uid) for uid in sorted(syntaxes)))
+        return _general("STD-GEN-DVD-JPEG", "STD-GEN-USB-JPEG", "with JPEG (%s)" % named)
     if syntaxes <= JPEG_2000:
-        return Profile("STD-GEN-DVD-J2K", "STD-GEN-DVD-J2K: General Purpose DVD with JPEG 2000 (%s)."
-                       % ", ".join(syntax_name(uid) for uid in sorted(syntaxes)))
-    return Profile("NONE", "none: the objects are in %s as received, which no single profile allows "
-                   "(iso.transcode: explicit-le would make them uncompressed)."
-                   % ", ".join(syntax_name(uid) for uid in sorted(syntaxes)))
+        return _general("STD-GEN-DVD-J2K", "STD-GEN-USB-J2K", "with JPEG 2000 (%s)" % named)
+    return Profile("NONE", "NONE", "none: the objects are in %s as received, which no single profile allows "
+                   "(iso.transcode: explicit-le would make them uncompressed)." % named)
+
+
+def _general(optical, usb, what):
+    return Profile(optical, usb, "%s on a CD or DVD, %s on a USB stick or as a ZIP: General Purpose, %s."
+                   % (optical, usb, what))
 
 
 # -- transcoding ---------------------------------------------------------------
