@@ -280,8 +280,8 @@ class Jobs:
                     else:
                         self.report(job, discs=self.steps.make_iso(job, build))
                         if job.iso is not None and job.iso.write is not None:  # the answer goes out while
-                            with disk.out_of_space_is_507():  # genisoimage writes it
-                                delivery.Build(job.iso, job).begun()
+                            with disk.out_of_space_is_507():  # genisoimage writes it, read back at its end
+                                delivery.Build(job.iso, job, check=lambda: self.steps.read_back(job)).begun()
                         elif build:  # written whole before it leaves: read back first (SPEC §4.6)
                             self.steps.read_back(job)
                     process.check_cancelled()

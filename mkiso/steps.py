@@ -408,6 +408,7 @@ class Steps:
         job.step("verify")
         for disc in job.discs:
             report = verify.check(disc.tree if disc.format == "zip" else disc.path)
+            job.export.verified = report.ok  # the audit line says it (a streamed ISO's bytes have left)
             if not report.ok:
                 for problem in report.problems[:MAX_PROBLEMS_LOGGED]:
                     log.error("read-back of disc %d: %s", disc.number, problem,

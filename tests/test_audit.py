@@ -24,7 +24,7 @@ from test_server import start_server
 
 KEYS = {"his": "his-key-0123456789", "desk-1": "desk-key-0123456789"}
 LINE_KEYS = {"time", "request_id", "client", "caller", "action", "accessions", "study_uids", "patient_ids",
-             "images", "bytes", "complete", "status", "code", "duration_ms", "stage", "format"}
+             "images", "bytes", "complete", "status", "code", "duration_ms", "stage", "format", "verified"}
 
 
 def audit_lines(service):
@@ -65,6 +65,8 @@ def test_a_download_is_a_begun_line_then_its_outcome_naming_the_patient_the_call
     assert line["bytes"] == len(response.body)
     assert (line["status"], line["code"]) == (200, None) and line["duration_ms"] >= 0
     assert begun["format"] == line["format"] == "iso"
+    # read back once written: before the begun line, or (streamed) after it and before the last bytes
+    assert begun["verified"] in (None, True) and line["verified"] is True
     assert stat.S_IMODE(os.stat(service.config.audit.path).st_mode) == 0o600
     assert "PAT-1001" not in caplog.text and "Müller" not in caplog.text  # identifiers only in the trail
 
@@ -487,6 +489,44 @@ def test_who_exported_patient_x_between_two_dates(tmp_path):
     assert query("--patient", "P9").returncode == 1
     bad = query("--since", "March")
     assert bad.returncode == 2 and "--since" in bad.stderr
+
+
+def test_a_streamed_disc_that_fails_its_read_back_is_cut_short_and_said_so(make_service, live_server, monkeypatch,
+                                                                           caplog):
+    """A byte of the written ISO changed before its read-back (a failing disk): its last bytes never
+    leave (the answer ends short, or is the 500 when genisoimage was done before the answer began),
+    never a complete-looking bad disc, and the line says it was not verified."""
+    service = make_service()
+    read_back = service.steps.read_back
+
+    def damaged_then_read_back(job):
+        with open(job.iso.path, "r+b") as handle:
+            at = handle.read().rindex(b"DICM") + 100
+            handle.seek(at)
+            byte = handle.read(1)
+            handle.seek(at)
+            handle.write(bytes([byte[0] ^ 0xFF]))
+        read_back(job)
+
+    monkeypatch.setattr(service.steps, "read_back", damaged_then_read_back)
+    base = live_server(app_for(service))
+    with socket.create_connection(("127.0.0.1", port_of(base)), timeout=60) as client:
+        client.sendall(b"GET /api/iso/download?accession_number=BIG01 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                       b"Connection: close\r\n\r\n")
+        head, body = read_head(client)
+        while chunk := client.recv(1 << 16):
+            body += chunk
+    if b" 200 " in head.split(b"\r\n")[0]:
+        assert len(body) < int(header_of(head, b"content-length"))
+    else:
+        assert b" 500 " in head.split(b"\r\n")[0] and b"disc_check_failed" in body
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not [line for line in audit_lines(service) if line["stage"] == "ended"]:
+        time.sleep(0.05)
+    line = audit_lines(service)[-1]
+    assert (line["stage"], line["verified"]) == ("ended", False)
+    assert line["status"] == 500 or line["complete"] is False  # the 500, or the 200 cut short
+    assert "read-back of disc 1: changed: DICOM/" in caplog.text
 
 
 def test_a_zip_download_says_so_on_record(make_service, wsgi_call):

@@ -516,6 +516,7 @@ class Application:
         (bytes, complete) when the answer ends, or at once behind nginx, which sends it."""
         export = self._export(request, "download", job.accessions)
         export.studies, export.images, export.format = job.export.studies, disc.images, job.export.format
+        export.verified = job.export.verified
         if self.config.server.x_accel_prefix:
             export.bytes = disc.size
             self.service.audit.record(export, 200)

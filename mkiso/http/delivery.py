@@ -275,17 +275,20 @@ class Build:
     so far (``written``; genisoimage writes front to back and never goes
     back).  This thread watches the file grow and wakes the server's loop
     (``wake``, set by the channel sending it) as it does.  The last
-    HELD_BACK bytes go only once genisoimage exited 0 and the file has the
-    announced size: a build that fails, even after writing every byte, or
-    writes another size, leaves ``error`` set and the answer ends short.
-    The client sees an incomplete download, never a complete-looking wrong
-    disc.  The job holds its slot until ``when_ended``.
+    HELD_BACK bytes go only once genisoimage exited 0, the file has the
+    announced size and ``check`` (the disc read back as written, SPEC §4.6)
+    passed: a build that fails, even after writing every byte, writes
+    another size or does not pass its check, leaves ``error`` set and the
+    answer ends short.  The client sees an incomplete download, never a
+    complete-looking wrong disc.  The job holds its slot until ``when_ended``.
     """
 
-    def __init__(self, iso, job):
+    def __init__(self, iso, job, check=None):
         """Start ``iso.write(on_tick)``, the last step of ``job`` that writes ``iso`` (a ``tree.Iso``); it
-        is ``iso.build`` from now on."""
+        is ``iso.build`` from now on.  ``check``, when given, runs once the ISO is written, before its
+        last bytes may leave; it raises when the disc must not."""
         self.iso = iso
+        self._check = check
         self.written = 0
         self.error = None
         self.wake = None
@@ -309,6 +312,8 @@ class Build:
         try:
             with process.owned_by(self._job):
                 self._write(on_tick=self._grown)
+            if self._check is not None:
+                self._check()
         except BaseException as exc:
             self.error = exc
         self._write = None  # and with it the disc's image list: the job outlives the build
