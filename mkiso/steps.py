@@ -407,15 +407,20 @@ class Steps:
         disc (each file against SHA256.TXT, the DICOMDIR against the files)."""
         job.step("verify")
         for disc in job.discs:
-            report = verify.check(disc.tree if disc.format == "zip" else disc.path)
+            try:
+                report = verify.check_apart(disc.tree if disc.format == "zip" else disc.path,
+                                            self.config.timeouts.iso_s, MAX_PROBLEMS_LOGGED)
+            except errors.MkisoError:
+                job.export.verified = False
+                raise
             job.export.verified = report.ok  # the audit line says it (a streamed ISO's bytes have left)
             if not report.ok:
-                for problem in report.problems[:MAX_PROBLEMS_LOGGED]:
+                for problem in report.problems:
                     log.error("read-back of disc %d: %s", disc.number, problem,
                               extra={"fields": {"request_id": job.request_id}})
                 raise errors.MkisoError(
                     "Disc %d did not pass its read-back check (%s); it is not handed out."
-                    % (disc.number, report.verdict().rsplit(": ", 1)[1]), code="disc_check_failed")
+                    % (disc.number, report.verdict.rsplit(": ", 1)[1]), code="disc_check_failed")
 
     def patient_name(self, studies):
         """The name a multi-study disc is called by: the patient API's, else the PACS'; None for a disc

@@ -1,11 +1,12 @@
 """GET /metrics (SPEC §12): Prometheus' text format, moved by exactly what happened, no patient data."""
 
+import os
 import socket
 import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from mkiso import __version__, metrics
+from mkiso import __version__, cache, metrics
 from mkiso.http import application
 from test_atna import blackhole, wait_for  # noqa: F401 (a fixture)
 from test_print import FakeRimage
@@ -46,6 +47,13 @@ def settled(wsgi_call, app):
         time.sleep(0.05)
 
 
+def cached_bytes(service):
+    """What the disc cache holds, as it counts it: each entry's tree and ISO (not its digests list)."""
+    root = service.path("cache")
+    return sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(root)
+               for name in names if name != cache.DIGESTS)
+
+
 def test_metrics_move_by_exactly_what_happened_and_name_no_patient(make_service, wsgi_call, archive, tmp_path):
     rimage = FakeRimage(str(tmp_path / "rimage"))
     try:
@@ -66,10 +74,11 @@ def test_metrics_move_by_exactly_what_happened_and_name_no_patient(make_service,
         rimage.stop()
 
     iso_bytes = len(download.body)
+    assert cached_bytes(service) >= iso_bytes * 0.9  # the disc's staged tree (and its ISO, once linked in)
     images = len(archive.sop_uids("ACC2001"))
     printed_images = len(archive.sop_uids("ACC3001"))
     phase_counts = {"find": 3, "manifest": 3, "retrieve": 2, "transfer": 2, "checks": 2, "stage": 1, "web": 1,
-                    "dicomdir": 1, "size": 1, "iso": 1, "send": 3}  # send: two ISOs to the client, one print
+                    "dicomdir": 1, "digests": 1, "size": 1, "iso": 1, "send": 3}  # send: two ISOs to the client, one print
     changes = moved(before, after)
     elsewhere = ("mkiso_phase_seconds", "mkiso_sent_bytes_total", "mkiso_health_check_ok", "mkiso_receiver_")
     counted = {key: change for key, change in changes.items() if not key[0].startswith(elsewhere)}
@@ -82,7 +91,7 @@ def test_metrics_move_by_exactly_what_happened_and_name_no_patient(make_service,
         ("mkiso_cache_hits_total", ()): 1,
         ("mkiso_cache_misses_total", ()): 1,
         ("mkiso_cache_entries", ()): 1,
-        ("mkiso_cache_bytes", ()): iso_bytes,
+        ("mkiso_cache_bytes", ()): cached_bytes(service),
     }
     assert value(after, "mkiso_sent_bytes_total", to="client") == 2 * iso_bytes
     assert value(after, "mkiso_sent_bytes_total", to="publisher") > printed_images * 128

@@ -47,7 +47,7 @@ import zipfile
 
 import pydicom
 
-from .. import errors
+from .. import errors, process
 
 MANIFEST = "SHA256.TXT"
 DICOMDIR = "DICOMDIR"
@@ -119,6 +119,39 @@ def check(path, threads=THREADS):
         return _check(medium, threads)
     finally:
         medium.close()
+
+
+@dataclasses.dataclass
+class Verdict:
+    """What a read-back in a child process said: its last line, and its first problem lines."""
+
+    ok: bool
+    verdict: str
+    problems: list
+
+
+def check_apart(path, timeout, problems_kept=20):
+    """``check`` in a child process (``python3 -m mkiso.disc.verify PATH``): the service's read-back.
+
+    Its records, about 1 KB a file on the medium, stay out of the server,
+    whose memory must not grow with the disc (SPEC §8: a 20,000-image disc
+    checked in the server grew its peak by 25 MB per 10,000 images); the
+    child is gone with its verdict.  A child that gives none (killed, a
+    medium it cannot read) is an error, never a pass.
+    """
+    problems = []
+
+    def seen(line):
+        if len(problems) < problems_kept and not line.startswith("mkiso-verify: "):
+            problems.append(line.rstrip("\n"))
+
+    result = process.run([sys.executable, "-m", __name__, path], timeout, on_line=seen)
+    lines = result.output.splitlines()
+    verdict = lines[-1] if lines else ""
+    if result.returncode not in (0, 1) or not verdict.startswith("mkiso-verify: "):
+        raise errors.MkisoError("The disc could not be read back (%s)." % (verdict or "no verdict")[:200],
+                                code="disc_check_failed")
+    return Verdict(result.returncode == 0, verdict, problems)
 
 
 def _check(medium, threads):

@@ -310,10 +310,10 @@ class Build:
 
     def _run(self):
         try:
-            with process.owned_by(self._job):
+            with process.owned_by(self._job):  # the job's tools: a cancel kills them
                 self._write(on_tick=self._grown)
-            if self._check is not None:
-                self._check()
+                if self._check is not None:
+                    self._check()
         except BaseException as exc:
             self.error = exc
         self._write = None  # and with it the disc's image list: the job outlives the build
