@@ -55,21 +55,21 @@ def of_study(study):
     """The patient a STUDY-level C-FIND answer names (``pacs.Study``: its ID and name, the rest from
     its ``identity``)."""
     said = dict(study.identity, PatientID=study.patient_id, PatientName=study.patient_name)
-    return Patient(**{field: significant(keyword, said.get(keyword, "")) for keyword, field in PATIENT_ATTRIBUTES})
+    return _patient(*(said.get(keyword, "") for keyword, _ in PATIENT_ATTRIBUTES))
 
 
 def of_file(received):
     """The patient a received file names (``received.ReceivedFile``)."""
-    return _of_file(received.patient_id, received.issuer, received.patient_name, received.birth_date,
+    return _patient(received.patient_id, received.issuer, received.patient_name, received.birth_date,
                     received.sex)
 
 
 @functools.lru_cache(maxsize=256)
-def _of_file(patient_id, issuer, name, birth_date, sex):
-    """Cached: the files of a study share their (interned) values, so fifty thousand files cost a handful."""
-    return Patient(significant("PatientID", patient_id), significant("IssuerOfPatientID", issuer),
-                   significant("PatientName", name), significant("PatientBirthDate", birth_date),
-                   significant("PatientSex", sex))
+def _patient(*values):
+    """The ``Patient`` of the values of PATIENT_ATTRIBUTES, in that order.  Cached: the files of a study
+    share their (interned) values, so fifty thousand files cost a handful."""
+    return Patient(*(significant(keyword, value) for (keyword, _), value in zip(PATIENT_ATTRIBUTES, values,
+                                                                               strict=True)))
 
 
 def significant(keyword, value):
@@ -131,14 +131,8 @@ def check_file(answered, received, what):
 
 def check_one_patient(studies, allowed):
     """409 when the studies belong to more than one patient (unless ``allowed``): a disc holds one."""
-    patients = {of_study(study) for study in studies}
-    if len(patients) > 1 and not allowed:
-        ids = {patient.patient_id for patient in patients}
-        shared = " (%d of them share a Patient ID but differ in its issuer, name, birth date or sex)" % (
-            len(patients) - len(ids) + 1) if len(ids) < len(patients) else ""
-        raise errors.Conflict(
-            "The accession numbers %s belong to %d different patients%s; one disc holds one patient."
-            % (", ".join(sorted({study.accession for study in studies})), len(patients), shared))
+    _one_patient({of_study(study) for study in studies}, studies, allowed,
+                 "The accession numbers %s belong to %d different patients%s; one disc holds one patient.")
 
 
 def check_files_one_patient(files, studies, allowed):
@@ -146,14 +140,19 @@ def check_files_one_patient(files, studies, allowed):
     answers said: a PACS that left a value out of them (dcmqrscp never answers IssuerOfPatientID; a
     blank PatientName) compared nothing there, and two patients' files would share a disc, its PATIENT
     record or a print's association."""
-    if allowed:
-        return
-    patients = {received.patient for received in files}
-    if len(patients) > 1:
-        raise errors.Conflict(
-            "The images of accession numbers %s name %d different patients (the PACS' answers did not say "
-            "so: they left the attribute that tells them apart out); one disc holds one patient."
-            % (", ".join(sorted({study.accession for study in studies})), len(patients)))
+    _one_patient({received.patient for received in files}, studies, allowed,
+                 "The images of accession numbers %s name %d different patients%s (the PACS' answers did not "
+                 "say so: they left the attribute that tells them apart out); one disc holds one patient.")
+
+
+def _one_patient(patients, studies, allowed, sentence):
+    """The 409 of both checks: ``sentence`` with the accessions, the count and which share an ID."""
+    if len(patients) > 1 and not allowed:
+        ids = {patient.patient_id for patient in patients}
+        shared = " (%d of them share a Patient ID but differ in its issuer, name, birth date or sex)" % (
+            len(patients) - len(ids) + 1) if len(ids) < len(patients) else ""
+        raise errors.Conflict(sentence % (", ".join(sorted({study.accession for study in studies})),
+                                          len(patients), shared))
 
 
 # PS3.3 C.12.1.1.2's defined terms, as pydicom knows them ('' is the default repertoire).

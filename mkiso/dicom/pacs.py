@@ -80,9 +80,9 @@ FIND_KEYS = ("StudyInstanceUID",) + IDENTITY_KEYS + (
 # years, and a leading zero is still a digit, harmless in a folder name or an argument.  Required:
 # nothing but digits and dots, no empty component (so no "..", no leading or trailing dot), at
 # most 64 characters: no real PACS sends anything else, and anything else could be a path.
-UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+UID = re.compile(r"[0-9]+(\.[0-9]+)*")  # used with fullmatch: ``$`` would take a trailing newline
 UID_MAX = 64
-COUNT = re.compile(r"^[0-9]{1,12}$")  # IS, non-negative, padded with spaces; 12 digits: IS is at most 12 characters
+COUNT = re.compile(r"[0-9]{1,12}")  # IS, non-negative, padded with spaces; 12 digits: IS is at most 12 characters
 
 
 def bad_answer(what, attribute, rule, value=""):
@@ -95,7 +95,7 @@ def bad_answer(what, attribute, rule, value=""):
 
 def checked_uid(value, what, attribute):
     """``value`` if it is a UID (see UID), else the 502."""
-    if len(value) > UID_MAX or not UID.fullmatch(value):  # not match: its $ takes a trailing newline
+    if len(value) > UID_MAX or not UID.fullmatch(value):
         raise bad_answer(what, attribute, "a DICOM UID (1 to 64 digits and dots, PS3.5 9.1)", value)
     return value
 
