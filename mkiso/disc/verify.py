@@ -432,11 +432,7 @@ class Folder(Medium):
 
     def _blocks(self, entry):
         with open(entry.source, "rb", buffering=0) as handle:
-            while True:
-                block = handle.read(BLOCK)
-                if not block:
-                    return
-                yield block
+            yield from _blocks_of(handle)
 
 
 class Zip(_Container):
@@ -484,11 +480,12 @@ class Zip(_Container):
             yield from super()._blocks(entry)
             return
         with self.archive.open(entry.member) as handle:  # checks the CRC-32 at the end
-            while True:
-                block = handle.read(BLOCK)
-                if not block:
-                    return
-                yield block
+            yield from _blocks_of(handle)
+
+
+def _blocks_of(handle):
+    """The rest of an open file, BLOCK bytes at a time."""
+    yield from iter(lambda: handle.read(BLOCK), b"")
 
 
 class Iso(_Container):
