@@ -514,9 +514,8 @@ class Application:
         """Fetching a job's disc is an export of its own: whoever has the link (a token travels) gets
         the images, as often as they like.  Its begun line now, before the first byte; its outcome
         (bytes, complete) when the answer ends, or at once behind nginx, which sends it."""
-        export = self._export(request, "download", job.accessions)
-        export.studies, export.images, export.format = job.export.studies, disc.images, job.export.format
-        export.verified = job.export.verified
+        export = self._export(request, "download", job.accessions, job.format)
+        export.studies, export.images, export.verified = job.export.studies, disc.images, job.export.verified
         if self.config.server.x_accel_prefix:
             export.bytes = disc.size
             self.service.audit.record(export, 200)
