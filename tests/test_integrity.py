@@ -9,6 +9,7 @@ tmpfs plays the small, full disk.
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -137,6 +138,52 @@ def test_an_extra_image_sent_during_the_move_is_refused(service, app, wsgi_call,
     assert response.status == 502
     assert response.json()["code"] == "unexpected_image"
     assert "1 images arrived" in response.json()["error"]
+    assert job_leftovers(service) == []
+
+
+def test_an_image_caught_half_written_when_the_move_ends_is_refused(service, app, wsgi_call, archive, tmp_path,
+                                                                   monkeypatch):
+    """The race the injection loop above can hit: a foreign C-STORE's storescp is writing its file into
+    the victim's study folder when the PACS's C-MOVE ends (held there by SIGSTOP, so every run hits it).
+    The half-written file must be told as a foreign image, not read as a broken or duplicate one."""
+    forged = forge(pacs_files(archive, "ACC2001")[:1], str(tmp_path / "forged"))
+    ds = pydicom.dcmread(forged[0])
+    ds.private_block(0x0009, "MALLORY", create=True).add_new(0x00, "OB", bytes(64 << 20))  # a long write
+    ds.save_as(forged[0])
+    real_move = service.pacs.move_study
+    stopped = []
+
+    def move_then_a_foreign_write(study_uid):
+        result = real_move(study_uid)
+        folder = service.receiver.study_dir(study_uid) + os.sep
+        sender = threading.Thread(target=send, args=(forged, service.config.receiver.port), daemon=True)
+        sender.start()
+
+        def writing():
+            for proc in list(service.receiver._children):
+                where = "/proc/%d/fd/" % proc.pid
+                try:
+                    names = [os.readlink(where + fd) for fd in os.listdir(where)]
+                except OSError:
+                    continue
+                if any(name.startswith(folder) for name in names):
+                    os.kill(proc.pid, signal.SIGSTOP)
+                    stopped.append(proc.pid)
+                    return True
+            return False
+
+        assert wait_for(writing, 60), "the foreign storescp never opened a file in the study's folder"
+        return result
+
+    monkeypatch.setattr(service.pacs, "move_study", move_then_a_foreign_write)
+    try:
+        response = wsgi_call(app, "/api/iso/download", query="accession_number=ACC2001")
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    assert response.status == 502, response.body[:300]
+    assert response.json()["code"] == "unexpected_image"
+    assert "1 images for study" in response.json()["error"] and "still arriving" in response.json()["error"]
     assert job_leftovers(service) == []
 
 

@@ -461,14 +461,41 @@ class Receiver:
         shutil.rmtree(self.study_dir(study_uid), ignore_errors=True)
 
     def collect(self, study_uid, target):
-        """Move what arrived for the study to ``target`` (same file system)."""
+        """Move what arrived for the study to ``target`` (same file system); returns how many of its
+        files a storescp was still writing then.
+
+        A C-MOVE's final response comes after every image it sent was
+        written and answered, so a file still open once the C-MOVE has ended
+        is somebody else's, caught half written; the caller refuses the
+        study.  No storescp can open a new file in ``target``: they write
+        by the folder's old name.
+        """
         try:
             os.rename(self.study_dir(study_uid), target)
         except FileNotFoundError:
             os.mkdir(target)
+            return 0
         finally:
             with self._lock:
                 self._expected.discard(study_uid)
+        return self._writing(target)
+
+    def _writing(self, folder):
+        """How many files in ``folder`` our storescp processes have open, from /proc."""
+        inside = folder.rstrip(os.sep) + os.sep
+        writing = 0
+        for proc in list(self._children):  # the acceptor replaces the list, never changes it in place
+            fds = "/proc/%d/fd" % proc.pid
+            try:
+                names = os.listdir(fds)
+            except OSError:  # exited
+                continue
+            for name in names:
+                try:
+                    writing += os.readlink(os.path.join(fds, name)).startswith(inside)
+                except OSError:
+                    continue
+        return writing
 
     def sweep(self):
         """Remove everything in the inbox that no job expects; returns how many entries.

@@ -292,9 +292,15 @@ class Retrievals:
             return self.pacs.get_study(study_uid, received, manifest)
         self.receiver.expect(study_uid)
         try:
-            return self.pacs.move_study(study_uid)
+            result = self.pacs.move_study(study_uid)
         finally:
-            self.receiver.collect(study_uid, received)
+            writing = self.receiver.collect(study_uid, received)
+        if writing:
+            raise errors.UpstreamFailed(
+                "%d images for study %s were still arriving after the PACS had sent all of its own "
+                "(something else sent to the receiver); the disc was not made." % (writing, study_uid),
+                code="unexpected_image")
+        return result
 
     def _raise_if_out_of_space(self, study, received, failures_before):
         """A failed retrieval is a 507 when the disk, not the PACS, was the trouble.
