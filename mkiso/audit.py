@@ -63,7 +63,7 @@ class Export:
     bytes: int = 0
     destination: str = ""  # print: the publisher
     format: str = None  # a download's: iso | zip (SPEC §13); None for a print or a lookup
-    verified: bool = None  # whether its disc passed the read-back (SPEC §4.6); None: not read back
+    verified: bool = None  # its disc passed the read-back, a print its check (SPEC §4.6); None: not checked
     media: str = "dvd"  # iso.media: which medium an ISO is for (the ATNA message's media type)
     complete: bool = True  # false: the client left before it had the whole answer
     deferred: bool = False  # the outcome is written when the answer ends (web), not when the job is done

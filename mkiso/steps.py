@@ -463,9 +463,11 @@ class Steps:
                 with self.retrieved(job, studies, manifests) as files:
                     watch.lap("retrieve")
                     export.images = len(files)
+                    sums = digests.sha256_of(received.path for received in files)  # as they arrived
+                    watch.lap("digests")
                     job.step("send")
                     job.exporting()
-                    sent = self.publisher.send(files, folder)
+                    sent = self.publisher.send(files, folder, functools.partial(check_unchanged, sums, export))
                     watch.lap("send")
                     discs = len(self.plan(files, media.capacity(self.config.iso)))
                     export.bytes = job.progress()["bytes_received"]
@@ -502,3 +504,15 @@ class Steps:
                     "images": len(manifest) if manifest is not None else study.instances,
                 })
         return described
+
+
+def check_unchanged(sums, export, pairs):
+    """A print's check before each association (``publisher.send``): every file as storescu will read it
+    has the SHA-256 its received file had when it arrived and passed the checks of SPEC §3 (``sums``).
+    The audit line says whether it passed (``export.verified``)."""
+    changed = digests.changed(pairs, sums)
+    export.verified = not changed
+    if changed:
+        raise errors.MkisoError(
+            "%d of these %d images changed on the gateway's disk after they arrived and were checked; "
+            "none of them was sent." % (changed, len(pairs)), code="image_check_failed")

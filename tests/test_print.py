@@ -1,5 +1,6 @@
 """Print: every image relayed to a real storescp playing the Rimage publisher."""
 
+import json
 import os
 import signal
 import subprocess
@@ -49,11 +50,14 @@ def print_app(make_service, port, ae_title="RIMAGE", **overrides):
 
 
 def test_print_one_accession(make_service, rimage, wsgi_call, archive):
-    response = wsgi_call(print_app(make_service, rimage.port), "/api/iso/print", query="accession_number=ACC2001")
+    app = print_app(make_service, rimage.port)
+    response = wsgi_call(app, "/api/iso/print", query="accession_number=ACC2001")
     assert response.status == 200, response.body
     assert response.json() == {"status": "sent", "accessions": ["ACC2001"], "studies": 1,
                                "instances": len(archive.sop_uids("ACC2001")), "discs": 1, "media": "dvd"}
     assert rimage.received_sop_uids() == archive.sop_uids("ACC2001")
+    ended = [json.loads(text) for text in open(app.service.config.audit.path, encoding="utf-8")][-1]
+    assert (ended["stage"], ended["verified"]) == ("ended", True), ended
 
 
 def test_print_two_accessions_of_one_patient(make_service, rimage, wsgi_call, archive):
@@ -71,6 +75,40 @@ def test_legacy_send_rimage_multiple_behaves_the_same(make_service, rimage, wsgi
                          query="accession_number=DUP01")
     assert response.status == 200 and response.json()["studies"] == 2
     assert rimage.received_sop_uids() == archive.sop_uids("DUP01")
+
+
+def test_an_image_changed_after_its_checks_is_never_relayed(make_service, rimage, wsgi_call, archive):
+    """The fault: one received image's pixel data changes on the gateway's disk between the checks of its
+    arrival and the relay (a bad disk, a stray writer). The print checks every file against the SHA-256
+    it had when it arrived: 500 image_check_failed, and the publisher gets none of the images."""
+    app = print_app(make_service, rimage.port)
+    real_send = app.service.publisher.send
+    damaged = []
+
+    def damage_then_send(files, folder, *check):
+        with open(files[-1].path, "r+b") as handle:
+            handle.seek(-10, os.SEEK_END)
+            byte = handle.read(1)
+            handle.seek(-10, os.SEEK_END)
+            handle.write(bytes((byte[0] ^ 0xFF,)))
+        damaged.append(files[-1].path)
+        return real_send(files, folder, *check)
+
+    app.service.publisher.send = damage_then_send
+    response = wsgi_call(app, "/api/iso/print", query="accession_number=ACC2001")
+    assert damaged
+    assert response.status == 500, response.body
+    body = response.json()
+    assert body["code"] == "image_check_failed"
+    count = len(archive.sop_uids("ACC2001"))
+    assert body["error"] == ("1 of these %d images changed on the gateway's disk after they arrived and were "
+                             "checked; none of them was sent. 0 of %d images had been accepted before."
+                             % (count, count)), body
+    assert os.listdir(rimage.folder) == []
+    (line,) = [json.loads(text) for text in open(app.service.config.audit.path, encoding="utf-8")
+               if json.loads(text)["stage"] == "ended"]
+    assert (line["action"], line["status"], line["code"], line["verified"], line["images"]) == (
+        "print", 500, "image_check_failed", False, count), line
 
 
 def test_print_two_patients_is_409_and_nothing_is_sent(make_service, rimage, wsgi_call):

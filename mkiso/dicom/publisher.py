@@ -44,8 +44,14 @@ class Publisher:
         self.connect_timeout = config.timeouts.find_s
         self.store_timeout = config.timeouts.store_s
 
-    def send(self, files, folder):
-        """Send every file, one association per patient; raise unless all were accepted."""
+    def send(self, files, folder, check):
+        """Send every file, one association per patient; raise unless all were accepted.
+
+        ``check(pairs)`` is called with each association's (file as storescu
+        will read it, received file's path) pairs before any of them is
+        sent; it raises to send none of them (SPEC §4.6: a print's files are
+        checked against their checksums before they are relayed).
+        """
         by_patient = {}
         for received in files:
             by_patient.setdefault(received.patient, []).append(received)
@@ -53,8 +59,10 @@ class Publisher:
         for number, images in enumerate(by_patient.values(), start=1):
             batch = os.path.join(folder, "publish-%d" % number)
             os.mkdir(batch)
-            fastcopy.place_files([(image.path, os.path.join(batch, "IMG%06d" % i)) for i, image in enumerate(images)])
+            placed = [(image.path, os.path.join(batch, "IMG%06d" % i)) for i, image in enumerate(images)]
+            fastcopy.place_files(placed)
             try:
+                check([(link, source) for source, link in placed])
                 report = self._store(batch)
             except errors.MkisoError as exc:
                 exc.message = "%s %d of %d images had been accepted before." % (exc.message, accepted, len(files))

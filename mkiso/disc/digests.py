@@ -120,6 +120,16 @@ def digest_files(pairs, threads=THREADS):
             worker.join()
 
 
+def sha256_of(paths):
+    """{path: its SHA-256} of the files ``paths``: what a print's images are checked against later."""
+    return {digest.path: digest.sha256 for digest in digest_files((path, path) for path in paths)}
+
+
+def changed(pairs, expected):
+    """How many of the (file, key) pairs' files no longer have the SHA-256 ``expected[key]``."""
+    return sum(1 for digest in digest_files(pairs) if digest.sha256 != expected[digest.path])
+
+
 def tree_paths(root, prefix=""):
     """The path on the medium of every file under ``root``, in sorted order, made as they are asked for.
 
