@@ -14,7 +14,8 @@ each side removing its files when its run ends, as mkiso does; ratios, not
 seconds, carry across machines.
 
 For each study size it prints: both sides' times and their ratio, the phase
-split of both (mkiso's from its own log lines), mkiso-server's peak RSS,
+split of both (mkiso's from its own log lines: ``digests`` is SHA256.TXT
+and a ZIP's CRC-32, ``verify`` the read-back), mkiso-server's peak RSS,
 delivery throughput of mkiso and of nginx (sendfile) sending the same cached
 ISO in turns, and,
 where Orthanc is the PACS, Orthanc's own media export (a deflated ZIP with a
@@ -179,7 +180,8 @@ def reference_run(root, pacs, study, ref_port):
 
 # -- mkiso ---------------------------------------------------------------------
 
-MKISO_PHASES = ("find", "manifest", "transfer", "checks", "stage", "web", "dicomdir", "digests", "size", "iso", "zip")
+MKISO_PHASES = ("find", "manifest", "transfer", "checks", "stage", "web", "dicomdir", "digests", "size", "iso", "zip",
+                "verify")
 
 
 NO_WEB = "get, iso.web_content false"

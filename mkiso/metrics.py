@@ -37,8 +37,9 @@ class Metrics:
             "publisher_failed, study_not_found, ...).", ["action", "code"], registry=self.registry)
         self._phases = Histogram(
             "mkiso_phase_seconds", "Duration of each phase of a job: find, manifest, retrieve (waiting for "
-            "transfer and checks), transfer, checks, stage, web, dicomdir, digests, size, iso or zip, send (the "
-            "ISO or ZIP to the client, or the images to the publisher).", ["phase"], buckets=PHASE_BUCKETS, registry=self.registry)
+            "transfer and checks), transfer, checks, stage, web, dicomdir, digests, size, iso or zip, verify "
+            "(the read-back), send (the ISO or ZIP to the client, or the images to the publisher).", ["phase"],
+            buckets=PHASE_BUCKETS, registry=self.registry)
         self._sent = Counter("mkiso_sent_bytes", "Bytes sent: ISOs to clients, images to the publisher.", ["to"],
                              registry=self.registry)
         self._images = Counter("mkiso_images_retrieved", "Images retrieved from the PACS and checked.",

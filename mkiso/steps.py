@@ -404,8 +404,10 @@ class Steps:
     def read_back(self, job):
         """Every disc of a job read back as it will leave, before the job is ready (SPEC §4.6): the ISO
         as written, or the staged tree a ZIP's files are sent from, checked as mkiso-verify checks a
-        disc (each file against SHA256.TXT, the DICOMDIR against the files)."""
+        disc (each file against SHA256.TXT, the DICOMDIR against the files).  Its time is the phase
+        ``verify`` of a line of its own (the benchmark's read-back cost)."""
         job.step("verify")
+        watch = logs.Stopwatch(self.metrics.phase)
         for disc in job.discs:
             try:
                 report = verify.check_apart(disc.tree if disc.format == "zip" else disc.path,
@@ -421,6 +423,9 @@ class Steps:
                 raise errors.MkisoError(
                     "Disc %d did not pass its read-back check (%s); it is not handed out."
                     % (disc.number, report.verdict.rsplit(": ", 1)[1]), code="disc_check_failed")
+        watch.lap("verify")
+        log.info("discs read back", extra={"fields": dict({
+            "discs": len(job.discs), "format": job.format, "request_id": job.request_id}, **watch.fields)})
 
     def patient_name(self, studies):
         """The name a multi-study disc is called by: the patient API's, else the PACS'; None for a disc

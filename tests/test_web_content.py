@@ -153,8 +153,8 @@ def test_a_jpeg_study_gets_previews(make_service, settings, wsgi_call, jpeg_pacs
         ("STU00001/SER00001.JPG", 64, 64), ("STU00001/SER00002.JPG", 64, 64)]
 
 
-def test_a_series_that_cannot_be_rendered_gets_a_sentence(make_service, settings, wsgi_call, jls_pacs,
-                                                          tmp_path):  # noqa: F811
+def test_a_series_that_cannot_be_rendered_gets_a_sentence(make_service, settings, wsgi_call,
+                                                          jls_pacs, tmp_path):  # noqa: F811
     """dcmj2pnm cannot decode JPEG-LS: the disc is made, the series says why it has no preview."""
     settings["pacs"]["port"] = jls_pacs.port
     disc, iso_path = get_disc(wsgi_call, make_service(pacs={"retrieve": "get"}), tmp_path,
@@ -171,8 +171,8 @@ def test_web_content_false_leaves_it_out(make_service, wsgi_call, archive, tmp_p
     assert not [path for path in disc.files if "INDEX" in path or "IHE_PDI" in path]
 
 
-def test_each_split_disc_has_its_own_index_of_its_part(make_service, settings, wsgi_call, media_pacs,
-                                                       tmp_path):  # noqa: F811
+def test_each_split_disc_has_its_own_index_of_its_part(make_service, settings, wsgi_call,
+                                                       media_pacs, tmp_path):  # noqa: F811
     settings["pacs"]["port"] = media_pacs.pacs.port
     service = make_service(iso=SMALL_CD)
     app = application.Application(service.config, service)
