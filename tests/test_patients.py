@@ -121,12 +121,12 @@ def test_bad_answers_fall_back_to_the_pacs_name(make_service, wsgi_call, api_ser
 
 
 def test_slow_api_falls_back_after_one_timeout(make_service, wsgi_call, api_server):
+    """The API answers the good name after 3 s; with timeout_s 0.5 the PACS' name is used (had mkiso
+    waited, the name would be the API's) and the timeout is not retried."""
     server = api_server((200, GOOD[1], 3))
-    started = time.monotonic()
     response = multi_download(make_service, wsgi_call, server.url, timeout_s=0.5)
     assert response.header("Content-Disposition") == PACS_NAME
     assert len(server.requests) == 1
-    assert time.monotonic() - started < 3
 
 
 def test_api_down_falls_back(make_service, wsgi_call):
