@@ -281,8 +281,10 @@ def failure(output, calling_ae=None):
     ``calling_ae``, what to do about it."""
     reason = process.failure_reason(output)
     if calling_ae and refused_caller(output):
+        said = [line[3:].strip() for line in output.splitlines() if PEER_ABORTED in line and line[:3] in ("F: ", "E: ")]
         return ("the PACS turned away mkiso's calling AE title %s (%s): register AE title %s (this host, %s) "
-                "in the PACS, allowed to query and retrieve" % (calling_ae, reason, calling_ae, socket.gethostname()))
+                "in the PACS, allowed to query and retrieve"
+                % (calling_ae, said[-1] if said else reason, calling_ae, socket.gethostname()))
     return reason
 
 
