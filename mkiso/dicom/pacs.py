@@ -257,7 +257,7 @@ def echo(tool, calling_ae, peer, timeout):
         return False, str(exc)
     if result.returncode == 0:
         return True, "C-ECHO to %s succeeded" % peer
-    return False, "C-ECHO to %s failed: %s" % (peer, failure(result.output, calling_ae))
+    return False, "C-ECHO to %s failed: %s" % (peer, failure(result.output, peer, calling_ae))
 
 
 # How a PACS turns away a calling AE title it does not know.  Most reject the association naming
@@ -276,15 +276,15 @@ def refused_caller(output):
     return "Association Accepted" in output and PEER_ABORTED in output and not _RESPONSE.search(output)
 
 
-def failure(output, calling_ae=None):
-    """The cause of a failed dcmtk run (``process.failure_reason``), and when the PACS turned away
+def failure(output, peer, calling_ae=None):
+    """The cause of a failed dcmtk run (``process.failure_reason``), and when ``peer`` turned away
     ``calling_ae``, what to do about it."""
     reason = process.failure_reason(output)
     if calling_ae and refused_caller(output):
         said = [line[3:].strip() for line in output.splitlines() if PEER_ABORTED in line and line[:3] in ("F: ", "E: ")]
-        return ("the PACS turned away mkiso's calling AE title %s (%s): register AE title %s (this host, %s) "
-                "in the PACS, allowed to query and retrieve"
-                % (calling_ae, said[-1] if said else reason, calling_ae, socket.gethostname()))
+        return ("the %s turned away mkiso's calling AE title %s (%s): register AE title %s (this host, %s) "
+                "in the %s" % (peer.name, calling_ae, said[-1] if said else reason, calling_ae, socket.gethostname(),
+                               peer.name))
     return reason
 
 
@@ -304,7 +304,7 @@ def raise_for_failure(output, peer, what, code="pacs_failed", calling_ae=None):
         raise errors.UpstreamTimeout("%s: %s did not answer in time (%s)." % (what, peer, reason))
     if calling_ae and refused_caller(output):
         code = "pacs_unknown_ae"
-    raise errors.UpstreamFailed("%s: %s failed: %s." % (what, peer, failure(output, calling_ae)), code=code)
+    raise errors.UpstreamFailed("%s: %s failed: %s." % (what, peer, failure(output, peer, calling_ae)), code=code)
 
 
 class Pacs:
@@ -345,7 +345,7 @@ class Pacs:
             return False, str(exc)
         if "Received Final Find Response (Success)" in result.output:
             return True, "C-FIND to %s answered" % self.peer
-        return False, "C-FIND to %s failed: %s" % (self.peer, failure(result.output, self.our_ae))
+        return False, "C-FIND to %s failed: %s" % (self.peer, failure(result.output, self.peer, self.our_ae))
 
     def _find_args(self, extract, level, match, returned):
         """findscu at ``level`` (Study Root) with ``match`` keys and empty ``returned`` keys."""
