@@ -542,12 +542,14 @@ class Orthanc:
 
     ae_title = "ORTHANC"
 
-    def __init__(self, root, destinations):
-        """``destinations``: AE title -> port on 127.0.0.1, for C-MOVE."""
+    def __init__(self, root, destinations, settings=None):
+        """``destinations``: AE title -> port on 127.0.0.1, for C-MOVE; ``settings``: Orthanc's
+        configuration options over the ones below (the tests of a PACS set up as a hospital's is)."""
         self.root = root
         self.port = free_port()
         self.http = "http://127.0.0.1:%d" % free_port()
         self.destinations = dict(destinations)
+        self.settings = dict(settings or {})
         self.proc = None
 
     def start(self):
@@ -561,6 +563,7 @@ class Orthanc:
             "DicomModalities": {ae.lower(): [ae, "127.0.0.1", port] for ae, port in self.destinations.items()},
             "Plugins": [], "HttpTimeout": 3600, "LimitFindInstances": 0, "LimitFindResults": 0,
         }
+        config.update(self.settings)
         path = os.path.join(self.root, "orthanc.json")
         with open(path, "w", encoding="utf-8") as handle:
             json.dump(config, handle)

@@ -251,11 +251,18 @@ def refusal(output):
 
 def failure_reason(output):
     """What a failed tool said: a refusal by the sandbox (see ``refusal``), its
-    error lines (dcmtk's F:/E:), else its last line."""
+    error lines (dcmtk's F:/E:), else its last line.
+
+    Without the data set dcmtk dumps among its error lines (findscu's "Find
+    Failed, query keys:" and the query, line by line): 20 keys of it came
+    before the cause ("0006:0317 Peer aborted Association") and the cut below
+    left the cause out.
+    """
     refused = refusal(output)
     if refused:
         return refused
-    lines = [line[3:].strip() for line in output.splitlines() if line[:3] in ("F: ", "E: ")]
+    lines = [line[3:].strip() for line in output.splitlines()
+             if line[:3] in ("F: ", "E: ") and not _dumped(line[3:])]
     for line in lines:
         if line.startswith("Reason:"):
             return "association rejected: " + line[len("Reason:"):].strip()
@@ -263,6 +270,12 @@ def failure_reason(output):
         lines = [line[3:].strip() for line in output.splitlines() if line[:3] == "W: "]
     reason = " ".join(line for line in lines if line)[:300]
     return reason or (output.strip().splitlines() or ["no output"])[-1]
+
+
+def _dumped(text):
+    """Whether an error line's ``text`` is part of a data set dcmtk prints: "# Dicom-Data-Set", "(0008,0052) CS ..."."""
+    text = text.strip()
+    return text.startswith("#") or text.startswith("(")
 
 
 def kill_all():

@@ -6,9 +6,11 @@ import zipfile
 
 import pytest
 
+from mkiso import demo
 from mkiso.http import application
 from discs import Disc, check_pdi, open_iso
 from test_jobs import slow_receiver_tools
+from test_pacs_setup import against, dcmqrscp  # noqa: F401 (a fixture)
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is installed in the venv (requirements-dev)")
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -298,3 +300,48 @@ def test_the_modality_is_shown_though_the_pacs_gives_no_modalities_in_study(brow
     modality = {row.find_elements(By.TAG_NAME, "td")[5].text: row.find_elements(By.TAG_NAME, "td")[3].text
                 for row in browser.find_elements(By.CSS_SELECTOR, "#studies tr")}
     assert modality == {"MR.180505.026": "MR", "ACC1002": "CT"}
+
+
+# -- errors a clerk can act on ------------------------------------------------------------------------------
+
+
+def folded(browser, element_id):
+    """The sentence the clerk reads in ``element_id`` and the technical line folded beneath it, once opened
+    as a clerk would: a click on "Details for IT" (hidden until then)."""
+    element = browser.find_element(By.ID, element_id)
+    technical = element.find_element(By.CSS_SELECTOR, "details p")
+    assert not technical.is_displayed()
+    sentence, summary = element.text.split("\n")
+    assert summary == "Details for IT"
+    element.find_element(By.TAG_NAME, "summary").click()
+    wait(browser, technical.is_displayed)
+    return sentence, technical.text
+
+
+def test_a_pacs_that_does_not_answer_is_a_sentence_for_the_clerk(browser, live_server, make_service, settings,
+                                                                 tmp_path):
+    """Before, the clerk read "PACS ABPACS@127.0.0.1:...: failed: Association Request Failed: 0006:031c TCP
+    Initialization Error: Connection refused."."""
+    settings["pacs"]["port"] = demo.free_port()  # nothing listens there: the PACS is down
+    open_page(browser, live_server, make_service())
+    look_up(browser, "ACC2001")
+    wait(browser, lambda: "Please call IT" in visible_text(browser, "message"))
+    sentence, technical = folded(browser, "message")
+    assert sentence == "The PACS did not answer. Please call IT and give them this code: pacs_failed."
+    assert "0006:031c TCP Initialization Error: Connection refused" in technical and "(request " in technical
+    browser.save_screenshot(str(tmp_path / "desk-pacs-down.png"))
+
+
+def test_a_disc_the_pacs_cannot_send_names_the_code_for_it(
+        browser, live_server, make_service, settings, dcmqrscp, tmp_path):  # noqa: F811
+    against(settings, dcmqrscp({}))  # the PACS does not know CDRECORD: the lookup works, the disc cannot
+    open_page(browser, live_server, make_service())
+    look_up(browser, "DAY1")
+    wait(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, "#studies tr")) == 1)
+    browser.find_element(By.ID, "download").click()
+    wait(browser, lambda: "Please call IT" in visible_text(browser, "status"))
+    sentence, technical = folded(browser, "status")
+    assert sentence == ("The PACS could not send the images to this service. Please call IT and give them this code: "
+                        "move_destination_unknown.")
+    assert "register AE CDRECORD at" in technical
+    browser.save_screenshot(str(tmp_path / "desk-move-refused.png"))

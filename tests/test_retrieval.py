@@ -61,6 +61,23 @@ def test_failure_reasons():
         pacs.raise_for_failure("E: Association Request Failed: Connection refused\n", "PACS", "C-FIND")
 
 
+# findscu -v against Orthanc, which does not know the calling AE title: the query's dump comes first.
+ABORTED_FIND = "I: Association Accepted (Max Send PDV: 16372)\nI: Sending Find Request (MsgID 1)\n" \
+    "E: Find Failed, query keys:\nE: \nE: # Dicom-File-Format\nE: \nE: # Dicom-Meta-Information-Header\n" \
+    "E: # Used TransferSyntax: Little Endian Explicit\nE: \nE: # Dicom-Data-Set\n" \
+    "E: # Used TransferSyntax: Little Endian Explicit\n" + "".join(
+        "E: (0010,%04x) PN (no value available)                     #   0, 0 PatientName\n" % n for n in range(20)) + \
+    "E: \nE: 0006:0317 Peer aborted Association (or never connected)\nI: Peer Aborted Association\n"
+
+
+def test_the_cause_after_a_dumped_query_is_kept():
+    """Before, the dump filled the reason's 300 characters and the cause was cut off."""
+    assert process.failure_reason(ABORTED_FIND) == \
+        "Find Failed, query keys: 0006:0317 Peer aborted Association (or never connected)"
+    assert pacs.refused_caller(ABORTED_FIND)
+    assert not pacs.refused_caller(ABORTED_FIND.replace("I: Sending", "I: Received Find Response 1 (Pending)\nI: "))
+
+
 @pytest.fixture
 def received(tmp_path):
     sample = demo.SampleStudy("PAT-9", "TEST^ONE", "ACC9", series=(3,))

@@ -37,9 +37,11 @@ the value: it may be hostile, and the message is logged at WARNING.
 import logging
 import os
 import re
+import socket
 import struct
 import sys
 import tempfile
+import time
 import xml.etree.ElementTree as ElementTree
 
 import pydicom
@@ -209,6 +211,11 @@ class MoveResult:
         return self.status == 0x0000 and not self.failed
 
 
+# The StudyInstanceUID of health's C-FIND: a UID under 2.25 (UUIDs, PS3.5 B.2) that no UUID gives.
+NO_STUDY = "2.25.0"
+
+MOVE_DESTINATION_UNKNOWN = 0xA801  # C-MOVE status "Refused: Move Destination unknown" (PS3.4 C.4.2.1.5)
+
 SOP_INSTANCE_UID = "0008,0018"
 SERIES_INSTANCE_UID = "0020,000e"  # as dcmtk's XML writes tags: lower-case hex
 TRANSFER_SYNTAX = "0008,3002"  # AvailableTransferSyntaxUID
@@ -241,7 +248,7 @@ def address_args(peer):
 
 def echo(tool, calling_ae, peer, timeout):
     """C-ECHO the peer; returns (ok, detail) for the health report."""
-    args = [tool] + association_args(calling_ae, peer, timeout) + ["-td", str(max(1, int(timeout)))]
+    args = [tool, "-v"] + association_args(calling_ae, peer, timeout) + ["-td", str(max(1, int(timeout)))]
     try:
         result = process.run(args + address_args(peer), timeout + 5)
     except process.ToolTimeout:
@@ -250,15 +257,54 @@ def echo(tool, calling_ae, peer, timeout):
         return False, str(exc)
     if result.returncode == 0:
         return True, "C-ECHO to %s succeeded" % peer
-    return False, "C-ECHO to %s failed: %s" % (peer, process.failure_reason(result.output))
+    return False, "C-ECHO to %s failed: %s" % (peer, failure(result.output, peer, calling_ae))
 
 
-def raise_for_failure(output, peer, what, code="pacs_failed"):
-    """Turn a failed dcmtk run into 504 (timeout) or 502 (anything else)."""
+# How a PACS turns away a calling AE title it does not know.  Most reject the association naming
+# it; Orthanc accepts the association of anyone (C-ECHO is allowed to all by default) and aborts it
+# at the first C-FIND or C-MOVE, before any response: dcmtk then says only "0006:0317 Peer aborted
+# Association".  A PACS that aborts then for another reason is rare enough to be named with it.
+CALLING_AE_UNKNOWN = "Calling AE Title Not Recognized"
+PEER_ABORTED = "0006:0317"
+_RESPONSE = re.compile(r"Received .*Response")
+
+
+def refused_caller(output):
+    """Whether a dcmtk SCU's ``output`` shows the PACS turning away our calling AE title (see above)."""
+    if CALLING_AE_UNKNOWN in output:
+        return True
+    return "Association Accepted" in output and PEER_ABORTED in output and not _RESPONSE.search(output)
+
+
+def failure(output, peer, calling_ae=None):
+    """The cause of a failed dcmtk run (``process.failure_reason``), and when ``peer`` turned away
+    ``calling_ae``, what to do about it."""
+    reason = process.failure_reason(output)
+    if calling_ae and refused_caller(output):
+        said = [line[3:].strip() for line in output.splitlines() if PEER_ABORTED in line and line[:3] in ("F: ", "E: ")]
+        return ("the %s turned away mkiso's calling AE title %s (%s): register AE title %s (this host, %s) "
+                "in the %s" % (peer.name, calling_ae, said[-1] if said else reason, calling_ae, socket.gethostname(),
+                               peer.name))
+    return reason
+
+
+def raise_for_failure(output, peer, what, code="pacs_failed", calling_ae=None):
+    """Turn a failed dcmtk run into 504 (timeout) or 502 (anything else).
+
+    The error has the cause; the log has every line the tool printed as an
+    error or warning, the data set dcmtk dumps with them included, so that
+    nothing of what it said is lost (the dump is the request's keys: an
+    accession number or UIDs, never a patient's name).  A PACS that turned
+    away ``calling_ae`` is a 502 ``pacs_unknown_ae`` saying to register it.
+    """
+    log.warning("%s: %s failed", what, peer, extra={"fields": {"tool_output": "\n".join(
+        line for line in output.splitlines() if line[:3] in ("F: ", "E: ", "W: "))}})
     reason = process.failure_reason(output)
     if "timeout" in reason.lower() or "timed out" in reason.lower():
         raise errors.UpstreamTimeout("%s: %s did not answer in time (%s)." % (what, peer, reason))
-    raise errors.UpstreamFailed("%s: %s failed: %s." % (what, peer, reason), code=code)
+    if calling_ae and refused_caller(output):
+        code = "pacs_unknown_ae"
+    raise errors.UpstreamFailed("%s: %s failed: %s." % (what, peer, failure(output, peer, calling_ae)), code=code)
 
 
 class Pacs:
@@ -271,6 +317,8 @@ class Pacs:
         self.find_timeout = config.timeouts.find_s
         self.move_timeout = config.timeouts.move_s
         self.max_studies = config.limits.max_studies_per_accession
+        self.receiver_port = config.receiver.port
+        self.delivery_fault = None  # (monotonic time, sentence) of the last C-MOVE the PACS could not deliver
         self._told_no_manifest = False
         self._asks_syntaxes = True  # until the PACS refuses a query that asks for them
 
@@ -279,6 +327,25 @@ class Pacs:
 
     def echo(self):
         return echo(self.tool("echoscu"), self.our_ae, self.peer, self.find_timeout)
+
+    def query(self):
+        """An empty C-FIND for the health report: (ok, detail).
+
+        STUDY level on a StudyInstanceUID no study has (NO_STUDY): it
+        matches nothing and costs the PACS one index lookup.  It is what a
+        C-ECHO cannot show: Orthanc answers anyone's C-ECHO and turns away
+        the C-FIND of an AE title it does not know.
+        """
+        args = self._find_args([], "STUDY", [("StudyInstanceUID", NO_STUDY)], ())
+        try:
+            result = process.run(args + address_args(self.peer), self.find_timeout + 5)
+        except process.ToolTimeout:
+            return False, "no answer to a C-FIND from %s within %ss" % (self.peer, self.find_timeout)
+        except process.ToolMissing as exc:
+            return False, str(exc)
+        if "Received Final Find Response (Success)" in result.output:
+            return True, "C-FIND to %s answered" % self.peer
+        return False, "C-FIND to %s failed: %s" % (self.peer, failure(result.output, self.peer, self.our_ae))
 
     def _find_args(self, extract, level, match, returned):
         """findscu at ``level`` (Study Root) with ``match`` keys and empty ``returned`` keys."""
@@ -322,7 +389,7 @@ class Pacs:
             args = self._find_args(["-X", "-od", out_dir], level, match, returned)
             result = self._run(args, self.find_timeout, what)
             if "Received Final Find Response (Success)" not in result.output:
-                raise_for_failure(result.output, self.peer, what)
+                raise_for_failure(result.output, self.peer, what, calling_ae=self.our_ae)
             return [pydicom.dcmread(os.path.join(out_dir, name), force=True) for name in sorted(os.listdir(out_dir))]
 
     def list_instances(self, study_uid, scratch_dir):
@@ -362,7 +429,7 @@ class Pacs:
             result = self._run(args, self.find_timeout, what)
             final = _FINAL_FIND.search(result.output)
             if final is None:
-                raise_for_failure(result.output, self.peer, what)
+                raise_for_failure(result.output, self.peer, what, calling_ae=self.our_ae)
             status = final.group("status")
             return (read_manifest(answers, what) if status == "Success" else None), status
 
@@ -398,6 +465,39 @@ class Pacs:
         """C-MOVE one study by StudyInstanceUID alone to our own receiver."""
         return self._retrieve("C-MOVE of study %s" % study_uid, [self.tool("movescu"), "-d", "-S"],
                               ["-aem", self.our_ae], parse_move_output, study_keys(study_uid))
+
+    def check_delivery(self, study_uid, result, reached):
+        """Raise the error of a C-MOVE that delivered nothing because the PACS could not send to us.
+
+        Told apart by cause, each with its fix: the PACS says it does not
+        know the destination (0xA801, as dcmqrscp does); or it failed while
+        no association of it reached the receiver (``reached`` false: the
+        port closed, filtered or silent on its way, a wrong host or port on
+        file; and Orthanc's answer for a destination it does not know, a
+        bare "Unable to process").  Any other failure is the caller's to
+        tell (an incomplete study).  The sentence is kept for health until
+        a C-MOVE succeeds: the admin sees it there too.
+        """
+        if result.succeeded:
+            self.delivery_fault = None
+        if result.succeeded or result.delivered:
+            return
+        what = "C-MOVE of study %s" % study_uid
+        destination = "%s at %s:%d" % (self.our_ae, socket.gethostname(), self.receiver_port)
+        if result.status == MOVE_DESTINATION_UNKNOWN:
+            error = errors.UpstreamFailed(
+                "%s: %s does not know the destination %s (%s): register AE %s in the PACS."
+                % (what, self.peer, self.our_ae, result.status_text, destination), code="move_destination_unknown")
+        elif not reached:
+            error = errors.UpstreamFailed(
+                "%s: %s answered %s, and no association of it reached the receiver: the PACS could not reach "
+                "port %d on this host: firewall, or the PACS's entry for %s (it must be AE %s)."
+                % (what, self.peer, result.status_text, self.receiver_port, self.our_ae, destination),
+                code="receiver_unreachable")
+        else:
+            return
+        self.delivery_fault = (time.monotonic(), error.message)
+        raise error
 
     def get_study(self, study_uid, out_dir, manifest=None):
         """C-GET one study into ``out_dir`` over our own association: no port listens.
@@ -460,7 +560,7 @@ class Pacs:
         result = self._run(args, self.move_timeout, what, list(files))
         final = parse(result.output)
         if final is None:
-            raise_for_failure(result.output, self.peer, what)
+            raise_for_failure(result.output, self.peer, what, calling_ae=self.our_ae)
         return final
 
     def _run(self, args, timeout, what, files=()):

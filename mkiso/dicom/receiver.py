@@ -89,6 +89,7 @@ class Receiver:
         self.max_associations = config.receiver.max_associations
         self.refused_associations = 0  # refused with an A-ASSOCIATE-RJ: the bound was reached
         self.idle_closed = 0  # connections closed before they sent an A-ASSOCIATE-RQ
+        self.requested = 0  # A-ASSOCIATE-RQs that arrived, admitted or refused: did the PACS reach us
         self.inbox = inbox_dir
         self.pid_file = pid_file  # an earlier version's storescp, see stop_leftover
         self.log_config = os.path.join(os.path.dirname(pid_file), LOG_CONFIG)
@@ -299,6 +300,7 @@ class Receiver:
         if first != bytes((A_ASSOCIATE_RQ,)):  # hung up, or not DICOM
             conn.close()
             return
+        self.requested += 1
         self._reap()
         if len(self._children) >= self.max_associations:
             self._refuse(conn, selector)

@@ -265,12 +265,14 @@ class Retrievals:
         watch = logs.Stopwatch(self.metrics.phase)
         failures = self.receiver.write_failures if self.receiver else 0
         try:
-            result = self._fetch(study.study_uid, received, manifest)
+            result, reached = self._fetch(study.study_uid, received, manifest)
         except errors.UpstreamFailed:
             self._raise_if_out_of_space(study, received, failures)
             raise
         if not result.succeeded:
             self._raise_if_out_of_space(study, received, failures)
+        if self.receiver is not None:
+            self.pacs.check_delivery(study.study_uid, result, reached)
         watch.lap("transfer")
         paths = sorted(entry.path for entry in os.scandir(received) if entry.is_file())
         retrieval.files = verify(study, result, paths, manifest)
@@ -283,14 +285,20 @@ class Retrievals:
     def _fetch(self, study_uid, received, manifest):
         """The study's files into ``received``: by C-GET, or by C-MOVE through the receiver.
 
+        Returns the final response and whether an association reached the
+        receiver meanwhile (always true for C-GET): a C-MOVE that failed
+        with none is the PACS not reaching us (``Pacs.check_delivery``).
+        Another job's C-MOVE running at the same time can count here; then
+        the failure is told as an incomplete study, as before.
         Whatever the receiver got is taken into ``received`` even when the
         C-MOVE failed, so that it goes with the retrieval's folder.  C-GET
         uses the manifest to fetch again what failed (compressed images).
         """
         if self.receiver is None:
             os.mkdir(received)
-            return self.pacs.get_study(study_uid, received, manifest)
+            return self.pacs.get_study(study_uid, received, manifest), True
         self.receiver.expect(study_uid)
+        requested = self.receiver.requested
         try:
             result = self.pacs.move_study(study_uid)
         finally:
@@ -300,7 +308,7 @@ class Retrievals:
                 "%d images for study %s were still arriving after the PACS had sent all of its own "
                 "(something else sent to the receiver); the disc was not made." % (writing, study_uid),
                 code="unexpected_image")
-        return result
+        return result, self.receiver.requested > requested
 
     def _raise_if_out_of_space(self, study, received, failures_before):
         """A failed retrieval is a 507 when the disk, not the PACS, was the trouble.

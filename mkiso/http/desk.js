@@ -14,7 +14,43 @@ let job = null; // the job being shown, with the patients of the lookup it came 
 let generation = 0;
 
 class ApiError extends Error {
-  constructor(message, code) { super(message); this.code = code; }
+  constructor(message, code, status, requestId) {
+    super(message); this.code = code; this.status = status; this.requestId = requestId;
+  }
+}
+
+// An error the clerk cannot act on (the PACS, the publisher, the server: a 5xx other than "busy") is told
+// as what happened and the code to give IT; its technical line, which names AE titles, ports and DICOM
+// status codes, is folded beneath for IT. The clerk's own (a number not found, two patients) stay as they are.
+const FOR_IT = {
+  pacs_failed: "The PACS did not answer.", pacs_unknown_ae: "The PACS did not answer.",
+  timeout: "The PACS did not answer.",
+  move_destination_unknown: "The PACS could not send the images to this service.",
+  receiver_unreachable: "The PACS could not send the images to this service.",
+  publisher_failed: "The disc publisher did not answer.", publisher_timeout: "The disc publisher did not answer.",
+  insufficient_storage: "The disc service is out of room.", work_dir_unwritable: "The disc service is out of room.",
+};
+
+function forIT(error) {
+  if (!(error.status >= 500) || error.code === "busy") return "";
+  return FOR_IT[error.code] || (error.status === 502 ? "The PACS did not send the study as it should."
+    : "The disc could not be made.");
+}
+
+function explain(element, error) {
+  // Everything as text nodes: a message may quote what the PACS said.
+  const sentence = forIT(error);
+  if (!sentence) { element.textContent = error.message; return; }
+  const lead = document.createElement("span");
+  lead.textContent = sentence + " Please call IT and give them this code: " + (error.code || error.status) + ".";
+  const details = document.createElement("details");
+  details.className = "for-it";
+  const summary = document.createElement("summary");
+  summary.textContent = "Details for IT";
+  const line = document.createElement("p");
+  line.textContent = error.message + (error.requestId ? " (request " + error.requestId + ")" : "");
+  details.append(summary, line);
+  element.replaceChildren(lead, details);
 }
 
 function askForKey() {
@@ -43,7 +79,7 @@ async function api(method, path, body) {
   }
   if (!response.ok) {
     throw new ApiError(data && data.error ? data.error : "The service answered with an error (" + response.status + ").",
-      data && data.code);
+      data && data.code, response.status, (data && data.request_id) || response.headers.get("X-Request-ID"));
   }
   return data;
 }
@@ -73,9 +109,10 @@ function reset() {
   say("");
 }
 
-function fail(text) {
+function fail(error) {
   reset();
-  say(text, true);
+  explain($("message"), error);
+  $("message").className = "bad";
 }
 
 function personName(value) {
@@ -96,9 +133,11 @@ function cell(row, text, number) {
 function notFound(error, accessions) {
   // Accession numbers are exact DICOM match keys: "acc2001" is not "ACC2001".
   const lower = accessions.filter((accession) => accession !== accession.toUpperCase());
-  if (error.code !== "study_not_found" || !lower.length) return error.message;
-  return error.message + " Accession numbers are matched exactly, capital letters included: "
-    + lower.map((accession) => accession + " is not " + accession.toUpperCase()).join(", ") + ".";
+  if (error.code === "study_not_found" && lower.length) {
+    error.message += " Accession numbers are matched exactly, capital letters included: "
+      + lower.map((accession) => accession + " is not " + accession.toUpperCase()).join(", ") + ".";
+  }
+  return error;
 }
 
 async function lookUp(event) {
@@ -157,6 +196,7 @@ function show(update) {
   let text = PHASES[p.phase] || "Working";
   if (p.phase === "retrieve" && p.images_expected) text += ": " + p.images_received + " of " + p.images_expected;
   let kind = "";
+  let failure = null;
   const link = $("iso-link");
   const list = $("disc-links");
   link.hidden = list.hidden = true;
@@ -199,13 +239,16 @@ function show(update) {
   } else if (current.state === "failed") {
     text = current.error ? current.error.error : "The job failed.";
     kind = "bad";
+    failure = current.error && new ApiError(current.error.error, current.error.code, current.error.status,
+      current.error.request_id);
   } else if (current.state === "cancelled") {
     text = "Cancelled. Nothing was kept.";
     kind = "bad";
   }
   $("bar").value = Math.round(percent);
   $("bar").textContent = Math.round(percent) + " %";
-  $("status").textContent = text;
+  if (failure) explain($("status"), failure);
+  else $("status").textContent = text;
   $("status").className = kind;
   $("cancel").hidden = ["failed", "cancelled", "done"].includes(current.state);
   $("cancel").textContent = current.state === "ready" ? "Discard the disc" : "Cancel";
@@ -251,7 +294,7 @@ async function follow(current) {
       const update = await api("GET", current.links.self);
       if (showing(current)) show(update);
     } catch (e) {
-      if (showing(current)) fail(e.message);
+      if (showing(current)) fail(e);
       return;
     }
   }
@@ -276,7 +319,7 @@ async function start(action, format) {
     $("cancel").focus();
     follow(job);
   } catch (e) {
-    if (mine === generation) fail(e.message);
+    if (mine === generation) fail(e);
   } finally {
     for (const id of STARTERS) $(id).disabled = false;
   }
@@ -290,7 +333,7 @@ async function cancel() {
     const update = await api("DELETE", current.links.self);
     if (showing(current)) show(update);
   } catch (e) {
-    if (showing(current)) fail(e.message);
+    if (showing(current)) fail(e);
   } finally { $("cancel").disabled = false; }
 }
 

@@ -1,7 +1,8 @@
 """The health report of ``/api/health`` (SPEC §2).
 
 Each check really exercises what it names: the tools are run, the work dir
-is written to, the PACS and publisher get a C-ECHO.  The two echoes run at
+is written to, the PACS and publisher get a C-ECHO, the PACS an empty C-FIND
+too (``check_pacs``).  The two echoes run at
 the same time so a silent peer costs one timeout, not two.
 
 The audit's syslog copy is checked by what its sender did: a repository
@@ -136,7 +137,25 @@ class Health:
         return Check(False, detail)
 
     def check_pacs(self):
-        return Check(*self.pacs.echo())
+        """C-ECHO, then an empty C-FIND, then what the last C-MOVE could not deliver.
+
+        Each shows what the one before cannot: a PACS may answer anyone's
+        C-ECHO and turn away the C-FIND of an AE title it does not know
+        (Orthanc does), and one that answers both may still not know, or
+        not reach, our receiver; that shows only when a C-MOVE fails, and
+        stays here until one succeeds (``Pacs.check_delivery``).
+        """
+        ok, echoed = self.pacs.echo()
+        if not ok:
+            return Check(False, echoed)
+        ok, found = self.pacs.query()
+        if not ok:
+            return Check(False, "%s, but %s" % (echoed, found))
+        fault = self.pacs.delivery_fault
+        if fault is not None:
+            return Check(False, "%s, %s, but the last C-MOVE (%d s ago) failed: %s" % (
+                echoed, found, time.monotonic() - fault[0], fault[1]))
+        return Check(True, "%s, %s" % (echoed, found))
 
     def check_publisher(self):
         if self.publisher_peer is None:
