@@ -326,6 +326,8 @@ class Application:
         job.export.deferred = stream  # audited when its answer ends; nginx's is audited when handed over
         if head:
             job.export.action, job.export.format = "query", None
+        elif server.x_accel_prefix:
+            job.export.handed_to = "nginx"
         iso = self.service.jobs.run(job, build=not head or bool(server.x_accel_prefix))
         if job.export.deferred:
             request.export = job.export
@@ -517,7 +519,7 @@ class Application:
         export = self._export(request, "download", job.accessions, job.format)
         export.studies, export.images, export.verified = job.export.studies, disc.images, job.export.verified
         if self.config.server.x_accel_prefix:
-            export.bytes = disc.size
+            export.bytes, export.handed_to = disc.size, "nginx"
             self.service.audit.record(export, 200)
             return
         self.service.audit.begin(export)
