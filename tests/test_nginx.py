@@ -54,11 +54,13 @@ http {{
 """
 
 
-def install_snippets(root, upstream, work_dir, his_key=None):
+def install_snippets(root, upstream, work_dir, his_key=None, metrics_from=None):
     """The shipped snippets, pointed at this test's mkiso, work dir and HIS key file.
 
     The key file is empty, as the package creates it, unless ``his_key`` is
-    given: then it holds the line an admin puts there.
+    given: then it holds the line an admin puts there. ``metrics_from``: the
+    address the /metrics location allows instead of loopback (the admin's
+    Prometheus host).
     """
     os.makedirs(os.path.join(root, "snippets"))
     os.makedirs(os.path.join(root, "conf.d"))
@@ -67,7 +69,10 @@ def install_snippets(root, upstream, work_dir, his_key=None):
         with open(os.path.join(SNIPPETS, name)) as handle:
             text = handle.read()
         if name == "mkiso.conf":
-            assert text.count("http://127.0.0.1:8080") == 7 and text.count("alias /var/spool/mkiso/;") == 1
+            assert text.count("http://127.0.0.1:8080") == 8 and text.count("alias /var/spool/mkiso/;") == 1
+            assert text.count("    allow 127.0.0.1;\n") == 1
+            if metrics_from:
+                text = text.replace("    allow 127.0.0.1;\n", "    allow %s;\n" % metrics_from)
             assert text.count("include /etc/nginx/mkiso-his-key.conf;") == 1
             text = text.replace("http://127.0.0.1:8080", "http://127.0.0.1:%d" % upstream)
             text = text.replace("alias /var/spool/mkiso/;", "alias %s/;" % work_dir)
@@ -88,11 +93,11 @@ def nginx(tmp_path):
         pytest.fail("nginx is not installed (scripts/setup installs it)")
     procs = []
 
-    def start(upstream, work_dir, his_key=None, user="root"):
+    def start(upstream, work_dir, his_key=None, user="root", metrics_from=None):
         root = tmp_path / "nginx"
         root.mkdir()
         port = demo.free_port()
-        install_snippets(str(root), upstream, work_dir, his_key)
+        install_snippets(str(root), upstream, work_dir, his_key, metrics_from)
         conf = root / "nginx.conf"
         conf.write_text(NGINX_CONF.format(user="user %s;" % user if os.geteuid() == 0 else "", root=root, port=port))
         proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(root)], stdout=subprocess.DEVNULL,
@@ -251,6 +256,24 @@ def test_legacy_urls_and_the_api_through_the_snippet(plain_behind_nginx, path, s
         assert int(headers["Content-Length"]) == len(body)
     else:
         assert headers["Content-Type"] == "application/json; charset=utf-8"
+
+
+@pytest.mark.parametrize("metrics_from, status", [
+    (None, 200),  # as shipped: a Prometheus on the gateway itself
+    ("192.0.2.10", 403),  # the admin named the monitoring host: everyone else is refused by nginx
+])
+def test_metrics_are_scraped_through_nginx_from_the_allowed_host_only(make_service, live_server, nginx,
+                                                                      metrics_from, status):
+    """mkiso listens on loopback: the README's scrape goes through the snippet's /metrics location."""
+    service = make_service()
+    upstream = live_server(application.Application(service.config, service))
+    front = nginx(int(upstream.rsplit(":", 1)[1]), service.config.paths.work_dir, metrics_from=metrics_from)
+    got, headers, body = get(front + "/metrics")
+    assert got == status, body[:300]
+    if status == 200:
+        assert b"mkiso_build_info{" in body and headers["X-Request-ID"]
+    else:
+        assert "X-Request-ID" not in headers  # nginx's own answer: mkiso never saw it
 
 
 def open_files_under(folder):
