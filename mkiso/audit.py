@@ -17,7 +17,9 @@ known then) and the outcome after (``"stage": "ended"``).  So a full or
 read-only audit disk stops the export before anything leaves, and a crash,
 a SIGKILL or a SIGTERM in between leaves the first line standing: never an
 export without its line.  Every other export, and every failure before
-anything left, is one ``ended`` line.
+anything left, is one ``ended`` line.  Behind nginx (X-Accel-Redirect) mkiso
+hands the disc over and nginx sends it: that line says ``"handed_to":
+"nginx"`` and leaves ``complete`` null, as mkiso never sees what the client got.
 With ``audit.syslog`` set, each outcome also goes to a central audit
 repository as a DICOM audit message (``atna``); that copy is best effort,
 the file is the record.
@@ -66,6 +68,9 @@ class Export:
     verified: bool = None  # its disc passed the read-back, a print its check (SPEC §4.6); None: not checked
     media: str = "dvd"  # iso.media: which medium an ISO is for (the ATNA message's media type)
     complete: bool = True  # false: the client left before it had the whole answer
+    # "nginx": behind X-Accel-Redirect the disc goes to nginx, which sends it (or answers 403 when its user
+    # cannot read the work dir): mkiso cannot know what the client got, so its line's ``complete`` is null
+    handed_to: str = None
     deferred: bool = False  # the outcome is written when the answer ends (web), not when the job is done
     begun: bool = False  # its "begun" line is written: what leaves from now on is on record
     recorded: bool = False  # its outcome line is written (or was tried)
@@ -75,8 +80,11 @@ class Export:
 
     def entry(self, status, code, stage="ended"):
         """The line; a ``begun`` one has no outcome yet (status, code and complete null, no bytes sent);
-        a lookup exported nothing (no images, no bytes: a HEAD's sized disc is not sent)."""
+        a lookup exported nothing (no images, no bytes: a HEAD's sized disc is not sent).  A disc handed
+        to nginx says so (``handed_to``): its status is mkiso's answer to nginx, its bytes the size
+        handed over, and whether the client got them is not mkiso's to say (``complete`` null)."""
         begun, exported = stage == "begun", self.action != "query"
+        handed_to = self.handed_to if code is None and not begun else None  # a failure handed nothing over
         return {
             "time": self.time.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "request_id": self.request_id,
@@ -88,13 +96,14 @@ class Export:
             "patient_ids": sorted({study.patient_id for study in self.studies}),
             "images": self.images if exported else 0,
             "bytes": self.bytes if exported and not begun else 0,
-            "complete": None if begun else self.complete,
+            "complete": None if begun or handed_to else self.complete,
             "status": status,
             "code": code,
             "duration_ms": int((time.monotonic() - self.started) * 1000),
             "stage": stage,
             "format": self.format,
             "verified": self.verified,
+            "handed_to": handed_to,
         }
 
 

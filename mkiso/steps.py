@@ -69,19 +69,24 @@ class Steps:
     def folder(self, job):
         """The job's folder, removed if the job fails; on success the caller removes it once delivered."""
         self.check_free_space()
-        try:
-            folder = tempfile.mkdtemp(prefix="job-%s-" % job.id, dir=self.jobs_dir)
-        except OSError as exc:
-            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise
-            raise errors.Unavailable(
-                "The work dir %s is not writable (%s); no disc can be made until it is."
-                % (self.jobs_dir, exc.strerror), code="work_dir_unwritable")
+        folder = self._scratch("job-%s-" % job.id)
         try:
             yield folder
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
+
+    def _scratch(self, prefix):
+        """A new folder under the work dir's jobs/, for everything that needs one (a job, a lookup's
+        C-FIND answers): a work dir the service cannot write is one clear 503 for all of them."""
+        try:
+            return tempfile.mkdtemp(prefix=prefix, dir=self.jobs_dir)
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            raise errors.Unavailable(
+                "The work dir %s is not writable (%s); nothing can be looked up, downloaded or printed until "
+                "it is." % (self.jobs_dir, exc.strerror), code="work_dir_unwritable")
 
     # -- steps ------------------------------------------------------------
 
@@ -494,7 +499,8 @@ class Steps:
         PACS that leaves ModalitiesInStudy empty (dcmqrscp does) is asked
         for its series' modalities instead: the clerk tells studies apart by them.
         """
-        with tempfile.TemporaryDirectory(prefix="studies-", dir=self.jobs_dir) as folder:
+        folder = self._scratch("studies-")
+        try:
             export.destination = self.pacs.peer.address  # who was asked
             studies = export.studies = self.find(accessions, folder)
             described = []
@@ -508,6 +514,8 @@ class Steps:
                     "series": len(set(manifest.values())) if manifest is not None else None,
                     "images": len(manifest) if manifest is not None else study.instances,
                 })
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
         return described
 
 

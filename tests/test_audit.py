@@ -24,7 +24,8 @@ from test_server import start_server
 
 KEYS = {"his": "his-key-0123456789", "desk-1": "desk-key-0123456789"}
 LINE_KEYS = {"time", "request_id", "client", "caller", "action", "accessions", "study_uids", "patient_ids",
-             "images", "bytes", "complete", "status", "code", "duration_ms", "stage", "format", "verified"}
+             "images", "bytes", "complete", "status", "code", "duration_ms", "stage", "format", "verified",
+             "handed_to"}
 
 
 def audit_lines(service):
@@ -535,3 +536,12 @@ def test_a_zip_download_says_so_on_record(make_service, wsgi_call):
     response = wsgi_call(app_for(service), "/api/iso/download", query="accession_number=ACC2001&format=zip")
     assert response.status == 200 and response.header("Content-Type") == "application/zip"
     assert [(line["stage"], line["format"]) for line in audit_lines(service)] == [("begun", "zip"), ("ended", "zip")]
+
+
+def test_a_download_behind_nginx_that_failed_handed_nothing_over(make_service, wsgi_call):
+    """Only a disc mkiso handed to nginx is said to be nginx's to send; a failure is mkiso's own answer."""
+    service = make_service(server={"x_accel_prefix": "/internal/mkiso/"})
+    response = wsgi_call(app_for(service), "/api/iso/download", query="accession_number=NOSUCH1")
+    assert response.status == 404
+    [line] = audit_lines(service)
+    assert (line["status"], line["code"], line["handed_to"]) == (404, "study_not_found", None)

@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -53,11 +54,13 @@ http {{
 """
 
 
-def install_snippets(root, upstream, work_dir, his_key=None):
+def install_snippets(root, upstream, work_dir, his_key=None, metrics_from=None):
     """The shipped snippets, pointed at this test's mkiso, work dir and HIS key file.
 
     The key file is empty, as the package creates it, unless ``his_key`` is
-    given: then it holds the line an admin puts there.
+    given: then it holds the line an admin puts there. ``metrics_from``: the
+    address the /metrics location allows instead of loopback (the admin's
+    Prometheus host).
     """
     os.makedirs(os.path.join(root, "snippets"))
     os.makedirs(os.path.join(root, "conf.d"))
@@ -66,7 +69,10 @@ def install_snippets(root, upstream, work_dir, his_key=None):
         with open(os.path.join(SNIPPETS, name)) as handle:
             text = handle.read()
         if name == "mkiso.conf":
-            assert text.count("http://127.0.0.1:8080") == 7 and text.count("alias /var/spool/mkiso/;") == 1
+            assert text.count("http://127.0.0.1:8080") == 8 and text.count("alias /var/spool/mkiso/;") == 1
+            assert text.count("    allow 127.0.0.1;\n") == 1
+            if metrics_from:
+                text = text.replace("    allow 127.0.0.1;\n", "    allow %s;\n" % metrics_from)
             assert text.count("include /etc/nginx/mkiso-his-key.conf;") == 1
             text = text.replace("http://127.0.0.1:8080", "http://127.0.0.1:%d" % upstream)
             text = text.replace("alias /var/spool/mkiso/;", "alias %s/;" % work_dir)
@@ -81,18 +87,19 @@ def install_snippets(root, upstream, work_dir, his_key=None):
 @pytest.fixture
 def nginx(tmp_path):
     """Start nginx with the shipped snippet in front of ``upstream`` and ``work_dir`` (and the HIS's
-    key in its key file, if given); returns its URL."""
+    key in its key file, if given), its workers as ``user`` (nginx's "user USER [GROUP]", when the
+    tests run as root); returns its URL."""
     if shutil.which("nginx") is None:
         pytest.fail("nginx is not installed (scripts/setup installs it)")
     procs = []
 
-    def start(upstream, work_dir, his_key=None):
+    def start(upstream, work_dir, his_key=None, user="root", metrics_from=None):
         root = tmp_path / "nginx"
         root.mkdir()
         port = demo.free_port()
-        install_snippets(str(root), upstream, work_dir, his_key)
+        install_snippets(str(root), upstream, work_dir, his_key, metrics_from)
         conf = root / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(user="user root;" if os.geteuid() == 0 else "", root=root, port=port))
+        conf.write_text(NGINX_CONF.format(user="user %s;" % user if os.geteuid() == 0 else "", root=root, port=port))
         proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(root)], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         procs.append(proc)
@@ -187,6 +194,42 @@ def test_the_internal_location_is_not_reachable_from_outside(behind_nginx):
 
 
 @pytest.fixture
+def shared_work_dir(settings):
+    """A work dir nginx's workers could reach: under /tmp (the tests' tmp_path is root's alone), 0750 as
+    the package makes /var/spool/mkiso, so only mkiso's group (here root's) may read it."""
+    if os.geteuid() != 0:
+        pytest.skip("nginx's workers run as another user than mkiso only when the tests run as root")
+    work_dir = tempfile.mkdtemp(prefix="mkiso-spool-")
+    os.chmod(work_dir, 0o750)
+    settings["paths"]["work_dir"] = work_dir
+    yield work_dir
+    shutil.rmtree(work_dir)
+
+
+@pytest.mark.parametrize("user, status", [
+    ("nobody nogroup", 403),  # before "adduser www-data mkiso": nginx's user is not in mkiso's group
+    ("nobody root", 200),  # after: nginx's workers have mkiso's group (root's here)
+])
+def test_the_audit_line_of_a_disc_handed_to_nginx_never_claims_the_client_got_it(
+        shared_work_dir, make_service, live_server, nginx, user, status):
+    """mkiso hands the disc over and never sees what nginx sent: nginx's 403 (its user cannot read the
+    work dir) must not stand in the audit trail as a complete download."""
+    service = make_service(server={"x_accel_prefix": PREFIX, "x_accel_keep_s": 2})
+    upstream = live_server(application.Application(service.config, service))
+    front = nginx(int(upstream.rsplit(":", 1)[1]), shared_work_dir, user=user)
+    got, headers, body = get(front + "/api/iso/download?accession_number=ACC1002")
+    assert got == status, body[:300]
+    if status == 200:
+        assert headers["Content-Type"] == "application/x-iso9660-image" and len(body) > 32768
+    with open(service.config.audit.path, encoding="utf-8") as handle:
+        [line] = [json.loads(text) for text in handle]
+    assert (line["action"], line["stage"], line["status"], line["code"]) == ("download", "ended", 200, None)
+    assert line["handed_to"] == "nginx" and line["complete"] is None, line
+    assert line["bytes"] > 32768  # the disc handed over: its size
+    assert wait_until_removed(service) == []
+
+
+@pytest.fixture
 def plain_behind_nginx(make_service, live_server, nginx):
     """mkiso without x-accel (it sends the ISO itself) behind the snippet."""
     service = make_service()
@@ -213,6 +256,24 @@ def test_legacy_urls_and_the_api_through_the_snippet(plain_behind_nginx, path, s
         assert int(headers["Content-Length"]) == len(body)
     else:
         assert headers["Content-Type"] == "application/json; charset=utf-8"
+
+
+@pytest.mark.parametrize("metrics_from, status", [
+    (None, 200),  # as shipped: a Prometheus on the gateway itself
+    ("192.0.2.10", 403),  # the admin named the monitoring host: everyone else is refused by nginx
+])
+def test_metrics_are_scraped_through_nginx_from_the_allowed_host_only(make_service, live_server, nginx,
+                                                                      metrics_from, status):
+    """mkiso listens on loopback: the README's scrape goes through the snippet's /metrics location."""
+    service = make_service()
+    upstream = live_server(application.Application(service.config, service))
+    front = nginx(int(upstream.rsplit(":", 1)[1]), service.config.paths.work_dir, metrics_from=metrics_from)
+    got, headers, body = get(front + "/metrics")
+    assert got == status, body[:300]
+    if status == 200:
+        assert b"mkiso_build_info{" in body and headers["X-Request-ID"]
+    else:
+        assert "X-Request-ID" not in headers  # nginx's own answer: mkiso never saw it
 
 
 def open_files_under(folder):
@@ -309,6 +370,10 @@ def test_the_desk_page_and_a_job_through_nginx(behind_nginx, archive, tmp_path):
     (tmp_path / "job.iso").write_bytes(body)
     check_pdi(open_iso(str(tmp_path / "job.iso"), str(tmp_path / "job")), archive.sop_uids("ACC2001"))
     assert get(front + events[-1]["links"]["iso"])[2] == body  # a job's disc stays for a second fetch
+    with open(service.config.audit.path, encoding="utf-8") as handle:
+        fetches = [json.loads(line) for line in handle][1:]  # after the job's own line
+    handed = [(line["handed_to"], line["complete"], line["bytes"]) for line in fetches]
+    assert handed == [("nginx", None, len(body))] * 2
 
 
 HIS_KEY = "his-0123456789abcdef-key"

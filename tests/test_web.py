@@ -1,5 +1,9 @@
 """Routing, request ids, errors and auth of the WSGI application."""
 
+import json
+import time
+import urllib.request
+
 import pytest
 
 from mkiso import config as configuration
@@ -132,3 +136,29 @@ def test_access_log_line(wsgi_call, caplog):
     assert record.fields["request_id"] == "rid-1"
     assert record.fields["status"] == 200 and record.fields["path"] == "/api/health"
     assert record.fields["bytes"] == int(response.header("Content-Length"))
+
+
+def test_an_event_streams_access_line_has_the_bytes_it_sent_when_it_ends(make_service, live_server, caplog):
+    """The stream's length is known only at its end: its line is written then, with the bytes sent (its
+    line said bytes=None, written as the stream began)."""
+    caplog.set_level("INFO", logger="mkiso.access")
+    service = make_service()
+    base = live_server(application.Application(service.config, service))
+    request = urllib.request.Request(base + "/api/jobs", data=json.dumps({"accessions": ["ACC2001"]}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        job = json.load(answer)
+    with urllib.request.urlopen(base + job["links"]["events"], timeout=60) as stream:
+        received = stream.read()
+    assert received.rstrip().endswith(b"}") and b'"state": "ready"' in received
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not stream_lines(caplog):
+        time.sleep(0.05)  # written when the server closes the stream, after its last byte
+    [line] = stream_lines(caplog)
+    assert (line["status"], line["bytes"]) == (200, len(received)) and "complete" not in line
+    assert service.metrics.exposition().count(b'mkiso_phase_seconds_count{phase="send"}') == 0  # no disc was sent
+
+
+def stream_lines(caplog):
+    return [record.fields for record in caplog.records
+            if record.name == "mkiso.access" and record.fields["path"].endswith("/events")]

@@ -169,6 +169,13 @@ def autorun_program(viewer_dir):
     return None
 
 
+def _some(names, shown=3):
+    """A few file names for a sentence: "A, B and C", or "A, B, C and 4 more"."""
+    if len(names) <= shown:
+        return " and ".join(filter(None, [", ".join(names[:-1]), names[-1]]))
+    return "%s and %d more" % (", ".join(names[:shown]), len(names) - shown)
+
+
 def viewer_sentence(viewer_dir):
     """What README.TXT says of the viewer: which program starts it, or that there is none."""
     if not viewer_dir:
@@ -177,9 +184,10 @@ def viewer_sentence(viewer_dir):
     names = sorted(entry.name for entry in os.scandir(viewer_dir) if entry.is_file())
     program = autorun_program(viewer_dir)
     programs = [program] if program else [name for name in names if name.upper().endswith(".EXE")]
-    if not programs:
-        return ("A DICOM viewer is on this disc (its files are at the root); any other DICOM viewer can open "
-                "the disc too, through the DICOMDIR file at the root.")
+    if not programs:  # a placeholder (the demo's), or a viewer of no kind we can name: claim none
+        given = " (of the hospital's viewer folder it holds only %s)" % _some(names) if names else ""
+        return ("No viewer program is on this disc%s: open it with any DICOM viewer, which finds everything "
+                "through the DICOMDIR file at the root." % given)
     started = " or ".join(programs)
     if program:
         return ("A DICOM viewer is on this disc: on Windows it starts by itself when the disc is inserted; "

@@ -333,7 +333,8 @@ def index_page(studies, iso, viewer, number, of):
         body.append("<li>The DICOM viewer: %s (a Windows program; it may start by itself when the disc is "
                     "inserted).</li>" % _link(viewer, viewer))
     elif iso.viewer_dir:
-        body.append("<li>A DICOM viewer is on this disc; README.TXT says how to start it.</li>")
+        body.append("<li>The hospital's viewer folder is on this disc; README.TXT says whether it holds a "
+                    "viewer program and how to start it.</li>")
     else:
         body.append("<li>There is no DICOM viewer on this disc.</li>")
     body.append("<li>The images for a DICOM viewer: DICOMDIR and the folder DICOM (any DICOM viewer "

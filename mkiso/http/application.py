@@ -188,7 +188,7 @@ class Application:
                 response.body.close()
             self._log_access(request, response, started, 0)
             return []
-        if response.closer is not None:  # logged when sending ends, with what really went out
+        if response.closer is not None:  # logged when sending ends, with what really went out (a stream too)
             sending = time.monotonic()
             response.closer.on_close = lambda sent: self._sent(request, response, started, sending, sent)
         else:
@@ -226,9 +226,11 @@ class Application:
         return Response.json(exc.status, payload, exc.headers)
 
     def _sent(self, request, response, started, sending, sent):
-        """An ISO answer ended: its metrics (the ``send`` phase, the bytes), then as every answer."""
-        self.service.metrics.phase("send", time.monotonic() - sending)
-        self.service.metrics.sent("client", sent)
+        """An answer sent after its handler returned has ended: a disc's metrics (the ``send`` phase, the
+        bytes; an event stream, of no length, is no disc), then as every answer."""
+        if response.length is not None:
+            self.service.metrics.phase("send", time.monotonic() - sending)
+            self.service.metrics.sent("client", sent)
         self._answered(request, response, started, sent)
 
     def _answered(self, request, response, started, sent):
@@ -253,7 +255,7 @@ class Application:
             "duration_ms": int((time.monotonic() - started) * 1000),
             "request_id": request.request_id,
         }
-        if response.closer is not None and request.method != "HEAD":
+        if response.closer is not None and response.length is not None and request.method != "HEAD":
             fields["complete"] = "true" if sent == response.length else "false"
         if request.accessions:
             fields["accessions"] = ",".join(request.accessions)
@@ -326,6 +328,8 @@ class Application:
         job.export.deferred = stream  # audited when its answer ends; nginx's is audited when handed over
         if head:
             job.export.action, job.export.format = "query", None
+        elif server.x_accel_prefix:
+            job.export.handed_to = "nginx"
         iso = self.service.jobs.run(job, build=not head or bool(server.x_accel_prefix))
         if job.export.deferred:
             request.export = job.export
@@ -454,8 +458,8 @@ class Application:
         headers = [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-cache"),
                    ("X-Accel-Buffering", "no")]
         gone = request.environ.get("waitress.client_disconnected", lambda: False)
-        return Response(200, headers, _Closing(self._events(request, job, gone), lambda: self._stream_ended(who)),
-                        None)
+        stream = _Closing(self._events(request, job, gone), lambda: self._stream_ended(who))
+        return Response(200, headers, stream, None, closer=stream)  # its log line when it ends: the bytes sent
 
     def _stream_ended(self, who):
         with self._streams_lock:
@@ -517,7 +521,7 @@ class Application:
         export = self._export(request, "download", job.accessions, job.format)
         export.studies, export.images, export.verified = job.export.studies, disc.images, job.export.verified
         if self.config.server.x_accel_prefix:
-            export.bytes = disc.size
+            export.bytes, export.handed_to = disc.size, "nginx"
             self.service.audit.record(export, 200)
             return
         self.service.audit.begin(export)
@@ -545,15 +549,20 @@ class Application:
 
 
 class _Closing:
-    """An answer's body whose ``ended`` runs once when the server closes it, even if never iterated
-    (a HEAD; a generator's own ``finally`` would not run then)."""
+    """An event stream's body whose ``ended`` runs once when the server closes it, even if never iterated
+    (a HEAD; a generator's own ``finally`` would not run then).  As a ``Response.closer`` it then tells
+    ``on_close`` the bytes it handed to the server: a stream's length is known only at its end."""
 
     def __init__(self, body, ended):
         self._body = body
         self._ended = ended
+        self.sent = 0
+        self.on_close = None
 
     def __iter__(self):
-        return iter(self._body)
+        for chunk in self._body:
+            self.sent += len(chunk)
+            yield chunk
 
     def close(self):
         ended, self._ended = self._ended, None
@@ -562,6 +571,8 @@ class _Closing:
         finally:
             if ended is not None:
                 ended()
+                if self.on_close is not None:
+                    self.on_close(self.sent)
 
 
 def _nesting(text):

@@ -10,6 +10,7 @@ class Response:
 
     The web layer sets ``closer.on_close(sent)`` so that the access log line
     of such an answer is written then, with the bytes really sent.
+    ``length`` None: a stream whose length nobody knows before it ends.
     """
 
     def __init__(self, status, headers, body, length, closer=None):
