@@ -33,7 +33,7 @@ class Metrics:
         self._jobs = Counter("mkiso_jobs", "Jobs ended, by action and final state.", ["action", "state"],
                              registry=self.registry)
         self._failures = Counter(
-            "mkiso_failures", "Failed jobs by action and error code (pacs_timeout, incomplete_study, "
+            "mkiso_failures", "Failed jobs by action and error code (timeout, incomplete_study, "
             "publisher_failed, study_not_found, ...).", ["action", "code"], registry=self.registry)
         self._phases = Histogram(
             "mkiso_phase_seconds", "Duration of each phase of a job: find, manifest, retrieve (waiting for "
