@@ -70,6 +70,22 @@ def send(paths, port, calling="MALLORY"):
     return result.stdout + result.stderr
 
 
+def stop_a_writer(receiver, folder, stopped):
+    """SIGSTOP a storescp of the receiver's that has a file open under ``folder`` (its pid into
+    ``stopped``, for the SIGCONT); False while none has."""
+    for proc in list(receiver._children):
+        where = "/proc/%d/fd/" % proc.pid
+        try:
+            names = [os.readlink(where + fd) for fd in os.listdir(where)]
+        except OSError:
+            continue
+        if any(name.startswith(folder) for name in names):
+            os.kill(proc.pid, signal.SIGSTOP)
+            stopped.append(proc.pid)
+            return True
+    return False
+
+
 def disc_patient_names(disc):
     return {str(pydicom.dcmread(os.path.join(disc.root, path), stop_before_pixels=True).PatientName)
             for path in disc.files if path.startswith("DICOM" + os.sep)}
@@ -159,20 +175,8 @@ def test_an_image_caught_half_written_when_the_move_ends_is_refused(service, app
         sender = threading.Thread(target=send, args=(forged, service.config.receiver.port), daemon=True)
         sender.start()
 
-        def writing():
-            for proc in list(service.receiver._children):
-                where = "/proc/%d/fd/" % proc.pid
-                try:
-                    names = [os.readlink(where + fd) for fd in os.listdir(where)]
-                except OSError:
-                    continue
-                if any(name.startswith(folder) for name in names):
-                    os.kill(proc.pid, signal.SIGSTOP)
-                    stopped.append(proc.pid)
-                    return True
-            return False
-
-        assert wait_for(writing, 60), "the foreign storescp never opened a file in the study's folder"
+        assert wait_for(lambda: stop_a_writer(service.receiver, folder, stopped), 60), \
+            "the foreign storescp never opened a file in the study's folder"
         return result
 
     monkeypatch.setattr(service.pacs, "move_study", move_then_a_foreign_write)
@@ -185,6 +189,31 @@ def test_an_image_caught_half_written_when_the_move_ends_is_refused(service, app
     assert response.json()["code"] == "unexpected_image"
     assert "1 images for study" in response.json()["error"] and "still arriving" in response.json()["error"]
     assert job_leftovers(service) == []
+
+
+def test_a_folder_removed_under_a_stray_association_is_no_full_disk(service, archive, tmp_path):
+    """The injection loop's other outcome: a stray association's study folder is removed (swept, or a
+    retrieval ended) while it sends, so storescp cannot write its next file (no such file or directory).
+    That is no shortage of space: a retrieval failing meanwhile must not be told as a 507."""
+    stray_uid = generate_uid()
+    big, small = forge(pacs_files(archive, "ACC2001")[:2], str(tmp_path / "stray"), study_uid=stray_uid)
+    ds = pydicom.dcmread(big)
+    ds.private_block(0x0009, "MALLORY", create=True).add_new(0x00, "OB", bytes(64 << 20))  # a long write
+    ds.save_as(big)
+    folder = service.receiver.study_dir(stray_uid)
+    sender = threading.Thread(target=send, args=([big, small], service.config.receiver.port), daemon=True)
+    sender.start()
+    stopped = []
+    try:
+        assert wait_for(lambda: stop_a_writer(service.receiver, folder + os.sep, stopped), 60), \
+            "the stray storescp never opened a file in its study's folder"
+        shutil.rmtree(folder)
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    sender.join(60)
+    assert "No such file or directory" in service.receiver.last_error, service.receiver.last_error
+    assert service.receiver.write_failures == 0
 
 
 def test_unsolicited_deliveries_are_removed_within_seconds(service, archive, tmp_path):

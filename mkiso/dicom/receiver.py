@@ -47,6 +47,7 @@ the work dir) is killed before ours listens; today's children die with the
 server (``process.start``'s parent-death signal) and never hold the port.
 """
 
+import errno
 import logging
 import os
 import selectors
@@ -73,6 +74,8 @@ ACCEPT_TICK_S = 0.25  # how often the acceptor reaps, expires and looks at its s
 LISTEN_BACKLOG = 128
 PROBE_TIMEOUT_S = 10
 LOG_CONFIG = "receiver-log.cfg"
+# storescp's "cannot write" lines that mean the disk, not a folder removed under a stray association
+SPACE_ERRORS = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))
 A_ASSOCIATE_RQ = 0x01
 # A-ASSOCIATE-RJ (PS3.8 9.3.4): result 2 rejected-transient, source 3 service-provider (presentation),
 # reason 2 local-limit-exceeded.
@@ -95,7 +98,7 @@ class Receiver:
         self.log_config = os.path.join(os.path.dirname(pid_file), LOG_CONFIG)
         self.restarts = 0
         self.last_error = ""
-        self.write_failures = 0
+        self.write_failures = 0  # files storescp could not write for want of space (SPACE_ERRORS)
         self.paused = ""  # why the port is closed for want of space; "" when it is not
         self.refused = ""  # why the system will not let storescp run (process.refusal); "" when it does
         self._down_since = None  # since when it has not been listening (paused or not)
@@ -376,7 +379,7 @@ class Receiver:
                     self.refused = self.last_error = refused
                 elif line[:2] in ("E:", "F:"):
                     self.last_error = line[2:].strip()
-                    if "write" in self.last_error.lower():
+                    if any(cause in self.last_error for cause in SPACE_ERRORS):
                         self.write_failures += 1
                     log.warning("receiver: %s", self.last_error)
                 else:
