@@ -162,8 +162,14 @@ def test_check_config_elsewhere_names_the_installed_file(tmp_path):
     assert result.stderr.startswith("mkiso: configuration error: /etc/mkiso/config.yaml: cannot read")
 
 
+# mkiso-server as in a checkout, whatever this machine has installed: no systemd unit (--check-config would
+# check the installed one's user and sandbox), the service run by whoever runs the tests.
+CHECKOUT_CLI = ("import os, pwd, sys; from mkiso import server, unit; unit.UNIT_DIRS = []; "
+                "unit.SERVICE_USER = pwd.getpwuid(os.geteuid()).pw_name; sys.exit(server.main())")
+
+
 def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "mkiso"] + list(args), capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", CHECKOUT_CLI] + list(args), capture_output=True, text=True,
                           timeout=60, env=env)
 
 
@@ -367,6 +373,7 @@ def service_config(base, **sections):
 
 
 def check_config(path, capsys):
+    """--check-config in this process, where ``installed`` put the unit."""
     from mkiso import server
     status = server.main(["--check-config", "--config", path])
     output = capsys.readouterr()
