@@ -7,11 +7,15 @@ typo never silently falls back to a default on a hospital's gateway.
 """
 
 import copy
+import errno
+import grp
 import ipaddress
 import os
+import pwd
 import re
 import shutil
 import socket
+import stat
 import tempfile
 import types
 
@@ -410,10 +414,11 @@ def check_system(config):
             raise ConfigError("%s: %s: %s does not exist" % (path, key, tool))
         if not shutil.which(tool):
             raise ConfigError("%s: %s: %s is not executable" % (path, key, tool))
-    _check_writable_dir(path, "paths.work_dir", config.paths.work_dir)
-    _check_writable_dir(path, "audit.path", os.path.dirname(os.path.abspath(config.audit.path)))
+    for key, folder in written_folders(config):
+        _check_writable_dir(path, key, folder)
     if os.path.exists(config.audit.path) and not os.access(config.audit.path, os.W_OK):
-        raise ConfigError("%s: audit.path %s is not writable" % (path, config.audit.path))
+        raise ConfigError("%s: audit.path %s is not writable (%s)" % (path, config.audit.path,
+                                                                     _mode(os.stat(config.audit.path))))
     viewer_dir = config.iso.viewer_dir
     if viewer_dir and not os.path.isdir(viewer_dir):
         raise ConfigError("%s: iso.viewer_dir %s is not a directory" % (path, viewer_dir))
@@ -434,6 +439,12 @@ def unresolved_hosts(config):
     return warnings
 
 
+def written_folders(config):
+    """(key, folder) of every folder the service writes: the work dir and the audit trail's."""
+    return [("paths.work_dir", config.paths.work_dir),
+            ("audit.path", os.path.dirname(os.path.abspath(config.audit.path)))]
+
+
 def _check_writable_dir(path, key, folder):
     if not os.path.isdir(folder):
         raise ConfigError("%s: %s: the folder %s does not exist (create it, owned by the service user)"
@@ -442,4 +453,94 @@ def _check_writable_dir(path, key, folder):
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as exc:
-        raise ConfigError("%s: %s: the folder %s is not writable: %s" % (path, key, folder, exc.strerror))
+        # Under systemd that is the unit's sandbox (ProtectSystem=strict), whoever owns the folder.
+        hint = (" (under systemd: outside the unit's ReadWritePaths; mkiso-server --check-config, run as root, "
+                "names the drop-in to add)" if exc.errno == errno.EROFS else "")
+        raise ConfigError("%s: %s: the folder %s is not writable: %s%s" % (path, key, folder, exc.strerror, hint))
+
+
+# nginx's own default user on Debian, where nginx.conf says none.
+NGINX_USER = "www-data"
+NGINX_CONF = "/etc/nginx/nginx.conf"
+
+
+def nginx_user():
+    """The user nginx's workers run as: nginx.conf's ``user`` directive, else www-data."""
+    try:
+        with open(NGINX_CONF, encoding="utf-8", errors="replace") as handle:
+            text = handle.read()
+    except OSError:
+        return NGINX_USER
+    match = re.search(r"^\s*user\s+([^\s;]+)[^;]*;", text, re.MULTILINE)
+    return match.group(1) if match else NGINX_USER
+
+
+def nginx_cannot_read(config, gid=None):
+    """Why nginx's user cannot read the discs mkiso hands it (server.x_accel_prefix), a sentence with the fix;
+    None when it can.
+
+    Those discs are files 0640 in folders 0750 under the work dir, of the group the service's files get
+    (``gid``, the service's own group: by default the group of the process asking; the work dir's own
+    where it has the setgid bit).  So nginx's user must be able to enter every folder down to the work
+    dir and be in that group.  The groups are /etc/group's: nginx's workers get them when nginx starts,
+    so a user added to a group reads only after nginx is restarted.  Health calls this too.
+    """
+    user = nginx_user()
+    try:
+        account = pwd.getpwnam(user)
+    except KeyError:
+        return ("nginx's user %s does not exist here: nginx must run on this host to send the discs from %s"
+                % (user, config.paths.work_dir))
+    groups = set(os.getgrouplist(user, account.pw_gid))
+    work_dir = os.path.realpath(config.paths.work_dir)
+    folder = "/"
+    for part in [""] + work_dir.strip("/").split("/"):
+        folder = os.path.join(folder, part)
+        try:
+            info = os.stat(folder)
+        except OSError as exc:
+            return "cannot see whether nginx's user %s may enter %s: %s" % (user, folder, exc.strerror)
+        if folder != work_dir and not _allows(info, account.pw_uid, groups, stat.S_IXOTH):
+            return ("nginx's user %s cannot enter %s (%s): let it through (e.g. chmod o+x %s)"
+                    % (user, folder, _mode(info), folder))
+    owner = account.pw_uid == info.st_uid
+    if info.st_mode & stat.S_ISGID:
+        gid = info.st_gid
+    elif gid is None:
+        gid = os.getegid()
+    if not owner and gid not in groups:
+        group = _group_name(gid)
+        return ("nginx's user %s is not in the group %s, which alone may read the discs in %s: run "
+                "\"adduser %s %s\", then \"systemctl restart nginx\"" % (user, group, work_dir, user, group))
+    if not _allows(info, account.pw_uid, groups, stat.S_IXOTH):
+        return ("nginx's user %s cannot enter the work dir %s (%s): make it group-traversable (chmod 0750 %s)"
+                % (user, work_dir, _mode(info), work_dir))
+    return None
+
+
+def _allows(info, uid, groups, other_bit):
+    """Whether the mode bits of ``info`` give ``uid`` (with ``groups``) the permission whose bit for others
+    is ``other_bit`` (ACLs aside)."""
+    if uid == info.st_uid:
+        return bool(info.st_mode & (other_bit << 6))
+    if info.st_gid in groups:
+        return bool(info.st_mode & (other_bit << 3))
+    return bool(info.st_mode & other_bit)
+
+
+def _mode(info):
+    return "%04o %s:%s" % (stat.S_IMODE(info.st_mode), _user_name(info.st_uid), _group_name(info.st_gid))
+
+
+def _user_name(uid):
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group_name(gid):
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)

@@ -24,7 +24,7 @@ import time
 
 from waitress.server import create_server
 
-from . import __version__, config as configuration, logs
+from . import __version__, config as configuration, logs, unit
 from .http import application, waitress_adapter
 from .service import Service
 from .systemd import Notifier
@@ -40,7 +40,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(prog="mkiso-server", description="Patient CD/DVD service for a PACS.")
     parser.add_argument("--config", metavar="PATH", help="YAML configuration (default: $MKISO_CONFIG, else "
                         "./config.yaml where it exists, else %s)" % configuration.INSTALLED_CONFIG)
-    parser.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
+    parser.add_argument("--check-config", action="store_true",
+                        help="validate the configuration as the installed service would run it, and exit")
     parser.add_argument("--version", action="version", version="mkiso " + __version__)
     return parser.parse_args(argv)
 
@@ -51,13 +52,14 @@ def main(argv=None):
     try:
         config = configuration.load(path)
         configuration.check_system(config)
+        checked = unit.check(config) if args.check_config else None
     except configuration.ConfigError as exc:
         print("mkiso: configuration error: %s" % exc, file=sys.stderr)
         return 2
     if args.check_config:
         for warning in configuration.unresolved_hosts(config):
             print("mkiso: warning: %s" % warning, file=sys.stderr)
-        print("mkiso: configuration %s is valid" % path)
+        print("mkiso: configuration %s is valid (checked %s)" % (path, checked))
         return 0
     logs.setup(config.logging.level, config.logging.format)
     os.umask(0o077)  # temp files and ISOs hold patient data

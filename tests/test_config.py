@@ -1,9 +1,12 @@
 """Configuration: defaults, every kind of mistake, and --check-config."""
 
+import grp
 import os
+import pwd
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import yaml
@@ -159,8 +162,14 @@ def test_check_config_elsewhere_names_the_installed_file(tmp_path):
     assert result.stderr.startswith("mkiso: configuration error: /etc/mkiso/config.yaml: cannot read")
 
 
+# mkiso-server as in a checkout, whatever this machine has installed: no systemd unit (--check-config would
+# check the installed one's user and sandbox), the service run by whoever runs the tests.
+CHECKOUT_CLI = ("import os, pwd, sys; from mkiso import server, unit; unit.UNIT_DIRS = []; "
+                "unit.SERVICE_USER = pwd.getpwuid(os.geteuid()).pw_name; sys.exit(server.main())")
+
+
 def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "mkiso"] + list(args), capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", CHECKOUT_CLI] + list(args), capture_output=True, text=True,
                           timeout=60, env=env)
 
 
@@ -239,7 +248,9 @@ def tools_copy(root, broken=None, how=None):
     ("tool_not_executable", "tools.dcmtk_dir: {root}/dcmtk/storescp is not executable"),
     ("genisoimage_missing", "tools.genisoimage: /nonexistent/genisoimage does not exist"),
     ("work_dir_missing", "paths.work_dir: the folder {root}/absent does not exist" + CREATE_IT),
-    ("work_dir_read_only", "paths.work_dir: the folder {root}/readonly is not writable: Read-only file system"),
+    ("work_dir_read_only", "paths.work_dir: the folder {root}/readonly is not writable: Read-only file system"
+                           " (under systemd: outside the unit's ReadWritePaths; mkiso-server --check-config, run as"
+                           " root, names the drop-in to add)"),
     ("audit_dir_missing", "audit.path: the folder {root}/no-logs does not exist" + CREATE_IT),
     ("viewer_dir_missing", "iso.viewer_dir {root}/viewer is not a directory"),
 ])
@@ -303,3 +314,187 @@ def test_version():
     from mkiso import __version__
     result = run_cli("--version")
     assert result.returncode == 0 and result.stdout.strip() == "mkiso " + __version__
+
+
+# -- --check-config as the installed service runs ------------------------------------------------------
+
+SHIPPED_UNIT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "debian", "mkiso.service")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="checks as another user: only root can")
+
+
+@pytest.fixture
+def installed(tmp_path, monkeypatch):
+    """systemd's unit folders in miniature, holding the shipped unit (its user made ``nobody``, who exists
+    everywhere); ``installed.unit(text)`` installs another; ``installed.etc`` is where drop-ins go."""
+    from mkiso import unit
+    folders = [tmp_path / "systemd" / name for name in ("etc", "run", "lib", "usr-lib")]
+    for folder in folders:
+        folder.mkdir(parents=True)
+    monkeypatch.setattr(unit, "UNIT_DIRS", [str(folder) for folder in folders])
+
+    def install(text=None):
+        if text is None:
+            with open(SHIPPED_UNIT, encoding="utf-8") as handle:
+                text = handle.read().replace("User=mkiso", "User=nobody").replace("Group=mkiso", "Group=nogroup")
+        (folders[2] / "mkiso.service").write_text(text)
+
+    install.etc = folders[0]
+    return install
+
+
+@pytest.fixture
+def folder_for_nobody(request):
+    """A folder outside /tmp (the shipped unit's PrivateTmp hides /tmp) that the user nobody can reach."""
+    for parent in ("/srv", "/var/lib", "/opt"):
+        if os.path.isdir(parent):
+            break
+    base = tempfile.mkdtemp(prefix="mkiso-test-", dir=parent)
+    request.addfinalizer(lambda: shutil.rmtree(base))
+    os.chmod(base, 0o755)
+    return base
+
+
+def service_config(base, **sections):
+    """A configuration in ``base`` whose work dir and audit folder the user nobody owns."""
+    nobody = pwd.getpwnam("nobody")
+    for name in ("work", "log"):
+        os.mkdir(os.path.join(base, name), 0o750)
+        os.chown(os.path.join(base, name), nobody.pw_uid, nobody.pw_gid)
+    given = {"pacs": {"ae_title": "ABPACS", "host": "127.0.0.1", "port": 11112},
+             "paths": {"work_dir": os.path.join(base, "work")},
+             "audit": {"path": os.path.join(base, "log", "audit.log")}}
+    for section, values in sections.items():
+        given.setdefault(section, {}).update(values)
+    path = os.path.join(base, "config.yaml")
+    with open(path, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(given, handle)
+    os.chmod(path, 0o644)
+    return path
+
+
+def check_config(path, capsys):
+    """--check-config in this process, where ``installed`` put the unit."""
+    from mkiso import server
+    status = server.main(["--check-config", "--config", path])
+    output = capsys.readouterr()
+    return status, output.out.strip(), output.err.strip()
+
+
+def valid(path, checked="as the service user nobody"):
+    """What check_config returns for a valid configuration, checked as ``checked`` says."""
+    return 0, "mkiso: configuration %s is valid (checked %s)" % (path, checked), ""
+
+
+@needs_root
+def test_check_config_as_root_checks_as_the_service_user(installed, folder_for_nobody, capsys):
+    """After a purge and a new install the kept audit trail was root's 0600: the service could not append
+    to it, yet --check-config as root said "valid".  Now it checks as the unit's user, and says so."""
+    installed("[Service]\nUser=nobody\nExecStart=/usr/bin/mkiso-server\n")
+    path = service_config(folder_for_nobody)
+    audit_log = os.path.join(folder_for_nobody, "log", "audit.log")
+    with open(audit_log, "w") as handle:
+        handle.write("{}\n")
+    os.chmod(audit_log, 0o600)  # root's, as a purge leaves it
+    assert check_config(path, capsys) == (2, "", (
+        "mkiso: configuration error: %s: audit.path %s is not writable (0600 root:root); checked as the service "
+        "user nobody, who runs the service" % (path, audit_log)))
+    nobody = pwd.getpwnam("nobody")
+    os.chown(audit_log, nobody.pw_uid, nobody.pw_gid)
+    assert check_config(path, capsys) == valid(path)
+
+
+@needs_root
+def test_check_config_without_the_service_user_says_so(installed, host, capsys):
+    installed("[Service]\nUser=no-such-mkiso-user\nExecStart=/usr/bin/mkiso-server\n")
+    path = host()
+    assert check_config(path, capsys) == valid(
+        path, "as root only: there is no user no-such-mkiso-user, which the service runs as")
+
+
+@needs_root
+def test_check_config_names_the_drop_in_a_folder_outside_the_sandbox_needs(installed, folder_for_nobody, capsys):
+    """paths.work_dir: /srv/mkiso, owned by the service user, is "Read-only file system" to the service under
+    the shipped unit (ProtectSystem=strict): --check-config says so and names the drop-in that mends it;
+    with that drop-in in place, the same configuration is valid."""
+    installed()
+    path = service_config(folder_for_nobody)
+    work, log = os.path.join(folder_for_nobody, "work"), os.path.join(folder_for_nobody, "log")
+    drop_in = installed.etc / "mkiso.service.d" / "write-paths.conf"
+    assert check_config(path, capsys) == (2, "", (
+        "mkiso: configuration error: %s: paths.work_dir: the folder %s is outside the folders the unit lets the "
+        "service write (ProtectSystem=strict, ReadWritePaths=/var/spool/mkiso /var/log/mkiso): the service would "
+        "get \"Read-only file system\"; add the drop-in %s holding the two lines \"[Service]\" and "
+        "\"ReadWritePaths=%s %s\", then \"systemctl daemon-reload\" and restart mkiso"
+        % (path, work, drop_in, work, log)))
+    drop_in.parent.mkdir()
+    drop_in.write_text("[Service]\nReadWritePaths=%s\n" % work)  # one of the two: the other is a line more
+    status, _, error = check_config(path, capsys)
+    assert status == 2 and error.endswith(
+        "add the line \"ReadWritePaths=%s\" to the drop-in %s, then \"systemctl daemon-reload\" and restart mkiso"
+        % (log, drop_in)), error
+    with drop_in.open("a") as handle:
+        handle.write("ReadWritePaths=%s\n" % log)
+    assert check_config(path, capsys) == valid(path)
+
+
+@needs_root
+def test_check_config_says_the_unit_hides_tmp(installed, host, capsys):
+    installed("[Service]\nProtectSystem=strict\nPrivateTmp=yes\nReadWritePaths=/var/spool/mkiso\n")
+    path = host()
+    status, _, error = check_config(path, capsys)
+    assert status == 2
+    assert error.startswith("mkiso: configuration error: %s: paths.work_dir: the folder %s is in /tmp or /var/tmp, "
+                            "of which the unit gives the service a private, empty copy (PrivateTmp=yes)"
+                            % (path, host.work_dir)), error
+
+
+def test_unit_settings_as_systemd_reads_them(installed):
+    """The last assignment wins, an empty ReadWritePaths= resets the list, drop-ins are read by name, an
+    /etc drop-in hides one of the same name in /lib, and lines may be continued."""
+    from mkiso import unit
+    installed("[Unit]\nUser=ignored\n[Service]\nUser=a\nReadWritePaths=/one \\\n  -/two\nProtectSystem=strict\n")
+    lib_drop_ins = os.path.join(unit.UNIT_DIRS[2], "mkiso.service.d")
+    os.mkdir(lib_drop_ins)
+    with open(os.path.join(lib_drop_ins, "b.conf"), "w") as handle:
+        handle.write("[Service]\nReadWritePaths=/hidden\n")
+    (installed.etc / "mkiso.service.d").mkdir()
+    (installed.etc / "mkiso.service.d" / "b.conf").write_text("[Service]\nReadWritePaths=\nReadWritePaths=+/three\n")
+    (installed.etc / "mkiso.service.d" / "a.conf").write_text("# a comment\n[Service]\nUser=b\n")
+    found = unit.installed()
+    assert (found.user, found.protect_system, found.read_write_paths) == ("b", "strict", ["/three"])
+    assert found.may_write("/three/x") and not found.may_write("/threefold") and not found.may_write("/one")
+
+
+@pytest.fixture
+def nginx_as(tmp_path, monkeypatch):
+    conf = tmp_path / "nginx.conf"
+    conf.write_text("user www-data;\nworker_processes auto;\n")
+    monkeypatch.setattr(configuration, "NGINX_CONF", str(conf), raising=False)
+
+
+@needs_root
+def test_check_config_says_when_nginx_cannot_read_the_discs(installed, nginx_as, tmp_path, capsys):
+    """With server.x_accel_prefix nginx sends the discs from the work dir: before "adduser www-data mkiso"
+    it answered 403 to every download.  --check-config names the missing membership and its fix."""
+    if "www-data" not in {entry.pw_name for entry in pwd.getpwall()}:
+        pytest.skip("no user www-data here")
+    installed("[Service]\nUser=nobody\nExecStart=/usr/bin/mkiso-server\n")
+    base = tempfile.mkdtemp(prefix="mkiso-test-")
+    try:
+        os.chmod(base, 0o755)
+        path = service_config(base, server={"x_accel_prefix": "/internal/mkiso/"})
+        work = os.path.join(base, "work")
+        assert check_config(path, capsys) == (2, "", (
+            "mkiso: configuration error: %s: server.x_accel_prefix: nginx's user www-data is not in the group "
+            "nogroup, which alone may read the discs in %s: run \"adduser www-data nogroup\", then "
+            "\"systemctl restart nginx\"" % (path, work)))
+        os.chown(work, -1, grp.getgrnam("www-data").gr_gid)  # the discs get the group nginx is in
+        os.chmod(work, 0o2770)
+        assert check_config(path, capsys)[0] == 0
+        os.chown(base, 0, pwd.getpwnam("nobody").pw_gid)
+        os.chmod(base, 0o710)  # the service gets in, nginx does not
+        assert check_config(path, capsys) == (2, "", (
+            "mkiso: configuration error: %s: server.x_accel_prefix: nginx's user www-data cannot enter %s "
+            "(0710 root:nogroup): let it through (e.g. chmod o+x %s)" % (path, base, base)))
+    finally:
+        shutil.rmtree(base)
