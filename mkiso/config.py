@@ -483,7 +483,7 @@ def nginx_cannot_read(config, gid=None):
     (``gid``, the service's own group: by default the group of the process asking; the work dir's own
     where it has the setgid bit).  So nginx's user must be able to enter every folder down to the work
     dir and be in that group.  The groups are /etc/group's: nginx's workers get them when nginx starts,
-    so a user added to a group reads only after nginx is restarted.
+    so a user added to a group reads only after nginx is restarted.  ``--check-config`` and health ask it.
     """
     user = nginx_user()
     try:

@@ -1,9 +1,15 @@
 """The health report against a real dcmqrscp and a real receiver."""
 
+import grp
 import json
+import os
+import shutil
 import socket
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+
+import pytest
 
 from mkiso import config as configuration, demo, process
 from mkiso.http import application, health
@@ -12,7 +18,7 @@ from conftest import write_config
 from test_atna import blackhole, wait_for  # noqa: F401 (a fixture)
 from test_concurrency import fetch
 
-CHECKS = ("tools", "work_dir", "receiver", "pacs", "publisher", "viewer", "cache", "audit_syslog")
+CHECKS = ("tools", "work_dir", "receiver", "pacs", "publisher", "viewer", "nginx", "cache", "audit_syslog")
 
 
 def test_all_ok_against_the_real_pacs(make_service, wsgi_call):
@@ -27,6 +33,7 @@ def test_all_ok_against_the_real_pacs(make_service, wsgi_call):
     assert body["checks"]["publisher"]["detail"] == "not configured"
     assert "listening on port %d" % service.config.receiver.port in body["checks"]["receiver"]["detail"]
     assert body["checks"]["audit_syslog"]["detail"] == "not configured"
+    assert body["checks"]["nginx"]["detail"] == "not used (server.x_accel_prefix not set)"
 
 
 def test_pacs_down_is_degraded_and_strict_503(make_service, settings, wsgi_call):
@@ -207,3 +214,35 @@ def test_events_dropped_from_a_full_queue_show_in_health(make_service, wsgi_call
         blackhole.url, dropped))
     assert check["detail"].endswith(" s ago (dropped: the queue is full (1 waiting))")
     assert wsgi_call(app, "/api/health", query="strict=1").status == 503
+
+
+@pytest.fixture
+def open_folder():
+    """A folder others may enter (not under pytest's 0700 ones), removed after the service has stopped."""
+    base = tempfile.mkdtemp(prefix="mkiso-test-")
+    os.chmod(base, 0o755)
+    yield base
+    shutil.rmtree(base)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the work dir's group is changed")
+def test_health_says_when_nginx_cannot_read_the_discs(open_folder, make_service, wsgi_call, tmp_path, monkeypatch):
+    """Behind nginx (X-Accel) before "adduser www-data mkiso" nginx answered 403 to every download while
+    health said ok.  Now health names the missing membership and its fix, and is ok once it is mended."""
+    conf = tmp_path / "nginx.conf"
+    conf.write_text("user www-data;\n")
+    monkeypatch.setattr(configuration, "NGINX_CONF", str(conf))
+    work = os.path.join(open_folder, "work")
+    os.mkdir(work, 0o750)
+    service = make_service(paths={"work_dir": work}, server={"x_accel_prefix": "/internal/mkiso/"})
+    app = application.Application(service.config, service)
+    check = wsgi_call(app, "/api/health").json()["checks"]["nginx"]
+    assert check == {"ok": False, "detail": (
+        "nginx's user www-data is not in the group root, which alone may read the discs in %s: run "
+        "\"adduser www-data root\", then \"systemctl restart nginx\"" % work)}
+    os.chown(work, -1, grp.getgrnam("www-data").gr_gid)
+    os.chmod(work, 0o2750)  # the discs get a group nginx is in
+    response = wsgi_call(app, "/api/health", query="strict=1")
+    assert response.status == 200, response.body
+    assert response.json()["checks"]["nginx"] == {
+        "ok": True, "detail": "nginx's user www-data can read the discs in %s" % work}

@@ -2,7 +2,8 @@
 
 Each check really exercises what it names: the tools are run, the work dir
 is written to, the PACS and publisher get a C-ECHO, the PACS an empty C-FIND
-too (``check_pacs``).  The two echoes run at
+too (``check_pacs``), nginx's user must be able to read the discs handed to
+it (``check_nginx``).  The two echoes run at
 the same time so a silent peer costs one timeout, not two.
 
 The audit's syslog copy is checked by what its sender did: a repository
@@ -59,6 +60,7 @@ class Health:
             "pacs": expensive["pacs"],
             "publisher": expensive["publisher"],
             "viewer": self.check_viewer(),
+            "nginx": self.check_nginx(),
             "cache": self.check_cache(),
             "audit_syslog": self.check_audit_syslog(),
         }
@@ -183,6 +185,18 @@ class Health:
             return Check(False, "%s; last lost %d s ago (%s)" % (
                 detail, time.monotonic() - state.lost_at, state.lost_why))
         return Check(True, detail)
+
+    def check_nginx(self):
+        """Behind nginx (server.x_accel_prefix), whether nginx's user may read the discs handed to it:
+        before "adduser www-data mkiso" nginx answered 403 to every download.  The same check as
+        ``--check-config``'s, here as the service runs (its own group is the discs')."""
+        if not self.config.server.x_accel_prefix:
+            return Check(True, "not used (server.x_accel_prefix not set)")
+        problem = configuration.nginx_cannot_read(self.config)
+        if problem:
+            return Check(False, problem)
+        return Check(True, "nginx's user %s can read the discs in %s" % (
+            configuration.nginx_user(), self.config.paths.work_dir))
 
     def check_viewer(self):
         viewer_dir = self.config.iso.viewer_dir
