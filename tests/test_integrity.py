@@ -192,28 +192,29 @@ def test_an_image_caught_half_written_when_the_move_ends_is_refused(service, app
 
 
 def test_a_folder_removed_under_a_stray_association_is_no_full_disk(service, archive, tmp_path):
-    """The injection loop's other outcome: a stray association's study folder is removed (swept, or a
-    retrieval ended) while it sends, so storescp cannot write its next file (no such file or directory).
-    That is no shortage of space: a retrieval failing meanwhile must not be told as a 507."""
+    """The injection loop's other outcome: a retrieval collects (renames away) its study's folder while a
+    stray association still sends into it, so that storescp cannot write its next file (no such file or
+    directory).  That is no shortage of space: a retrieval failing meanwhile must not be told as a 507."""
     stray_uid = generate_uid()
     big, small = forge(pacs_files(archive, "ACC2001")[:2], str(tmp_path / "stray"), study_uid=stray_uid)
     ds = pydicom.dcmread(big)
     ds.private_block(0x0009, "MALLORY", create=True).add_new(0x00, "OB", bytes(64 << 20))  # a long write
     ds.save_as(big)
-    folder = service.receiver.study_dir(stray_uid)
+    receiver = service.receiver
+    receiver.expect(stray_uid)  # as a retrieval of that study would: the sweep leaves its folder alone
     sender = threading.Thread(target=send, args=([big, small], service.config.receiver.port), daemon=True)
     sender.start()
     stopped = []
     try:
-        assert wait_for(lambda: stop_a_writer(service.receiver, folder + os.sep, stopped), 60), \
+        assert wait_for(lambda: stop_a_writer(receiver, receiver.study_dir(stray_uid) + os.sep, stopped), 60), \
             "the stray storescp never opened a file in its study's folder"
-        shutil.rmtree(folder)
+        assert receiver.collect(stray_uid, str(tmp_path / "collected")) == 1
     finally:
         for pid in stopped:
             os.kill(pid, signal.SIGCONT)
     sender.join(60)
-    assert "No such file or directory" in service.receiver.last_error, service.receiver.last_error
-    assert service.receiver.write_failures == 0
+    assert "No such file or directory" in receiver.last_error, receiver.last_error
+    assert receiver.write_failures == 0
 
 
 def test_unsolicited_deliveries_are_removed_within_seconds(service, archive, tmp_path):
