@@ -1,0 +1,307 @@
+"""DICOM over TLS (SPEC §14) against real peers: Debian's Orthanc with DicomTlsEnabled and client
+certificates required (it also sends C-MOVE's images over TLS to our receiver), the plain dcmqrscp
+archive as a PACS without TLS, storescp +tls as the publisher, and stunnel4 as the tunnel for the
+retrieve tools without +tls.  Certificates are made with openssl in the test (``pki.Pki``)."""
+
+import glob
+import logging
+import os
+import shutil
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from mkiso import config as configuration, demo, errors
+from mkiso.dicom import pacs as pacs_module, tls
+from mkiso.http import application
+from conftest import DCMTK_DIR, write_config
+from discs import check_pdi, download
+from pki import Pki
+from test_print import FakeRimage
+
+STUDY = demo.SampleStudy("PAT-2801", "SECURE^NODE", "TLS01", series=(3, 2))
+
+pytestmark = pytest.mark.skipif(not shutil.which("stunnel4") or not shutil.which("Orthanc"),
+                                reason="stunnel4 and orthanc are needed (scripts/setup installs them)")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return Pki(str(tmp_path_factory.mktemp("pki")))
+
+
+@pytest.fixture(scope="module")
+def tls_orthanc(tmp_path_factory, pki, receiver_port):
+    """Orthanc speaking DICOM only over TLS, client certificates required and checked against our CA;
+    it sends C-MOVE's images to CDRECORD over TLS as well."""
+    pacs = demo.Orthanc(str(tmp_path_factory.mktemp("orthanc-tls")), {}, {
+        "DicomTlsEnabled": True, "DicomTlsCertificate": pki.pacs[0], "DicomTlsPrivateKey": pki.pacs[1],
+        "DicomTlsTrustedCertificates": pki.ca[0], "DicomTlsRemoteCertificateRequired": True,
+        "DicomScuTimeout": 5,
+        "DicomModalities": {"cdrecord": {"AET": "CDRECORD", "Host": "127.0.0.1", "Port": receiver_port,
+                                         "UseDicomTls": True}}})
+    pacs.start()
+    source = tmp_path_factory.mktemp("tls-source")
+    for path in demo.write_study(STUDY, str(source)):
+        with open(path, "rb") as handle:  # over HTTP: its DICOM port takes TLS only
+            request = urllib.request.Request(pacs.http + "/instances", data=handle.read(), method="POST")
+        urllib.request.urlopen(request, timeout=30).close()
+    yield pacs
+    pacs.stop()
+
+
+@pytest.fixture
+def secure(settings, pki, tls_orthanc):
+    """Settings for the TLS Orthanc: every association TLS with mkiso's certificate."""
+    settings["pacs"] = {"ae_title": tls_orthanc.ae_title, "host": "127.0.0.1", "port": tls_orthanc.port,
+                        "tls": pki.setting()}
+    settings["receiver"]["tls"] = pki.setting()
+    settings["timeouts"]["move_s"] = 30
+    return settings
+
+
+def app_of(service):
+    return application.Application(service.config, service)
+
+
+def health(wsgi_call, service):
+    service.health._expensive = None
+    return wsgi_call(app_of(service), "/api/health", query="strict=1").json()
+
+
+# -- the configuration -----------------------------------------------------------------------------
+
+def load(tmp_path, settings):
+    return configuration.load(write_config(tmp_path / "config.yaml", settings))
+
+
+@pytest.mark.parametrize("tls_value, message", [
+    ({"enable": True}, "unknown key pacs.tls.enable"),
+    ({"enabled": "yes"}, "pacs.tls.enabled must be true or false"),
+    ({"enabled": True, "profile": "tls1.0"}, "pacs.tls.profile must be one of: bcp195-nd, bcp195, bcp195-ex"),
+    ({"enabled": True}, "pacs.tls.certificate must name a PEM file when pacs.tls.enabled is true"),
+    ("on", "pacs.tls must be a mapping"),
+])
+def test_a_tls_setting_that_is_wrong_names_its_key(tmp_path, settings, tls_value, message):
+    settings["pacs"]["tls"] = tls_value
+    with pytest.raises(configuration.ConfigError, match=message.replace(".", r"\.")):
+        load(tmp_path, settings)
+
+
+def test_the_ca_file_is_needed_unless_verify_peer_is_off(tmp_path, settings, pki):
+    settings["receiver"]["tls"] = dict(pki.setting(), ca_file="")
+    with pytest.raises(configuration.ConfigError, match=r"receiver\.tls\.ca_file must name a PEM file"):
+        load(tmp_path, settings)
+    settings["receiver"]["tls"]["verify_peer"] = False
+    assert load(tmp_path, settings).receiver.tls.ca_file == ""
+
+
+def test_the_defaults_are_off_and_bcp195_non_downgrading(tmp_path, settings):
+    config = load(tmp_path, settings)
+    for section in (config.pacs, config.receiver, config.publisher):
+        assert vars(section.tls) == {"enabled": False, "certificate": "", "private_key": "", "ca_file": "",
+                                     "verify_peer": True, "profile": "bcp195-nd"}
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda pki: {"private_key": pki.pacs[1]}, "pacs.tls: private_key {pacs_key} does not match certificate "
+                                               "{mkiso_crt}"),
+    (lambda pki: {"private_key": pki.path("missing.key")}, "pacs.tls: private_key {missing} cannot be read: "
+                                                           "No such file or directory"),
+    (lambda pki: {"ca_file": pki.mkiso[1]}, "pacs.tls: ca_file {mkiso_key} holds no PEM certificate"),
+])
+def test_check_config_names_the_file_and_never_prints_a_key(tmp_path, settings, pki, change, message):
+    settings["pacs"]["tls"] = dict(pki.setting(), **change(pki))
+    config = load(tmp_path, settings)
+    with pytest.raises(configuration.ConfigError) as caught:
+        configuration.check_system(config)
+    said = str(caught.value)
+    assert message.format(pacs_key=pki.pacs[1], mkiso_crt=pki.mkiso[0], missing=pki.path("missing.key"),
+                          mkiso_key=pki.mkiso[1]) in said
+    with open(pki.mkiso[1], encoding="ascii") as handle:
+        key_lines = [line for line in handle.read().splitlines() if "-----" not in line]
+    assert not any(line in said for line in key_lines)
+
+
+def test_a_good_tls_setting_passes_check_config(tmp_path, settings, pki):
+    settings["pacs"]["tls"] = pki.setting()
+    configuration.check_system(load(tmp_path, settings))
+
+
+# -- discs over TLS ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("retrieve", ["move", "get"])
+def test_a_disc_over_tls_is_exact(secure, make_service, wsgi_call, tmp_path, retrieve, caplog):
+    """dcmtk 3.6.7's movescu and getscu have no +tls: the retrieve goes through the tunnel (stunnel4);
+    Orthanc refuses anything in the clear, so a disc that comes came over TLS."""
+    assert not tls.native(os.path.join(DCMTK_DIR, "movescu" if retrieve == "move" else "getscu"))
+    service = make_service(pacs={"retrieve": retrieve})
+    with caplog.at_level(logging.WARNING):
+        _, disc, _ = download(wsgi_call, app_of(service), "/api/iso/download", tmp_path, "accession_number=TLS01")
+    check_pdi(disc, set(STUDY.sop_uids))
+    assert not [record for record in caplog.records if "refused" in record.getMessage()]
+    checks = health(wsgi_call, service)["checks"]
+    assert checks["pacs"]["ok"] is True and "C-ECHO over TLS" in checks["pacs"]["detail"], checks["pacs"]
+
+
+def test_plain_associations_reach_nothing_at_the_tls_orthanc(tls_orthanc):
+    """The test PACS really refuses the clear: else the disc above would prove nothing."""
+    result = subprocess.run([os.path.join(DCMTK_DIR, "echoscu"), "-aec", "ORTHANC", "127.0.0.1",
+                             str(tls_orthanc.port)], capture_output=True, text=True)
+    assert result.returncode != 0
+
+
+# -- what goes wrong, each said --------------------------------------------------------------------
+
+def failed_download(wsgi_call, service, code):
+    response = wsgi_call(app_of(service), "/api/iso/download", query="accession_number=TLS01")
+    body = response.json()
+    assert response.status == 502 and body["code"] == code, body
+    return body["error"]
+
+
+def test_a_pacs_without_tls(settings, make_service, wsgi_call, pki, archive):
+    """The plain dcmqrscp archive with pacs.tls on: findscu's TLS handshake meets DICOM."""
+    settings["pacs"]["tls"] = pki.setting()
+    service = make_service()
+    error = failed_download(wsgi_call, service, "tls_failed")
+    assert "does not speak TLS on this port" in error and "PACS ABPACS@127.0.0.1:%d" % archive.pacs.port in error
+
+
+@pytest.mark.parametrize("retrieve", ["move", "get"])
+def test_a_pacs_without_tls_through_the_tunnel(settings, pki, archive, tmp_path, retrieve):
+    """The retrieve association alone (through stunnel) says it too."""
+    settings["pacs"]["tls"] = pki.setting()
+    pacs = pacs_module.Pacs(load(tmp_path, settings))
+    with pytest.raises(errors.UpstreamFailed) as caught:
+        if retrieve == "move":
+            pacs.move_study(archive.by_accession("ACC2001")[0].study_uid)
+        else:
+            out = tmp_path / "got"
+            out.mkdir()
+            pacs.get_study(archive.by_accession("ACC2001")[0].study_uid, str(out))
+    assert caught.value.code == "tls_failed" and "does not speak TLS on this port" in caught.value.message
+
+
+def test_a_pacs_certificate_our_ca_did_not_issue(secure, make_service, wsgi_call, pki):
+    secure["pacs"]["tls"]["ca_file"] = pki.other_ca[0]
+    service = make_service()
+    error = failed_download(wsgi_call, service, "tls_failed")
+    assert "the certificate of the PACS ORTHANC@" in error and "is not trusted" in error
+    assert "does not chain to a CA in %s" % pki.other_ca[0] in error
+    check = health(wsgi_call, service)["checks"]["pacs"]
+    assert check["ok"] is False and "is not trusted" in check["detail"]
+
+
+@pytest.mark.parametrize("retrieve", ["move", "get"])
+def test_a_pacs_certificate_our_ca_did_not_issue_through_the_tunnel(secure, pki, tmp_path, retrieve):
+    secure["pacs"]["tls"]["ca_file"] = pki.other_ca[0]
+    pacs = pacs_module.Pacs(load(tmp_path, secure))
+    with pytest.raises(errors.UpstreamFailed) as caught:
+        if retrieve == "move":
+            pacs.move_study(STUDY.study_uid)
+        else:
+            out = tmp_path / "got"
+            out.mkdir()
+            pacs.get_study(STUDY.study_uid, str(out))
+    assert caught.value.code == "tls_failed", caught.value.message
+    assert "is not trusted (CN=mkiso test CA)" in caught.value.message, caught.value.message
+
+
+def test_our_expired_certificate(secure, make_service, wsgi_call, pki):
+    secure["pacs"]["tls"]["certificate"] = pki.expired[0]
+    service = make_service()
+    error = failed_download(wsgi_call, service, "tls_certificate_invalid")
+    assert error.startswith("mkiso's certificate %s expired on " % pki.expired[0]), error
+    check = health(wsgi_call, service)["checks"]["pacs"]
+    assert check["ok"] is False and "expired on" in check["detail"]
+
+
+def test_a_plain_store_to_the_tls_receiver_is_refused_and_logged(secure, make_service, tmp_path, caplog):
+    service = make_service()
+    source = tmp_path / "plain"
+    paths = demo.write_study(demo.SampleStudy("PAT-2802", "PLAIN^SENDER", "PLAIN1", series=(1,)), str(source))
+    with caplog.at_level(logging.WARNING):
+        result = subprocess.run([os.path.join(DCMTK_DIR, "storescu"), "-aec", "CDRECORD", "127.0.0.1",
+                                 str(service.config.receiver.port)] + paths, capture_output=True, text=True)
+        assert "Association Rejected" in result.stdout + result.stderr, result
+        deadline = time.monotonic() + 5
+        while service.receiver.plain_refused == 0 or not [
+                r for r in caplog.records if "in the clear refused" in r.getMessage()]:
+            assert time.monotonic() < deadline, "not refused and logged"
+            time.sleep(0.1)
+    assert service.receiver.plain_refused == 1
+    assert os.listdir(service.receiver.inbox) == []
+
+
+def test_a_tls_store_with_a_certificate_of_another_ca_gets_nothing_in(secure, make_service, tmp_path, pki):
+    service = make_service()
+    source = tmp_path / "stranger"
+    paths = demo.write_study(demo.SampleStudy("PAT-2803", "STRANGE^SENDER", "STR1", series=(1,)), str(source))
+    result = subprocess.run([os.path.join(DCMTK_DIR, "storescu"), "-aec", "CDRECORD", "+tls", pki.stranger[1],
+                             pki.stranger[0], "-ic", "127.0.0.1", str(service.config.receiver.port)] + paths,
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    assert glob.glob(os.path.join(service.receiver.inbox, "**", "*.*"), recursive=True) == []
+
+
+# -- the tunnel is not a door ------------------------------------------------------------------------
+
+def as_nobody(args):
+    """``args`` run as the user nobody (setpriv, as root; skipped where the test is not root)."""
+    if os.geteuid() != 0:
+        pytest.skip("running a tool as another user needs root")
+    return subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"] + args,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_another_user_on_the_tunnel_is_refused(secure, tmp_path, caplog):
+    """While a retrieve's tunnel is open, the service's own C-ECHO through it reaches the TLS PACS;
+    the same C-ECHO as user nobody is closed unserved and logged."""
+    pacs = pacs_module.Pacs(load(tmp_path, secure))
+    echo = [os.path.join(DCMTK_DIR, "echoscu"), "-aec", "ORTHANC", "-to", "10", "127.0.0.1"]
+    with caplog.at_level(logging.WARNING), pacs.tunnel.open() as session:
+        ours = subprocess.run(echo + [str(session.port)], capture_output=True, text=True, timeout=60)
+        theirs = as_nobody(echo + [str(session.port)])
+    assert ours.returncode == 0, ours.stdout + ours.stderr
+    assert theirs.returncode != 0 and "Association Request Failed" in theirs.stdout + theirs.stderr
+    assert pacs.tunnel.refused == 1
+    [logged] = [r.getMessage() for r in caplog.records if "refused a connection of uid" in r.getMessage()]
+    assert "uid 65534" in logged
+
+
+# -- the publisher ---------------------------------------------------------------------------------
+
+def test_print_over_tls(secure, make_service, wsgi_call, tmp_path, pki):
+    """storescu +tls to a storescp +tls playing the publisher: every image arrives."""
+    rimage = FakeRimage(str(tmp_path / "rimage"), "+tls", pki.pacs[1], pki.pacs[0], "+cf", pki.ca[0], "-rc")
+    try:
+        service = make_service(publisher={"host": "127.0.0.1", "port": rimage.port, "tls": pki.setting()})
+        response = wsgi_call(app_of(service), "/api/iso/print", query="accession_number=TLS01")
+        assert response.status == 200, response.body
+        assert rimage.received_sop_uids() == set(STUDY.sop_uids)
+        assert health(wsgi_call, service)["checks"]["publisher"]["ok"] is True
+    finally:
+        rimage.stop()
+
+
+def test_print_in_the_clear_to_a_tls_publisher_fails(secure, make_service, wsgi_call, tmp_path, pki):
+    rimage = FakeRimage(str(tmp_path / "rimage"), "+tls", pki.pacs[1], pki.pacs[0], "+cf", pki.ca[0], "-rc")
+    try:
+        service = make_service(publisher={"host": "127.0.0.1", "port": rimage.port})
+        response = wsgi_call(app_of(service), "/api/iso/print", query="accession_number=TLS01")
+        assert response.status == 502 and response.json()["code"] == "publisher_failed", response.body
+        assert rimage.received_sop_uids() == set()
+    finally:
+        rimage.stop()
+
+
+def test_the_stunnel_configuration_holds_no_key(secure, tmp_path, pki):
+    pacs = pacs_module.Pacs(load(tmp_path, secure))
+    with pacs.tunnel.open():
+        pass
+    text = open(pacs.tunnel.config_path, encoding="utf-8").read()
+    assert "key = %s" % pki.mkiso[1] in text and "PRIVATE KEY" not in text
+    assert os.stat(pacs.tunnel.config_path).st_mode & 0o077 == 0
