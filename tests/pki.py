@@ -17,7 +17,8 @@ class Pki:
         self.ca = self.authority("ca", "mkiso test CA")
         self.other_ca = self.authority("other-ca", "another CA")
         self.pacs = self.issue("pacs", "PACS", self.ca)
-        self.mkiso = self.issue("mkiso", "mkiso", self.ca)
+        self.mkiso = self.issue("mkiso", "mkiso", self.ca, days=400)
+        self.soon = self.issue("soon", "mkiso", self.ca, days=10, key=self.mkiso[1])  # renew it!
         self.syslog = self.issue("syslog", "127.0.0.1", self.ca, alt="IP:127.0.0.1")
         self.stranger = self.issue("stranger", "PACS", self.other_ca)  # a PACS whose CA we do not trust
         self.expired = self.issue("expired", "mkiso", self.ca, days=-1, key=self.mkiso[1])
@@ -28,7 +29,7 @@ class Pki:
     def authority(self, name, subject):
         """(certificate, key) of a self-signed CA."""
         _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", self.path(name + ".key"),
-                 "-out", self.path(name + ".crt"), "-days", "30", "-subj", "/CN=" + subject)
+                 "-out", self.path(name + ".crt"), "-days", "3650", "-subj", "/CN=" + subject)
         return self.path(name + ".crt"), self.path(name + ".key")
 
     def issue(self, name, subject, authority, days=30, key=None, alt=None):

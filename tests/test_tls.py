@@ -142,8 +142,56 @@ def test_a_disc_over_tls_is_exact(secure, make_service, wsgi_call, tmp_path, ret
         _, disc, _ = download(wsgi_call, app_of(service), "/api/iso/download", tmp_path, "accession_number=TLS01")
     check_pdi(disc, set(STUDY.sop_uids))
     assert not [record for record in caplog.records if "refused" in record.getMessage()]
-    checks = health(wsgi_call, service)["checks"]
+    report = health(wsgi_call, service)
+    checks = report["checks"]
+    assert report["status"] == "ok", report
     assert checks["pacs"]["ok"] is True and "C-ECHO over TLS" in checks["pacs"]["detail"], checks["pacs"]
+
+
+# -- health and /metrics ---------------------------------------------------------------------------
+
+def days_left(wsgi_call, service):
+    text = wsgi_call(app_of(service), "/metrics").body.decode("utf-8")
+    return {line.split('"')[1]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith("mkiso_tls_certificate_days_left{")}
+
+
+def test_health_shows_each_certificates_days_left(secure, make_service, wsgi_call, pki):
+    service = make_service()
+    check = health(wsgi_call, service)["checks"]["tls"]
+    assert check == {"ok": True, "state": "ok", "detail": (
+        "pacs.tls: %s expires in 399 days (%s); receiver.tls: %s expires in 399 days (%s)"
+        % (pki.mkiso[0], check["detail"][-11:-1], pki.mkiso[0], check["detail"][-11:-1]))}, check
+    days = days_left(wsgi_call, service)
+    assert set(days) == {"pacs.tls", "receiver.tls"} and all(399 < left <= 400 for left in days.values()), days
+
+
+def test_a_certificate_expiring_within_30_days_degrades_health(secure, make_service, wsgi_call, pki):
+    secure["receiver"]["tls"]["certificate"] = pki.soon[0]
+    service = make_service()
+    report = health(wsgi_call, service)
+    check = report["checks"]["tls"]
+    assert report["status"] == "degraded" and check["ok"] is False and check["state"] == "degraded", check
+    assert "receiver.tls: %s expires in 9 days" % pki.soon[0] in check["detail"] and "renew it" in check["detail"]
+    assert 9 < days_left(wsgi_call, service)["receiver.tls"] <= 10
+
+
+def test_an_expired_certificate_fails_the_check(secure, make_service, wsgi_call, pki):
+    secure["receiver"]["tls"]["certificate"] = pki.expired[0]
+    service = make_service()
+    check = health(wsgi_call, service)["checks"]["tls"]
+    assert check["ok"] is False and check["state"] == "failed", check
+    assert "receiver.tls: mkiso's certificate %s expired on " % pki.expired[0] in check["detail"]
+    assert days_left(wsgi_call, service)["receiver.tls"] < 0
+
+
+def test_verify_peer_off_is_logged_at_start_and_shown_in_health(secure, make_service, wsgi_call, caplog):
+    secure["pacs"]["tls"]["verify_peer"] = False
+    with caplog.at_level(logging.WARNING):
+        service = make_service()
+    assert [r for r in caplog.records if "pacs.tls.verify_peer is false" in r.getMessage()]
+    check = health(wsgi_call, service)["checks"]["tls"]
+    assert check["state"] == "degraded" and "pacs.tls.verify_peer is false" in check["detail"], check
 
 
 def test_plain_associations_reach_nothing_at_the_tls_orthanc(tls_orthanc):

@@ -146,7 +146,7 @@ def raw_text(answer, keyword):
 
 class Peer:
     """A DICOM application entity we call: its AE title, host and port, and how TLS is used with it
-    (``tls``: the config's setting, None or not enabled for none; ``certificate``: ours, read at start)."""
+    (``tls``: the config's setting, None for none; ``certificate``: ours, a ``tls.CertificateFile``)."""
 
     def __init__(self, name, ae_title, host, port, tls_setting=None):
         self.name = name
@@ -154,7 +154,7 @@ class Peer:
         self.host = host
         self.port = port
         self.tls = tls_setting if tls_setting is not None and tls_setting.enabled else None
-        self.certificate = tls.load_certificate(self.tls) if self.tls else None
+        self.certificate = tls.CertificateFile(self.tls.certificate) if self.tls else None
         self.route = None  # (host, port) the tools connect to instead: a TLS tunnel's
 
     def through(self, port):

@@ -58,7 +58,7 @@ EXPIRY_WARNING_DAYS = 30
 
 @dataclasses.dataclass(frozen=True)
 class Certificate:
-    """Our certificate's validity, read once at start (``openssl x509``)."""
+    """A certificate's validity (``openssl x509``)."""
 
     path: str
     not_before: float  # seconds since the epoch
@@ -100,14 +100,36 @@ def read_certificate(path):
         raise ValueError("%s is not a PEM certificate" % path)
 
 
-def load_certificate(setting):
-    """``read_certificate`` of a setting's certificate, None (and a warning) when it cannot be read: then
-    the tools' own error says so at the first association, and ``--check-config`` names it."""
-    try:
-        return read_certificate(setting.certificate)
-    except ValueError as exc:
-        log.warning("TLS: %s", exc)
-        return None
+class CertificateFile:
+    """Our certificate as its file is now: read again when the file changed (dcmtk and stunnel read it at
+    each association, so a renewed certificate counts at once, here too)."""
+
+    def __init__(self, path):
+        self.path = path
+        self._seen = None  # (inode, size, mtime) of the file last read
+        self._read = (None, "")  # (Certificate, why it could not be read)
+        self._lock = threading.Lock()
+
+    def current(self):
+        """(the Certificate or None, why it cannot be read or "")."""
+        try:
+            info = os.stat(self.path)
+            seen = (info.st_ino, info.st_size, info.st_mtime_ns)
+        except OSError as exc:
+            return None, "mkiso's certificate %s cannot be read: %s" % (self.path, exc.strerror)
+        with self._lock:
+            if seen != self._seen:
+                try:
+                    self._read = (read_certificate(self.path), "")
+                except ValueError as exc:
+                    self._read = (None, "mkiso's certificate: %s" % exc)
+                self._seen = seen
+            return self._read
+
+    def problem(self):
+        """Why the certificate cannot be used now, "" when it can."""
+        certificate, unreadable = self.current()
+        return unreadable or certificate.problem()
 
 
 def check_files(setting):
@@ -198,7 +220,8 @@ def failure(output, setting, peer):
 
 
 def check_certificate(certificate):
-    """Raise the 502 ``tls_certificate_invalid`` when our certificate cannot be used now."""
+    """Raise the 502 ``tls_certificate_invalid`` when our certificate (a CertificateFile, None for no TLS)
+    cannot be used now."""
     problem = certificate.problem() if certificate is not None else ""
     if problem:
         raise errors.UpstreamFailed("%s; nothing was retrieved or sent." % problem, code="tls_certificate_invalid")
