@@ -43,13 +43,16 @@ def tls_orthanc(tmp_path_factory, pki, receiver_port):
         "DicomModalities": {"cdrecord": {"AET": "CDRECORD", "Host": "127.0.0.1", "Port": receiver_port,
                                          "UseDicomTls": True}}})
     pacs.start()
-    source = tmp_path_factory.mktemp("tls-source")
-    for path in demo.write_study(STUDY, str(source)):
-        with open(path, "rb") as handle:  # over HTTP: its DICOM port takes TLS only
-            request = urllib.request.Request(pacs.http + "/instances", data=handle.read(), method="POST")
-        urllib.request.urlopen(request, timeout=30).close()
-    yield pacs
-    pacs.stop()
+    try:
+        assert demo.wait_for_port(int(pacs.http.rsplit(":", 1)[1]), timeout=30), "Orthanc's HTTP port"
+        source = tmp_path_factory.mktemp("tls-source")
+        for path in demo.write_study(STUDY, str(source)):
+            with open(path, "rb") as handle:  # over HTTP: its DICOM port takes TLS only
+                request = urllib.request.Request(pacs.http + "/instances", data=handle.read(), method="POST")
+            urllib.request.urlopen(request, timeout=30).close()
+        yield pacs
+    finally:
+        pacs.stop()
 
 
 @pytest.fixture
@@ -210,6 +213,19 @@ def failed_download(wsgi_call, service, code):
     return body["error"]
 
 
+def retrieve_failure(config, retrieve, study_uid, tmp_path):
+    """The error of the retrieve association alone (C-MOVE or C-GET of ``study_uid``): through the tunnel."""
+    pacs = pacs_module.Pacs(config)
+    with pytest.raises(errors.UpstreamFailed) as caught:
+        if retrieve == "move":
+            pacs.move_study(study_uid)
+        else:
+            out = tmp_path / "got"
+            out.mkdir()
+            pacs.get_study(study_uid, str(out))
+    return caught.value
+
+
 def test_a_pacs_without_tls(settings, make_service, wsgi_call, pki, archive):
     """The plain dcmqrscp archive with pacs.tls on: findscu's TLS handshake meets DICOM."""
     settings["pacs"]["tls"] = pki.setting()
@@ -222,15 +238,20 @@ def test_a_pacs_without_tls(settings, make_service, wsgi_call, pki, archive):
 def test_a_pacs_without_tls_through_the_tunnel(settings, pki, archive, tmp_path, retrieve):
     """The retrieve association alone (through stunnel) says it too."""
     settings["pacs"]["tls"] = pki.setting()
-    pacs = pacs_module.Pacs(load(tmp_path, settings))
-    with pytest.raises(errors.UpstreamFailed) as caught:
-        if retrieve == "move":
-            pacs.move_study(archive.by_accession("ACC2001")[0].study_uid)
-        else:
-            out = tmp_path / "got"
-            out.mkdir()
-            pacs.get_study(archive.by_accession("ACC2001")[0].study_uid, str(out))
-    assert caught.value.code == "tls_failed" and "does not speak TLS on this port" in caught.value.message
+    error = retrieve_failure(load(tmp_path, settings), retrieve, archive.by_accession("ACC2001")[0].study_uid,
+                             tmp_path)
+    assert error.code == "tls_failed" and "does not speak TLS on this port" in error.message
+
+
+@pytest.mark.parametrize("retrieve", ["move", "get"])
+def test_a_tls_pacs_that_is_down_through_the_tunnel(secure, tmp_path, retrieve):
+    """Not taken for a certificate refused: the tunnel says it could not connect."""
+    secure["pacs"]["port"] = demo.free_port()
+    error = retrieve_failure(load(tmp_path, secure), retrieve, STUDY.study_uid, tmp_path)
+    said = ("the TLS tunnel (stunnel) could not reach the PACS ORTHANC@127.0.0.1:%d: s_connect: connect "
+            "127.0.0.1:%d: Connection refused" % ((secure["pacs"]["port"],) * 2))
+    assert said in error.message, error.message
+    assert "certificate" not in error.message
 
 
 def test_a_pacs_certificate_our_ca_did_not_issue(secure, make_service, wsgi_call, pki):
@@ -246,16 +267,26 @@ def test_a_pacs_certificate_our_ca_did_not_issue(secure, make_service, wsgi_call
 @pytest.mark.parametrize("retrieve", ["move", "get"])
 def test_a_pacs_certificate_our_ca_did_not_issue_through_the_tunnel(secure, pki, tmp_path, retrieve):
     secure["pacs"]["tls"]["ca_file"] = pki.other_ca[0]
-    pacs = pacs_module.Pacs(load(tmp_path, secure))
-    with pytest.raises(errors.UpstreamFailed) as caught:
-        if retrieve == "move":
-            pacs.move_study(STUDY.study_uid)
-        else:
-            out = tmp_path / "got"
-            out.mkdir()
-            pacs.get_study(STUDY.study_uid, str(out))
-    assert caught.value.code == "tls_failed", caught.value.message
-    assert "is not trusted (CN=mkiso test CA)" in caught.value.message, caught.value.message
+    error = retrieve_failure(load(tmp_path, secure), retrieve, STUDY.study_uid, tmp_path)
+    assert error.code == "tls_failed", error.message
+    assert "is not trusted (CN=mkiso test CA)" in error.message, error.message
+
+
+def test_a_pacs_that_does_not_trust_our_certificate(secure, make_service, wsgi_call, pki):
+    """Our certificate from a CA the PACS does not trust (Orthanc checks client certificates)."""
+    secure["pacs"]["tls"].update(certificate=pki.stranger[0], private_key=pki.stranger[1])
+    service = make_service()
+    error = failed_download(wsgi_call, service, "tls_failed")
+    assert "refused mkiso's certificate %s" % pki.stranger[0] in error, error
+    assert "the peer must trust the CA that issued it" in error
+
+
+@pytest.mark.parametrize("retrieve", ["move", "get"])
+def test_a_pacs_that_does_not_trust_our_certificate_through_the_tunnel(secure, pki, tmp_path, retrieve):
+    secure["pacs"]["tls"].update(certificate=pki.stranger[0], private_key=pki.stranger[1])
+    error = retrieve_failure(load(tmp_path, secure), retrieve, STUDY.study_uid, tmp_path)
+    assert error.code == "tls_failed", error.message
+    assert "refused mkiso's certificate %s" % pki.stranger[0] in error.message, error.message
 
 
 def test_our_expired_certificate(secure, make_service, wsgi_call, pki):

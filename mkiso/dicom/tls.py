@@ -194,26 +194,44 @@ def native(tool):
 
 # What dcmtk and stunnel say, and what it means for a person.
 _NOT_TLS = ("wrong version number", "unexpected eof", "packet length too long", "record layer failure",
-            "Connection reset by peer", "TLS error: unexpected eof", "SSL_connect: Peer suddenly disconnected",
+            "SSL_connect: Peer suddenly disconnected", "SSL_connect: Connection reset by peer",
             "unexpected message", "http request", "SSL_ERROR_SYSCALL")
 _UNTRUSTED = ("certificate verify failed", "Rejected by CERT")
 _THEY_REFUSED_US = ("alert certificate expired", "alert bad certificate", "alert unknown ca",
-                    "alert certificate unknown", "alert handshake failure", "alert certificate required")
+                    "alert certificate unknown", "alert handshake failure", "alert certificate required",
+                    # TLS 1.3: the client's handshake is done before the server checks its certificate,
+                    # so the server's alert may be missed: dcmtk, or stunnel, sees it hang up on the
+                    # A-ASSOCIATE-RQ
+                    "connection reset by peer) occurred in routine: sendassociationrqtcp",
+                    "tls socket closed (ssl_write) with")
+
+
+# dcmtk's "Peer aborted Association": over TLS before an A-ASSOCIATE-AC, the peer's alert read as an abort.
+_ABORTED = "0006:0317"
 
 
 def failure(output, setting, peer):
     """The sentence for a TLS association to ``peer`` that failed with ``output`` (the tool's, or the
     tunnel's), or "" when nothing in it is about TLS."""
     low = output.lower()
+    unreachable = re.search(r"LOG\d\[\d+\]: (s_connect: .*)", output)
+    if unreachable:
+        return "the TLS tunnel (stunnel) could not reach the %s: %s" % (peer, unreachable.group(1).strip())
+    if "TCP Initialization Error" in output:  # not reached: not about TLS
+        return ""
     if any(sign.lower() in low for sign in _UNTRUSTED):
         rejected = re.search(r"Rejected by CERT at depth=\d+: (.*)", output)
         issuer = " (%s)" % rejected.group(1).strip() if rejected else ""
         return ("the certificate of the %s is not trusted%s: it does not chain to a CA in %s"
                 % (peer, issuer, setting.ca_file))
-    for sign in _THEY_REFUSED_US:
-        if sign in low:
-            return ("the %s refused mkiso's certificate %s (TLS %s): the peer must trust the CA that issued it"
-                    % (peer, setting.certificate, sign.replace("alert ", "alert: ")))
+    said = next((sign.replace("alert ", "alert: ") if "alert" in sign else "it hung up after the TLS handshake"
+                 for sign in _THEY_REFUSED_US if sign in low), None)
+    if said is None and _ABORTED in output and "Association Accepted" not in output and not any(
+            sign.lower() in low for sign in _NOT_TLS):
+        said = "it ended the connection after the TLS handshake, before accepting the association"
+    if said is not None:
+        return ("the %s refused mkiso's certificate %s (%s): the peer must trust the CA that issued it"
+                % (peer, setting.certificate, said))
     if any(sign.lower() in low for sign in _NOT_TLS):
         return "the %s does not speak TLS on this port (or ended the TLS handshake): is TLS on there?" % peer
     return ""
