@@ -99,7 +99,7 @@ class Service:
         removed under us must not leave children running): a failed step is one warning."""
         self._stopping.set()
         for step in (self._stop_housekeeping, self.jobs.discard_all, self._stop_receiver, self._kill_children,
-                     self._let_jobs_end, self._stop_syslog, self.remove_leftovers):
+                     self._let_jobs_end, self._stop_syslog, self.remove_leftovers, self._remove_tunnel_config):
             try:
                 step()
             except Exception as exc:
@@ -113,6 +113,10 @@ class Service:
         """After the jobs (their last audit events), with a short flush: the audit file has them all."""
         if self.audit.syslog is not None:
             self.audit.syslog.stop()
+
+    def _remove_tunnel_config(self):
+        if self.pacs.tunnel is not None:
+            self.pacs.tunnel.remove_config()
 
     def _stop_receiver(self):
         if self.receiver is not None:

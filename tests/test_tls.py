@@ -13,9 +13,10 @@ import urllib.request
 
 import pytest
 
-from mkiso import config as configuration, demo, errors
+from mkiso import config as configuration, demo, errors, process
 from mkiso.dicom import pacs as pacs_module, tls
 from mkiso.http import application
+from mkiso.service import Service
 from conftest import DCMTK_DIR, write_config
 from discs import check_pdi, download
 from pki import Pki
@@ -144,6 +145,8 @@ def test_a_disc_over_tls_is_exact(secure, make_service, wsgi_call, tmp_path, ret
     with caplog.at_level(logging.WARNING):
         _, disc, _ = download(wsgi_call, app_of(service), "/api/iso/download", tmp_path, "accession_number=TLS01")
     check_pdi(disc, set(STUDY.sop_uids))
+    assert os.path.exists(service.pacs.tunnel.config_path)  # it went through the tunnel
+    assert not [proc for proc in process._live if proc.owner is not None], "a job's tool still runs"
     assert not [record for record in caplog.records if "refused" in record.getMessage()]
     report = health(wsgi_call, service)
     checks = report["checks"]
@@ -377,10 +380,17 @@ def test_print_in_the_clear_to_a_tls_publisher_fails(secure, make_service, wsgi_
         rimage.stop()
 
 
-def test_the_stunnel_configuration_holds_no_key(secure, tmp_path, pki):
-    pacs = pacs_module.Pacs(load(tmp_path, secure))
-    with pacs.tunnel.open():
-        pass
-    text = open(pacs.tunnel.config_path, encoding="utf-8").read()
-    assert "key = %s" % pki.mkiso[1] in text and "PRIVATE KEY" not in text
-    assert os.stat(pacs.tunnel.config_path).st_mode & 0o077 == 0
+def test_the_stunnel_configuration_holds_no_key_and_goes_with_the_service(secure, tmp_path, pki):
+    service = Service(load(tmp_path, secure))
+    service.start()
+    try:
+        tunnel = service.pacs.tunnel
+        with tunnel.open():
+            pass
+        with open(tunnel.config_path, encoding="utf-8") as handle:
+            text = handle.read()
+        assert "key = %s" % pki.mkiso[1] in text and "PRIVATE KEY" not in text
+        assert os.stat(tunnel.config_path).st_mode & 0o077 == 0
+    finally:
+        service.stop()
+    assert not os.path.exists(tunnel.config_path)

@@ -308,6 +308,15 @@ class Tunnel:
                     handle.write(stunnel_config(self.host, self.port, self.setting))
                 self._written = True
 
+    def remove_config(self):
+        """At shutdown: stunnel's configuration goes with the service (it is written again when needed)."""
+        with self._lock:
+            try:
+                os.unlink(self.config_path)
+            except FileNotFoundError:
+                pass
+            self._written = False
+
     @contextmanager
     def open(self):
         """A port on 127.0.0.1 for the length of the block; yields the session (``.port``, ``.said()``)."""
