@@ -18,9 +18,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from mkiso import atna, audit, config as configuration
+from mkiso import atna, audit, config as configuration, demo
 from mkiso.dicom import pacs
-from pki import Pki
 
 WHEN = datetime.datetime(2026, 3, 1, 8, 0, 0, 250000, tzinfo=datetime.timezone.utc)
 STUDIES = [
@@ -363,7 +362,7 @@ def test_a_repository_that_is_down_costs_a_warning_not_an_exception(sender, capl
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
-    return Pki(str(tmp_path_factory.mktemp("pki")))
+    return demo.Pki(str(tmp_path_factory.mktemp("pki")))
 
 
 def tls_repository(pki, certificate, count=1):

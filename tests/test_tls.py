@@ -19,7 +19,6 @@ from mkiso.http import application
 from mkiso.service import Service
 from conftest import DCMTK_DIR, write_config
 from discs import check_pdi, download
-from pki import Pki
 from test_print import FakeRimage
 
 STUDY = demo.SampleStudy("PAT-2801", "SECURE^NODE", "TLS01", series=(3, 2))
@@ -30,7 +29,7 @@ pytestmark = pytest.mark.skipif(not shutil.which("stunnel4") or not shutil.which
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
-    return Pki(str(tmp_path_factory.mktemp("pki")))
+    return demo.Pki(str(tmp_path_factory.mktemp("pki")))
 
 
 @pytest.fixture(scope="module")
