@@ -300,7 +300,8 @@ def test_our_expired_certificate(secure, make_service, wsgi_call, pki):
     assert check["ok"] is False and "expired on" in check["detail"]
 
 
-def test_a_plain_store_to_the_tls_receiver_is_refused_and_logged(secure, make_service, tmp_path, caplog):
+def test_a_plain_store_to_the_tls_receiver_is_refused_and_logged(secure, make_service, tmp_path, caplog,
+                                                                  wsgi_call):
     service = make_service()
     source = tmp_path / "plain"
     paths = demo.write_study(demo.SampleStudy("PAT-2802", "PLAIN^SENDER", "PLAIN1", series=(1,)), str(source))
@@ -315,6 +316,8 @@ def test_a_plain_store_to_the_tls_receiver_is_refused_and_logged(secure, make_se
             time.sleep(0.1)
     assert service.receiver.plain_refused == 1
     assert os.listdir(service.receiver.inbox) == []
+    check = health(wsgi_call, service)["checks"]["receiver"]
+    assert "as CDRECORD, TLS only (1 associations in the clear refused)" in check["detail"], check
 
 
 def test_a_tls_store_with_a_certificate_of_another_ca_gets_nothing_in(secure, make_service, tmp_path, pki):

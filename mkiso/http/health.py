@@ -135,10 +135,12 @@ class Health:
         if receiver.refused and not receiver.listening:
             return Check(False, "storescp cannot run: " + receiver.refused)
         if receiver.listening:
+            secure = (", TLS only (%d associations in the clear refused)" % receiver.plain_refused
+                      if receiver.tls else "")
             return Check(
                 True,
-                "listening on port %d as %s, %d of %d associations running (restarts: %d)"
-                % (receiver.port, receiver.ae_title, receiver.associations, receiver.max_associations,
+                "listening on port %d as %s%s, %d of %d associations running (restarts: %d)"
+                % (receiver.port, receiver.ae_title, secure, receiver.associations, receiver.max_associations,
                    receiver.restarts),
             )
         detail = "not listening on port %d (restarts: %d)" % (receiver.port, receiver.restarts)
