@@ -256,6 +256,19 @@ def test_a_tls_pacs_that_is_down_through_the_tunnel(secure, tmp_path, retrieve):
     assert "certificate" not in error.message
 
 
+@pytest.mark.parametrize("retrieve", ["move", "get"])
+def test_a_key_file_gone_since_the_start_through_the_tunnel(secure, tmp_path, pki, retrieve):
+    key = tmp_path / "gone.key"
+    shutil.copy(pki.mkiso[1], key)
+    secure["pacs"]["tls"]["private_key"] = str(key)
+    config = load(tmp_path, secure)
+    configuration.check_system(config)
+    key.unlink()
+    error = retrieve_failure(config, retrieve, STUDY.study_uid, tmp_path)
+    assert "the TLS tunnel (stunnel) to the PACS ORTHANC@127.0.0.1:%d could not start: %s: No such file or " \
+           "directory (2)" % (secure["pacs"]["port"], key) in error.message, error.message
+
+
 def test_a_pacs_certificate_our_ca_did_not_issue(secure, make_service, wsgi_call, pki):
     secure["pacs"]["tls"]["ca_file"] = pki.other_ca[0]
     service = make_service()

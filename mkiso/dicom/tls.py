@@ -214,6 +214,9 @@ def failure(output, setting, peer):
     """The sentence for a TLS association to ``peer`` that failed with ``output`` (the tool's, or the
     tunnel's), or "" when nothing in it is about TLS."""
     low = output.lower()
+    broken = [line[3:].strip() for line in output.splitlines() if line.startswith("[!]")]
+    if broken:  # stunnel's own configuration, e.g. a key file gone since the start
+        return "the TLS tunnel (stunnel) to the %s could not start: %s" % (peer, "; ".join(broken))
     unreachable = re.search(r"LOG\d\[\d+\]: (s_connect: .*)", output)
     if unreachable:
         return "the TLS tunnel (stunnel) could not reach the %s: %s" % (peer, unreachable.group(1).strip())
