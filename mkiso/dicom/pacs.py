@@ -298,7 +298,7 @@ def failure(output, peer, calling_ae=None):
     """The cause of a failed dcmtk run (``process.failure_reason``), and when ``peer`` turned away
     ``calling_ae``, what to do about it."""
     reason = process.failure_reason(output)
-    secure = tls.failure(output, peer.tls, peer) if peer.tls else ""
+    secure = tls_failure(output, peer)
     if secure:
         return secure
     if calling_ae and refused_caller(output):
@@ -307,6 +307,12 @@ def failure(output, peer, calling_ae=None):
                 "in the %s" % (peer.name, calling_ae, said[-1] if said else reason, calling_ae, socket.gethostname(),
                                peer.name))
     return reason
+
+
+def tls_failure(output, peer):
+    """``tls.failure`` where ``peer`` (a Peer; a name in some callers) has TLS, else ""."""
+    setting = getattr(peer, "tls", None)
+    return tls.failure(output, setting, peer) if setting else ""
 
 
 def raise_for_failure(output, peer, what, code="pacs_failed", calling_ae=None):
@@ -321,7 +327,7 @@ def raise_for_failure(output, peer, what, code="pacs_failed", calling_ae=None):
     log.warning("%s: %s failed", what, peer, extra={"fields": {"tool_output": "\n".join(
         line for line in output.splitlines() if line[:3] in ("F: ", "E: ", "W: "))}})
     reason = process.failure_reason(output)
-    secure = tls.failure(output, peer.tls, peer) if peer.tls else ""
+    secure = tls_failure(output, peer)
     if ("timeout" in reason.lower() or "timed out" in reason.lower()) and not secure:
         raise errors.UpstreamTimeout("%s: %s did not answer in time (%s)." % (what, peer, reason))
     if secure:
