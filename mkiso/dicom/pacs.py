@@ -250,9 +250,11 @@ GET_BATCH = 500
 
 
 def association_args(calling_ae, peer, timeout):
-    """The arguments every dcmtk SCU call shares: AE titles, timeouts, TLS where the peer has it."""
+    """The arguments every dcmtk SCU call shares: AE titles, timeouts, TLS where the peer has it (through
+    the tunnel: TLS's PDU size only, the tunnel speaks TLS)."""
     seconds = str(max(1, int(timeout)))
-    return ["-aet", calling_ae, "-aec", peer.ae_title, "-to", seconds, "-ta", seconds] + tls.dcmtk_args(peer.tls)
+    secure = tls.PDU_ARGS if peer.route else tls.dcmtk_args(peer.tls)
+    return ["-aet", calling_ae, "-aec", peer.ae_title, "-to", seconds, "-ta", seconds] + secure
 
 
 def address_args(peer):

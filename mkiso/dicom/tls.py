@@ -49,6 +49,10 @@ PROFILES = {
                       "DHE-RSA-AES128-SHA256:DHE-RSA-AES256-SHA256"),
     "bcp195-ex": ("+pz", "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-AES256-GCM-SHA384"),
 }
+# The largest PDU we take over TLS (dcmtk's -pdu; its default is 16 KB): a 16 KB PDU and its header
+# make a full TLS record and a 6-byte one, and every PDU costs the sender one SSL_write and us its
+# reads; 128 KB PDUs fill the records (measured: bench/bench_tls.py).
+PDU_ARGS = ["-pdu", "131072"]
 PROBE_TIMEOUT_S = 10
 TUNNEL_END_S = 5  # for a tunnel's stunnel to end once the retrieve tool has closed its side
 ACCEPT_TICK_S = 0.1
@@ -175,7 +179,7 @@ def dcmtk_args(setting):
     args = ["+tls", setting.private_key, setting.certificate, "-pw", PROFILES[setting.profile][0]]
     if setting.ca_file:
         args += ["+cf", setting.ca_file]
-    return args + (["-rc"] if setting.verify_peer else ["-ic"])
+    return args + (["-rc"] if setting.verify_peer else ["-ic"]) + PDU_ARGS
 
 
 _native = {}
