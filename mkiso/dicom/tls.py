@@ -212,6 +212,7 @@ _THEY_REFUSED_US = ("alert certificate expired", "alert bad certificate", "alert
 
 # dcmtk's "Peer aborted Association": over TLS before an A-ASSOCIATE-AC, the peer's alert read as an abort.
 _ABORTED = "0006:0317"
+_SPOKE_TLS = "Certificate accepted at depth=0"  # stunnel (debug 5), once the peer's certificate passed
 
 
 def failure(output, setting, peer):
@@ -221,7 +222,7 @@ def failure(output, setting, peer):
     broken = [line[3:].strip() for line in output.splitlines() if line.startswith("[!]")]
     if broken:  # stunnel's own configuration, e.g. a key file gone since the start
         return "the TLS tunnel (stunnel) to the %s could not start: %s" % (peer, "; ".join(broken))
-    unreachable = re.search(r"LOG\d\[\d+\]: (s_connect: .*)", output)
+    unreachable = re.search(r"LOG3\[\d+\]: (s_connect: .*)", output)  # an error, not the notice "connected"
     if unreachable:
         return "the TLS tunnel (stunnel) could not reach the %s: %s" % (peer, unreachable.group(1).strip())
     if "TCP Initialization Error" in output:  # not reached: not about TLS
@@ -233,8 +234,10 @@ def failure(output, setting, peer):
                 % (peer, issuer, setting.ca_file))
     said = next((sign.replace("alert ", "alert: ") if "alert" in sign else "it hung up after the TLS handshake"
                  for sign in _THEY_REFUSED_US if sign in low), None)
-    if said is None and _ABORTED in output and "Association Accepted" not in output and not any(
-            sign.lower() in low for sign in _NOT_TLS):
+    # stunnel checked the peer's certificate: the peer speaks TLS, whatever broke the connection after
+    spoke = _SPOKE_TLS in output
+    if said is None and "Association Accepted" not in output and (spoke or _ABORTED in output and not any(
+            sign.lower() in low for sign in _NOT_TLS)):
         said = "it ended the connection after the TLS handshake, before accepting the association"
     if said is not None:
         return ("the %s refused mkiso's certificate %s (%s): the peer must trust the CA that issued it"
@@ -257,9 +260,10 @@ def check_certificate(certificate):
 def stunnel_config(host, port, setting):
     """stunnel's configuration for one connection in inetd mode (no ``accept``): TLS to host:port with
     our certificate, the PACS's checked against ca_file, the profile's protocol versions and ciphers.
-    Its log goes to its stderr (``foreground``), which the tunnel reads."""
+    Its log goes to its stderr (``foreground``), which the tunnel reads; notices too (``debug = 5``): that
+    it accepted the peer's certificate tells a refusal of ours from a peer without TLS."""
     lines = [
-        "foreground = yes", "syslog = no", "pid =", "debug = 4", "client = yes",
+        "foreground = yes", "syslog = no", "pid =", "debug = 5", "client = yes",
         "connect = %s:%d" % (host, port), "cert = %s" % setting.certificate, "key = %s" % setting.private_key,
         "sslVersionMin = TLSv1.2", "ciphers = %s" % PROFILES[setting.profile][1],
         "TIMEOUTidle = 43200", "socket = r:TCP_NODELAY=1", "socket = l:TCP_NODELAY=1",
