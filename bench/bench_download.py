@@ -191,8 +191,9 @@ ZIP_ROW = "move, format=zip"  # the same server as the move row, the same disc a
 class MkisoServer:
     """A real mkiso-server retrieving by C-MOVE (through its receiver) or C-GET."""
 
-    def __init__(self, root, pacs, receiver_port, retrieve, cache_bytes=0, web_content=True, name=None):
-        """``cache_bytes`` 0 (the cache off): every download really retrieves, as the rows must."""
+    def __init__(self, root, pacs, receiver_port, retrieve, cache_bytes=0, web_content=True, name=None, tls="{}"):
+        """``cache_bytes`` 0 (the cache off): every download really retrieves, as the rows must; ``tls``: the
+        pacs.tls and receiver.tls mapping (YAML flow), for bench_tls.py."""
         self.http_port = demo.free_port()
         name = name or retrieve + ("-cached" if cache_bytes else "") + ("" if web_content else "-noweb")
         self.log_path = os.path.join(root, "mkiso-%s.log" % name)
@@ -201,11 +202,11 @@ class MkisoServer:
         os.makedirs(work_dir, exist_ok=True)
         with open(config, "w") as handle:
             handle.write(
-                "server: {port: %d}\npacs: {ae_title: %s, host: 127.0.0.1, port: %d, retrieve: %s}\n"
-                "receiver: {port: %d}\npaths: {work_dir: %s}\nlimits: {min_free_bytes: 100000000}\n"
+                "server: {port: %d}\npacs: {ae_title: %s, host: 127.0.0.1, port: %d, retrieve: %s, tls: %s}\n"
+                "receiver: {port: %d, tls: %s}\npaths: {work_dir: %s}\nlimits: {min_free_bytes: 100000000}\n"
                 "timeouts: {move_s: 7200, iso_s: 7200}\nlogging: {level: info, format: json}\n"
                 "audit: {path: %s}\ncache: {max_bytes: %d}\niso: {web_content: %s}\n"
-                % (self.http_port, pacs.ae_title, pacs.port, retrieve, receiver_port, work_dir,
+                % (self.http_port, pacs.ae_title, pacs.port, retrieve, tls, receiver_port, tls, work_dir,
                    os.path.join(root, "audit-%s.log" % name), cache_bytes, "true" if web_content else "false"))
         self.proc = start_process([sys.executable, "-m", "mkiso", "--config", config], self.http_port,
                                   self.log_path)

@@ -6,7 +6,9 @@ images leave on a medium), a print a "DICOM Instances Transferred" event
 (110104: the images go to the publisher over DICOM), a lookup of the desk
 page a "Query" event (110112: the PACS was asked, patients were shown).
 Over UDP one
-datagram a message; over TCP octet-counted frames (RFC 6587).
+datagram a message; over TCP octet-counted frames (RFC 6587); over TLS
+the same frames (RFC 5425), the repository's certificate checked against
+``audit.syslog_ca_file`` and its host name.
 
 This copy is best effort: the audit file is the record, so a repository
 that is down costs a warning in the log, not the export.  Nor may it cost
@@ -26,6 +28,7 @@ import logging
 import os
 import re
 import socket
+import ssl
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -141,13 +144,14 @@ class SenderState:
 
 
 class Syslog:
-    """A sender to ``udp://host:port`` or ``tcp://host:port`` (config checked): a bounded queue and one
-    thread that empties it, from ``start`` to ``stop``."""
+    """A sender to ``udp://host:port``, ``tcp://host:port`` or ``tls://host:port`` (config checked; with
+    ``ca_file`` for tls://): a bounded queue and one thread that empties it, from ``start`` to ``stop``."""
 
-    def __init__(self, url, source_id, max_queued=None):
+    def __init__(self, url, source_id, max_queued=None, ca_file=""):
         scheme, rest = url.split("://", 1)
         host, port = rest.rsplit(":", 1)
-        self.tcp = scheme == "tcp"
+        self.tcp = scheme in ("tcp", "tls")
+        self.tls = ssl.create_default_context(cafile=ca_file) if scheme == "tls" else None
         self.address = (host.strip("[]"), int(port))
         self.url = url
         self.source_id = source_id
@@ -206,6 +210,8 @@ class Syslog:
                 request_id, message = self._queue.popleft()
             try:
                 self._transmit(message)
+            except ssl.SSLError as exc:  # an OSError too, whose strerror is not the cause
+                self._lose("failed", request_id, "TLS: %s" % (exc.reason or exc))
             except OSError as exc:
                 self._lose("failed", request_id, exc.strerror or str(exc))
             else:
@@ -213,10 +219,12 @@ class Syslog:
                     self._sent += 1
 
     def _transmit(self, message):
-        """The one place that knows the transport: over TCP a connection for each message, octet-counted;
-        over UDP a datagram."""
+        """The one place that knows the transport: over TCP (and TLS) a connection for each message,
+        octet-counted; over UDP a datagram."""
         if self.tcp:
             with socket.create_connection(self.address, timeout=TIMEOUT_S) as sock:
+                if self.tls is not None:
+                    sock = self.tls.wrap_socket(sock, server_hostname=self.address[0])
                 sock.sendall(b"%d " % len(message) + message)
         else:
             family = socket.getaddrinfo(*self.address, type=socket.SOCK_DGRAM)[0][0]

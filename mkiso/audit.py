@@ -110,7 +110,8 @@ class Export:
 class Audit:
     def __init__(self, config):
         self.path = config.audit.path
-        self.syslog = atna.Syslog(config.audit.syslog, config.receiver.ae_title) if config.audit.syslog else None
+        self.syslog = atna.Syslog(config.audit.syslog, config.receiver.ae_title,
+                                 ca_file=config.audit.syslog_ca_file) if config.audit.syslog else None
         self._lock = threading.Lock()
 
     def record(self, export, status, code=None):

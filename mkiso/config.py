@@ -22,6 +22,7 @@ import types
 import yaml
 
 from . import process
+from .dicom import tls
 
 REQUIRED = object()
 
@@ -134,13 +135,14 @@ def _key_names(value):
     return None
 
 
-SYSLOG_URL = re.compile(r"^(udp|tcp)://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\]):([0-9]{1,5})$")
+SYSLOG_URL = re.compile(r"^(udp|tcp|tls)://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\]):([0-9]{1,5})$")
 
 
 def _syslog_url(value):
     match = SYSLOG_URL.match(value)
     if value and not (match and 1 <= int(match.group(3)) <= 65535):
-        return "must be empty or udp://host:port or tcp://host:port (e.g. udp://127.0.0.1:514)"
+        return ("must be empty or udp://host:port, tcp://host:port or tls://host:port (e.g. udp://127.0.0.1:514, "
+                "tls://audit.example.org:6514)")
     return None
 
 
@@ -166,16 +168,19 @@ SCHEMA = {
         "host": (str, REQUIRED, _not_empty),
         "port": (int, REQUIRED, _port),
         "retrieve": (str, "move", _one_of("move", "get")),
+        "tls": (dict, {}, None),
     },
     "receiver": {
         "ae_title": (str, "CDRECORD", _ae_title),
         "port": (int, 10104, _port),
         "max_associations": (int, 16, _positive),
+        "tls": (dict, {}, None),
     },
     "publisher": {
         "ae_title": (str, "RIMAGE", _ae_title),
         "host": (str, "", None),
         "port": (int, 104, _port),
+        "tls": (dict, {}, None),
     },
     "patient_api": {
         "url": (str, "", _placeholder_url),
@@ -207,6 +212,7 @@ SCHEMA = {
     "tools": {
         "dcmtk_dir": (str, "/usr/bin", None),
         "genisoimage": (str, "/usr/bin/genisoimage", None),
+        "stunnel": (str, "/usr/bin/stunnel4", None),
     },
     "timeouts": {
         "find_s": (NUMBER, 30, _positive),
@@ -243,6 +249,7 @@ SCHEMA = {
     "audit": {
         "path": (str, "/var/log/mkiso/audit.log", _not_empty),
         "syslog": (str, "", _syslog_url),
+        "syslog_ca_file": (str, "", None),
     },
     "metrics": {
         "enabled": (bool, True, None),
@@ -251,6 +258,17 @@ SCHEMA = {
         "level": (str, "info", _one_of("debug", "info", "warning", "error")),
         "format": (str, "text", _one_of("text", "json")),
     },
+}
+
+# pacs.tls, receiver.tls, publisher.tls (SPEC §14): checked as a section of their own.
+TLS_SECTIONS = ("pacs", "receiver", "publisher")
+TLS_SCHEMA = {
+    "enabled": (bool, False, None),
+    "certificate": (str, "", None),
+    "private_key": (str, "", None),
+    "ca_file": (str, "", None),
+    "verify_peer": (bool, True, None),
+    "profile": (str, "bcp195-nd", _one_of(*tls.PROFILES)),
 }
 
 TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", NUMBER: "a number",
@@ -325,7 +343,38 @@ def validate(raw, path="<config>"):
         if not isinstance(given, dict):
             raise ConfigError("%s: %s must be a mapping" % (path, section))
         sections[section] = types.SimpleNamespace(**_section(section, keys, given, path))
+    for section in TLS_SECTIONS:
+        sections[section].tls = _tls_setting(section + ".tls", sections[section].tls, path)
+    audit = sections["audit"]
+    if audit.syslog.startswith("tls://") and not audit.syslog_ca_file:
+        raise ConfigError("%s: audit.syslog_ca_file must name the CA file that the syslog server's certificate "
+                          "chains to when audit.syslog is tls://" % path)
     return types.SimpleNamespace(path=path, **sections)
+
+
+def _tls_setting(name, given, path):
+    """A section's ``tls`` mapping, checked like a section; when enabled, the files it needs are named."""
+    setting = types.SimpleNamespace(**_section(name, TLS_SCHEMA, given, path))
+    if setting.enabled:
+        needed = ["certificate", "private_key"] + (["ca_file"] if setting.verify_peer else [])
+        for key in needed:
+            if not getattr(setting, key).strip():
+                raise ConfigError("%s: %s.%s must name a PEM file when %s.enabled is true" % (path, name, key, name))
+    return setting
+
+
+def tls_settings(config):
+    """(name, setting) of each TLS setting that is on: pacs.tls, receiver.tls (with pacs.retrieve: move),
+    publisher.tls (with a publisher)."""
+    used = {"pacs": True, "receiver": config.pacs.retrieve == "move", "publisher": bool(config.publisher.host)}
+    return [(section + ".tls", getattr(config, section).tls) for section in TLS_SECTIONS
+            if used[section] and getattr(config, section).tls.enabled]
+
+
+def tunnelled(config):
+    """Whether the PACS's retrieve tool lacks +tls where pacs.tls is on: then it goes through stunnel."""
+    tool = "movescu" if config.pacs.retrieve == "move" else "getscu"
+    return config.pacs.tls.enabled and not tls.native(os.path.join(config.tools.dcmtk_dir, tool))
 
 
 def _section(section, keys, given, path):
@@ -397,6 +446,15 @@ def _tools(config):
     return tools + [("tools.genisoimage", config.tools.genisoimage), ("the system (util-linux)", process.SETPRIV)]
 
 
+def _tls_tools(config):
+    """(where it is configured, path) of the executables TLS needs: openssl (the certificates' dates), and
+    stunnel where the retrieve tool has no +tls.  Not in ``_tools``: they have no --version to run."""
+    if not tls_settings(config):
+        return []
+    return [("the system (openssl)", tls.OPENSSL)] + ([("tools.stunnel", config.tools.stunnel)]
+                                                     if tunnelled(config) else [])
+
+
 def check_system(config):
     """What the configuration points at must be there, as the user running this sees it.
 
@@ -409,7 +467,7 @@ def check_system(config):
     dcmtk_dir = config.tools.dcmtk_dir
     if not os.path.isdir(dcmtk_dir):
         raise ConfigError("%s: tools.dcmtk_dir %s is not a directory" % (path, dcmtk_dir))
-    for key, tool in _tools(config):
+    for key, tool in _tools(config) + _tls_tools(config):
         if not os.path.isfile(tool):
             raise ConfigError("%s: %s: %s does not exist" % (path, key, tool))
         if not shutil.which(tool):
@@ -422,6 +480,14 @@ def check_system(config):
     viewer_dir = config.iso.viewer_dir
     if viewer_dir and not os.path.isdir(viewer_dir):
         raise ConfigError("%s: iso.viewer_dir %s is not a directory" % (path, viewer_dir))
+    for name, setting in tls_settings(config):
+        problem = tls.check_files(setting)
+        if problem:
+            raise ConfigError("%s: %s: %s" % (path, name, problem))
+    if config.audit.syslog_ca_file:
+        problem = tls.check_ca_file(config.audit.syslog_ca_file)
+        if problem:
+            raise ConfigError("%s: audit.syslog_ca_file: %s" % (path, problem))
 
 
 def unresolved_hosts(config):

@@ -106,6 +106,11 @@ class _State:
                 events.add_metric([outcome], count)
             yield events
             yield _gauge("mkiso_audit_syslog_queued", "Audit events waiting for the syslog sender.", state.queued)
+        days = GaugeMetricFamily("mkiso_tls_certificate_days_left", "Days until each TLS setting's certificate "
+                                 "expires (negative: expired), as health reads it.", labels=["setting"])
+        for name, left in service.health.certificate_days():
+            days.add_metric([name], round(left, 2))
+        yield days
         checks = GaugeMetricFamily("mkiso_health_check_ok", "1 where the health check passes (as /api/health).",
                                    labels=["check"])
         for name, check in service.health.report(detailed=False)["checks"].items():

@@ -9,7 +9,7 @@ import os
 import shutil
 import threading
 
-from . import audit, process
+from . import audit, config as configuration, process
 from .http import delivery, health
 from .dicom import pacs, receiver
 from .cache import DiscCache
@@ -43,7 +43,8 @@ class Service:
         self.publisher = None  # the CD/DVD publisher's relay (SPEC §5), when one is configured
         if config.publisher.host:
             self.publisher = Publisher(config, pacs.Peer(
-                "Publisher", config.publisher.ae_title, config.publisher.host, config.publisher.port))
+                "Publisher", config.publisher.ae_title, config.publisher.host, config.publisher.port,
+                config.publisher.tls))
         self.audit = audit.Audit(config)
         # Behind nginx the ISOs it sends (cached ones too) must be readable by its group.
         self.cache = DiscCache(self.path(CACHE), config.cache.max_bytes, config.cache.ttl_s,
@@ -76,6 +77,10 @@ class Service:
             os.mkdir(self.path(folder))
         if self.config.server.x_accel_prefix:  # nginx (in our group) reads finished ISOs under jobs/
             os.chmod(self.path(JOBS), 0o750)
+        for name, setting in configuration.tls_settings(self.config):
+            if not setting.verify_peer:
+                log.warning("%s.verify_peer is false: the peer's certificate is not checked, anyone may pose "
+                            "as it (for a test peer only)", name)
         if self.audit.syslog is not None:
             self.audit.syslog.start()
         if self.receiver is not None:
@@ -94,7 +99,7 @@ class Service:
         removed under us must not leave children running): a failed step is one warning."""
         self._stopping.set()
         for step in (self._stop_housekeeping, self.jobs.discard_all, self._stop_receiver, self._kill_children,
-                     self._let_jobs_end, self._stop_syslog, self.remove_leftovers):
+                     self._let_jobs_end, self._stop_syslog, self.remove_leftovers, self._remove_tunnel_config):
             try:
                 step()
             except Exception as exc:
@@ -108,6 +113,10 @@ class Service:
         """After the jobs (their last audit events), with a short flush: the audit file has them all."""
         if self.audit.syslog is not None:
             self.audit.syslog.stop()
+
+    def _remove_tunnel_config(self):
+        if self.pacs.tunnel is not None:
+            self.pacs.tunnel.remove_config()
 
     def _stop_receiver(self):
         if self.receiver is not None:

@@ -11,13 +11,14 @@ import datetime
 import logging
 import os
 import socket
+import ssl
 import threading
 import time
 import xml.etree.ElementTree as ET
 
 import pytest
 
-from mkiso import atna, audit
+from mkiso import atna, audit, config as configuration, demo
 from mkiso.dicom import pacs
 
 WHEN = datetime.datetime(2026, 3, 1, 8, 0, 0, 250000, tzinfo=datetime.timezone.utc)
@@ -355,3 +356,65 @@ def test_a_repository_that_is_down_costs_a_warning_not_an_exception(sender, capl
     assert record.getMessage() == "audit event not sent to tcp://127.0.0.1:%d (failed): Connection refused" % port
     assert record.fields == {"request_id": "req-7"}
     assert (syslog.state().failed, syslog.state().sent) == (1, 0)
+
+
+# -- over TLS (RFC 5425) ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return demo.Pki(str(tmp_path_factory.mktemp("pki")))
+
+
+def tls_repository(pki, certificate, count=1):
+    """A TLS syslog listener on 127.0.0.1 with ``certificate`` (certificate, key): (its port, what each
+    connection carried, its thread, what its handshakes raised)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*certificate)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+    received, refused = [], []
+
+    def accept():
+        with listener:
+            for _ in range(count):
+                connection, _ = listener.accept()
+                try:
+                    with context.wrap_socket(connection, server_side=True) as secure:
+                        received.append(read_all(secure))
+                except (ssl.SSLError, OSError) as exc:
+                    refused.append(exc)
+
+    thread = threading.Thread(target=accept)
+    thread.start()
+    return listener.getsockname()[1], received, thread, refused
+
+
+def test_over_tls_the_message_is_octet_counted_and_the_listener_reads_it(sender, pki):
+    entry, export = event()
+    port, received, thread, _ = tls_repository(pki, pki.syslog)
+    syslog = sender("tls://127.0.0.1:%d" % port, ca_file=pki.ca[0])
+    syslog.send(entry, export)
+    thread.join(10)
+    message = atna.syslog_message(entry, export, "CDRECORD")
+    assert received == [b"%d " % len(message) + message]
+    assert wait_for(lambda: syslog.state().sent == 1)
+
+
+def test_over_tls_a_repository_our_ca_did_not_issue_gets_nothing(sender, pki, caplog):
+    """Its certificate from another CA: nothing is sent, the loss is counted and said (health shows it)."""
+    entry, export = event()
+    port, received, thread, refused = tls_repository(pki, pki.stranger)
+    with caplog.at_level(logging.WARNING):
+        syslog = sender("tls://127.0.0.1:%d" % port, ca_file=pki.ca[0])
+        syslog.send(entry, export)
+        thread.join(10)
+        assert wait_for(lambda: syslog.state().failed == 1)
+    assert received == [] and refused
+    assert "TLS: CERTIFICATE_VERIFY_FAILED" in syslog.state().lost_why, syslog.state()
+
+
+def test_tls_syslog_needs_its_ca_file(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("pacs: {ae_title: A, host: h, port: 1}\naudit: {syslog: 'tls://127.0.0.1:6514'}\n")
+    with pytest.raises(configuration.ConfigError, match=r"audit\.syslog_ca_file must name the CA file"):
+        configuration.load(str(path))

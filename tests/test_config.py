@@ -54,7 +54,10 @@ def test_example_documents_every_key_with_its_default():
     for section, keys in configuration.SCHEMA.items():
         assert set(example[section]) == set(keys), section
         for key, (_, default, _) in keys.items():
-            if default is not configuration.REQUIRED:
+            if key == "tls":  # shown whole, each key with its default
+                assert example[section][key] == {name: value for name, (_, value, _)
+                                                 in configuration.TLS_SCHEMA.items()}, section
+            elif default is not configuration.REQUIRED:
                 assert example[section][key] == default, "%s.%s" % (section, key)
 
 

@@ -18,7 +18,7 @@ from conftest import write_config
 from test_atna import blackhole, wait_for  # noqa: F401 (a fixture)
 from test_concurrency import fetch
 
-CHECKS = ("tools", "work_dir", "receiver", "pacs", "publisher", "viewer", "nginx", "cache", "audit_syslog")
+CHECKS = ("tools", "work_dir", "receiver", "pacs", "publisher", "viewer", "nginx", "cache", "audit_syslog", "tls")
 
 
 def test_all_ok_against_the_real_pacs(make_service, wsgi_call):

@@ -43,12 +43,13 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ElementTree
+from contextlib import contextmanager
 
 import pydicom
 import pydicom.datadict
 
 from .. import errors, process
-from . import identity
+from . import identity, tls
 
 log = logging.getLogger(__name__)
 
@@ -144,13 +145,23 @@ def raw_text(answer, keyword):
 
 
 class Peer:
-    """A DICOM application entity we call: its AE title, host and port."""
+    """A DICOM application entity we call: its AE title, host and port, and how TLS is used with it
+    (``tls``: the config's setting, None for none; ``certificate``: ours, a ``tls.CertificateFile``)."""
 
-    def __init__(self, name, ae_title, host, port):
+    def __init__(self, name, ae_title, host, port, tls_setting=None):
         self.name = name
         self.ae_title = ae_title
         self.host = host
         self.port = port
+        self.tls = tls_setting if tls_setting is not None and tls_setting.enabled else None
+        self.certificate = tls.CertificateFile(self.tls.certificate) if self.tls else None
+        self.route = None  # (host, port) the tools connect to instead: a TLS tunnel's
+
+    def through(self, port):
+        """This peer as a tool reaches it through a tunnel on 127.0.0.1:``port``: in the clear there."""
+        routed = Peer(self.name, self.ae_title, self.host, self.port)
+        routed.route = ("127.0.0.1", port)
+        return routed
 
     @property
     def address(self):
@@ -214,6 +225,8 @@ class MoveResult:
 # The StudyInstanceUID of health's C-FIND: a UID under 2.25 (UUIDs, PS3.5 B.2) that no UUID gives.
 NO_STUDY = "2.25.0"
 
+TUNNEL_CONFIG = "tls-tunnel-pacs.conf"  # in the work dir: stunnel's configuration for the PACS (tls.Tunnel)
+
 MOVE_DESTINATION_UNKNOWN = 0xA801  # C-MOVE status "Refused: Move Destination unknown" (PS3.4 C.4.2.1.5)
 
 SOP_INSTANCE_UID = "0008,0018"
@@ -237,17 +250,23 @@ GET_BATCH = 500
 
 
 def association_args(calling_ae, peer, timeout):
-    """The arguments every dcmtk SCU call shares: AE titles, timeouts, address."""
+    """The arguments every dcmtk SCU call shares: AE titles, timeouts, TLS where the peer has it (through
+    the tunnel: TLS's PDU size only, the tunnel speaks TLS)."""
     seconds = str(max(1, int(timeout)))
-    return ["-aet", calling_ae, "-aec", peer.ae_title, "-to", seconds, "-ta", seconds]
+    secure = tls.PDU_ARGS if peer.route else tls.dcmtk_args(peer.tls)
+    return ["-aet", calling_ae, "-aec", peer.ae_title, "-to", seconds, "-ta", seconds] + secure
 
 
 def address_args(peer):
-    return [peer.host, str(peer.port)]
+    host, port = peer.route or (peer.host, peer.port)
+    return [host, str(port)]
 
 
 def echo(tool, calling_ae, peer, timeout):
-    """C-ECHO the peer; returns (ok, detail) for the health report."""
+    """C-ECHO the peer (over TLS where it has TLS); returns (ok, detail) for the health report."""
+    problem = peer.certificate.problem() if peer.certificate else ""
+    if problem:
+        return False, "no C-ECHO to %s: %s" % (peer, problem)
     args = [tool, "-v"] + association_args(calling_ae, peer, timeout) + ["-td", str(max(1, int(timeout)))]
     try:
         result = process.run(args + address_args(peer), timeout + 5)
@@ -255,9 +274,10 @@ def echo(tool, calling_ae, peer, timeout):
         return False, "no answer from %s within %ss" % (peer, timeout)
     except process.ToolMissing as exc:
         return False, str(exc)
+    what = "C-ECHO over TLS" if peer.tls else "C-ECHO"
     if result.returncode == 0:
-        return True, "C-ECHO to %s succeeded" % peer
-    return False, "C-ECHO to %s failed: %s" % (peer, failure(result.output, peer, calling_ae))
+        return True, "%s to %s succeeded" % (what, peer)
+    return False, "%s to %s failed: %s" % (what, peer, failure(result.output, peer, calling_ae))
 
 
 # How a PACS turns away a calling AE title it does not know.  Most reject the association naming
@@ -280,12 +300,21 @@ def failure(output, peer, calling_ae=None):
     """The cause of a failed dcmtk run (``process.failure_reason``), and when ``peer`` turned away
     ``calling_ae``, what to do about it."""
     reason = process.failure_reason(output)
+    secure = tls_failure(output, peer)
+    if secure:
+        return secure
     if calling_ae and refused_caller(output):
         said = [line[3:].strip() for line in output.splitlines() if PEER_ABORTED in line and line[:3] in ("F: ", "E: ")]
         return ("the %s turned away mkiso's calling AE title %s (%s): register AE title %s (this host, %s) "
                 "in the %s" % (peer.name, calling_ae, said[-1] if said else reason, calling_ae, socket.gethostname(),
                                peer.name))
     return reason
+
+
+def tls_failure(output, peer):
+    """``tls.failure`` where ``peer`` (a Peer; a name in some callers) has TLS, else ""."""
+    setting = getattr(peer, "tls", None)
+    return tls.failure(output, setting, peer) if setting else ""
 
 
 def raise_for_failure(output, peer, what, code="pacs_failed", calling_ae=None):
@@ -300,9 +329,12 @@ def raise_for_failure(output, peer, what, code="pacs_failed", calling_ae=None):
     log.warning("%s: %s failed", what, peer, extra={"fields": {"tool_output": "\n".join(
         line for line in output.splitlines() if line[:3] in ("F: ", "E: ", "W: "))}})
     reason = process.failure_reason(output)
-    if "timeout" in reason.lower() or "timed out" in reason.lower():
+    secure = tls_failure(output, peer)
+    if ("timeout" in reason.lower() or "timed out" in reason.lower()) and not secure:
         raise errors.UpstreamTimeout("%s: %s did not answer in time (%s)." % (what, peer, reason))
-    if calling_ae and refused_caller(output):
+    if secure:
+        code = "tls_failed"
+    elif calling_ae and refused_caller(output):
         code = "pacs_unknown_ae"
     raise errors.UpstreamFailed("%s: %s failed: %s." % (what, peer, failure(output, peer, calling_ae)), code=code)
 
@@ -311,7 +343,11 @@ class Pacs:
     """The configured PACS, seen through findscu, movescu and echoscu."""
 
     def __init__(self, config):
-        self.peer = Peer("PACS", config.pacs.ae_title, config.pacs.host, config.pacs.port)
+        self.peer = Peer("PACS", config.pacs.ae_title, config.pacs.host, config.pacs.port, config.pacs.tls)
+        self.tunnel = None  # the way to a TLS PACS for a retrieve tool without +tls (tls.Tunnel)
+        if self.peer.tls:
+            self.tunnel = tls.Tunnel(self.peer.host, self.peer.port, self.peer.tls, config.tools.stunnel,
+                                     os.path.join(config.paths.work_dir, TUNNEL_CONFIG))
         self.our_ae = config.receiver.ae_title
         self.dcmtk_dir = config.tools.dcmtk_dir
         self.find_timeout = config.timeouts.find_s
@@ -553,18 +589,36 @@ class Pacs:
         return self._retrieve(what, command, [], parse_get_output, keys, [query] if query else [])
 
     def _retrieve(self, what, command, extra, parse, keys, files=()):
-        """Run a retrieve SCU with ``keys`` (-k) or query ``files``; its final response or the error."""
-        args = command + association_args(self.our_ae, self.peer, self.find_timeout) + extra
-        for key, value in keys:
-            args += ["-k", "%s=%s" % (key, value)]
-        result = self._run(args, self.move_timeout, what, list(files))
+        """Run a retrieve SCU with ``keys`` (-k) or query ``files``; its final response or the error.
+
+        Over TLS through the tunnel where the tool has no +tls: then what
+        the tunnel said comes first in the output the failure is read from.
+        """
+        with self._route(command[0]) as (peer, tunnel):
+            args = command + association_args(self.our_ae, peer, self.find_timeout) + extra
+            for key, value in keys:
+                args += ["-k", "%s=%s" % (key, value)]
+            result = self._run(args, self.move_timeout, what, list(files), peer)
         final = parse(result.output)
         if final is None:
-            raise_for_failure(result.output, self.peer, what, calling_ae=self.our_ae)
+            said = tunnel.said() if tunnel else ""
+            raise_for_failure(said + result.output, self.peer, what, calling_ae=self.our_ae)
         return final
 
-    def _run(self, args, timeout, what, files=()):
-        return process.run_step(args + address_args(self.peer) + list(files), timeout,
+    @contextmanager
+    def _route(self, tool):
+        """(the peer as ``tool`` reaches it, the tunnel's session or None) for the length of the block."""
+        if not self.peer.tls or tls.native(tool):
+            yield self.peer, None
+            return
+        with self.tunnel.open() as session:
+            yield self.peer.through(session.port), session
+
+    def _run(self, args, timeout, what, files=(), peer=None):
+        """Run a tool's association to the PACS (``peer``: the PACS as the tool reaches it): not with a
+        certificate of ours that cannot be used now."""
+        tls.check_certificate(self.peer.certificate)
+        return process.run_step(args + address_args(peer or self.peer) + list(files), timeout,
                                 "%s: %s" % (what, self.peer))
 
 

@@ -12,7 +12,7 @@ import os
 import re
 
 from .. import errors, fastcopy, process
-from . import pacs
+from . import pacs, tls
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ class Publisher:
         return accepted
 
     def _store(self, batch):
+        tls.check_certificate(self.peer.certificate)
         args = [self.tool, "-v", "-nh", "+sd", "+r"]
         args += pacs.association_args(self.our_ae, self.peer, self.connect_timeout)
         args += pacs.address_args(self.peer) + [batch]

@@ -58,6 +58,7 @@ import threading
 import time
 
 from .. import disk, process
+from . import tls
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +78,13 @@ LOG_CONFIG = "receiver-log.cfg"
 # storescp's "cannot write" lines that mean the disk, not a folder removed under a stray association
 SPACE_ERRORS = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))
 A_ASSOCIATE_RQ = 0x01
+TLS_HANDSHAKE = 0x16  # the first byte of a TLS ClientHello record
 # A-ASSOCIATE-RJ (PS3.8 9.3.4): result 2 rejected-transient, source 3 service-provider (presentation),
 # reason 2 local-limit-exceeded.
 A_ASSOCIATE_RJ = bytes((0x03, 0, 0, 0, 0, 4, 0, 2, 3, 2))
+# ... result 1 rejected-permanent, source 1 service-user, reason 1 no-reason-given: a plain association to a
+# TLS receiver (receiver.tls), which trying again will not mend.
+A_ASSOCIATE_RJ_PLAIN = bytes((0x03, 0, 0, 0, 0, 4, 0, 1, 1, 1))
 PENDING, REFUSED = "pending", "refused"
 
 
@@ -90,6 +95,9 @@ class Receiver:
         self.tool = os.path.join(config.tools.dcmtk_dir, "storescp")
         self.min_free_bytes = config.limits.min_free_bytes
         self.max_associations = config.receiver.max_associations
+        self.tls = config.receiver.tls if config.receiver.tls.enabled else None
+        self.plain_refused = 0  # plain associations refused by a TLS receiver
+        self.plain_reported = 0
         self.refused_associations = 0  # refused with an A-ASSOCIATE-RJ: the bound was reached
         self.idle_closed = 0  # connections closed before they sent an A-ASSOCIATE-RQ
         self.requested = 0  # A-ASSOCIATE-RQs that arrived, admitted or refused: did the PACS reach us
@@ -193,7 +201,7 @@ class Receiver:
         return [
             self.tool, "--inetd", "--log-config", self.log_config, "-aet", self.ae_title, "-od", self.inbox,
             "-su", PREFIX, "+uf", "+xa", "-pm", "-dhl", "-ta", str(ACSE_TIMEOUT_S), "-ts", "600",
-        ]
+        ] + tls.dcmtk_args(self.tls)
 
     def _open(self):
         """Check that storescp can run here, then listen on the port; True if it does.
@@ -300,13 +308,17 @@ class Receiver:
             first = conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except OSError:
             first = b""
-        if first != bytes((A_ASSOCIATE_RQ,)):  # hung up, or not DICOM
+        if self.tls and first == bytes((A_ASSOCIATE_RQ,)):  # in the clear to a TLS receiver
+            self.requested += 1
+            self.plain_refused += self._refuse(conn, selector, A_ASSOCIATE_RJ_PLAIN)
+            return
+        if first != bytes((TLS_HANDSHAKE if self.tls else A_ASSOCIATE_RQ,)):  # hung up, or not DICOM
             conn.close()
             return
         self.requested += 1
         self._reap()
         if len(self._children) >= self.max_associations:
-            self._refuse(conn, selector)
+            self.refused_associations += self._refuse(conn, selector, A_ASSOCIATE_RJ)
             return
         conn.setblocking(True)
         try:
@@ -320,15 +332,17 @@ class Receiver:
             conn.close()  # storescp has its own copy
         self._children.append(proc)
 
-    def _refuse(self, conn, selector):
+    @staticmethod
+    def _refuse(conn, selector, rejection):
+        """Send ``rejection`` (an A-ASSOCIATE-RJ) and drain the peer; whether it could be sent."""
         try:
-            conn.send(A_ASSOCIATE_RJ, socket.MSG_DONTWAIT)
+            conn.send(rejection, socket.MSG_DONTWAIT)
             conn.shutdown(socket.SHUT_WR)
         except OSError:
             conn.close()
-            return
-        self.refused_associations += 1
+            return False
         selector.register(conn, selectors.EVENT_READ, (REFUSED, time.monotonic()))
+        return True
 
     @staticmethod
     def _drain(conn, selector, data):
@@ -453,6 +467,10 @@ class Receiver:
                         "were running", refused, self.max_associations)
         if idle:
             log.warning("receiver: %d connections closed that sent no association request", idle)
+        plain, self.plain_reported = self.plain_refused - self.plain_reported, self.plain_refused
+        if plain:
+            log.warning("receiver: %d associations in the clear refused (A-ASSOCIATE-RJ): receiver.tls is on, "
+                        "the PACS must send over TLS", plain)
 
     # -- study folders ----------------------------------------------------
 

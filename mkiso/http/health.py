@@ -23,19 +23,23 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from .. import __version__, config as configuration, disk, process
-from ..dicom import pacs
+from ..dicom import pacs, tls
 
 EXPENSIVE_EVERY_S = 5
 RECENT_S = 900  # the audit syslog check stays degraded this long after an event was lost
 
 
 class Check:
-    def __init__(self, ok, detail):
+    def __init__(self, ok, detail, state=None):
         self.ok = ok
         self.detail = detail
+        self.state = state  # where "not ok" has degrees (the TLS certificates): degraded or failed
 
     def as_dict(self):
-        return {"ok": self.ok, "detail": self.detail}
+        shown = {"ok": self.ok, "detail": self.detail}
+        if self.state is not None:
+            shown["state"] = self.state
+        return shown
 
 
 class Health:
@@ -46,6 +50,9 @@ class Health:
         self.receiver = receiver
         self.pacs = pacs_client
         self.publisher_peer = publisher_peer  # None: no publisher configured
+        # (setting's name, its certificate file, the setting) of each TLS setting that is on
+        self.certificates = [(name, tls.CertificateFile(setting.certificate), setting)
+                             for name, setting in configuration.tls_settings(config)]
         self._expensive = None  # (when, {name: Check})
         self._expensive_lock = threading.Lock()
 
@@ -63,6 +70,7 @@ class Health:
             "nginx": self.check_nginx(),
             "cache": self.check_cache(),
             "audit_syslog": self.check_audit_syslog(),
+            "tls": self.check_tls(),
         }
         status = "ok" if all(check.ok for check in checks.values()) else "degraded"
         if not detailed:
@@ -127,10 +135,12 @@ class Health:
         if receiver.refused and not receiver.listening:
             return Check(False, "storescp cannot run: " + receiver.refused)
         if receiver.listening:
+            secure = (", TLS only (%d associations in the clear refused)" % receiver.plain_refused
+                      if receiver.tls else "")
             return Check(
                 True,
-                "listening on port %d as %s, %d of %d associations running (restarts: %d)"
-                % (receiver.port, receiver.ae_title, receiver.associations, receiver.max_associations,
+                "listening on port %d as %s%s, %d of %d associations running (restarts: %d)"
+                % (receiver.port, receiver.ae_title, secure, receiver.associations, receiver.max_associations,
                    receiver.restarts),
             )
         detail = "not listening on port %d (restarts: %d)" % (receiver.port, receiver.restarts)
@@ -166,6 +176,44 @@ class Health:
             os.path.join(self.config.tools.dcmtk_dir, "echoscu"),
             self.config.receiver.ae_title, self.publisher_peer, self.config.timeouts.find_s,
         ))
+
+    def certificate_days(self):
+        """(setting's name, days its certificate has left: negative once expired) of each readable one."""
+        days = []
+        for name, certificate, _ in self.certificates:
+            read, _ = certificate.current()
+            if read is not None:
+                days.append((name, read.days_left()))
+        return days
+
+    def check_tls(self):
+        """Each TLS setting's certificate: failed when it cannot be read or used now (expired, not yet
+        valid), degraded when it expires within tls.EXPIRY_WARNING_DAYS; and a verify_peer: false, which
+        is for a test peer only, is said every time."""
+        if not self.certificates:
+            return Check(True, "not used")
+        failed, degraded, fine = [], [], []
+        for name, certificate, setting in self.certificates:
+            read, _ = certificate.current()
+            problem = certificate.problem()
+            if problem:
+                failed.append("%s: %s" % (name, problem))
+            else:
+                said = "%s: %s expires in %d days (%s)" % (name, certificate.path, read.days_left(),
+                                                          time.strftime("%Y-%m-%d", time.gmtime(read.not_after)))
+                if read.days_left() < tls.EXPIRY_WARNING_DAYS:
+                    degraded.append(said + ": renew it")
+                else:
+                    fine.append(said)
+            if not setting.verify_peer:
+                degraded.append("%s.verify_peer is false: the peer's certificate is not checked (for a test "
+                                "peer only)" % name)
+        detail = "; ".join(failed + degraded + fine)
+        if failed:
+            return Check(False, detail, "failed")
+        if degraded:
+            return Check(False, detail, "degraded")
+        return Check(True, detail, "ok")
 
     def check_cache(self):
         if not self.cache.enabled:
