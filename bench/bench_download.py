@@ -30,8 +30,15 @@ Orthanc's export are still printed.  Last, the concurrency row: four
 downloads of different studies one after the other, then all at once, each
 on a fresh server: wall time, the ratio, peak RSS.
 
+The floor (SPEC §8.1) is its own row: the bare C-MOVE, movescu into a quiet
+storescp (no -v, TCP_NODELAY=1) of the same study in the same run, timed
+from movescu's start to its exit; each mkiso row is also given as a ratio
+to it.  ``--rows`` picks the rows (the default all of them): a run of the
+two that matter at 10,000 images, ``--rows bare,move --concurrency none``,
+takes minutes, where the reference's dcmmkdir alone takes several.
+
     .venv/bin/python bench/bench_download.py [--sizes 2000x512,10000x128] [--runs 3] [--pacs auto]
-        [--concurrency 4x2000x64|none]
+        [--concurrency 4x2000x64|none] [--rows reference,bare,move,get,noweb,zip,cache,peer]
 
 Needs dcmtk, genisoimage, nginx and orthanc (Debian packages).
 """
@@ -178,6 +185,28 @@ def reference_run(root, pacs, study, ref_port):
     return phases
 
 
+def bare_move_run(root, pacs, study, ref_port):
+    """The floor: movescu into a quiet storescp, the C-MOVE alone; returns {"move": seconds}.
+
+    storescp listens before the clock starts and its files go, untimed,
+    when the run ends (as ``reference_run``).
+    """
+    inbox = os.path.join(root, "bare-inbox")
+    os.makedirs(inbox)
+    scp = start_process(["storescp", "-aet", "BENCHREF", "-od", inbox, "+xa", "-dhl", str(ref_port)], ref_port,
+                        os.path.join(root, "bare-storescp.log"))
+    try:
+        started = time.perf_counter()
+        run(["movescu", "-S", "-aet", "BENCHREF", "-aec", pacs.ae_title, "-aem", "BENCHREF",
+             "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=" + study.study_uid,
+             "127.0.0.1", str(pacs.port)])
+        seconds = time.perf_counter() - started
+    finally:
+        stop_process(scp)
+    shutil.rmtree(inbox)
+    return {"move": seconds}
+
+
 # -- mkiso ---------------------------------------------------------------------
 
 MKISO_PHASES = ("find", "manifest", "transfer", "checks", "stage", "web", "dicomdir", "digests", "size", "iso", "zip",
@@ -297,97 +326,126 @@ def loaded_pacs(root, studies, destinations, pacs_choice):
     return pacs
 
 
-def bench_size(images, image_kb, runs, root, pacs_choice):
+ROWS = ("reference", "bare", "move", "get", "noweb", "zip", "cache", "peer")
+ROW_NAMES = {"move": "move", "get": "get", "noweb": NO_WEB, "zip": ZIP_ROW}
+
+
+def bench_size(images, image_kb, runs, root, pacs_choice, rows=ROWS):
     receiver_port, ref_port = demo.free_port(), demo.free_port()
     destinations = {"CDRECORD": receiver_port, "BENCHREF": ref_port}
     study = demo.SampleStudy("BENCH-1", "BENCH^MARK", "BENCH%d" % images, series=(images,),
                              image_bytes=image_kb * 1024, noise=True)  # compressible as real images are
     print("%d images of %d KB: generating ..." % (images, image_kb), flush=True)
     pacs = loaded_pacs(root, [study], destinations, pacs_choice)
+    cached = delivery = iso_bytes = peer = None
     try:
-        servers = {retrieve: MkisoServer(root, pacs, receiver_port, retrieve) for retrieve in ("move", "get")}
-        # The web content's cost (SPEC §4.4): the same C-GET row without it (C-GET: no second receiver).
-        servers[NO_WEB] = MkisoServer(root, pacs, receiver_port, "get", web_content=False)
-        reference, mkiso = [], {retrieve: [] for retrieve in list(servers) + [ZIP_ROW]}
-        with_reference = images <= REFERENCE_MAX_IMAGES
+        servers = {}
+        if "move" in rows or "zip" in rows:
+            servers["move"] = MkisoServer(root, pacs, receiver_port, "move")
+        if "get" in rows:
+            servers["get"] = MkisoServer(root, pacs, receiver_port, "get")
+        if "noweb" in rows:
+            # The web content's cost (SPEC §4.4): the same C-GET row without it (C-GET: no second receiver).
+            servers[NO_WEB] = MkisoServer(root, pacs, receiver_port, "get", web_content=False)
+        timed = [ROW_NAMES.get(row, row) for row in ROWS if row in rows and row not in ("cache", "peer")]
+        if images > REFERENCE_MAX_IMAGES and "reference" in timed:
+            timed.remove("reference")
+        results = {row: [] for row in timed}
         try:
-            rows = ["reference"] * with_reference + list(servers) + [ZIP_ROW]
             for number in range(1, runs + 1):
                 # Interleaved, each after a sync: every run starts without the last one's writeback;
                 # the order turns each round, so that no row always follows the same one.
-                turn = (number - 1) % len(rows)
-                order = rows[turn:] + rows[:turn]
+                turn = (number - 1) % len(timed)
+                order = timed[turn:] + timed[:turn]
                 print("  run %d: %s ..." % (number, ", ".join(order)), flush=True)
                 for row in order:
                     os.sync()
                     if row == "reference":
-                        reference.append(reference_run(root, pacs, study, ref_port))
+                        results[row].append(reference_run(root, pacs, study, ref_port))
+                    elif row == "bare":
+                        results[row].append(bare_move_run(root, pacs, study, ref_port))
                     elif row == ZIP_ROW:
-                        mkiso[row].append(servers["move"].download(study.accession, "zip"))
+                        results[row].append(servers["move"].download(study.accession, "zip"))
                     else:
-                        mkiso[row].append(servers[row].download(study.accession))
+                        results[row].append(servers[row].download(study.accession))
             peaks = {retrieve: server.peak_kb() for retrieve, server in servers.items()}
         finally:
             for server in servers.values():
                 server.stop()
-        print("  mkiso with its disc cache: a first download, then the same disc again, "
-              "alternated with nginx sending that cached file ...", flush=True)
-        cached_server = MkisoServer(root, pacs, receiver_port, "move", cache_bytes=50 * 10 ** 9)
-        cache_dir = os.path.join(cached_server.work_dir, "cache")
-        nginx = Nginx(root, cache_dir)
-        try:
-            os.sync()
-            cached = [cached_server.download(study.accession)["total"]]
-            iso_name = os.path.join(os.listdir(cache_dir)[0], "disc.iso")  # an entry: its tree and its ISO
-            delivery = {"mkiso": [], "nginx": []}
-            for _ in range(runs):
-                again = cached_server.download(study.accession)
-                cached.append(again["total"])
-                delivery["mkiso"].append(again["send"])
-                delivery["nginx"].append(nginx.send_seconds(iso_name))
-            iso_bytes = os.path.getsize(os.path.join(cache_dir, iso_name))
-        finally:
-            nginx.stop()
-            cached_server.stop()
-        peer = None
-        if pacs.export_seconds is not None:
+        if "cache" in rows:
+            cached, delivery, iso_bytes = cache_rows(root, pacs, study, receiver_port, runs)
+        if "peer" in rows and pacs.export_seconds is not None:
             print("  Orthanc media export ...", flush=True)
             peer = median([pacs.export_seconds(study.study_uid) for _ in range(runs)])
     finally:
         pacs.stop()
-    report(images, image_kb, runs, type(pacs).__name__, reference, mkiso, peaks, peer, delivery, iso_bytes,
+    reference, bare = results.pop("reference", []), results.pop("bare", [])
+    report(images, image_kb, runs, type(pacs).__name__, reference, bare, results, peaks, peer, delivery, iso_bytes,
            cached)
 
 
-def report(images, image_kb, runs, pacs_name, reference, mkiso, peaks, peer, delivery, iso_bytes, cached):
+def cache_rows(root, pacs, study, receiver_port, runs):
+    """mkiso with its disc cache: (the first download and the same disc again, delivery seconds of mkiso and of
+    nginx sending that cached ISO in turns, the ISO's bytes)."""
+    print("  mkiso with its disc cache: a first download, then the same disc again, "
+          "alternated with nginx sending that cached file ...", flush=True)
+    cached_server = MkisoServer(root, pacs, receiver_port, "move", cache_bytes=50 * 10 ** 9)
+    cache_dir = os.path.join(cached_server.work_dir, "cache")
+    nginx = Nginx(root, cache_dir)
+    try:
+        os.sync()
+        cached = [cached_server.download(study.accession)["total"]]
+        iso_name = os.path.join(os.listdir(cache_dir)[0], "disc.iso")  # an entry: its tree and its ISO
+        delivery = {"mkiso": [], "nginx": []}
+        for _ in range(runs):
+            again = cached_server.download(study.accession)
+            cached.append(again["total"])
+            delivery["mkiso"].append(again["send"])
+            delivery["nginx"].append(nginx.send_seconds(iso_name))
+        iso_bytes = os.path.getsize(os.path.join(cache_dir, iso_name))
+    finally:
+        nginx.stop()
+        cached_server.stop()
+    return cached, delivery, iso_bytes
+
+
+def report(images, image_kb, runs, pacs_name, reference, bare, mkiso, peaks, peer, delivery, iso_bytes, cached):
     ref_total = median([sum(phases.values()) for phases in reference]) if reference else None
+    bare_total = median([phases["move"] for phases in bare]) if bare else None
 
-    def ratio(seconds):
-        return "%.2f" % (seconds / ref_total) if ref_total else "n/a"
+    def ratio(seconds, to=ref_total):
+        return "%.2f" % (seconds / to) if to else "n/a"
 
     print()
-    print("### %d images x %d KB (PACS: %s; medians of %d runs; ISO %d MB)"
-          % (images, image_kb, pacs_name, runs, iso_bytes >> 20))
+    iso_mb = " ISO %d MB" % (iso_bytes >> 20) if iso_bytes else ""
+    print("### %d images x %d KB (PACS: %s; medians of %d runs;%s)" % (images, image_kb, pacs_name, runs, iso_mb))
     print()
-    print("| run | seconds | ratio to reference |")
-    print("|---|---|---|")
+    print("| run | seconds | ratio to reference | ratio to the bare C-MOVE |")
+    print("|---|---|---|---|")
     if ref_total:
-        print("| reference: findscu, movescu+storescp, links, dcmmkdir, genisoimage, read | %.2f | 1.00 |"
-              % ref_total)
-    else:
+        print("| reference: findscu, movescu+storescp, links, dcmmkdir, genisoimage, read | %.2f | 1.00 | %s |"
+              % (ref_total, ratio(ref_total, bare_total)))
+    elif images > REFERENCE_MAX_IMAGES:
         print("| reference: not run above %d images (dcmmkdir's time grows with the square of the count: "
-              "hours) | | |" % REFERENCE_MAX_IMAGES)
+              "hours) | | | |" % REFERENCE_MAX_IMAGES)
+    if bare_total:
+        print("| bare C-MOVE: movescu into a quiet storescp, same study | %.2f | %s | 1.00 |"
+              % (bare_total, ratio(bare_total)))
     for retrieve, results in mkiso.items():
         total = median([r["total"] for r in results])
-        print("| mkiso %s: GET /api/iso/download, all checks | %.2f | **%s** |" % (retrieve, total, ratio(total)))
-    zip_total, move_total = (median([r["total"] for r in mkiso[row]]) for row in (ZIP_ROW, "move"))
-    print("| mkiso ZIP / ISO download of the same study (move) | | **%.2f** |" % (zip_total / move_total))
-    print("| mkiso move, cache on: the first download | %.2f | %s |" % (cached[0], ratio(cached[0])))
-    again = median(cached[1:])
-    print("| mkiso move, cache on: the same disc again (C-FINDs, no C-MOVE) | %.2f | %s |" % (again, ratio(again)))
-    if peer is not None:
+        print("| mkiso %s: GET /api/iso/download, all checks | %.2f | **%s** | **%s** |"
+              % (retrieve, total, ratio(total), ratio(total, bare_total)))
+    if ZIP_ROW in mkiso and "move" in mkiso:
+        zip_total, move_total = (median([r["total"] for r in mkiso[row]]) for row in (ZIP_ROW, "move"))
+        print("| mkiso ZIP / ISO download of the same study (move) | | **%.2f** | |" % (zip_total / move_total))
+    if cached:
+        print("| mkiso move, cache on: the first download | %.2f | %s | |" % (cached[0], ratio(cached[0])))
+        again = median(cached[1:])
+        print("| mkiso move, cache on: the same disc again (C-FINDs, no C-MOVE) | %.2f | %s | |"
+              % (again, ratio(again)))
+    if peer is not None and "move" in mkiso:
         move_total = median([r["total"] for r in mkiso["move"]])
-        print("| peer: Orthanc media export (images already held) | %.2f | %s (mkiso move / Orthanc: %.2f) |"
+        print("| peer: Orthanc media export (images already held) | %.2f | %s | (mkiso move / Orthanc: %.2f) |"
               % (peer, ratio(peer), move_total / peer))
     print()
     print("Phase split (median seconds)")
@@ -407,11 +465,11 @@ def report(images, image_kb, runs, pacs_name, reference, mkiso, peaks, peer, del
     print("mkiso's iso and send overlap: the answer starts with the ISO's first bytes (send: first to last byte).")
     for retrieve, peak in peaks.items():
         print("mkiso-server peak RSS (VmHWM), %s: %d MB" % (retrieve, peak // 1024))
-    rates = {server: iso_bytes / median(seconds) / 2 ** 20 for server, seconds in delivery.items()}
-    print("Delivery of the same cached ISO, alternated (same client, sendfile both): mkiso %.0f MB/s, "
-          "nginx %.0f MB/s: mkiso/nginx %.2f" % (rates["mkiso"], rates["nginx"], rates["mkiso"] / rates["nginx"]))
+    if delivery:
+        rates = {server: iso_bytes / median(seconds) / 2 ** 20 for server, seconds in delivery.items()}
+        print("Delivery of the same cached ISO, alternated (same client, sendfile both): mkiso %.0f MB/s, "
+              "nginx %.0f MB/s: mkiso/nginx %.2f" % (rates["mkiso"], rates["nginx"], rates["mkiso"] / rates["nginx"]))
     print(flush=True)
-
 
 # -- concurrency -----------------------------------------------------------------
 
@@ -467,16 +525,22 @@ def main():
                         help="auto: dcmqrscp up to %d images, Orthanc above" % DCMQRSCP_MAX_IMAGES)
     parser.add_argument("--concurrency", default="4x2000x64",
                         help="DOWNLOADSxIMAGESxKB at once against in a row, or none (default: %(default)s)")
+    parser.add_argument("--rows", default=",".join(ROWS),
+                        help="the rows of each study size, of %s (default: all)" % ",".join(ROWS))
     args = parser.parse_args()
+    rows = [row for row in args.rows.split(",") if row]
+    unknown = set(rows) - set(ROWS)
+    if unknown or not set(rows) - {"cache", "peer"}:
+        parser.error("--rows: %s; choose from %s" % (", ".join(sorted(unknown)) or "no timed row", ",".join(ROWS)))
     print("staging with %s placement (fastcopy)" % fastcopy.IMPLEMENTATION)
-    runs = [(bench_size, size, (args.runs,)) for size in args.sizes.split(",") if size]
+    runs = [(bench_size, size, (args.runs,), {"rows": rows}) for size in args.sizes.split(",") if size]
     if args.concurrency != "none":
-        runs.append((bench_concurrency, args.concurrency, ()))
-    for bench, size, extra in runs:
+        runs.append((bench_concurrency, args.concurrency, (), {}))
+    for bench, size, extra, options in runs:
         numbers = [int(part) for part in size.lower().split("x")]
         root = tempfile.mkdtemp(prefix="mkiso-bench-", dir=os.environ.get("MKISO_BENCH_DIR"))
         try:
-            bench(*numbers, *extra, root, args.pacs)
+            bench(*numbers, *extra, root, args.pacs, **options)
         finally:
             shutil.rmtree(root, ignore_errors=True)
 
