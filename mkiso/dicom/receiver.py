@@ -97,7 +97,6 @@ class Receiver:
         self.max_associations = config.receiver.max_associations
         self.tls = config.receiver.tls if config.receiver.tls.enabled else None
         self.plain_refused = 0  # plain associations refused by a TLS receiver
-        self.plain_reported = 0
         self.refused_associations = 0  # refused with an A-ASSOCIATE-RJ: the bound was reached
         self.idle_closed = 0  # connections closed before they sent an A-ASSOCIATE-RQ
         self.requested = 0  # A-ASSOCIATE-RQs that arrived, admitted or refused: did the PACS reach us
@@ -114,7 +113,7 @@ class Receiver:
         self._gate = None  # (listening socket, acceptor thread, its stop event) while listening
         self._opened_at = 0.0
         self._log_pipe = None
-        self._reported = (0, 0)  # refused_associations, idle_closed as last logged
+        self._reported = (0, 0, 0)  # refused_associations, idle_closed, plain_refused as last logged
         self._expected = set()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -459,15 +458,14 @@ class Receiver:
     def _report_refusals(self):
         """One line per tick for the connections refused or closed since the last: a flood is not a flood
         of log lines."""
-        now = (self.refused_associations, self.idle_closed)
-        refused, idle = now[0] - self._reported[0], now[1] - self._reported[1]
+        now = (self.refused_associations, self.idle_closed, self.plain_refused)
+        refused, idle, plain = (count - reported for count, reported in zip(now, self._reported, strict=True))
         self._reported = now
         if refused:
             log.warning("receiver: %d associations refused (A-ASSOCIATE-RJ): receiver.max_associations %d "
                         "were running", refused, self.max_associations)
         if idle:
             log.warning("receiver: %d connections closed that sent no association request", idle)
-        plain, self.plain_reported = self.plain_refused - self.plain_reported, self.plain_refused
         if plain:
             log.warning("receiver: %d associations in the clear refused (A-ASSOCIATE-RJ): receiver.tls is on, "
                         "the PACS must send over TLS", plain)
