@@ -54,11 +54,12 @@ def test_failure_reasons():
         "association rejected: Called AE Title Not Recognized"
     assert "DUL network read timeout" in process.failure_reason(
         "I: Requesting Association\nF: Association Request Failed:\nF: 0006:031a DUL network read timeout\n")
+    peer = pacs.Peer("PACS", "ABPACS", "127.0.0.1", 11112)
     with pytest.raises(errors.UpstreamTimeout):
         pacs.raise_for_failure("F: Association Request Failed:\nF: 0006:031a DUL network read timeout\n",
-                               "PACS", "C-FIND")
+                               peer, "C-FIND")
     with pytest.raises(errors.UpstreamFailed):
-        pacs.raise_for_failure("E: Association Request Failed: Connection refused\n", "PACS", "C-FIND")
+        pacs.raise_for_failure("E: Association Request Failed: Connection refused\n", peer, "C-FIND")
 
 
 # findscu -v against Orthanc, which does not know the calling AE title: the query's dump comes first.

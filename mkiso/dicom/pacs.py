@@ -312,9 +312,8 @@ def failure(output, peer, calling_ae=None):
 
 
 def tls_failure(output, peer):
-    """``tls.failure`` where ``peer`` (a Peer; a name in some callers) has TLS, else ""."""
-    setting = getattr(peer, "tls", None)
-    return tls.failure(output, setting, peer) if setting else ""
+    """``tls.failure`` where ``peer`` has TLS, else ""."""
+    return tls.failure(output, peer.tls, peer) if peer.tls else ""
 
 
 def raise_for_failure(output, peer, what, code="pacs_failed", calling_ae=None):
