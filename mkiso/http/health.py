@@ -194,8 +194,8 @@ class Health:
             return Check(True, "not used")
         failed, degraded, fine = [], [], []
         for name, certificate, setting in self.certificates:
-            read, _ = certificate.current()
-            problem = certificate.problem()
+            read, unreadable = certificate.current()
+            problem = unreadable or read.problem()
             if problem:
                 failed.append("%s: %s" % (name, problem))
             else:
