@@ -595,10 +595,11 @@ def _allows(info, uid, groups, other_bit):
 
 
 def _mode(info):
-    return "%04o %s:%s" % (stat.S_IMODE(info.st_mode), _user_name(info.st_uid), _group_name(info.st_gid))
+    return "%04o %s:%s" % (stat.S_IMODE(info.st_mode), user_name(info.st_uid), _group_name(info.st_gid))
 
 
-def _user_name(uid):
+def user_name(uid):
+    """The account's name, else the number (an id /etc/passwd does not know)."""
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:

@@ -125,10 +125,7 @@ def _service_gid(user, group):
 
 def _check_as(config, user, group):
     """The checks of what the configuration points at, once more as ``user`` when run as root."""
-    try:
-        me = pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        me = str(os.geteuid())
+    me = configuration.user_name(os.geteuid())
     if me == user:
         return "as the service user %s" % user
     if os.geteuid() != 0:
