@@ -120,10 +120,7 @@ def kill_owned(owner):
     with _live_lock:
         procs = [proc for proc in _live if proc.owner is owner]
     for proc in procs:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        _signal_group(proc)
     return len(procs)
 
 
@@ -134,12 +131,16 @@ def forget(proc):
 
 def kill_group(proc):
     """SIGKILL the child's whole process group and reap the child."""
+    _signal_group(proc)
+    proc.wait()
+    forget(proc)
+
+
+def _signal_group(proc):
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    proc.wait()
-    forget(proc)
 
 
 def run(args, timeout, cwd=None, on_line=None, on_tick=None):
@@ -172,6 +173,41 @@ def run(args, timeout, cwd=None, on_line=None, on_tick=None):
     forget(proc)
     check_cancelled()  # killed for a cancel: not a tool failure to parse
     return Result(proc.returncode, tail.text())
+
+
+def run_reading(args, timeout, read):
+    """Run a tool whose standard output is data, which ``read(stream)`` takes as it comes, and stop it
+    once ``read`` returns: (what ``read`` returned, the tool's ``Result``, its stderr as output).
+
+    The tool is killed then, done or not: what it would go on writing is
+    not wanted (genisoimage's image past its directory, ``isoimage``).  So
+    its exit status says only whether it failed before ``read`` was done.
+    Raises ToolTimeout (after killing the group) when ``timeout`` passes.
+    """
+    proc = start(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    tail = OutputTail()
+    reader = threading.Thread(target=tail.read, args=(proc.stderr,), name="tool-output", daemon=True)
+    reader.start()
+    expired = threading.Event()
+
+    def expire():
+        expired.set()
+        _signal_group(proc)
+
+    timer = threading.Timer(timeout, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        with proc.stdout:
+            value = read(proc.stdout)
+    finally:
+        timer.cancel()
+        kill_group(proc)
+        reader.join()
+    if expired.is_set():
+        raise ToolTimeout(args, timeout)
+    check_cancelled()
+    return value, Result(proc.returncode, tail.text())
 
 
 def _wait(proc, timeout, on_tick):
@@ -214,8 +250,16 @@ class OutputTail:
 
 def run_step(args, timeout, what, cwd=None, timeout_code="timeout", on_line=None, on_tick=None):
     """``run`` for a job's step: past its time a 504, a missing tool a 500, both naming ``what``."""
-    try:
+    with step_errors(what, timeout, timeout_code):
         return run(args, timeout, cwd=cwd, on_line=on_line, on_tick=on_tick)
+
+
+@contextmanager
+def step_errors(what, timeout, timeout_code="timeout"):
+    """A job's step running a tool (``run``, ``run_reading``): past its time a 504, a missing tool a
+    500, both naming ``what``."""
+    try:
+        yield
     except ToolTimeout:
         raise errors.UpstreamTimeout("%s did not finish within %ss." % (what, timeout), code=timeout_code)
     except ToolMissing as exc:

@@ -23,7 +23,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 
-from .disc import digests, media, records, tree, verify, webcontent, ziparchive
+from .disc import digests, isoimage, media, records, tree, verify, webcontent, ziparchive
 from . import disk, errors, logs
 from .disc.tree import Iso
 from .dicom import identity
@@ -239,10 +239,24 @@ class Steps:
         isos = [self._disc(job, folder, layout, len(laid), stem, build) for layout in laid]
         rest = functools.partial(self._write_isos, job, laid, isos, label, key, watch, len(studies))
         if build and job.stream and len(isos) == 1 and job.format == "iso":
+            self._lay_out_iso(job, laid[0], isos[0], label)
+            watch.lap("iso")  # laid out: what genisoimage still does for it
             isos[0].write = rest  # run while the answer goes out: jobs hands it to delivery.Build
         else:
             rest()
         return isos
+
+    def _lay_out_iso(self, job, layout, iso, label):
+        """A streamed download's ISO sent from its staged tree as genisoimage lays it out, never written
+        (``isoimage``, SPEC §8.1); an image of another layout is written by genisoimage as before."""
+        job.step("iso")
+        try:
+            iso.archive = isoimage.lay_out(self.config.tools.genisoimage, layout.staging, label, iso.path + ".head",
+                                           iso.size, self.config.timeouts.iso_s)
+        except isoimage.NotLaidOut as exc:
+            log.info("the ISO is written first: %s" % exc, extra={"fields": {"request_id": job.request_id}})
+            return
+        iso.tree = layout.staging
 
     def _disc(self, job, folder, layout, of, stem, build):
         """The ``Iso`` of one laid-out disc: its ISO's path, or its ZIP's layout over its staged tree."""
@@ -253,12 +267,22 @@ class Steps:
 
     def _write_isos(self, job, laid, isos, label, key, watch, studies, on_tick=None):
         """Write each disc's ISO (none for a HEAD, none for a ZIP: it is sent from its staged tree), exactly
-        the size genisoimage announced; then cache the disc (its tree, and its ISO if one was built)."""
+        the size genisoimage announced; then cache the disc (its tree, and its ISO if one was built).
+
+        An ISO laid out over its tree (``isoimage``) is written only for the
+        cache, from its layout (the kernel copying each file's bytes): the
+        same bytes as were sent, so a download resumed from the cache fits.
+        """
+        cached = key and len(isos) == 1 and isos[0].path is not None
         try:
             for layout, iso in zip(laid, isos, strict=True):
-                if iso.path is None or iso.archive is not None:
+                if iso.path is None or iso.format == "zip":
                     continue
                 job.step("iso")
+                if iso.archive is not None:
+                    if cached:
+                        ziparchive.write(iso.archive, iso.tree, iso.path)
+                    continue
                 tree.make_iso(self.config.tools.genisoimage, layout.staging, label, iso.path,
                               self.config.timeouts.iso_s, layout.number, len(laid), on_tick=on_tick)
                 written = os.path.getsize(iso.path)
@@ -266,9 +290,9 @@ class Steps:
                     raise errors.MkisoError("genisoimage wrote %d bytes where it announced %d."
                                             % (written, iso.size), code="iso_failed")
             watch.lap(job.format)
-            if key and len(isos) == 1 and isos[0].path is not None:
+            if cached:
                 self.cache.store(key, laid[0].staging, laid[0].digests, laid[0].when,
-                                 isos[0].path if isos[0].archive is None else None)
+                                 isos[0].path if isos[0].format == "iso" else None)
         finally:
             for layout, iso in zip(laid, isos, strict=True):
                 if iso.tree is None:  # a ZIP's tree stays until its answer or its job ends
@@ -415,7 +439,7 @@ class Steps:
         watch = logs.Stopwatch(self.metrics.phase)
         for disc in job.discs:
             try:
-                report = verify.check_apart(disc.tree if disc.format == "zip" else disc.path,
+                report = verify.check_apart(disc.tree if disc.archive is not None else disc.path,
                                             self.config.timeouts.iso_s, MAX_PROBLEMS_LOGGED)
             except errors.MkisoError:
                 job.export.verified = False

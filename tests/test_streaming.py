@@ -1,6 +1,7 @@
 """A download sent while genisoimage writes it (SPEC §8): never a byte before it is written.
 
-genisoimage is replaced by a script that runs the real one into a copy and
+The ISO is written (``isoimage`` lays out none here: see test_isoimage.py
+for those), and genisoimage is replaced by a script that runs the real one into a copy and
 then writes that copy into the ISO slowly, a piece at a time, and for the
 disc labelled BIG01 ends as the test says: well, failing after every byte,
 failing half-way, writing more than it announced, or failing before the
@@ -23,7 +24,7 @@ from waitress.buffers import ReadOnlyFileBasedBuffer
 
 from mkiso import steps
 from mkiso.dicom import received
-from mkiso.disc import tree
+from mkiso.disc import isoimage, tree
 from mkiso.http import application, delivery, waitress_adapter
 from mkiso.jobs import State
 from discs import check_pdi, open_iso
@@ -64,8 +65,14 @@ def slow_writer(root, ending="well", pause=0.01):
 
 
 @pytest.fixture
-def serve(make_service, live_server, caplog):
+def serve(make_service, live_server, caplog, monkeypatch):
+    """A server whose streamed ISOs genisoimage writes: as where ``isoimage`` cannot lay one out."""
     caplog.set_level(logging.INFO, logger="mkiso.access")
+
+    def written(*args, **kwargs):
+        raise isoimage.NotLaidOut("the test has genisoimage write it")
+
+    monkeypatch.setattr(isoimage, "lay_out", written)
 
     def start(tool, **settings):
         service = make_service(tools={"genisoimage": tool}, **settings)
@@ -217,11 +224,13 @@ def stream_one(make_service, wsgi_call):
 
 
 def test_a_full_disk_as_the_streamed_build_starts_is_507_and_leaves_nothing(make_service, wsgi_call, monkeypatch):
-    """The build starts after the steps returned, outside their own ENOSPC handling: still a 507."""
+    """The build starts after the steps returned, outside their own ENOSPC handling: still a 507.  So
+    does a full disk as its head is laid out (``isoimage``), within them."""
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(tree, "make_iso", no_space)
+    monkeypatch.setattr(tree, "read_iso", no_space)
     service, response = stream_one(make_service, wsgi_call)
     assert response.status == 507 and response.json()["code"] == "insufficient_storage", response.body[:300]
     assert wait_until_clean(service) == []

@@ -360,6 +360,18 @@ def iso_size(genisoimage, staging, label, timeout, number=1, of=1):
     return int(sectors[-1]) * SECTOR
 
 
+def read_iso(genisoimage, staging, label, read, timeout, number=1, of=1):
+    """What ``read(stream)`` makes of the ISO of ``staging`` as genisoimage writes it to a pipe; it
+    takes only what it needs (``isoimage``: the part before the first file's bytes), and genisoimage
+    is stopped then.  ``read`` returns None when the image ended before that: genisoimage failed."""
+    args = genisoimage_args(genisoimage, staging, label, number, of)
+    with process.step_errors("genisoimage", timeout, "tool_timeout"):
+        value, result = process.run_reading(args, timeout, read)
+    if value is None:
+        raise errors.MkisoError("genisoimage failed: %s" % process.failure_reason(result.output), code="iso_failed")
+    return value
+
+
 def make_iso(genisoimage, staging, label, iso_path, timeout, number=1, of=1, on_tick=None):
     """Write the ISO of ``staging``: disc ``number`` of a set of ``of``.
 
@@ -390,8 +402,10 @@ class Iso:
     """One disc's ISO or ZIP, waiting to be sent (``path`` None: sized, not built); ``cleanup`` removes the
     job's folder.
 
-    A ZIP (``archive``, a ``ziparchive.Archive``) is sent from its staged
-    ``tree``; ``path`` is where its file goes if one is written (for nginx).
+    A ZIP (``archive``, a ``ziparchive.Archive``), or the ISO of a streamed
+    download laid out by ``isoimage`` (an ``isoimage.Image``), is sent from
+    its staged ``tree``; ``path`` is where its file goes if one is written
+    (for nginx).
 
     ``size`` is genisoimage's -print-size, which the written file must
     match.  A job split over several discs has one Iso each (``number`` of
@@ -419,7 +433,7 @@ class Iso:
     @property
     def format(self):
         """The medium's format, as the job's JSON and the links say it: ``iso`` or ``zip``."""
-        return "iso" if self.archive is None else "zip"
+        return "iso" if self.archive is None else self.archive.format
 
     def __post_init__(self):
         if self.of > 1:

@@ -55,6 +55,7 @@ BLOCK = 4 << 20  # bytes a read: a file larger than this is hashed in pieces
 BATCH = 256  # files a thread takes at a time, in the medium's order
 THREADS = min(2, os.cpu_count() or 1)
 MANIFEST_LINE = re.compile(r"^([0-9a-fA-F]{64}) [ *](.+)$")
+MULTI_EXTENT = "a file of several extents (over 4 GiB), which mkiso's discs never hold"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,7 +223,7 @@ def _read_manifest(medium, entry, index, problems):
         return None
     try:
         text = medium.read(entry).decode("ascii")
-    except (OSError, UnicodeDecodeError, zipfile.BadZipFile, _Damaged):
+    except (OSError, UnicodeDecodeError, zipfile.BadZipFile, Damaged):
         problems.append(Problem("unreadable", MANIFEST, "not a readable ASCII list of checksums"))
         return None
     listed = {}
@@ -258,7 +259,7 @@ def _read_dicomdir(medium, index, problems):
         return [], set()
     try:
         data = medium.read(entry)
-    except (OSError, zipfile.BadZipFile, _Damaged):
+    except (OSError, zipfile.BadZipFile, Damaged):
         return [], set()  # the file's own read reports it
     try:
         records = dicomdir_references(data)
@@ -307,7 +308,7 @@ def _sop_instance_uid(medium, entry, scanned):
 # -- the media -------------------------------------------------------------------
 
 
-class _Damaged(Exception):
+class Damaged(Exception):
     """A file's bytes cannot be read (the medium is truncated or its structure is broken)."""
 
 
@@ -378,7 +379,7 @@ class Medium:
                     except (_Unusual, UnicodeDecodeError):
                         pass
                 digest.update(block)
-        except (OSError, zipfile.BadZipFile, _Damaged, EOFError) as exc:
+        except (OSError, zipfile.BadZipFile, Damaged, EOFError) as exc:
             return None, None, _reason(exc)
         return digest.hexdigest(), scanned, ""
 
@@ -386,7 +387,7 @@ class Medium:
 def _reason(exc):
     if isinstance(exc, OSError):
         return "read error: %s" % (exc.strerror or exc)
-    if isinstance(exc, _Damaged):
+    if isinstance(exc, Damaged):
         return str(exc)
     return "its bytes are damaged in the ZIP"
 
@@ -394,10 +395,10 @@ def _reason(exc):
 class _Container(Medium):
     """A medium in one file (ISO, ZIP): each file's bytes read by offset with ``pread``."""
 
-    def __init__(self, path):
+    def __init__(self, path, length=None):
         super().__init__(path)
         self.fd = os.open(path, os.O_RDONLY)
-        self.length = os.fstat(self.fd).st_size
+        self.length = os.fstat(self.fd).st_size if length is None else length
 
     def close(self):
         os.close(self.fd)
@@ -405,7 +406,7 @@ class _Container(Medium):
     def pread(self, size, offset, what):
         data = os.pread(self.fd, size, offset)
         if len(data) != size:
-            raise _Damaged("%s ends before its bytes do: the image is truncated" % what)
+            raise Damaged("%s ends before its bytes do: the image is truncated" % what)
         return data
 
     def _blocks(self, entry):
@@ -462,8 +463,8 @@ class Zip(_Container):
                     signature, name, extra = self.LOCAL_HEADER.unpack(
                         self.pread(30, member.header_offset, os.path.basename(path)))
                     if signature != b"PK\x03\x04":
-                        raise _Damaged("its local header in the ZIP is damaged")
-                except _Damaged as exc:
+                        raise Damaged("its local header in the ZIP is damaged")
+                except Damaged as exc:
                     entry.damage = str(exc)
                 else:
                     entry.offset = member.header_offset + 30 + name + extra
@@ -499,8 +500,10 @@ class Iso(_Container):
 
     SECTOR = 2048
 
-    def __init__(self, path):
-        super().__init__(path)
+    def __init__(self, path, length=None):
+        """``length``: the image's, where the file at ``path`` holds only its first part, the directory
+        (``isoimage``: genisoimage's output up to the first file's bytes)."""
+        super().__init__(path, length)
         name = os.path.basename(path)
         primary = joliet = None
         for sector in range(16, self.length // self.SECTOR):  # the volume descriptors, up to the terminator
@@ -515,22 +518,31 @@ class Iso(_Container):
         if primary is None:
             raise errors.MkisoError("%s has no ISO 9660 primary volume descriptor." % path, code="not_a_medium")
         self.block = struct.unpack_from("<H", primary, 128)[0]
-        root = primary[156:190]
-        root_lba, root_size = struct.unpack_from("<I", root, 2)[0], struct.unpack_from("<I", root, 10)[0]
+        self.primary, self.joliet = primary, joliet
         try:
-            first = self._records(root_lba, root_size)
-            skip = self._rock_ridge(first)
-            if skip is not None:
-                self._walk(root_lba, root_size, "", lambda record: self._rock_ridge_name(record, skip))
-            elif joliet is not None:
-                root = joliet[156:190]
-                self._walk(struct.unpack_from("<I", root, 2)[0], struct.unpack_from("<I", root, 10)[0], "",
-                           _joliet_name)
-            else:
-                self._walk(root_lba, root_size, "", _iso9660_name)
-        except _Damaged as exc:
+            self._list()
+        except Damaged as exc:
             self.broken = True
             self.problems.append(Problem("unreadable", name, "its directory cannot be read: %s" % exc))
+
+    def _list(self):
+        for entry in self.files():
+            self.entries[entry.path] = entry
+
+    def files(self, joliet=False):
+        """Every file of the image (``Entry``), one directory at a time: with Rock Ridge names, else the
+        Joliet ones, else the bare ISO 9660 ones; with ``joliet``, the Joliet tree's.  A generator, so
+        that a 50,000-file disc's directory is never held whole (``isoimage``).  Raises Damaged."""
+        descriptor = self.joliet if joliet else self.primary
+        root = descriptor[156:190]
+        root_lba, root_size = struct.unpack_from("<I", root, 2)[0], struct.unpack_from("<I", root, 10)[0]
+        skip = None if joliet else self._rock_ridge(self._records(root_lba, root_size))
+        if skip is not None:
+            yield from self._walk(root_lba, root_size, "", lambda record: self._rock_ridge_name(record, skip))
+        elif self.joliet is not None and descriptor is self.primary:
+            yield from self.files(joliet=True)
+        else:
+            yield from self._walk(root_lba, root_size, "", _joliet_name if joliet else _iso9660_name)
 
     def _records(self, lba, size):
         """The directory records of the directory at ``lba``: [(flags, extent, length, name bytes, system use)]."""
@@ -543,7 +555,7 @@ class Iso(_Container):
                 continue
             record = data[at:at + length]
             if length < 34 or 33 + record[32] > length:
-                raise _Damaged("a directory record is damaged")
+                raise Damaged("a directory record is damaged")
             name_length = record[32]
             system_use = 33 + name_length + (1 - name_length % 2)
             records.append((record[25], struct.unpack_from("<I", record, 2)[0], struct.unpack_from("<I", record, 10)[0],
@@ -571,14 +583,14 @@ class Iso(_Container):
             if child is not None:  # a Rock Ridge child link: the directory is elsewhere
                 extent, length, flags = child, self._records(child, self.SECTOR)[0][2], 0x02
             if flags & 0x02:
-                self._walk(extent, length, path + "/", name_of)
+                yield from self._walk(extent, length, path + "/", name_of)
                 continue
             entry = Entry(path, length, offset=extent * self.block)
             if flags & 0x80:
-                entry.damage = "a file of several extents (over 4 GiB), which mkiso's discs never hold"
+                entry.damage = MULTI_EXTENT
             elif entry.offset + entry.size > self.length:
                 entry.damage = "its bytes lie beyond the end of the image: it is truncated"
-            self.entries[path] = entry
+            yield entry
 
     def _rock_ridge_name(self, record, skip):
         """(name, relocated, child link extent) from a record's Rock Ridge entries (SUSP, with CE areas)."""

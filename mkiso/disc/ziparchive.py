@@ -102,6 +102,8 @@ class Archive:
     ``position`` is.  ``when`` is every entry's (date, time) (``dos_time``).
     """
 
+    format = "zip"
+
     def __init__(self, digests, when):
         self.entries = list(digests)
         self.when = when
@@ -157,7 +159,8 @@ class Archive:
 
 
 class Reader:
-    """The archive as a read-only file over the staged tree at ``root`` (for the server's body).
+    """The archive (or an ``isoimage.Image``: any layout with ``size`` and ``piece``) as a read-only
+    file over the staged tree at ``root`` (for the server's body).
 
     ``extent(position, count)`` is what the sendfile channel asks: bytes
     from memory, or (file descriptor, offset, count) of the staged file to
@@ -201,7 +204,7 @@ class Reader:
             extent = self.extent(self._position, size)
             data = extent if isinstance(extent, bytes) else os.pread(extent[0], extent[2], extent[1])
             if not data:
-                raise OSError("a staged file of the ZIP is shorter than when it was read")
+                raise OSError("a staged file is shorter than when it was laid out")
             parts.append(data)
             self._position += len(data)
             size -= len(data)
@@ -221,7 +224,7 @@ class Reader:
 
 
 def write(archive, root, target):
-    """Write the archive to the new file ``target`` (for nginx): headers from memory, each staged file's
+    """Write the archive (or a laid-out ISO) to the new file ``target`` (for nginx, or the disc cache): headers from memory, each staged file's
     bytes by the kernel's copy (``copy_file_range``, else ``sendfile``)."""
     reader = Reader(archive, root)
     try:
@@ -249,6 +252,6 @@ def _copy(extent, target):
         except OSError:  # another file system, or a kernel without it for these files
             copied = os.sendfile(target, source, offset + done, count - done)
         if copied <= 0:
-            raise OSError("a staged file of the ZIP is shorter than when it was read")
+            raise OSError("a staged file is shorter than when it was laid out")
         done += copied
     return done

@@ -9,7 +9,10 @@ A synchronous download does not wait for genisoimage to finish: its answer
 starts once the first bytes are written and sends the file as it grows
 (``Build``), never a byte before it is written, the last sector only once
 the whole ISO is known good.  Sending 1 GB over loopback costs about as
-much as writing it, so the two overlap.
+much as writing it, so the two overlap.  Better still, the ISO is not
+written at all where ``isoimage`` can lay it out: its head from
+genisoimage, each file's bytes by sendfile from the staged tree, as a ZIP
+is sent (below); the last sector waits for the tree's read-back.
 
 A single ``Range: bytes=a-b`` (or ``a-``, ``-n``) is answered with 206 and
 ``Content-Range``, so an interrupted 4 GB download resumes (``curl -C -``);
@@ -286,10 +289,12 @@ class Build:
     def __init__(self, iso, job, check=None):
         """Start ``iso.write(on_tick)``, the last step of ``job`` that writes ``iso`` (a ``tree.Iso``); it
         is ``iso.build`` from now on.  ``check``, when given, runs once the ISO is written, before its
-        last bytes may leave; it raises when the disc must not."""
+        last bytes may leave; it raises when the disc must not.  An ISO laid out over its staged tree
+        (``isoimage``) has nothing left to write: all but its last bytes may go at once, while
+        ``write`` keeps the disc and ``check`` reads the tree back."""
         self.iso = iso
         self._check = check
-        self.written = 0
+        self.written = 0 if iso.archive is None else iso.size - HELD_BACK
         self.error = None
         self.wake = None
         self._job = job
