@@ -274,22 +274,23 @@ class Steps:
         same bytes as were sent, so a download resumed from the cache fits.
         """
         cached = key and len(isos) == 1 and isos[0].path is not None
+        laid_out = isos[0].format == "iso" and isos[0].archive is not None  # its phase iso was its layout
         try:
             for layout, iso in zip(laid, isos, strict=True):
-                if iso.path is None or iso.format == "zip":
+                if iso.path is None or iso.format == "zip" or (laid_out and not cached):
                     continue
                 job.step("iso")
-                if iso.archive is not None:
-                    if cached:
-                        ziparchive.write(iso.archive, iso.tree, iso.path)
+                if laid_out:
+                    ziparchive.write(iso.archive, iso.tree, iso.path)
                     continue
                 tree.make_iso(self.config.tools.genisoimage, layout.staging, label, iso.path,
                               self.config.timeouts.iso_s, layout.number, len(laid), on_tick=on_tick)
-                written = os.path.getsize(iso.path)
-                if written != iso.size:
+                size = os.path.getsize(iso.path)
+                if size != iso.size:
                     raise errors.MkisoError("genisoimage wrote %d bytes where it announced %d."
-                                            % (written, iso.size), code="iso_failed")
-            watch.lap(job.format)
+                                            % (size, iso.size), code="iso_failed")
+            if cached or not laid_out:
+                watch.lap(job.format)
             if cached:
                 self.cache.store(key, laid[0].staging, laid[0].digests, laid[0].when,
                                  isos[0].path if isos[0].format == "iso" else None)

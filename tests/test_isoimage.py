@@ -8,6 +8,7 @@ isoinfo's listings (-d, -l, -J, -R).  The downloads go through a real
 server with the real PACS and are opened and checked as a viewer would.
 """
 
+import io
 import os
 import subprocess
 import time
@@ -91,8 +92,8 @@ def beside_genisoimage(monkeypatch, tmp_path):
     ("/api/iso/download", "accession_number=ACC2001", ["ACC2001"]),
     ("/api/iso/download-multiple", "accession_numbers=MR.180505.026,ACC1002", ["MR.180505.026", "ACC1002"]),
 ])
-def test_a_streamed_download_is_genisoimages_iso_of_its_tree(make_service, live_server, archive, viewer, tmp_path,
-                                                             beside_genisoimage, path, query, accessions):
+def test_a_streamed_download_is_genisoimages_iso_of_its_tree(make_service, live_server, archive, viewer,  # noqa: F811
+                                                             tmp_path, beside_genisoimage, path, query, accessions):
     """One study and two, each with its web content and a viewer."""
     service = make_service(iso={"viewer_dir": viewer})
     base = live_server(application.Application(service.config, service))
@@ -112,7 +113,7 @@ def test_a_streamed_download_is_genisoimages_iso_of_its_tree(make_service, live_
 
 
 def test_every_disc_of_a_split_set_lays_out_as_genisoimage_writes_it(make_service, settings, wsgi_call,
-                                                                      media_pacs, monkeypatch, tmp_path):
+                                                                      media_pacs, monkeypatch, tmp_path):  # noqa: F811
     """A split set's discs (jobs write them) laid out from the same trees: the same bytes, the volume
     set's size and each disc's number included."""
     settings["pacs"]["port"] = media_pacs.pacs.port
@@ -182,9 +183,10 @@ def test_a_file_changed_after_the_size_was_taken_is_not_laid_out(small_tree, tmp
 
     def read_iso(genisoimage, staging, label, read, timeout, number=1, of=1):
         def changed_then_read(stream):
+            first = stream.read(SECTOR * 17)  # genisoimage has read the tree: its directory is made
             with open(os.path.join(staging, "IMG00003"), "ab") as grown:
                 grown.write(b"more")
-            return read(stream)
+            return read(io.BufferedReader(Replayed(first, stream)))
         return real(genisoimage, staging, label, changed_then_read, timeout, number, of)
 
     tree.read_iso = read_iso
@@ -193,6 +195,25 @@ def test_a_file_changed_after_the_size_was_taken_is_not_laid_out(small_tree, tmp
             isoimage.lay_out("genisoimage", small_tree, "DEEP", str(tmp_path / "head"), size, 60)
     finally:
         tree.read_iso = real
+
+
+class Replayed(io.RawIOBase):
+    """``first`` (bytes already taken from ``stream``), then the rest of ``stream``."""
+
+    def __init__(self, first, stream):
+        self._first, self._stream = first, stream
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        if self._first:
+            count = min(len(buffer), len(self._first))
+            buffer[:count], self._first = self._first[:count], self._first[count:]
+            return count
+        data = self._stream.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
 
 
 def test_a_genisoimage_that_fails_is_named_with_its_words(small_tree, tmp_path):

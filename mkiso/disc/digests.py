@@ -36,7 +36,8 @@ NAME = "SHA256.TXT"
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Digest:
-    """One file on the medium: its path there (``/`` separators), size, CRC-32 and SHA-256 (32 bytes)."""
+    """One file on the medium: its path there (``/`` separators), size, CRC-32 (None where nothing needs
+    it: a third of the pass's time) and SHA-256 (32 bytes)."""
 
     path: str
     size: int
@@ -44,9 +45,10 @@ class Digest:
     sha256: bytes
 
 
-def digest_file(source, path):
-    """The ``Digest`` of the file at ``source``, which the medium holds as ``path``."""
-    crc, sha = 0, hashlib.sha256()
+def digest_file(source, path, crc32=True):
+    """The ``Digest`` of the file at ``source``, which the medium holds as ``path``; its CRC-32 only
+    with ``crc32``."""
+    crc, sha = 0 if crc32 else None, hashlib.sha256()
     size = 0
     buffer = bytearray(CHUNK)
     view = memoryview(buffer)
@@ -56,14 +58,16 @@ def digest_file(source, path):
             if not count:
                 break
             chunk = view[:count]
-            crc = zlib.crc32(chunk, crc)
+            if crc32:
+                crc = zlib.crc32(chunk, crc)
             sha.update(chunk)
             size += count
     return Digest(path, size, crc, sha.digest())
 
 
-def digest_files(pairs, threads=THREADS):
-    """The ``Digest`` of each (source path, medium path) pair of the iterable ``pairs``, yielded in its order.
+def digest_files(pairs, threads=THREADS, crc32=True):
+    """The ``Digest`` of each (source path, medium path) pair of the iterable ``pairs``, yielded in its order
+    (their CRC-32 only with ``crc32``).
 
     ``threads`` plain threads take the next pair in turn, the pairs made as
     they are taken, and run at most AHEAD files ahead of the caller: nothing
@@ -84,7 +88,7 @@ def digest_files(pairs, threads=THREADS):
                     if taken is None:
                         return
                 at, (source, path) = taken
-                digest = digest_file(source, path)
+                digest = digest_file(source, path, crc32)
                 with changed:
                     done[at] = digest
                     changed.notify_all()
@@ -122,12 +126,12 @@ def digest_files(pairs, threads=THREADS):
 
 def sha256_of(paths):
     """{path: its SHA-256} of the files ``paths``: what a print's images are checked against later."""
-    return {digest.path: digest.sha256 for digest in digest_files((path, path) for path in paths)}
+    return {digest.path: digest.sha256 for digest in digest_files(((path, path) for path in paths), crc32=False)}
 
 
 def changed(pairs, expected):
     """How many of the (file, key) pairs' files no longer have the SHA-256 ``expected[key]``."""
-    return sum(1 for digest in digest_files(pairs) if digest.sha256 != expected[digest.path])
+    return sum(1 for digest in digest_files(pairs, crc32=False) if digest.sha256 != expected[digest.path])
 
 
 def tree_paths(root, prefix=""):
@@ -147,10 +151,11 @@ def tree_paths(root, prefix=""):
             yield prefix + name
 
 
-def digest_tree(root):
+def digest_tree(root, crc32=True):
     """The ``Digest`` of every file under ``root`` (the staged medium) but its SHA256.TXT (being written
     from them), sorted by path, yielded as made."""
-    return digest_files((os.path.join(root, path), path) for path in tree_paths(root) if path != NAME)
+    return digest_files(((os.path.join(root, path), path) for path in tree_paths(root) if path != NAME),
+                        crc32=crc32)
 
 
 def write_sha256(root, digests, keep):
@@ -173,8 +178,9 @@ def write_sha256(root, digests, keep):
 def seal(root, keep=True):
     """The per-file pass over the staged medium at ``root``, written as its SHA256.TXT as it goes; returns
     every file's ``Digest`` (SHA256.TXT's own included) sorted by path if ``keep`` (a ZIP needs them,
-    and the disc cache), else none: an ISO's SHA256.TXT holds all it needs."""
-    found, own = write_sha256(root, digest_tree(root), keep)
+    and the disc cache), else none: an ISO's SHA256.TXT holds all it needs, and their CRC-32 is not
+    even made."""
+    found, own = write_sha256(root, digest_tree(root, crc32=keep), keep)
     if keep:
         found.append(own)
         found.sort(key=lambda digest: digest.path)

@@ -224,8 +224,9 @@ class Reader:
 
 
 def write(archive, root, target):
-    """Write the archive (or a laid-out ISO) to the new file ``target`` (for nginx, or the disc cache): headers from memory, each staged file's
-    bytes by the kernel's copy (``copy_file_range``, else ``sendfile``)."""
+    """Write the archive (or a laid-out ISO) to the new file ``target`` (for nginx, or the disc cache):
+    headers from memory, each staged file's bytes by the kernel's copy (``copy_file_range``, else
+    ``sendfile``)."""
     reader = Reader(archive, root)
     try:
         with open(target, "xb") as out:
