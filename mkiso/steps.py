@@ -20,7 +20,9 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import time
+import weakref
 from contextlib import contextmanager
 
 from .disc import digests, isoimage, media, records, tree, verify, webcontent, ziparchive
@@ -64,6 +66,8 @@ class Steps:
         self.cache = cache
         self.metrics = metrics
         self.retrievals = Retrievals(pacs, receiver, retrievals_dir, config.limits.min_free_bytes, metrics)
+        self._followed = weakref.WeakSet()  # the retrievals whose arrivals are digested (``_watch``)
+        self._lock = threading.Lock()
 
     @contextmanager
     def folder(self, job):
@@ -154,7 +158,7 @@ class Steps:
         """
         while True:
             try:
-                return self.retrievals.get(study, manifest, watch=job.watch)
+                return self.retrievals.get(study, manifest, watch=functools.partial(self._watch, job))
             except errors.InsufficientStorage:
                 freed = self.cache.free(self._room_for(job, study, manifest))
                 if not freed:
@@ -165,6 +169,16 @@ class Steps:
             deadline = time.monotonic() + RESUME_WAIT_S
             while receiver is not None and not receiver.listening and time.monotonic() < deadline:
                 time.sleep(0.1)
+
+    def _watch(self, job, retrieval):
+        """A retrieval ``job`` takes part in: its arrivals count in the job's progress, and are digested
+        as they come (``digests.follow``; once for a retrieval that jobs share)."""
+        job.watch(retrieval)
+        with self._lock:
+            followed = retrieval in self._followed
+            self._followed.add(retrieval)
+        if not followed:
+            digests.follow(retrieval.watched, retrieval.done)
 
     def _room_for(self, job, study, manifest):
         """Bytes to free for ``study``'s retrieval, estimated from what arrived of it (at least 1)."""

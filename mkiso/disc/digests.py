@@ -8,9 +8,17 @@ large buffers, so two threads keep two cores busy.  Each file is read in
 chunks into one reused buffer (never whole); a record costs a few hundred
 bytes (its path, two numbers, 32 bytes of digest).
 
-The interface is a function over (source path, medium path) pairs, so that
-the pass can move to where files arrive (issue 29) without its callers
-changing; ``digest_tree`` is that function over a staged folder.
+The pass starts where the files arrive (SPEC §8.1): while a study is
+still coming, ``follow`` digests each image the receiver (or getscu) has
+finished writing, on the core the transfer leaves idle, and keeps the
+result on the file itself (an extended attribute, with the size and
+modification time it was made for).  The staged tree's files are hard
+links to the received ones, so ``digest_file`` finds it there and reads
+nothing; a file changed since (another size or time), copied rather than
+linked, or on a file system without user attributes is read as before.  A
+wrong digest could not make a wrong disc: the read-back (``verify``)
+digests every byte again.  Nothing is held per image meanwhile but the
+inode numbers already done.
 
 SHA256.TXT (``write_sha256``): one line per other file on the medium,
 ``<64 lower-case hex digits><two spaces><path>`` with the path as on the
@@ -23,15 +31,26 @@ nor anything outside the files the medium holds.
 """
 
 import dataclasses
+import errno
 import hashlib
+import logging
 import os
+import struct
 import threading
+import time
 import zlib
+
+log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20  # bytes read per call; both digests release the GIL on buffers this large
 THREADS = 2
 AHEAD = 64  # files digested ahead of the one the caller waits for
 NAME = "SHA256.TXT"
+ATTRIBUTE = "user.mkiso.digest"
+KEPT = struct.Struct("<QqI32s")  # size, modification time (ns), CRC-32, SHA-256: what the attribute holds
+SETTLE_S = 0.1  # a file not modified for this long is taken as written (if not, its digest is not used)
+FOLLOW_EVERY_S = 0.1  # between rounds over the folders, and 10 microseconds more per file they hold:
+FOLLOW_PER_FILE_S = 1e-5  # a round over 50,000 names costs about 20 ms, a few per cent of a core
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -45,29 +64,108 @@ class Digest:
     sha256: bytes
 
 
-def digest_file(source, path, crc32=True):
+def digest_file(source, path, crc32=True, kept=True):
     """The ``Digest`` of the file at ``source``, which the medium holds as ``path``; its CRC-32 only
-    with ``crc32``."""
+    with ``crc32``.  One kept on the file as it arrived (``follow``) is taken without a read, unless
+    not ``kept`` (a check of the bytes themselves)."""
+    kept = _kept(source) if kept else None
+    if kept is not None:
+        size, crc, sha = kept
+        return Digest(path, size, crc if crc32 else None, sha)
+    with open(source, "rb", buffering=0) as handle:
+        size, crc, sha = _read(handle, crc32)
+    return Digest(path, size, crc, sha)
+
+
+def _read(handle, crc32=True):
+    """(size, CRC-32 or None, SHA-256) of the rest of the open file ``handle``, read in chunks."""
     crc, sha = 0 if crc32 else None, hashlib.sha256()
     size = 0
     buffer = bytearray(CHUNK)
     view = memoryview(buffer)
+    while True:
+        count = handle.readinto(buffer)
+        if not count:
+            break
+        chunk = view[:count]
+        if crc32:
+            crc = zlib.crc32(chunk, crc)
+        sha.update(chunk)
+        size += count
+    return size, crc, sha.digest()
+
+
+def _kept(source):
+    """(size, CRC-32, SHA-256) kept on the file at ``source`` when it still has that size and time."""
+    try:
+        size, modified, crc, sha = KEPT.unpack(os.getxattr(source, ATTRIBUTE))
+        found = os.stat(source)
+    except (OSError, struct.error):
+        return None
+    return (size, crc, sha) if (found.st_size, found.st_mtime_ns) == (size, modified) else None
+
+
+def keep(source):
+    """Digest the file at ``source`` and keep the digest on it; False where the file system keeps none
+    (the caller stops trying).  A file that changed while it was read is left without one."""
     with open(source, "rb", buffering=0) as handle:
-        while True:
-            count = handle.readinto(buffer)
-            if not count:
-                break
-            chunk = view[:count]
-            if crc32:
-                crc = zlib.crc32(chunk, crc)
-            sha.update(chunk)
-            size += count
-    return Digest(path, size, crc, sha.digest())
+        before = os.fstat(handle.fileno())
+        size, crc, sha = _read(handle)
+        after = os.fstat(handle.fileno())
+        if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or size != after.st_size:
+            return True
+        try:
+            os.setxattr(handle.fileno(), ATTRIBUTE, KEPT.pack(size, after.st_mtime_ns, crc, sha))
+        except OSError as exc:
+            if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.EACCES):
+                return False
+            raise
+    return True
 
 
-def digest_files(pairs, threads=THREADS, crc32=True):
+def follow(folders, done):
+    """Digest the files arriving in ``folders`` as they are written (``keep``), in a thread of its own,
+    until the event ``done`` is set: the per-file pass of the disc, moved beside the transfer."""
+    threading.Thread(target=_follow, args=(folders, done), name="digests-follow", daemon=True).start()
+
+
+def _follow(folders, done):
+    """Never fails the job: what it leaves undone, the staged tree's pass reads."""
+    seen = set()  # inode numbers: a file moved from the receiver's folder to the retrieval's is the same
+    try:
+        while not done.wait(FOLLOW_EVERY_S + FOLLOW_PER_FILE_S * len(seen)):
+            for folder in folders:
+                if not _follow_folder(folder, seen, done):
+                    return
+    except OSError as exc:
+        log.warning("digests are no longer made as the images arrive: %s", exc)
+
+
+def _follow_folder(folder, seen, done):
+    """One pass over ``folder``; False when digests cannot be kept here (or ``done``)."""
+    settled = time.time() - SETTLE_S
+    try:
+        entries = os.scandir(folder)
+    except FileNotFoundError:
+        return True
+    with entries:
+        for entry in entries:
+            if done.is_set():
+                return False
+            try:
+                if entry.inode() in seen or not entry.is_file() or entry.stat().st_mtime > settled:
+                    continue
+                seen.add(entry.inode())
+                if not keep(entry.path):
+                    return False
+            except FileNotFoundError:
+                continue  # moved meanwhile: found again in the other folder
+    return True
+
+
+def digest_files(pairs, threads=THREADS, crc32=True, kept=True):
     """The ``Digest`` of each (source path, medium path) pair of the iterable ``pairs``, yielded in its order
-    (their CRC-32 only with ``crc32``).
+    (their CRC-32 only with ``crc32``; see ``digest_file`` for ``kept``).
 
     ``threads`` plain threads take the next pair in turn, the pairs made as
     they are taken, and run at most AHEAD files ahead of the caller: nothing
@@ -88,7 +186,7 @@ def digest_files(pairs, threads=THREADS, crc32=True):
                     if taken is None:
                         return
                 at, (source, path) = taken
-                digest = digest_file(source, path, crc32)
+                digest = digest_file(source, path, crc32, kept)
                 with changed:
                     done[at] = digest
                     changed.notify_all()
@@ -130,8 +228,9 @@ def sha256_of(paths):
 
 
 def changed(pairs, expected):
-    """How many of the (file, key) pairs' files no longer have the SHA-256 ``expected[key]``."""
-    return sum(1 for digest in digest_files(pairs, crc32=False) if digest.sha256 != expected[digest.path])
+    """How many of the (file, key) pairs' files no longer have the SHA-256 ``expected[key]``: their bytes
+    read again, never a digest kept on them."""
+    return sum(1 for digest in digest_files(pairs, crc32=False, kept=False) if digest.sha256 != expected[digest.path])
 
 
 def tree_paths(root, prefix=""):
