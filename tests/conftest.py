@@ -17,7 +17,7 @@ import time
 import pytest
 import yaml
 
-from mkiso import config as configuration, demo, server as mkiso_server
+from mkiso import config as configuration, demo, disk, server as mkiso_server
 from mkiso.http import waitress_adapter
 from mkiso.service import JOBS, RETRIEVALS, Service
 
@@ -155,7 +155,9 @@ def wait_until_clean(service, timeout=15):
 
 
 def job_leftovers(service):
-    """What jobs and retrievals left in the service's work dir (a ready job's disc is not left over)."""
+    """What jobs and retrievals left in the service's work dir (a ready job's disc is not left over),
+    once the trees handed to the background remover (``disk.remove_soon``) are gone."""
+    disk._remover.submit(lambda: None).result()  # it removes one tree after another
     kept = {os.path.basename(iso.folder) for job in service.jobs.recent() if job.state.value == "ready"
             for iso in job.discs}
     return [name for folder in (JOBS, RETRIEVALS) for name in os.listdir(service.path(folder)) if name not in kept]
