@@ -77,6 +77,10 @@ class DiscCache:
     def enabled(self):
         return self.max_bytes > 0
 
+    def takes(self, size):
+        """Whether a disc of ``size`` bytes (its tree and its ISO) would be kept."""
+        return self.enabled and size <= self.max_bytes
+
     @staticmethod
     def key(studies, manifests, **disc):
         """The key of a disc of ``studies`` (pacs.Study: what the PACS answered now) and their manifests
@@ -118,7 +122,7 @@ class DiscCache:
         """Keep the staged ``tree`` (its files' ``found`` digests, its ZIP's time stamp ``when``) and its
         ISO, if one was built, under ``key``; older entries go past max_bytes."""
         size = sum(digest.size for digest in found) + (os.path.getsize(iso_path) if iso_path else 0)
-        if not self.enabled or size > self.max_bytes:
+        if not self.takes(size):
             return
         folder = os.path.join(self.root, key)
         with self._lock:

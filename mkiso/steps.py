@@ -287,7 +287,8 @@ class Steps:
         cache, from its layout (the kernel copying each file's bytes): the
         same bytes as were sent, so a download resumed from the cache fits.
         """
-        cached = key and len(isos) == 1 and isos[0].path is not None
+        cached = key and len(isos) == 1 and isos[0].path is not None and self.cache.takes(
+            sum(digest.size for digest in laid[0].digests) + (isos[0].size if isos[0].format == "iso" else 0))
         laid_out = isos[0].format == "iso" and isos[0].archive is not None  # its phase iso was its layout
         try:
             for layout, iso in zip(laid, isos, strict=True):

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from mkiso import process
+from mkiso import process, steps
 from mkiso.disc import isoimage, tree, ziparchive
 from mkiso.http import application
 from discs import check_pdi, open_iso
@@ -93,9 +93,16 @@ def beside_genisoimage(monkeypatch, tmp_path):
     ("/api/iso/download-multiple", "accession_numbers=MR.180505.026,ACC1002", ["MR.180505.026", "ACC1002"]),
 ])
 def test_a_streamed_download_is_genisoimages_iso_of_its_tree(make_service, live_server, archive, viewer,  # noqa: F811
-                                                             tmp_path, beside_genisoimage, path, query, accessions):
-    """One study and two, each with its web content and a viewer."""
-    service = make_service(iso={"viewer_dir": viewer})
+                                                             tmp_path, beside_genisoimage, monkeypatch, path, query,
+                                                             accessions):
+    """One study and two, each with its web content and a viewer; with the disc cache off, no byte of
+    the ISO is written anywhere."""
+    service = make_service(iso={"viewer_dir": viewer}, cache={"max_bytes": 0})
+
+    def no_copy(*args):
+        raise AssertionError("the ISO was written for a cache that keeps nothing")
+
+    monkeypatch.setattr(steps.ziparchive, "write", no_copy)
     base = live_server(application.Application(service.config, service))
     status, headers, body = get(base + path + "?" + query)
     assert status == 200 and len(body) == int(headers["Content-Length"])
