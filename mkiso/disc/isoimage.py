@@ -23,8 +23,8 @@ caller lets genisoimage write the image as before.  tests/test_isoimage.py
 holds the layout against genisoimage's own ISO of the same tree, byte for
 byte but for the time the image was made, and by isoinfo's listings.
 
-At 50,000 files the layout keeps three numbers a file in arrays; the paths
-wait in a file beside the head until their bytes are sent.
+The layout keeps four numbers a file in arrays (28 bytes: 1.4 MB at 50,000
+files); the paths wait in a file beside the head until their bytes are sent.
 """
 
 import bisect
