@@ -201,9 +201,10 @@ def _checked(image, path, size, staging, count):
             listed.write(name)
     if seen != count:
         raise NotLaidOut("it holds %d files of the %d staged" % (seen, count))
-    order = sorted(range(len(starts)), key=starts.__getitem__)
-    starts, lengths, name_at, name_sizes = (array(column.typecode, (column[at] for at in order))
-                                            for column in (starts, lengths, name_at, name_sizes))
+    if any(starts[at - 1] > starts[at] for at in range(1, len(starts))):  # genisoimage's own order is the walk's
+        order = sorted(range(len(starts)), key=starts.__getitem__)
+        starts, lengths, name_at, name_sizes = (array(column.typecode, (column[at] for at in order))
+                                                for column in (starts, lengths, name_at, name_sizes))
     head_end = starts[0] if starts else size
     for at in range(1, len(starts)):
         if starts[at - 1] + lengths[at - 1] > starts[at]:

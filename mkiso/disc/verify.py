@@ -55,6 +55,7 @@ BLOCK = 4 << 20  # bytes a read: a file larger than this is hashed in pieces
 BATCH = 256  # files a thread takes at a time, in the medium's order
 THREADS = min(2, os.cpu_count() or 1)
 MANIFEST_LINE = re.compile(r"^([0-9a-fA-F]{64}) [ *](.+)$")
+DIRECTORY_PIECE = 64 * 2048  # bytes of a directory read at a time (records never cross a sector)
 MULTI_EXTENT = "a file of several extents (over 4 GiB), which mkiso's discs never hold"
 
 
@@ -545,29 +546,32 @@ class Iso(_Container):
             yield from self._walk(root_lba, root_size, "", _joliet_name if joliet else _iso9660_name)
 
     def _records(self, lba, size):
-        """The directory records of the directory at ``lba``: [(flags, extent, length, name bytes, system use)]."""
-        data = self.pread(size, lba * self.block, "the directory")
-        records, at = [], 0
-        while at < len(data):
-            length = data[at]
-            if length == 0:  # the rest of this sector is empty: records never cross a sector
-                at = (at // self.SECTOR + 1) * self.SECTOR
-                continue
-            record = data[at:at + length]
-            if length < 34 or 33 + record[32] > length:
-                raise Damaged("a directory record is damaged")
-            name_length = record[32]
-            system_use = 33 + name_length + (1 - name_length % 2)
-            records.append((record[25], struct.unpack_from("<I", record, 2)[0], struct.unpack_from("<I", record, 10)[0],
-                            record[33:33 + name_length], record[system_use:]))
-            at += length
-        return records
+        """The directory records of the directory at ``lba``, (flags, extent, length, name bytes, system
+        use) each, read DIRECTORY_PIECE at a time: a directory of 10,000 files is a few MB of records,
+        never held at once (``isoimage`` lays out 50,000-file discs in the server)."""
+        for start in range(0, size, DIRECTORY_PIECE):
+            data = self.pread(min(DIRECTORY_PIECE, size - start), lba * self.block + start, "the directory")
+            at = 0
+            while at < len(data):
+                length = data[at]
+                if length == 0:  # the rest of this sector is empty: records never cross a sector
+                    at = (at // self.SECTOR + 1) * self.SECTOR
+                    continue
+                record = data[at:at + length]
+                if length < 34 or 33 + record[32] > length:
+                    raise Damaged("a directory record is damaged")
+                name_length = record[32]
+                system_use = 33 + name_length + (1 - name_length % 2)
+                yield (record[25], struct.unpack_from("<I", record, 2)[0], struct.unpack_from("<I", record, 10)[0],
+                       record[33:33 + name_length], record[system_use:])
+                at += length
 
     def _rock_ridge(self, root_records):
         """The SUSP skip length when the root's '.' record holds an SP entry (Rock Ridge), else None."""
-        if not root_records:
+        first = next(root_records, None)
+        if first is None:
             return None
-        system_use = root_records[0][4]
+        system_use = first[4]
         if system_use[:2] == b"SP" and system_use[4:6] == b"\xbe\xef":
             return system_use[6]
         return None
@@ -581,7 +585,7 @@ class Iso(_Container):
                 continue  # a relocated deep directory: reached through its CL entry
             path = prefix + name
             if child is not None:  # a Rock Ridge child link: the directory is elsewhere
-                extent, length, flags = child, self._records(child, self.SECTOR)[0][2], 0x02
+                extent, length, flags = child, next(self._records(child, self.SECTOR))[2], 0x02
             if flags & 0x02:
                 yield from self._walk(extent, length, path + "/", name_of)
                 continue
