@@ -51,6 +51,7 @@ class Entry:
     size: int  # its tree's bytes, and its ISO's once it has one
     stored: float
     iso: bool = False
+    studies: frozenset = frozenset()  # its Study Instance UIDs (``may_hold``)
 
 
 @dataclasses.dataclass
@@ -78,16 +79,32 @@ class DiscCache:
         return self.max_bytes > 0
 
     @staticmethod
-    def key(studies, manifests, **disc):
+    def key(studies, fingerprints, **disc):
         """The key of a disc of ``studies`` (pacs.Study: what the PACS answered now) and their manifests
-        (study UID -> SOP UIDs)."""
+        (study UID -> ``retrieval.Listed.fingerprint``)."""
         content = {
-            "studies": sorted([study.study_uid, sorted(manifests[study.study_uid]), study.identity]
+            "studies": sorted([study.study_uid, fingerprints[study.study_uid], study.identity]
                               for study in studies),
             "disc": disc,
             "version": __version__,
         }
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode("utf-8")).hexdigest()
+
+    def may_hold(self, study_uids):
+        """Whether an entry holds a disc of exactly these studies (whatever its key).
+
+        Where none does, no manifest can make a hit, and the job asks for its
+        manifests beside the retrieval (SPEC §3.9) instead of before it: that
+        is the miss (``fetch`` counts it where one might hold it).
+        """
+        if not self.enabled:
+            return False
+        wanted = frozenset(study_uids)
+        with self._lock:
+            self._expire()
+            held = any(entry.studies == wanted for entry in self._entries.values())
+            self.misses += not held
+        return held
 
     def fetch(self, key, folder, iso=True):
         """The cached disc for ``key`` linked into ``folder`` (a ``Cached``), or None when not cached.
@@ -114,9 +131,10 @@ class DiscCache:
             link_tree(os.path.join(entry.folder, TREE), tree, found)
             return Cached(None, tree, found, when)
 
-    def store(self, key, tree, found, when, iso_path=None):
+    def store(self, key, tree, found, when, iso_path=None, studies=()):
         """Keep the staged ``tree`` (its files' ``found`` digests, its ZIP's time stamp ``when``) and its
-        ISO, if one was built, under ``key``; older entries go past max_bytes."""
+        ISO, if one was built, under ``key``, as a disc of ``studies`` (their UIDs, for ``may_hold``); older
+        entries go past max_bytes."""
         size = sum(digest.size for digest in found) + (os.path.getsize(iso_path) if iso_path else 0)
         if not self.enabled or size > self.max_bytes:
             return
@@ -126,7 +144,7 @@ class DiscCache:
             os.mkdir(folder, 0o700 if self.mode == 0o600 else 0o750)
             link_tree(tree, os.path.join(folder, TREE), found)
             write_digests(os.path.join(folder, DIGESTS), found, when)
-            entry = self._entries[key] = Entry(folder, size, time.monotonic())
+            entry = self._entries[key] = Entry(folder, size, time.monotonic(), studies=frozenset(studies))
             if iso_path:
                 self._link_iso(entry, iso_path)
             self._trim()

@@ -27,7 +27,8 @@ from .disc import digests, media, records, tree, verify, webcontent, ziparchive
 from . import disk, errors, logs
 from .disc.tree import Iso
 from .dicom import identity
-from .dicom.retrieval import Listed, Retrievals
+from .dicom import retrieval
+from .dicom.retrieval import Retrievals
 
 log = logging.getLogger(__name__)
 
@@ -107,41 +108,82 @@ class Steps:
         identity.check_one_patient(studies, self.config.limits.allow_multi_patient)
         return studies
 
-    def manifests(self, job, studies, folder):
-        """Each study's SOP Instance UIDs (None where the PACS refuses IMAGE-level queries)."""
+    def manifests(self, job, studies, folder, cached=False):
+        """Each study's manifest, SPEC §3.6: its SOP Instance UIDs (None where the PACS refuses IMAGE-level
+        queries), or a ``retrieval.Lookup`` asking for them beside the retrieval (§3.9).
+
+        Beside, on its own association, unless something must know it before
+        the retrieval starts: C-GET proposes the compressed syntax the
+        manifest names (getscu can propose only one), and, for a download
+        (``cached``), the disc cache where it may hold a disc of these
+        studies: it finds it by the manifests, and a hit makes no C-MOVE.  Meanwhile the expected count is the
+        STUDY-level one, and the manifest's once it is in.
+
+        After a C-MOVE a manifest is only checked against, so it is kept in
+        the compact form that needs (``retrieval.Listed``): while 50,000
+        images arrive and are read, a job keeps their records, not a second
+        copy of every UID (SPEC §8, flat memory).  Not with ``pacs.retrieve:
+        get``: C-GET fetches again, series by series and in the syntax the
+        manifest names, what did not come (``pacs.get_study``), so it keeps
+        the manifest itself.
+        """
+        moved = self.retrievals.receiver is not None
+        manifests = {}
+
+        def expect():
+            job.expect(sum(retrieval.expected_images(study, manifests[study.study_uid]) or 0 for study in studies))
+
+        if moved and not (cached and self.cache.may_hold(study.study_uid for study in studies)):
+            for study in studies:
+                ask = functools.partial(self._listed, study.study_uid, folder)
+                manifests[study.study_uid] = retrieval.Lookup(ask, then=expect)
+            expect()
+            return manifests
         job.step("manifest")
-        manifests = {study.study_uid: self.pacs.list_instances(study.study_uid, folder) for study in studies}
-        job.expect(sum(len(manifests[study.study_uid]) if manifests[study.study_uid] is not None
-                                  else (study.instances or 0) for study in studies))
+        for study in studies:
+            manifest = self.pacs.list_instances(study.study_uid, folder)
+            manifests[study.study_uid] = retrieval.compact(manifest) if moved else manifest
+        expect()
         return manifests
+
+    def _listed(self, study_uid, folder):
+        return retrieval.compact(self.pacs.list_instances(study_uid, folder))
+
+    def cache_key(self, studies, manifests, label, named):
+        """The disc cache's key of this disc (``DiscCache.key``); None without every manifest (not cached)."""
+        if not self.cache.enabled or None in manifests.values():
+            return None
+        config = self.config
+        fingerprints = {uid: (manifest if isinstance(manifest, retrieval.Listed)
+                              else retrieval.Listed(manifest)).fingerprint for uid, manifest in manifests.items()}
+        return self.cache.key(studies, fingerprints, layout=config.iso.layout, dicomdir=config.iso.dicomdir,
+                              label=label, viewer=tree.viewer_digest(config.iso.viewer_dir), named=named,
+                              media=config.iso.media, capacity=media.capacity(config.iso),
+                              transcode=config.iso.transcode, private_objects=config.iso.private_objects,
+                              web_content=config.iso.web_content, institution=config.iso.institution,
+                              contact=config.iso.contact)
 
     @contextmanager
     def retrieved(self, job, studies, manifests):
         """Every study's verified files, released when the block ends.
 
-        The manifests go into the compact form the check needs
-        (``retrieval.Listed``) and are emptied: while 50,000 images arrive
-        and are read, a job keeps their records, not a second copy of every
-        UID (SPEC §8, flat memory).  Not with ``pacs.retrieve: get``: C-GET
-        fetches again, series by series and in the syntax the manifest
-        names, what did not come (``pacs.get_study``), so it keeps the
-        manifest itself.
+        Manifests still asked for beside the retrieval are waited for when
+        it ends however it ends: their findscu writes into the job's folder.
         """
         job.step("retrieve")
-        compact = self.retrievals.receiver is not None  # C-MOVE: the manifest is only checked against
-        listed = {uid: Listed(manifest) if compact and manifest is not None else manifest
-                  for uid, manifest in manifests.items()}
-        manifests.clear()
         held = []
         try:
             for study in studies:
-                held.append(self._retrieve(job, study, listed[study.study_uid]))
-            files = [received for retrieval in held for received in retrieval.files]
+                held.append(self._retrieve(job, study, manifests[study.study_uid]))
+            files = [received for running in held for received in running.files]
             identity.check_files_one_patient(files, studies, self.config.limits.allow_multi_patient)
             yield files
         finally:
-            for retrieval in held:
-                self.retrievals.release(retrieval)
+            for lookup in manifests.values():
+                if isinstance(lookup, retrieval.Lookup):
+                    lookup.wait()
+            for held_retrieval in held:
+                self.retrievals.release(held_retrieval)
 
     def _retrieve(self, job, study, manifest):
         """The study's verified files; a retrieval short of space makes cached discs give way and runs again.
@@ -168,9 +210,9 @@ class Steps:
 
     def _room_for(self, job, study, manifest):
         """Bytes to free for ``study``'s retrieval, estimated from what arrived of it (at least 1)."""
-        count, size = next((retrieval.arrived() for retrieval in job.retrievals
-                            if retrieval.study.study_uid == study.study_uid), (0, 0))
-        expected = len(manifest) if manifest is not None else (study.instances or count)
+        count, size = next((running.arrived() for running in job.retrievals
+                            if running.study.study_uid == study.study_uid), (0, 0))
+        expected = retrieval.expected_images(study, manifest) or count
         estimate = size * expected // count if count else 0
         return max(1, estimate + self.config.limits.min_free_bytes - disk.free_bytes(self.jobs_dir))
 
@@ -202,25 +244,24 @@ class Steps:
         watch = logs.Stopwatch(self.metrics.phase)
         studies = export.studies = self.find(accessions, folder)
         watch.lap("find")
-        manifests = self.manifests(job, studies, folder)
+        manifests = self.manifests(job, studies, folder, cached=True)
         watch.lap("manifest")
         named = self.patient_name(studies) if job.named_by_patient else None
         stem = tree.patient_stem(named) if named is not None else accessions[0]
         label = tree.volume_label(config.iso.volume_label, accessions)
-        key = None  # no manifest, no key: such a disc is not cached
-        if None not in manifests.values():
-            key = self.cache.key(studies, manifests, layout=config.iso.layout, dicomdir=config.iso.dicomdir,
-                                 label=label, viewer=tree.viewer_digest(config.iso.viewer_dir), named=named,
-                                 media=config.iso.media, capacity=media.capacity(config.iso),
-                                 transcode=config.iso.transcode, private_objects=config.iso.private_objects,
-                                 web_content=config.iso.web_content, institution=config.iso.institution,
-                                 contact=config.iso.contact)
+        beside = any(isinstance(manifest, retrieval.Lookup) for manifest in manifests.values())
+        key = None if beside else self.cache_key(studies, manifests, label, named)
+        if key is not None:
             cached = self._from_cache(job, key, folder, label, build, stem)
             if cached is not None:
                 export.bytes = job.disc_bytes
                 return [cached]
         with self.retrieved(job, studies, manifests) as files:
             watch.lap("retrieve")
+            if beside:  # every lookup is in: the retrieval's check waited for it
+                key = self.cache_key(studies, {uid: retrieval.resolved(manifest)
+                                               for uid, manifest in manifests.items()}, label, named)
+            manifests.clear()
             files, omitted = self.sort_out(files)
             job.left_off(omitted)
             if config.iso.transcode == "explicit-le":
@@ -237,7 +278,8 @@ class Steps:
         self.check_free_space(job.disc_bytes if written else 0)
         export.bytes = job.disc_bytes
         isos = [self._disc(job, folder, layout, len(laid), stem, build) for layout in laid]
-        rest = functools.partial(self._write_isos, job, laid, isos, label, key, watch, len(studies))
+        rest = functools.partial(self._write_isos, job, laid, isos, label, key, watch,
+                                 [study.study_uid for study in studies])
         if build and job.stream and len(isos) == 1 and job.format == "iso":
             isos[0].write = rest  # run while the answer goes out: jobs hands it to delivery.Build
         else:
@@ -268,14 +310,14 @@ class Steps:
             watch.lap(job.format)
             if key and len(isos) == 1 and isos[0].path is not None:
                 self.cache.store(key, laid[0].staging, laid[0].digests, laid[0].when,
-                                 isos[0].path if isos[0].archive is None else None)
+                                 isos[0].path if isos[0].archive is None else None, studies=studies)
         finally:
             for layout, iso in zip(laid, isos, strict=True):
                 if iso.tree is None:  # a ZIP's tree stays until its answer or its job ends
                     disk.remove_soon(layout.staging)
             shutil.rmtree(os.path.join(isos[0].folder, "transcoded"), ignore_errors=True)
         log.info("%s built" % job.format, extra={"fields": dict({
-            "accessions": ",".join(job.accessions), "studies": studies, "images": job.export.images,
+            "accessions": ",".join(job.accessions), "studies": len(studies), "images": job.export.images,
             "omitted": (job.omitted or {}).get("objects", 0),
             "discs": len(isos), "bytes": job.disc_bytes, "request_id": job.request_id}, **watch.fields)})
 

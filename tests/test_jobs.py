@@ -174,7 +174,9 @@ def test_cancel_during_the_c_move_kills_the_tools_and_removes_the_files(make_ser
             break
         time.sleep(0.1)
     assert current["progress"]["phase"] == "retrieve", current
-    assert 2 <= current["progress"]["images_received"] < current["progress"]["images_expected"] == 20
+    # 20 once the manifest is in (SPEC §3.9: it runs beside the C-MOVE); dcmqrscp gives no count at STUDY
+    # level and answers no C-FIND while its C-MOVE runs, so until then nothing is known.
+    assert 2 <= current["progress"]["images_received"] < 20 and current["progress"]["images_expected"] in (0, 20)
     assert tools_running("movescu", study_uid), "the C-MOVE should be running"
     cancelled = wsgi_call(app, "/api/jobs/" + job["id"], method="DELETE")
     assert cancelled.status == 200 and cancelled.json()["state"] == "cancelled"

@@ -92,7 +92,7 @@ def bad_answer(what, attribute, rule, value=""):
     """The 502 for an answer that fails its check; the value goes to the debug log only."""
     log.debug("%s: %s refused: %r", what, attribute, value)
     return errors.UpstreamFailed(
-        "%s: the PACS answered a %s that is not %s; nothing was retrieved." % (what, attribute, rule),
+        "%s: the PACS answered a %s that is not %s; the answer was refused." % (what, attribute, rule),
         code="bad_pacs_answer")
 
 
