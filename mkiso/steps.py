@@ -122,10 +122,10 @@ class Steps:
         After a C-MOVE a manifest is only checked against, so it is kept in
         the compact form that needs (``retrieval.Listed``): while 50,000
         images arrive and are read, a job keeps their records, not a second
-        copy of every UID (SPEC §8, flat memory).  Not with ``pacs.retrieve:
-        get``: C-GET fetches again, series by series and in the syntax the
-        manifest names, what did not come (``pacs.get_study``), so it keeps
-        the manifest itself.
+        copy of every UID (SPEC §8, flat memory).  C-GET fetches again,
+        series by series and in the syntax the manifest names, what did not
+        come (``pacs.get_study``): its manifest waits in a file in the job's
+        folder for that (``retrieval.Spilled``).
         """
         moved = self.retrievals.receiver is not None
         manifests = {}
@@ -142,6 +142,8 @@ class Steps:
         job.step("manifest")
         for study in studies:
             manifest = self.pacs.list_instances(study.study_uid, folder)
+            if manifest is not None and not moved:
+                manifest = retrieval.Spilled(manifest, os.path.join(folder, "manifest-%s.txt" % study.study_uid))
             manifests[study.study_uid] = retrieval.compact(manifest) if moved else manifest
         expect()
         return manifests
@@ -154,8 +156,7 @@ class Steps:
         if not self.cache.enabled or None in manifests.values():
             return None
         config = self.config
-        fingerprints = {uid: (manifest if isinstance(manifest, retrieval.Listed)
-                              else retrieval.Listed(manifest)).fingerprint for uid, manifest in manifests.items()}
+        fingerprints = {uid: manifest.fingerprint for uid, manifest in manifests.items()}  # Listed or Spilled
         return self.cache.key(studies, fingerprints, layout=config.iso.layout, dicomdir=config.iso.dicomdir,
                               label=label, viewer=tree.viewer_digest(config.iso.viewer_dir), named=named,
                               media=config.iso.media, capacity=media.capacity(config.iso),

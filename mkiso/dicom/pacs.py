@@ -201,6 +201,16 @@ class Manifest(dict):
         super().__init__(series)
         self.syntaxes = dict(syntaxes or {})
 
+    @property
+    def stored_syntax(self):
+        """The one transfer syntax every instance is stored in, where the PACS said so for all; else None."""
+        stored = set(self.syntaxes.values()) if self and len(self.syntaxes) == len(self) else set()
+        return stored.pop() if len(stored) == 1 else None
+
+    def load(self):
+        """The whole manifest (``retrieval.Spilled`` reads it back from disk; this one is it)."""
+        return self
+
 
 class MoveResult:
     """The final C-MOVE response: status text and sub-operation counts."""
@@ -543,12 +553,12 @@ class Pacs:
         one, then IMAGE-level C-GETs of what failed, proposing the compressed
         syntaxes in turn.  Returns the counts of all of them together.
         """
-        syntaxes = getattr(manifest, "syntaxes", {})
-        stored = set(syntaxes.values()) if manifest and len(syntaxes) == len(manifest) else set()
-        first = GET_OPTION.get(stored.pop()) if len(stored) == 1 else None
+        first = GET_OPTION.get(manifest.stored_syntax) if manifest else None
         results = [self._get(study_keys(study_uid), out_dir, first, "C-GET of study %s" % study_uid)]
         if not results[0].failed or not manifest:
             return results[0]
+        manifest = manifest.load()  # every instance's series and syntax, for the retries only
+        syntaxes = manifest.syntaxes
         for syntax, option in GET_PREFERENCES:
             missing = missing_instances(manifest, out_dir)
             if not missing:
