@@ -116,8 +116,9 @@ class Steps:
         the retrieval starts: C-GET proposes the compressed syntax the
         manifest names (getscu can propose only one), and, for a download
         (``cached``), the disc cache where it may hold a disc of these
-        studies: it finds it by the manifests, and a hit makes no C-MOVE.  Meanwhile the expected count is the
-        STUDY-level one, and the manifest's once it is in.
+        studies: it finds it by the manifests, and a hit makes no C-MOVE.
+        Meanwhile the expected count is the STUDY-level one, and the
+        manifest's once it is in.
 
         After a C-MOVE a manifest is only checked against, so it is kept in
         the compact form that needs (``retrieval.Listed``): while 50,000
