@@ -150,7 +150,9 @@ class Steps:
         return manifests
 
     def _listed(self, study_uid, folder):
-        return retrieval.compact(self.pacs.list_instances(study_uid, folder))
+        """A study's manifest as a C-MOVE's check needs it, made as the answers are read: never the whole
+        list of 50,000 UIDs at once."""
+        return self.pacs.list_instances(study_uid, folder, make=retrieval.Listed)
 
     def cache_key(self, studies, manifests, label, named):
         """The disc cache's key of this disc (``DiscCache.key``); None without every manifest (not cached)."""

@@ -240,11 +240,11 @@ def test_a_pacs_that_refuses_the_syntax_key_is_asked_without_it(jpeg_pacs_client
     asked = []
     find = jpeg_pacs_client._find_instances
 
-    def strict(study_uid, scratch_dir, what, asks_syntaxes):
+    def strict(study_uid, scratch_dir, what, asks_syntaxes, make=None):
         asked.append(asks_syntaxes)
         if asks_syntaxes:
             return None, "Failed: UnableToProcess"
-        return find(study_uid, scratch_dir, what, asks_syntaxes)
+        return find(study_uid, scratch_dir, what, asks_syntaxes, make)
 
     monkeypatch.setattr(jpeg_pacs_client, "_find_instances", strict)
     for accession in ("GJPG01", "GMIX01"):

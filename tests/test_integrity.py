@@ -174,10 +174,10 @@ def test_an_extra_image_is_refused_when_the_manifest_and_the_move_overlap(servic
         overlapped.append(("manifest in before the move ended", listed.wait(10)))
         return result
 
-    def list_during_the_move(study_uid, scratch_dir):
+    def list_during_the_move(study_uid, scratch_dir, **options):
         overlapped.append(("move begun before the manifest was asked for", moving.wait(10)))
         try:
-            return real_list(study_uid, scratch_dir)
+            return real_list(study_uid, scratch_dir, **options)
         finally:
             listed.set()
 
@@ -276,9 +276,9 @@ def test_image_lost_between_the_manifest_and_the_move_is_502_with_the_number(
     real_move, real_list = service.pacs.move_study, service.pacs.list_instances
     listed = threading.Event()
 
-    def list_instances(study_uid, scratch_dir):
+    def list_instances(study_uid, scratch_dir, **options):
         try:
-            return real_list(study_uid, scratch_dir)
+            return real_list(study_uid, scratch_dir, **options)
         finally:
             listed.set()
 
