@@ -51,7 +51,6 @@ class Entry:
     size: int  # its tree's bytes, and its ISO's once it has one
     stored: float
     iso: bool = False
-    studies: frozenset = frozenset()  # its Study Instance UIDs (``may_hold``)
 
 
 @dataclasses.dataclass
@@ -81,17 +80,23 @@ class DiscCache:
     @staticmethod
     def key(studies, fingerprints, **disc):
         """The key of a disc of ``studies`` (pacs.Study: what the PACS answered now) and their manifests
-        (study UID -> ``retrieval.Listed.fingerprint``)."""
+        (study UID -> ``retrieval.Listed.fingerprint``).
+
+        It begins with the digest of the study UIDs alone (``_held``), so
+        that ``may_hold`` can tell without any manifest whether an entry
+        could be a disc of these studies at all.
+        """
         content = {
             "studies": sorted([study.study_uid, fingerprints[study.study_uid], study.identity]
                               for study in studies),
             "disc": disc,
             "version": __version__,
         }
-        return hashlib.sha256(json.dumps(content, sort_keys=True).encode("utf-8")).hexdigest()
+        return "%s-%s" % (_held([study.study_uid for study in studies]),
+                          hashlib.sha256(json.dumps(content, sort_keys=True).encode("utf-8")).hexdigest())
 
     def may_hold(self, study_uids):
-        """Whether an entry holds a disc of exactly these studies (whatever its key).
+        """Whether an entry holds a disc of exactly these studies (whatever the rest of its key).
 
         Where none does, no manifest can make a hit, and the job asks for its
         manifests beside the retrieval (SPEC §3.9) instead of before it: that
@@ -99,10 +104,10 @@ class DiscCache:
         """
         if not self.enabled:
             return False
-        wanted = frozenset(study_uids)
+        prefix = _held(study_uids) + "-"
         with self._lock:
             self._expire()
-            held = any(entry.studies == wanted for entry in self._entries.values())
+            held = any(key.startswith(prefix) for key in self._entries)
             self.misses += not held
         return held
 
@@ -131,10 +136,9 @@ class DiscCache:
             link_tree(os.path.join(entry.folder, TREE), tree, found)
             return Cached(None, tree, found, when)
 
-    def store(self, key, tree, found, when, iso_path=None, studies=()):
+    def store(self, key, tree, found, when, iso_path=None):
         """Keep the staged ``tree`` (its files' ``found`` digests, its ZIP's time stamp ``when``) and its
-        ISO, if one was built, under ``key``, as a disc of ``studies`` (their UIDs, for ``may_hold``); older
-        entries go past max_bytes."""
+        ISO, if one was built, under ``key``; older entries go past max_bytes."""
         size = sum(digest.size for digest in found) + (os.path.getsize(iso_path) if iso_path else 0)
         if not self.enabled or size > self.max_bytes:
             return
@@ -144,7 +148,7 @@ class DiscCache:
             os.mkdir(folder, 0o700 if self.mode == 0o600 else 0o750)
             link_tree(tree, os.path.join(folder, TREE), found)
             write_digests(os.path.join(folder, DIGESTS), found, when)
-            entry = self._entries[key] = Entry(folder, size, time.monotonic(), studies=frozenset(studies))
+            entry = self._entries[key] = Entry(folder, size, time.monotonic())
             if iso_path:
                 self._link_iso(entry, iso_path)
             self._trim()
@@ -202,6 +206,11 @@ class DiscCache:
 
     def _total(self):
         return sum(entry.size for entry in self._entries.values())
+
+
+def _held(study_uids):
+    """The first part of a disc's key: its studies' UIDs alone, in any order."""
+    return hashlib.sha256("\\".join(sorted(study_uids)).encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
 def link_tree(source, target, found):

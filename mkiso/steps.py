@@ -156,6 +156,7 @@ class Steps:
 
     def cache_key(self, studies, manifests, label, named):
         """The disc cache's key of this disc (``DiscCache.key``); None without every manifest (not cached)."""
+        manifests = {uid: retrieval.resolved(manifest) for uid, manifest in manifests.items()}
         if not self.cache.enabled or None in manifests.values():
             return None
         config = self.config
@@ -262,10 +263,8 @@ class Steps:
                 return [cached]
         with self.retrieved(job, studies, manifests) as files:
             watch.lap("retrieve")
-            if beside:  # every lookup is in: the retrieval's check waited for it
-                key = self.cache_key(studies, {uid: retrieval.resolved(manifest)
-                                               for uid, manifest in manifests.items()}, label, named)
-            manifests.clear()
+            if beside:  # each lookup is in now: the retrieval's check waited for it
+                key = self.cache_key(studies, manifests, label, named)
             files, omitted = self.sort_out(files)
             job.left_off(omitted)
             if config.iso.transcode == "explicit-le":
@@ -282,8 +281,7 @@ class Steps:
         self.check_free_space(job.disc_bytes if written else 0)
         export.bytes = job.disc_bytes
         isos = [self._disc(job, folder, layout, len(laid), stem, build) for layout in laid]
-        rest = functools.partial(self._write_isos, job, laid, isos, label, key, watch,
-                                 [study.study_uid for study in studies])
+        rest = functools.partial(self._write_isos, job, laid, isos, label, key, watch, len(studies))
         if build and job.stream and len(isos) == 1 and job.format == "iso":
             isos[0].write = rest  # run while the answer goes out: jobs hands it to delivery.Build
         else:
@@ -314,14 +312,14 @@ class Steps:
             watch.lap(job.format)
             if key and len(isos) == 1 and isos[0].path is not None:
                 self.cache.store(key, laid[0].staging, laid[0].digests, laid[0].when,
-                                 isos[0].path if isos[0].archive is None else None, studies=studies)
+                                 isos[0].path if isos[0].archive is None else None)
         finally:
             for layout, iso in zip(laid, isos, strict=True):
                 if iso.tree is None:  # a ZIP's tree stays until its answer or its job ends
                     disk.remove_soon(layout.staging)
             shutil.rmtree(os.path.join(isos[0].folder, "transcoded"), ignore_errors=True)
         log.info("%s built" % job.format, extra={"fields": dict({
-            "accessions": ",".join(job.accessions), "studies": len(studies), "images": job.export.images,
+            "accessions": ",".join(job.accessions), "studies": studies, "images": job.export.images,
             "omitted": (job.omitted or {}).get("objects", 0),
             "discs": len(isos), "bytes": job.disc_bytes, "request_id": job.request_id}, **watch.fields)})
 
