@@ -100,7 +100,10 @@ class Listed:
     _KEY = os.urandom(16)
 
     def __init__(self, uids):
-        self._digests = array.array("Q", sorted(self._digest(uid) for uid in uids))
+        ordered = sorted(self._digest(uid) for uid in uids)
+        # A UID answered twice is one image, as in the Manifest (a dict) this was once made of.
+        self._digests = array.array("Q", (digest for at, digest in enumerate(ordered)
+                                          if not at or digest != ordered[at - 1]))
 
     @classmethod
     def _digest(cls, uid):
