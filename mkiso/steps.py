@@ -131,8 +131,9 @@ class Steps:
         moved = self.retrievals.receiver is not None
         manifests = {}
 
-        def expect():
-            job.expect(sum(retrieval.expected_images(study, manifests[study.study_uid]) or 0 for study in studies))
+        def expect():  # also from a Lookup's thread, maybe before the next study's Lookup is in
+            job.expect(sum(retrieval.expected_images(study, manifests.get(study.study_uid)) or 0
+                           for study in studies))
 
         if moved and not (cached and self.cache.may_hold(study.study_uid for study in studies)):
             for study in studies:

@@ -19,6 +19,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from mkiso.dicom import retrieval
 from mkiso.http import application
 from mkiso.dicom.receiver import listening_sockets
 from conftest import DCMTK_DIR, job_leftovers
@@ -190,6 +191,22 @@ def test_an_extra_image_is_refused_when_the_manifest_and_the_move_overlap(servic
     assert response.json()["code"] == "unexpected_image"
     assert "1 images arrived" in response.json()["error"]
     assert job_leftovers(service) == []
+
+
+def test_a_manifest_in_before_the_next_study_is_asked_for(service, app, wsgi_call, archive, tmp_path, monkeypatch):
+    """Each study's manifest is asked for in a thread of its own (SPEC §3.9) and tells the job's expected
+    count once it is in: the first may be in before the second study's lookup is even started.  Held so
+    that it always is: still one disc of both studies, each checked against its own manifest."""
+    real_init = retrieval.Lookup.__init__
+
+    def answered_at_once(self, ask, then=None):
+        real_init(self, ask, then)
+        self.wait()
+
+    monkeypatch.setattr(retrieval.Lookup, "__init__", answered_at_once)
+    _, disc, _ = download(wsgi_call, app, "/api/iso/download-multiple", tmp_path,
+                          "accession_numbers=MR.180505.026,ACC1002")
+    check_pdi(disc, archive.sop_uids("MR.180505.026", "ACC1002"))
 
 
 def test_an_image_caught_half_written_when_the_move_ends_is_refused(service, app, wsgi_call, archive, tmp_path,
