@@ -82,16 +82,38 @@ class DiscCache:
         return self.enabled and size <= self.max_bytes
 
     @staticmethod
-    def key(studies, manifests, **disc):
+    def key(studies, fingerprints, **disc):
         """The key of a disc of ``studies`` (pacs.Study: what the PACS answered now) and their manifests
-        (study UID -> SOP UIDs)."""
+        (study UID -> ``retrieval.Listed.fingerprint``).
+
+        It begins with the digest of the study UIDs alone (``_held``), so
+        that ``may_hold`` can tell without any manifest whether an entry
+        could be a disc of these studies at all.
+        """
         content = {
-            "studies": sorted([study.study_uid, sorted(manifests[study.study_uid]), study.identity]
+            "studies": sorted([study.study_uid, fingerprints[study.study_uid], study.identity]
                               for study in studies),
             "disc": disc,
             "version": __version__,
         }
-        return hashlib.sha256(json.dumps(content, sort_keys=True).encode("utf-8")).hexdigest()
+        return "%s-%s" % (_held([study.study_uid for study in studies]),
+                          hashlib.sha256(json.dumps(content, sort_keys=True).encode("utf-8")).hexdigest())
+
+    def may_hold(self, study_uids):
+        """Whether an entry holds a disc of exactly these studies (whatever the rest of its key).
+
+        Where none does, no manifest can make a hit, and the job asks for its
+        manifests beside the retrieval (SPEC §3.9) instead of before it: that
+        is the miss (``fetch`` counts it where one might hold it).
+        """
+        if not self.enabled:
+            return False
+        prefix = _held(study_uids) + "-"
+        with self._lock:
+            self._expire()
+            held = any(key.startswith(prefix) for key in self._entries)
+            self.misses += not held
+        return held
 
     def fetch(self, key, folder, iso=True):
         """The cached disc for ``key`` linked into ``folder`` (a ``Cached``), or None when not cached.
@@ -188,6 +210,11 @@ class DiscCache:
 
     def _total(self):
         return sum(entry.size for entry in self._entries.values())
+
+
+def _held(study_uids):
+    """The first part of a disc's key: its studies' UIDs alone, in any order."""
+    return hashlib.sha256("\\".join(sorted(study_uids)).encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
 def link_tree(source, target, found):

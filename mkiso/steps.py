@@ -29,7 +29,8 @@ from .disc import digests, isoimage, media, records, tree, verify, webcontent, z
 from . import disk, errors, logs
 from .disc.tree import Iso
 from .dicom import identity
-from .dicom.retrieval import Listed, Retrievals
+from .dicom import retrieval
+from .dicom.retrieval import Retrievals
 
 log = logging.getLogger(__name__)
 
@@ -111,41 +112,88 @@ class Steps:
         identity.check_one_patient(studies, self.config.limits.allow_multi_patient)
         return studies
 
-    def manifests(self, job, studies, folder):
-        """Each study's SOP Instance UIDs (None where the PACS refuses IMAGE-level queries)."""
+    def manifests(self, job, studies, folder, cached=False):
+        """Each study's manifest, SPEC §3.6: its SOP Instance UIDs (None where the PACS refuses IMAGE-level
+        queries), or a ``retrieval.Lookup`` asking for them beside the retrieval (§3.9).
+
+        Beside, on its own association, unless something must know it before
+        the retrieval starts: C-GET proposes the compressed syntax the
+        manifest names (getscu can propose only one), and, for a download
+        (``cached``), the disc cache where it may hold a disc of these
+        studies: it finds it by the manifests, and a hit makes no C-MOVE.
+        Meanwhile the expected count is the STUDY-level one, and the
+        manifest's once it is in.
+
+        After a C-MOVE a manifest is only checked against, so it is kept in
+        the compact form that needs (``retrieval.Listed``): while 50,000
+        images arrive and are read, a job keeps their records, not a second
+        copy of every UID (SPEC §8, flat memory).  C-GET fetches again,
+        series by series and in the syntax the manifest names, what did not
+        come (``pacs.get_study``): its manifest waits in a file in the job's
+        folder for that (``retrieval.Spilled``).
+        """
+        moved = self.retrievals.receiver is not None
+        manifests = {}
+
+        def expect():  # also from a Lookup's thread, maybe before the next study's Lookup is in
+            job.expect(sum(retrieval.expected_images(study, manifests.get(study.study_uid)) or 0
+                           for study in studies))
+
+        if moved and not (cached and self.cache.may_hold(study.study_uid for study in studies)):
+            for study in studies:
+                ask = functools.partial(self._listed, study.study_uid, folder)
+                manifests[study.study_uid] = retrieval.Lookup(ask, then=expect)
+            expect()
+            return manifests
         job.step("manifest")
-        manifests = {study.study_uid: self.pacs.list_instances(study.study_uid, folder) for study in studies}
-        job.expect(sum(len(manifests[study.study_uid]) if manifests[study.study_uid] is not None
-                                  else (study.instances or 0) for study in studies))
+        for study in studies:
+            manifest = self.pacs.list_instances(study.study_uid, folder)
+            if manifest is not None and not moved:
+                manifest = retrieval.Spilled(manifest, os.path.join(folder, "manifest-%s.txt" % study.study_uid))
+            manifests[study.study_uid] = retrieval.compact(manifest) if moved else manifest
+        expect()
         return manifests
+
+    def _listed(self, study_uid, folder):
+        """A study's manifest as a C-MOVE's check needs it, made as the answers are read: never the whole
+        list of 50,000 UIDs at once."""
+        return self.pacs.list_instances(study_uid, folder, make=retrieval.Listed)
+
+    def cache_key(self, studies, manifests, label, named):
+        """The disc cache's key of this disc (``DiscCache.key``); None without every manifest (not cached)."""
+        manifests = {uid: retrieval.resolved(manifest) for uid, manifest in manifests.items()}
+        if not self.cache.enabled or None in manifests.values():
+            return None
+        config = self.config
+        fingerprints = {uid: manifest.fingerprint for uid, manifest in manifests.items()}  # Listed or Spilled
+        return self.cache.key(studies, fingerprints, layout=config.iso.layout, dicomdir=config.iso.dicomdir,
+                              label=label, viewer=tree.viewer_digest(config.iso.viewer_dir), named=named,
+                              media=config.iso.media, capacity=media.capacity(config.iso),
+                              transcode=config.iso.transcode, private_objects=config.iso.private_objects,
+                              web_content=config.iso.web_content, institution=config.iso.institution,
+                              contact=config.iso.contact)
 
     @contextmanager
     def retrieved(self, job, studies, manifests):
         """Every study's verified files, released when the block ends.
 
-        The manifests go into the compact form the check needs
-        (``retrieval.Listed``) and are emptied: while 50,000 images arrive
-        and are read, a job keeps their records, not a second copy of every
-        UID (SPEC §8, flat memory).  Not with ``pacs.retrieve: get``: C-GET
-        fetches again, series by series and in the syntax the manifest
-        names, what did not come (``pacs.get_study``), so it keeps the
-        manifest itself.
+        Manifests still asked for beside the retrieval are waited for when
+        it ends however it ends: their findscu writes into the job's folder.
         """
         job.step("retrieve")
-        compact = self.retrievals.receiver is not None  # C-MOVE: the manifest is only checked against
-        listed = {uid: Listed(manifest) if compact and manifest is not None else manifest
-                  for uid, manifest in manifests.items()}
-        manifests.clear()
         held = []
         try:
             for study in studies:
-                held.append(self._retrieve(job, study, listed[study.study_uid]))
-            files = [received for retrieval in held for received in retrieval.files]
+                held.append(self._retrieve(job, study, manifests[study.study_uid]))
+            files = [received for running in held for received in running.files]
             identity.check_files_one_patient(files, studies, self.config.limits.allow_multi_patient)
             yield files
         finally:
-            for retrieval in held:
-                self.retrievals.release(retrieval)
+            for lookup in manifests.values():
+                if isinstance(lookup, retrieval.Lookup):
+                    lookup.wait()
+            for held_retrieval in held:
+                self.retrievals.release(held_retrieval)
 
     def _retrieve(self, job, study, manifest):
         """The study's verified files; a retrieval short of space makes cached discs give way and runs again.
@@ -182,9 +230,9 @@ class Steps:
 
     def _room_for(self, job, study, manifest):
         """Bytes to free for ``study``'s retrieval, estimated from what arrived of it (at least 1)."""
-        count, size = next((retrieval.arrived() for retrieval in job.retrievals
-                            if retrieval.study.study_uid == study.study_uid), (0, 0))
-        expected = len(manifest) if manifest is not None else (study.instances or count)
+        count, size = next((running.arrived() for running in job.retrievals
+                            if running.study.study_uid == study.study_uid), (0, 0))
+        expected = retrieval.expected_images(study, manifest) or count
         estimate = size * expected // count if count else 0
         return max(1, estimate + self.config.limits.min_free_bytes - disk.free_bytes(self.jobs_dir))
 
@@ -216,25 +264,22 @@ class Steps:
         watch = logs.Stopwatch(self.metrics.phase)
         studies = export.studies = self.find(accessions, folder)
         watch.lap("find")
-        manifests = self.manifests(job, studies, folder)
+        manifests = self.manifests(job, studies, folder, cached=True)
         watch.lap("manifest")
         named = self.patient_name(studies) if job.named_by_patient else None
         stem = tree.patient_stem(named) if named is not None else accessions[0]
         label = tree.volume_label(config.iso.volume_label, accessions)
-        key = None  # no manifest, no key: such a disc is not cached
-        if None not in manifests.values():
-            key = self.cache.key(studies, manifests, layout=config.iso.layout, dicomdir=config.iso.dicomdir,
-                                 label=label, viewer=tree.viewer_digest(config.iso.viewer_dir), named=named,
-                                 media=config.iso.media, capacity=media.capacity(config.iso),
-                                 transcode=config.iso.transcode, private_objects=config.iso.private_objects,
-                                 web_content=config.iso.web_content, institution=config.iso.institution,
-                                 contact=config.iso.contact)
+        beside = any(isinstance(manifest, retrieval.Lookup) for manifest in manifests.values())
+        key = None if beside else self.cache_key(studies, manifests, label, named)
+        if key is not None:
             cached = self._from_cache(job, key, folder, label, build, stem)
             if cached is not None:
                 export.bytes = job.disc_bytes
                 return [cached]
         with self.retrieved(job, studies, manifests) as files:
             watch.lap("retrieve")
+            if beside:  # each lookup is in now: the retrieval's check waited for it
+                key = self.cache_key(studies, manifests, label, named)
             files, omitted = self.sort_out(files)
             job.left_off(omitted)
             if config.iso.transcode == "explicit-le":

@@ -15,7 +15,7 @@ import pydicom
 import pytest
 
 from mkiso import config as configuration, demo, process
-from mkiso.dicom import pacs
+from mkiso.dicom import pacs, retrieval
 from mkiso.http import application
 from conftest import DCMTK_DIR, write_config
 from discs import check_pdi, download
@@ -127,6 +127,43 @@ def test_c_get_of_a_study_in_two_syntaxes(make_service, settings, wsgi_call, tmp
     as_stored(disc, jpeg_pacs, "GMIX01", {JPEG_LOSSLESS_SV1, EXPLICIT_LE})
 
 
+def test_c_get_reads_its_manifest_back_only_for_a_retry(make_service, settings, wsgi_call, tmp_path, jpeg_pacs,
+                                                        archive, monkeypatch):
+    """While a study arrives by C-GET the job holds its manifest as digests, the rest in a file
+    (``retrieval.Spilled``, SPEC §8 flat memory); the whole list is read back only where a C-GET failed
+    some images and they are fetched again (GMIX01's JPEG series), and then it is the manifest as listed."""
+    loaded = []
+    real_load = retrieval.Spilled.load
+
+    def load(self):
+        manifest = real_load(self)
+        loaded.append((len(manifest), dict(manifest), manifest.syntaxes))
+        return manifest
+
+    monkeypatch.setattr(retrieval.Spilled, "load", load)
+    plain = make_disc(make_service, settings, wsgi_call, archive.pacs, "ACC2001", "get", tmp_path / "plain")
+    check_pdi(plain, archive.sop_uids("ACC2001"))
+    assert loaded == []  # every image came with the first C-GET
+    study_uid = jpeg_pacs.samples["GMIX01"].study_uid
+    mixed = make_disc(make_service, settings, wsgi_call, jpeg_pacs, "GMIX01", "get", tmp_path / "mixed")
+    check_pdi(mixed, jpeg_pacs.samples["GMIX01"].sop_uids)
+    listed = pacs.Pacs(configuration.load(write_config(tmp_path / "config.yaml", dict(
+        settings, pacs=dict(settings["pacs"], port=jpeg_pacs.port))))).list_instances(study_uid, str(tmp_path))
+    assert loaded == [(4, dict(listed), listed.syntaxes)]
+
+
+def test_a_spilled_manifest_reads_back_as_it_was(tmp_path):
+    manifest = pacs.Manifest({"1.2.3.1": "1.2.3.10", "1.2.3.2": "1.2.3.10", "1.2.3.3": ""},
+                             {"1.2.3.1": JPEG_LS, "1.2.3.2": JPEG_LS})
+    spilled = retrieval.Spilled(manifest, str(tmp_path / "manifest.txt"))
+    again = spilled.load()
+    assert (dict(again), again.syntaxes) == (dict(manifest), manifest.syntaxes)
+    assert len(spilled) == 3 and "1.2.3.2" in spilled and "1.2.3.4" not in spilled
+    assert spilled.stored_syntax is manifest.stored_syntax is None  # one instance says nothing
+    del manifest["1.2.3.3"]
+    assert retrieval.Spilled(manifest, str(tmp_path / "two.txt")).stored_syntax == JPEG_LS
+
+
 def as_stored(disc, archive, accession, syntaxes):
     """The disc holds exactly the study's images, each in the transfer syntax the PACS stores it in."""
     expected = set(archive.samples[accession].sop_uids)
@@ -203,11 +240,11 @@ def test_a_pacs_that_refuses_the_syntax_key_is_asked_without_it(jpeg_pacs_client
     asked = []
     find = jpeg_pacs_client._find_instances
 
-    def strict(study_uid, scratch_dir, what, asks_syntaxes):
+    def strict(study_uid, scratch_dir, what, asks_syntaxes, make=None):
         asked.append(asks_syntaxes)
         if asks_syntaxes:
             return None, "Failed: UnableToProcess"
-        return find(study_uid, scratch_dir, what, asks_syntaxes)
+        return find(study_uid, scratch_dir, what, asks_syntaxes, make)
 
     monkeypatch.setattr(jpeg_pacs_client, "_find_instances", strict)
     for accession in ("GJPG01", "GMIX01"):

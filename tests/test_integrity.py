@@ -19,6 +19,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from mkiso.dicom import retrieval
 from mkiso.http import application
 from mkiso.dicom.receiver import listening_sockets
 from conftest import DCMTK_DIR, job_leftovers
@@ -157,6 +158,57 @@ def test_an_extra_image_sent_during_the_move_is_refused(service, app, wsgi_call,
     assert job_leftovers(service) == []
 
 
+def test_an_extra_image_is_refused_when_the_manifest_and_the_move_overlap(service, app, wsgi_call, archive, tmp_path,
+                                                                          monkeypatch):
+    """SPEC §3.9: the manifest's C-FIND runs on its own association while the C-MOVE runs.  Held so that
+    every run overlaps both ways: the manifest is asked for only once the move has begun and an intruder's
+    image is in the study's folder, and the move ends only once the manifest is in.  The intruder is still
+    refused, with nothing left behind."""
+    extra = forge(pacs_files(archive, "ACC2001")[:1], str(tmp_path / "extra"), new_sop_uids=True)
+    real_move, real_list = service.pacs.move_study, service.pacs.list_instances
+    moving, listed, overlapped = threading.Event(), threading.Event(), []
+
+    def move_with_an_intruder(study_uid):
+        moving.set()
+        assert "Received Store Response (Success)" in send(extra, service.config.receiver.port)
+        result = real_move(study_uid)
+        overlapped.append(("manifest in before the move ended", listed.wait(10)))
+        return result
+
+    def list_during_the_move(study_uid, scratch_dir, **options):
+        overlapped.append(("move begun before the manifest was asked for", moving.wait(10)))
+        try:
+            return real_list(study_uid, scratch_dir, **options)
+        finally:
+            listed.set()
+
+    monkeypatch.setattr(service.pacs, "move_study", move_with_an_intruder)
+    monkeypatch.setattr(service.pacs, "list_instances", list_during_the_move)
+    response = wsgi_call(app, "/api/iso/download", query="accession_number=ACC2001")
+    assert sorted(overlapped) == [("manifest in before the move ended", True),
+                                  ("move begun before the manifest was asked for", True)], overlapped
+    assert response.status == 502, response.body[:300]
+    assert response.json()["code"] == "unexpected_image"
+    assert "1 images arrived" in response.json()["error"]
+    assert job_leftovers(service) == []
+
+
+def test_a_manifest_in_before_the_next_study_is_asked_for(service, app, wsgi_call, archive, tmp_path, monkeypatch):
+    """Each study's manifest is asked for in a thread of its own (SPEC §3.9) and tells the job's expected
+    count once it is in: the first may be in before the second study's lookup is even started.  Held so
+    that it always is: still one disc of both studies, each checked against its own manifest."""
+    real_init = retrieval.Lookup.__init__
+
+    def answered_at_once(self, ask, then=None):
+        real_init(self, ask, then)
+        self.wait()
+
+    monkeypatch.setattr(retrieval.Lookup, "__init__", answered_at_once)
+    _, disc, _ = download(wsgi_call, app, "/api/iso/download-multiple", tmp_path,
+                          "accession_numbers=MR.180505.026,ACC1002")
+    check_pdi(disc, archive.sop_uids("MR.180505.026", "ACC1002"))
+
+
 def test_an_image_caught_half_written_when_the_move_ends_is_refused(service, app, wsgi_call, archive, tmp_path,
                                                                    monkeypatch):
     """The race the injection loop above can hit: a foreign C-STORE's storescp is writing its file into
@@ -238,9 +290,17 @@ def test_image_lost_between_the_manifest_and_the_move_is_502_with_the_number(
     storage = archive.pacs.storage
     index = os.path.join(storage, "index.dat")
     lost = pacs_files(archive, "ACC2001")[0]
-    real_move = service.pacs.move_study
+    real_move, real_list = service.pacs.move_study, service.pacs.list_instances
+    listed = threading.Event()
+
+    def list_instances(study_uid, scratch_dir, **options):
+        try:
+            return real_list(study_uid, scratch_dir, **options)
+        finally:
+            listed.set()
 
     def move_after_the_loss(study_uid):
+        assert listed.wait(30)  # the manifest runs beside the move (SPEC §3.9): it lists all four
         shutil.copy(index, index + ".saved")
         os.unlink(index)
         everything = [os.path.join(folder, name) for folder, _, names in os.walk(storage)
@@ -252,6 +312,7 @@ def test_image_lost_between_the_manifest_and_the_move_is_502_with_the_number(
         finally:
             os.replace(index + ".saved", index)
 
+    monkeypatch.setattr(service.pacs, "list_instances", list_instances)
     monkeypatch.setattr(service.pacs, "move_study", move_after_the_loss)
     response = wsgi_call(app, "/api/iso/download", query="accession_number=ACC2001")
     assert response.status == 502, "a disc was made without the lost image (status %d)" % response.status

@@ -6,7 +6,7 @@ import pytest
 
 from mkiso import demo, errors, process
 from mkiso.dicom import pacs
-from mkiso.dicom.retrieval import verify
+from mkiso.dicom.retrieval import Listed, verify
 
 FINAL_SUCCESS = """\
 I: Received Move Response 1 (Pending)
@@ -169,6 +169,19 @@ def test_manifest_missing_image_is_incomplete_with_the_number(received):
     manifest = list(sample.sop_uids) + ["1.2.3.4.5.6.7"]
     with pytest.raises(errors.UpstreamFailed, match="1 of the 4 images the PACS lists") as caught:
         verify(study, move(3), paths, manifest)
+    assert caught.value.code == "incomplete_study"
+
+
+def test_a_manifest_made_as_the_answers_are_read_counts_a_uid_answered_twice_once(received):
+    """A C-MOVE's manifest is made straight from findscu's answers (``Listed``, never a dict of them): a
+    PACS answering an image twice lists it once, as before, and the study is complete; one image more
+    listed is still one missing."""
+    sample, study, paths = received
+    uids = list(sample.sop_uids)
+    files = verify(study, move(3), paths, Listed(iter(uids + uids[:1])))
+    assert sorted(f.sop_uid for f in files) == sorted(uids)
+    with pytest.raises(errors.UpstreamFailed, match="1 of the 4 images the PACS lists") as caught:
+        verify(study, move(3), paths, Listed(iter(uids + uids[:1] + ["1.2.3.4.5.6.7"])))
     assert caught.value.code == "incomplete_study"
 
 

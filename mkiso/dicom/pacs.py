@@ -92,7 +92,7 @@ def bad_answer(what, attribute, rule, value=""):
     """The 502 for an answer that fails its check; the value goes to the debug log only."""
     log.debug("%s: %s refused: %r", what, attribute, value)
     return errors.UpstreamFailed(
-        "%s: the PACS answered a %s that is not %s; nothing was retrieved." % (what, attribute, rule),
+        "%s: the PACS answered a %s that is not %s; the answer was refused." % (what, attribute, rule),
         code="bad_pacs_answer")
 
 
@@ -200,6 +200,16 @@ class Manifest(dict):
     def __init__(self, series=(), syntaxes=None):
         super().__init__(series)
         self.syntaxes = dict(syntaxes or {})
+
+    @property
+    def stored_syntax(self):
+        """The one transfer syntax every instance is stored in, where the PACS said so for all; else None."""
+        stored = set(self.syntaxes.values()) if self and len(self.syntaxes) == len(self) else set()
+        return stored.pop() if len(stored) == 1 else None
+
+    def load(self):
+        """The whole manifest (``retrieval.Spilled`` reads it back from disk; this one is it)."""
+        return self
 
 
 class MoveResult:
@@ -427,8 +437,10 @@ class Pacs:
                 raise_for_failure(result.output, self.peer, what, calling_ae=self.our_ae)
             return [pydicom.dcmread(os.path.join(out_dir, name), force=True) for name in sorted(os.listdir(out_dir))]
 
-    def list_instances(self, study_uid, scratch_dir):
-        """The study's images from an IMAGE-level C-FIND (the manifest, a ``Manifest``).
+    def list_instances(self, study_uid, scratch_dir, make=None):
+        """The study's images from an IMAGE-level C-FIND (the manifest, a ``Manifest``; with ``make``, what
+        ``make`` makes of the iterable of their SOP Instance UIDs, read from the answers as it goes: the
+        compact form of a manifest only checked against, made without the whole list at any moment).
 
         None when the PACS refuses IMAGE-level queries (a failure status in
         its final response); any other failure is an error as usual.  Each
@@ -438,10 +450,10 @@ class Pacs:
         """
         what = "IMAGE-level C-FIND of study %s" % study_uid
         asks_syntaxes = self._asks_syntaxes
-        manifest, status = self._find_instances(study_uid, scratch_dir, what, asks_syntaxes)
+        manifest, status = self._find_instances(study_uid, scratch_dir, what, asks_syntaxes, make)
         if manifest is None and asks_syntaxes:
             self._asks_syntaxes = False
-            manifest, status = self._find_instances(study_uid, scratch_dir, what, False)
+            manifest, status = self._find_instances(study_uid, scratch_dir, what, False, make)
             if manifest is not None:
                 log.info("the PACS refuses AvailableTransferSyntaxUID in IMAGE-level C-FIND; C-GET finds "
                          "the transfer syntaxes of compressed studies by trying them")
@@ -451,8 +463,9 @@ class Pacs:
                         "its counts only", status)
         return manifest
 
-    def _find_instances(self, study_uid, scratch_dir, what, asks_syntaxes):
-        """One IMAGE-level C-FIND: (its Manifest or None when the PACS refused it, the final status)."""
+    def _find_instances(self, study_uid, scratch_dir, what, asks_syntaxes, make=None):
+        """One IMAGE-level C-FIND: (its Manifest, or what ``make`` makes of its UIDs, or None when the PACS
+        refused it; the final status)."""
         with tempfile.TemporaryDirectory(prefix="manifest-", dir=scratch_dir) as out_dir:
             answers = os.path.join(out_dir, "answers.xml")
             # -od too: findscu insists on a writable output directory even for -Xs, and the
@@ -466,7 +479,11 @@ class Pacs:
             if final is None:
                 raise_for_failure(result.output, self.peer, what, calling_ae=self.our_ae)
             status = final.group("status")
-            return (read_manifest(answers, what) if status == "Success" else None), status
+            if status != "Success":
+                return None, status
+            if make is not None:
+                return make(uid for uid, _, _ in manifest_answers(answers, what)), status
+            return read_manifest(answers, what), status
 
     def _study(self, accession, answer, what):
         """A Study from one STUDY-level answer, its UID, count and character set checked first."""
@@ -543,12 +560,12 @@ class Pacs:
         one, then IMAGE-level C-GETs of what failed, proposing the compressed
         syntaxes in turn.  Returns the counts of all of them together.
         """
-        syntaxes = getattr(manifest, "syntaxes", {})
-        stored = set(syntaxes.values()) if manifest and len(syntaxes) == len(manifest) else set()
-        first = GET_OPTION.get(stored.pop()) if len(stored) == 1 else None
+        first = GET_OPTION.get(manifest.stored_syntax) if manifest else None
         results = [self._get(study_keys(study_uid), out_dir, first, "C-GET of study %s" % study_uid)]
         if not results[0].failed or not manifest:
             return results[0]
+        manifest = manifest.load()  # every instance's series and syntax, for the retries only
+        syntaxes = manifest.syntaxes
         for syntax, option in GET_PREFERENCES:
             missing = missing_instances(manifest, out_dir)
             if not missing:
@@ -674,16 +691,27 @@ def _values(value):
 
 
 def read_manifest(path, what="IMAGE-level C-FIND"):
-    """The Manifest in findscu's single XML file of answers (-Xs), every UID in it checked.
+    """The Manifest in findscu's single XML file of answers (-Xs), every UID in it checked
+    (``manifest_answers``)."""
+    manifest = Manifest()
+    for uid, series, syntax in manifest_answers(path, what):
+        manifest[uid] = series
+        if syntax:
+            manifest.syntaxes[uid] = syntax
+    return manifest
+
+
+def manifest_answers(path, what="IMAGE-level C-FIND"):
+    """(SOP Instance UID, Series Instance UID, transfer syntax) of each answer in findscu's single XML file
+    of answers (-Xs), yielded as read, every UID in it checked.
 
     A SOP Instance UID names a getscu file and goes into C-GET requests,
     a Series Instance UID too: each must be a UID (``checked_uid``).  An
     answer without a SeriesInstanceUID or AvailableTransferSyntaxUID is
-    taken as it was (the PACS did not say); one without a SOPInstanceUID
+    taken as it was (the PACS did not say: ""); one without a SOPInstanceUID
     is refused: it lists nothing.  Of several AvailableTransferSyntaxUIDs the
     first is taken, as before; all are checked.
     """
-    manifest = Manifest()
     values = {}
     parents = []  # the elements open around the one that ends
     for event, element in ElementTree.iterparse(path, events=("start", "end")):
@@ -698,15 +726,16 @@ def read_manifest(path, what="IMAGE-level C-FIND"):
             uid = checked_uid(values.get(SOP_INSTANCE_UID, ""), what, "SOPInstanceUID")
             series = values.get(SERIES_INSTANCE_UID, "")
             # one string for a series' images
-            manifest[uid] = sys.intern(series and checked_uid(series, what, "SeriesInstanceUID"))
+            series = sys.intern(series and checked_uid(series, what, "SeriesInstanceUID"))
+            syntax = ""
             if values.get(TRANSFER_SYNTAX):  # 1-n: the first is the one it is stored in
                 syntaxes = [checked_uid(syntax, what, "AvailableTransferSyntaxUID")
                             for syntax in values[TRANSFER_SYNTAX].split("\\")]
-                manifest.syntaxes[uid] = sys.intern(syntaxes[0])
+                syntax = sys.intern(syntaxes[0])
             values = {}
             if parents:  # gone once read: 50,000 answers kept as a tree would outweigh the manifest
                 parents[-1].remove(element)
-    return manifest
+            yield uid, series, syntax
 
 
 _FINAL_FIND = re.compile(r"Received Final Find Response \((?P<status>[^)]*)\)")

@@ -7,6 +7,7 @@ header fields from its ``ReceivedFile``, made once here: by the C scan of
 """
 
 import dataclasses
+import os
 import sys
 from typing import Optional, Tuple
 
@@ -33,10 +34,13 @@ class ReceivedFile:
     Plain strings, not the pydicom dataset, in slots, and the values that
     files share (the patient's, the study's, the series', the classes) one
     string for all of them (``_received``): fifty thousand of these stay
-    small (SPEC §8, flat memory).
+    small (SPEC §8, flat memory).  The same for what a study's files have
+    in common beyond single strings: the folder of ``path`` (a record keeps
+    its file's name), and the patient's and study's values of ``SHARED``,
+    one tuple for all the files that agree on them (``_shared``).
     """
 
-    path: str
+    path: dataclasses.InitVar[str]
     patient_id: str
     study_uid: str
     series_uid: str
@@ -45,23 +49,42 @@ class ReceivedFile:
     sop_uid: str
     sop_class_uid: str = ""
     transfer_syntax: str = ""
-    charset: Tuple[str, ...] = ()
-    patient_name: str = ""
-    issuer: str = ""  # IssuerOfPatientID: with patient_id, the patient (``identity``)
-    birth_date: str = ""
-    sex: str = ""
-    study_date: str = ""
-    study_time: str = ""
-    study_description: str = ""
-    study_id: str = ""
-    accession: str = ""
+    charset: dataclasses.InitVar[Tuple[str, ...]] = ()
+    patient_name: dataclasses.InitVar[str] = ""
+    issuer: dataclasses.InitVar[str] = ""  # IssuerOfPatientID: with patient_id, the patient (``identity``)
+    birth_date: dataclasses.InitVar[str] = ""
+    sex: dataclasses.InitVar[str] = ""
+    study_date: dataclasses.InitVar[str] = ""
+    study_time: dataclasses.InitVar[str] = ""
+    study_description: dataclasses.InitVar[str] = ""
+    study_id: dataclasses.InitVar[str] = ""
+    accession: dataclasses.InitVar[str] = ""
     modality: str = ""
+    _folder: str = dataclasses.field(init=False, default="")
+    _name: str = dataclasses.field(init=False, default="")
+    _shared: tuple = dataclasses.field(init=False, default=())  # the values of SHARED, in that order
+
+    def __post_init__(self, path, *shared):
+        folder, self._name = os.path.split(path)
+        self._folder = sys.intern(folder)
+        if len(_SHARED) >= _SHARED_MAX:  # a long-running server meets many studies: start again
+            _SHARED.clear()
+        self._shared = _SHARED.setdefault(shared, shared)
 
     @property
     def patient(self):
         """Whose image this is (``identity.Patient``): what the disc's PATIENT records and a print's
         associations group by."""
         return identity.of_file(self)
+
+
+SHARED = ("charset", "patient_name", "issuer", "birth_date", "sex", "study_date", "study_time",
+          "study_description", "study_id", "accession")
+_SHARED, _SHARED_MAX = {}, 1024  # values of SHARED -> the one tuple of them the records hold
+ReceivedFile.path = property(lambda self: os.path.join(self._folder, self._name),
+                             doc="The file's path (given where the record is made, or to ``dataclasses.replace``).")
+for _at, _keyword in enumerate(SHARED):
+    setattr(ReceivedFile, _keyword, property(lambda self, at=_at: self._shared[at]))
 
 
 def read_received(path):
