@@ -225,8 +225,8 @@ class Steps:
         with self._lock:
             followed = retrieval in self._followed
             self._followed.add(retrieval)
-        if not followed:
-            digests.follow(retrieval.watched, retrieval.done)
+        if not followed:  # until the transfer ends: the checks' records need the room, the seal does the rest
+            digests.follow(retrieval.watched, retrieval.transferred)
 
     def _room_for(self, job, study, manifest):
         """Bytes to free for ``study``'s retrieval, estimated from what arrived of it (at least 1)."""

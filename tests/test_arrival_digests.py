@@ -17,7 +17,6 @@ import time
 
 import pytest
 
-from mkiso.dicom import retrieval
 from mkiso.disc import digests, verify
 from mkiso.http import application
 
@@ -133,17 +132,18 @@ def test_a_file_system_without_user_attributes_leaves_the_pass_to_the_seal(tmp_p
 def test_a_download_by_c_move_digests_its_images_where_they_arrive(make_service, wsgi_call, archive, monkeypatch,
                                                                    caplog):
     """The images of a real C-MOVE carry their digests before they are staged; the disc is checked.  The
-    checks after the transfer are held up a moment, so that the follower's last round comes before the
-    retrieval ends, however fast the images came."""
+    C-MOVE's end is held up a moment after its last image, so that the follower's last round comes
+    before the transfer ends, however fast the images came."""
     caplog.set_level(logging.INFO)
     service = make_service()
-    checked = retrieval.verify
+    moved = service.pacs.move_study
 
-    def slow_checks(*args):
+    def slow_end(study_uid):
+        result = moved(study_uid)
         time.sleep(1)
-        return checked(*args)
+        return result
 
-    monkeypatch.setattr(retrieval, "verify", slow_checks)
+    monkeypatch.setattr(service.pacs, "move_study", slow_end)
     seal, sealed = digests.seal, {}
 
     def watched_seal(root, keep=True):

@@ -283,6 +283,7 @@ class Retrieval:
         self.error = None
         self.cancelled = False
         self.users = 0
+        self.transferred = threading.Event()  # no more images come: what follows them may stop
         self.done = threading.Event()
         self._arrived = (float("-inf"), 0, 0)
 
@@ -383,6 +384,7 @@ class Retrievals:
             retrieval.freeze()
             with self._lock:
                 del self._running[retrieval.study.study_uid]
+            retrieval.transferred.set()
             retrieval.done.set()
 
     def release(self, retrieval):
@@ -410,6 +412,7 @@ class Retrievals:
             manifest = resolved(manifest)
         try:
             result, reached = self._fetch(study.study_uid, received, manifest)
+            retrieval.transferred.set()
         except errors.UpstreamFailed:
             self._raise_if_out_of_space(study, received, failures)
             raise

@@ -36,6 +36,7 @@ from array import array
 from . import tree, verify
 
 BLOCK = 1 << 20  # bytes of the head or of zeros a piece
+PIPE_READ = 1 << 16  # of genisoimage's output at a time: what its pipe holds, never a MB more in memory
 FIRST_READ = 1 << 16  # of the head, plus PER_FILE for each file of the tree, before the first try
 PER_FILE = 512
 HEAD_LIMIT = 256 << 20  # no directory of a disc mkiso makes comes near it
@@ -155,7 +156,7 @@ def _read_head(stream, out, path, size, staging, count):
 def _copy(stream, out, wanted, have):
     """Copy from ``stream`` to ``out`` until it holds ``wanted`` bytes (``have`` so far), or the end."""
     while have < wanted:
-        data = stream.read(min(BLOCK, wanted - have))
+        data = stream.read(min(PIPE_READ, wanted - have))
         if not data:
             break
         out.write(data)
