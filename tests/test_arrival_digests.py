@@ -48,9 +48,9 @@ def reads(monkeypatch):
     seen = []
     real = digests._read
 
-    def counted(handle, crc32=True):
+    def counted(handle, crc32=True, buffer=None):
         seen.append(handle.name)
-        return real(handle, crc32)
+        return real(handle, crc32, buffer)
 
     monkeypatch.setattr(digests, "_read", counted)
     return seen
