@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from mkiso import process, steps
+from mkiso import disk, process, steps
 from mkiso.disc import isoimage, tree, ziparchive
 from mkiso.http import application
 from discs import check_pdi, open_iso
@@ -62,8 +62,11 @@ def written_out(image, staging, target):
 
 
 def read_once(staging):
-    """Read a byte of each staged file, as genisoimage reads them all: a file's access time, which
-    Rock Ridge records, moves at its first read only (relatime), so both images record the same one."""
+    """Let the tree's times settle before two images of it are made: the received names of its files
+    removed (``disk.remove_soon``; that changes each inode's change time, which Rock Ridge records), and
+    a byte of each file read, as genisoimage reads them all (the access time, also recorded, moves at a
+    file's first read only: relatime)."""
+    disk._remover.submit(lambda: None).result()
     for folder, _, names in os.walk(staging):
         for name in names:
             with open(os.path.join(folder, name), "rb") as handle:
