@@ -16,6 +16,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from mkiso import audit, demo, errors
+from mkiso.disc import isoimage
 from mkiso.http import application
 from conftest import write_config
 from test_hostile import fetch, port_of, read_head
@@ -492,16 +493,26 @@ def test_who_exported_patient_x_between_two_dates(tmp_path):
     assert bad.returncode == 2 and "--since" in bad.stderr
 
 
+@pytest.mark.parametrize("laid_out", [True, False], ids=["laid-out", "written"])
 def test_a_streamed_disc_that_fails_its_read_back_is_cut_short_and_said_so(make_service, live_server, monkeypatch,
-                                                                           caplog):
-    """A byte of the written ISO changed before its read-back (a failing disk): its last bytes never
-    leave (the answer ends short, or is the 500 when genisoimage was done before the answer began),
-    never a complete-looking bad disc, and the line says it was not verified."""
+                                                                           caplog, laid_out):
+    """A byte of the disc changed before its read-back (a failing disk): in the ISO genisoimage wrote,
+    or in a staged image a laid-out ISO is sent from (``isoimage``).  Its last bytes never leave (the
+    answer ends short, or is the 500 when it was done before the answer began), never a
+    complete-looking bad disc, and the line says it was not verified."""
     service = make_service()
     read_back = service.steps.read_back
+    if not laid_out:
+        def written(*args, **kwargs):
+            raise isoimage.NotLaidOut("the test has genisoimage write it")
+        monkeypatch.setattr(isoimage, "lay_out", written)
 
     def damaged_then_read_back(job):
-        with open(job.iso.path, "r+b") as handle:
+        assert (job.iso.archive is not None) == laid_out
+        path = job.iso.path if not laid_out else next(
+            os.path.join(folder, names[0]) for folder, _, names in sorted(os.walk(job.iso.tree))
+            if names and "/DICOM/" in folder + "/")
+        with open(path, "r+b") as handle:
             at = handle.read().rindex(b"DICM") + 100
             handle.seek(at)
             byte = handle.read(1)

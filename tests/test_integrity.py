@@ -265,6 +265,8 @@ def test_a_folder_removed_under_a_stray_association_is_no_full_disk(service, arc
         for pid in stopped:
             os.kill(pid, signal.SIGCONT)
     sender.join(60)
+    # storescp's error line reaches the receiver through the thread relaying its output: a moment later
+    wait_for(lambda: "No such file or directory" in receiver.last_error, 10)
     assert "No such file or directory" in receiver.last_error, receiver.last_error
     assert receiver.write_failures == 0
 

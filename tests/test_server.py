@@ -49,10 +49,20 @@ def health(base):
 
 
 def gone(pids, timeout=10):
+    """Whether the processes ended within ``timeout``: a zombie has (killed, its parent dead, it waits for
+    init to reap it, which under load can take a while)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(os.path.exists("/proc/%d" % pid) for pid in pids):
+    while time.monotonic() < deadline and any(alive(pid) for pid in pids):
         time.sleep(0.05)
-    return [pid for pid in pids if os.path.exists("/proc/%d" % pid)] == []
+    return [pid for pid in pids if alive(pid)] == []
+
+
+def alive(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 @pytest.fixture
