@@ -194,7 +194,8 @@ function show(update) {
   let percent = WEIGHT[p.phase] || 0;
   if (p.phase === "retrieve" && p.images_expected) percent = 5 + 75 * Math.min(1, p.images_received / p.images_expected);
   let text = PHASES[p.phase] || "Working";
-  if (p.phase === "retrieve" && p.images_expected) text += ": " + p.images_received + " of " + p.images_expected;
+  // The count comes in as it can: a PACS may say how many only once its manifest is in, after the images.
+  if (p.phase === "retrieve") text += ": " + p.images_received + (p.images_expected ? " of " + p.images_expected : "");
   let kind = "";
   let failure = null;
   const link = $("iso-link");
