@@ -208,7 +208,7 @@ def getscu_runs(monkeypatch):
 
 @pytest.fixture
 def jpeg_pacs_client(settings, jpeg_pacs, tmp_path):
-    settings["pacs"]["port"] = jpeg_pacs.port
+    settings["pacs"].update(port=jpeg_pacs.port, retrieve="get")
     return pacs.Pacs(configuration.load(write_config(tmp_path / "config.yaml", settings)))
 
 

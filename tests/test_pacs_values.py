@@ -168,7 +168,8 @@ def test_a_value_that_fails_its_check_is_a_502_naming_it(server, hostile, level,
     """A lookup and a download both: 502 bad_pacs_answer naming the attribute; for a STUDY-level value no
     C-MOVE asked for (the manifest's IMAGE-level C-FIND runs beside the C-MOVE, SPEC §3.9)."""
     hostile.alter(level, **{attribute: value})
-    _, base = server()
+    # The stored syntax is asked only where C-GET will propose it; refused before any C-GET is asked.
+    _, base = server(**({"pacs": {"retrieve": "get"}} if attribute == "AvailableTransferSyntaxUID" else {}))
     for path in ("/api/studies?accession_numbers=ACC-A", "/api/iso/download?accession_number=ACC-A"):
         refused(*fetch(base + path), attribute)
     assert level == "IMAGE" or not asked(hostile, "C-MOVE")
@@ -178,6 +179,16 @@ def test_a_uid_with_a_leading_zero_component_is_taken():
     """PS3.5 forbids "04" as a component, but archives that wrote such UIDs exist: digits are no path."""
     assert pacs.checked_uid("1.2.840.04.5", "C-FIND", "StudyInstanceUID") == "1.2.840.04.5"
     assert pacs.checked_uid("0.0", "C-FIND", "StudyInstanceUID") == "0.0"
+
+
+@pytest.mark.parametrize("retrieve", ["move", "get"])
+def test_the_manifest_asks_the_stored_syntax_only_for_c_get(server, hostile, retrieve):
+    """C-GET proposes the syntax each image is stored in; a C-MOVE's manifest is only checked against,
+    and asking for the syntax made Orthanc's IMAGE-level C-FIND three times slower beside the C-MOVE."""
+    _, base = server(pacs={"retrieve": retrieve})
+    fetch(base + "/api/studies?accession_numbers=ACC-A")
+    [(_, _, identifier)] = asked(hostile, "C-FIND", "IMAGE")
+    assert ("AvailableTransferSyntaxUID" in identifier) == (retrieve == "get"), identifier
 
 
 def test_an_absent_count_is_no_count(server, hostile):
