@@ -53,6 +53,7 @@ class Layout:
     digests: list = dataclasses.field(default_factory=list)  # every file's (digests.Digest), sorted by path
     when: tuple = (0, 0)  # its ZIP's time stamp (ziparchive.dos_time)
     archive: object = None  # its ZIP's layout (ziparchive.Archive), for a ZIP
+    read_back: object = None  # its read-back, begun once its images were staged (verify.Ahead)
 
 
 class Steps:
@@ -288,7 +289,9 @@ class Steps:
                 os.mkdir(transcoded)
                 files = media.transcode(files, transcoded, config.tools.dcmtk_dir, config.timeouts.iso_s)
                 watch.lap("transcode")
-            laid = self._lay_out(job, folder, files, omitted, label, watch)
+            # A disc sent from its staged tree is read back from it: begun as soon as it is staged.
+            ahead = build and (job.format == "zip" or job.stream)
+            laid = self._lay_out(job, folder, files, omitted, label, watch, ahead)
         export.images = sum(len(layout.images) for layout in laid)
         job.sized(sum(layout.size for layout in laid))
         # A ZIP is sent from its tree; it is written (and needs the room) only for nginx.
@@ -314,6 +317,9 @@ class Steps:
                                            iso.size, self.config.timeouts.iso_s)
         except isoimage.NotLaidOut as exc:
             log.info("the ISO is written first: %s" % exc, extra={"fields": {"request_id": job.request_id}})
+            if iso.read_back is not None:  # the ISO is read back as written
+                iso.read_back.abandon()
+                iso.read_back = None
             return
         iso.tree = layout.staging
 
@@ -322,7 +328,7 @@ class Steps:
         name = "disc-%d.%s" % (layout.number, job.format) if of > 1 else "disc." + job.format
         return Iso(os.path.join(folder, name) if build else None, layout.size, stem, job.accessions[0], folder,
                    len(layout.images), layout.number, of, layout.profile, layout.volume, archive=layout.archive,
-                   tree=layout.staging if layout.archive is not None and build else None)
+                   tree=layout.staging if layout.archive is not None and build else None, read_back=layout.read_back)
 
     def _write_isos(self, job, laid, isos, label, key, watch, studies, on_tick=None):
         """Write each disc's ISO (none for a HEAD, none for a ZIP: it is sent from its staged tree), exactly
@@ -373,11 +379,13 @@ class Steps:
             return files, []
         return records.sort_out(files, self.config.iso.private_objects)
 
-    def _lay_out(self, job, folder, files, omitted, label, watch):
+    def _lay_out(self, job, folder, files, omitted, label, watch, ahead=False):
         """Plan, stage, index and size every disc; plan again, tighter, while genisoimage finds one too big.
 
         Without ``job.split`` more than one disc is a 413 saying how many:
-        the same number a split job makes.
+        the same number a split job makes.  With ``ahead``, a ZIP's discs, or
+        the one disc of an ISO that will be laid out over its tree, begin
+        their read-back once staged (``verify.Ahead``).
         """
         config = self.config
         if job.format == "zip":  # iso.media is a disc's; a ZIP is split only by zip.max_bytes
@@ -392,12 +400,15 @@ class Steps:
                 raise errors.TooLarge(
                     "These studies need %d %s; ask for a job with split, or fewer accession numbers."
                     % (len(groups), described), code="needs_split", details={"discs": len(groups)})
-            laid = [self._stage_disc(job, folder, number, len(groups), group, omitted, label, watch)
+            early = ahead and (job.format == "zip" or len(groups) == 1)
+            laid = [self._stage_disc(job, folder, number, len(groups), group, omitted, label, watch, early)
                     for number, group in enumerate(groups, start=1)]
             over = max(layout.size for layout in laid) - limit
             if over <= 0:
                 return laid
             for layout in laid:
+                if layout.read_back is not None:
+                    layout.read_back.abandon()
                 shutil.rmtree(layout.staging)
             budget -= over + 8 * tree.SECTOR
         raise errors.TooLarge("The disc cannot be laid out as %s." % described, code="disc_too_large")
@@ -416,7 +427,7 @@ class Steps:
         """Whether discs carry the web content: asked for, and in the PDI layout it belongs to."""
         return self.config.iso.web_content and self.config.iso.layout == "pdi"
 
-    def _stage_disc(self, job, folder, number, of, files, omitted, label, watch):
+    def _stage_disc(self, job, folder, number, of, files, omitted, label, watch, ahead=False):
         config = self.config
         job.step("stage")
         staging = os.path.join(folder, "disc-%d" % number)
@@ -431,6 +442,8 @@ class Steps:
             institution=config.iso.institution, contact=config.iso.contact, number=number, of=of, omitted=omitted)
         images = tree.stage(staging, files, config.iso.layout, config.iso.viewer_dir, readme)
         watch.lap("stage")
+        read_back = verify.Ahead(staging, staging + ".complete", config.timeouts.iso_s,
+                                 MAX_PROBLEMS_LOGGED) if ahead else None
         volume = tree.disc_label(label, number, of)
         if self.web_content:
             webcontent.write(staging, images, config.iso, os.path.join(config.tools.dcmtk_dir, "dcmj2pnm"),
@@ -454,7 +467,7 @@ class Steps:
         else:
             size = tree.iso_size(config.tools.genisoimage, staging, label, config.timeouts.iso_s, number, of)
         watch.lap("size")
-        return Layout(staging, images, size, number, profile.of(job.format), volume, found, when, archive)
+        return Layout(staging, images, size, number, profile.of(job.format), volume, found, when, archive, read_back)
 
     def _from_cache(self, job, key, folder, label, build, stem):
         """The cached disc as this job's ``Iso`` (its own hard links), or None when it is not cached.
@@ -500,8 +513,11 @@ class Steps:
         watch = logs.Stopwatch(self.metrics.phase)
         for disc in job.discs:
             try:
-                report = verify.check_apart(disc.tree if disc.archive is not None else disc.path,
-                                            self.config.timeouts.iso_s, MAX_PROBLEMS_LOGGED)
+                if disc.read_back is not None:  # begun when its images were staged
+                    report = disc.read_back.finish()
+                else:
+                    report = verify.check_apart(disc.tree if disc.archive is not None else disc.path,
+                                                self.config.timeouts.iso_s, MAX_PROBLEMS_LOGGED)
             except errors.MkisoError:
                 job.export.verified = False
                 raise

@@ -429,6 +429,7 @@ class Iso:
     build: object = dataclasses.field(default=None, repr=False)
     archive: object = dataclasses.field(default=None, repr=False)
     tree: Optional[str] = None
+    read_back: object = dataclasses.field(default=None, repr=False)  # begun when it was staged (verify.Ahead)
 
     @property
     def format(self):

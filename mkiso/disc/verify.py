@@ -31,6 +31,16 @@ Run as ``mkiso-verify PATH`` (or ``python3 -m mkiso.disc.verify``): one line
 per problem, a last line with the verdict and the counts; exit 0 when all
 holds, 1 when a problem was found, 2 when PATH is neither an ISO file, a
 ZIP file nor a folder.
+
+The service begins the read-back of a disc sent from its staged folder (a
+ZIP, a streamed download's ISO laid out over it) as soon as the images are
+staged (``Ahead``, SPEC §8.1): their bytes are read while the DICOMDIR,
+SHA256.TXT and the ISO's layout are still being made, on the core that
+work leaves idle.  When the disc is complete, the whole check runs as
+always, each file taken from that first read only where it is the same
+file, unchanged since: the same inode, size, modification and status
+change times (a write, a rename over it, a time set back: each moves the
+status change time, which no one can set).
 """
 
 import argparse
@@ -42,6 +52,8 @@ import os
 import re
 import struct
 import sys
+import threading
+import time
 import warnings
 import zipfile
 
@@ -57,6 +69,9 @@ THREADS = min(2, os.cpu_count() or 1)
 MANIFEST_LINE = re.compile(r"^([0-9a-fA-F]{64}) [ *](.+)$")
 DIRECTORY_PIECE = 64 * 2048  # bytes of a directory read at a time (records never cross a sector)
 MULTI_EXTENT = "a file of several extents (over 4 GiB), which mkiso's discs never hold"
+COMPLETE = b"check\n"  # what ``Ahead.finish`` writes to its marker: the medium is complete, check it
+READ_AHEAD = "mkiso-verify: read ahead: "  # the line the child prints once it waits for that marker
+WAIT_S = 0.01  # between looks for that marker
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,18 +124,33 @@ class Entry:
     source: str = ""
     member: zipfile.ZipInfo = None
     damage: str = ""
+    identity: tuple = None  # a folder's file: (inode, size, modification and status change times in ns)
 
 
-def check(path, threads=THREADS):
+def check(path, threads=THREADS, read=None):
     """Check the medium at ``path`` (an ISO file, a ZIP file or a folder): a ``Report``.
 
+    ``read`` (from ``read_ahead``) holds a folder's files as read before:
+    each is taken from it where it is the same file, unchanged.
     Raises MkisoError (``not_a_medium``) when ``path`` is none of the three.
     """
     medium = open_medium(path)
+    if read is not None and isinstance(medium, Folder):
+        medium.known = read
     try:
         return _check(medium, threads)
     finally:
         medium.close()
+
+
+def read_ahead(path, threads=THREADS):
+    """Every file now in the folder ``path`` read as ``check`` reads it: {path on the medium: (identity,
+    what ``Medium.read_all`` found)}, for ``check`` to take where nothing changed since."""
+    medium = Folder(path)
+    entries = list(medium.entries.values())
+    found = medium.read_all(entries, {entry.path for entry in entries}, threads)
+    return {entry.path: (entry.identity, found[entry.path]) for entry in entries
+            if entry.identity is not None and not found[entry.path][2]}
 
 
 @dataclasses.dataclass
@@ -132,28 +162,91 @@ class Verdict:
     problems: list
 
 
-def check_apart(path, timeout, problems_kept=20):
+def check_apart(path, timeout, problems_kept=20, after=None, read=None):
     """``check`` in a child process (``python3 -m mkiso.disc.verify PATH``): the service's read-back.
 
     Its records, about 1 KB a file on the medium, stay out of the server,
     whose memory must not grow with the disc (SPEC §8: a 20,000-image disc
     checked in the server grew its peak by 25 MB per 10,000 images); the
     child is gone with its verdict.  A child that gives none (killed, a
-    medium it cannot read) is an error, never a pass.
+    medium it cannot read) is an error, never a pass.  With ``after`` (a
+    marker file), the child reads the folder ``path`` at once and checks it
+    once the marker says it is complete (``Ahead``); the event ``read`` is
+    set when it has read what was there.
     """
     problems = []
 
     def seen(line):
+        if read is not None and line.startswith(READ_AHEAD):
+            read.set()
         if len(problems) < problems_kept and not line.startswith("mkiso-verify: "):
             problems.append(line.rstrip("\n"))
 
-    result = process.run([sys.executable, "-m", __name__, path], timeout, on_line=seen)
+    waits = ["--after", after] if after is not None else []
+    result = process.run([sys.executable, "-m", __name__] + waits + [path], timeout, on_line=seen)
     lines = result.output.splitlines()
     verdict = lines[-1] if lines else ""
     if result.returncode not in (0, 1) or not verdict.startswith("mkiso-verify: "):
         raise errors.MkisoError("The disc could not be read back (%s)." % (verdict or "no verdict")[:200],
                                 code="disc_check_failed")
     return Verdict(result.returncode == 0, verdict, problems)
+
+
+class Ahead:
+    """A disc's read-back begun as soon as its images are staged in ``path`` (a folder), finished when
+    the disc is complete (``finish``): the images' bytes are read meanwhile (see the module's text).
+
+    The child waits for the marker file ``marker`` (outside the medium);
+    ``abandon`` tells it the disc is read back another way (its ISO, as
+    written).  A child never told either ends when ``path`` is removed
+    (the job failed: its folder goes), when the job is cancelled (it is the
+    job's tool) or at ``timeout``.
+    """
+
+    def __init__(self, path, marker, timeout, problems_kept=20):
+        self._marker = marker
+        self._verdict = self._error = None
+        self._done = threading.Event()
+        self.read = threading.Event()  # set once the child has read the files staged so far
+        owner = process.current_owner()
+        threading.Thread(target=self._run, args=(path, timeout, problems_kept, owner), name="read-back",
+                         daemon=True).start()
+
+    def _run(self, path, timeout, problems_kept, owner):
+        try:
+            with process.owned_by(owner):  # a cancel of the job kills it
+                self._verdict = check_apart(path, timeout, problems_kept, after=self._marker, read=self.read)
+        except BaseException as exc:
+            self._error = exc
+        self._done.set()
+
+    def _tell(self, word):
+        with open(self._marker, "wb") as handle:
+            handle.write(word)
+
+    def finish(self):
+        """The disc is complete: its ``Verdict`` (as ``check_apart``'s, and its errors)."""
+        self._tell(COMPLETE)
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._verdict
+
+    def abandon(self):
+        self._tell(b"stop\n")
+
+
+def _wait_for(marker, path):
+    """Whether the marker says the medium at ``path`` is complete; False when told to stop or when the
+    medium is gone."""
+    while True:
+        try:
+            with open(marker, "rb") as handle:
+                return handle.read() == COMPLETE
+        except FileNotFoundError:
+            if not os.path.isdir(path):
+                return False
+        time.sleep(WAIT_S)
 
 
 def _check(medium, threads):
@@ -420,17 +513,25 @@ class Folder(Medium):
 
     def __init__(self, path):
         super().__init__(path)
+        self.known = {}  # files read before (``read_ahead``)
         for folder, dirs, names in os.walk(path):
             dirs.sort()
             for name in sorted(names):
                 source = os.path.join(folder, name)
                 relative = os.path.relpath(source, path).replace(os.sep, "/")
                 try:
-                    size = os.stat(source).st_size
+                    found = os.stat(source)
                 except OSError as exc:
                     self.entries[relative] = Entry(relative, 0, source=source, damage=_reason(exc))
                     continue
-                self.entries[relative] = Entry(relative, size, source=source)
+                self.entries[relative] = Entry(relative, found.st_size, source=source, identity=(
+                    found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns))
+
+    def _digest(self, entry, dicom):
+        known = self.known.get(entry.path)
+        if known is not None and known[0] == entry.identity:
+            return known[1]
+        return super()._digest(entry, dicom)
 
     def _blocks(self, entry):
         with open(entry.source, "rb", buffering=0) as handle:
@@ -797,10 +898,22 @@ def main(argv=None):
         description="Check a patient disc or USB stick mkiso made, before it leaves: every file against "
                     "SHA256.TXT, and the DICOMDIR against the files.")
     parser.add_argument("path", help="an ISO file, a ZIP file, or the folder where the disc or stick is mounted")
+    parser.add_argument("--after", metavar="MARKER",
+                        help="(the service's) read the folder's files now, check once MARKER says it is complete")
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(errors="backslashreplace")  # a file name in no encoding still gets its line
     try:
-        report = check(args.path)
+        read = None
+        if args.after is not None:
+            if not os.path.isdir(args.path):
+                raise errors.MkisoError("%s is not a folder: --after reads a folder." % args.path,
+                                        code="not_a_medium")
+            read = read_ahead(args.path)
+            print("%s%s" % (READ_AHEAD, _counted(len(read), "file")), flush=True)
+            if not _wait_for(args.after, args.path):
+                print("mkiso-verify: not checked: the disc was abandoned before it was complete", file=sys.stderr)
+                return 2
+        report = check(args.path, read=read)
     except errors.MkisoError as exc:
         print("mkiso-verify: %s" % exc.message, file=sys.stderr)
         return 2
