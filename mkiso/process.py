@@ -200,6 +200,10 @@ def run_reading(args, timeout, read):
     try:
         with proc.stdout:
             value = read(proc.stdout)
+    except Exception:
+        if not expired.is_set():
+            raise
+        value = None  # what ``read`` made of an output the timeout cut short: the timeout's
     finally:
         timer.cancel()
         kill_group(proc)
