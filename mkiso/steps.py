@@ -221,13 +221,14 @@ class Steps:
 
     def _watch(self, job, retrieval):
         """A retrieval ``job`` takes part in: its arrivals count in the job's progress, and are digested
-        as they come (``digests.follow``; once for a retrieval that jobs share)."""
+        and their headers read as they come (``digests.follow``, ``received.Early``; once for a
+        retrieval that jobs share)."""
         job.watch(retrieval)
         with self._lock:
             followed = retrieval in self._followed
             self._followed.add(retrieval)
         if not followed:  # until the transfer ends: the checks' records need the room, the seal does the rest
-            digests.follow(retrieval.watched, retrieval.transferred)
+            digests.follow(retrieval.watched, retrieval.transferred, also=retrieval.early.add)
 
     def _room_for(self, job, study, manifest):
         """Bytes to free for ``study``'s retrieval, estimated from what arrived of it (at least 1)."""

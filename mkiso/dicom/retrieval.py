@@ -35,18 +35,20 @@ import threading
 import time
 from .. import disk, errors, logs, process
 from . import identity, pacs
-from .received import read_all
+from .received import Early, read_all
 
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 0.5
 
-def verify(study, result, paths, manifest):
+def verify(study, result, paths, manifest, early=None):
     """Check a finished retrieval and its files against the C-FIND answers.
 
     ``manifest`` is the study's SOP Instance UIDs from the IMAGE-level
     C-FIND, or None where the PACS refused that query; then the C-MOVE's
     counts and NumberOfStudyRelatedInstances are all there is to go by.
+    ``early`` (an ``Early``) holds the records of files read as they
+    arrived; the rest are read here.
     """
     what = "accession %s (study %s)" % (study.accession, study.study_uid)
     if not result.succeeded:
@@ -55,7 +57,7 @@ def verify(study, result, paths, manifest):
             % (what, result.status_text, result.completed, result.failed), code="incomplete_study")
     if not paths:
         raise errors.UpstreamFailed("The PACS sent no images for %s." % what, code="incomplete_study")
-    files = read_all(paths)
+    files = early.take(paths) if early is not None else read_all(paths)
     for received in files:
         if received.study_uid != study.study_uid:
             raise errors.UpstreamFailed(
@@ -284,6 +286,7 @@ class Retrieval:
         self.cancelled = False
         self.users = 0
         self.transferred = threading.Event()  # no more images come: what follows them may stop
+        self.early = Early()  # the records of images read as they arrived
         self.done = threading.Event()
         self._arrived = (float("-inf"), 0, 0)
 
@@ -423,7 +426,7 @@ class Retrievals:
         watch.lap("transfer")
         manifest = resolved(manifest)  # in "checks": what a lookup beside the transfer took longer than it
         paths = sorted(entry.path for entry in os.scandir(received) if entry.is_file())
-        retrieval.files = verify(study, result, paths, manifest)
+        retrieval.files = verify(study, result, paths, manifest, retrieval.early)
         watch.lap("checks")
         self.metrics.retrieved(len(paths))
         log.info("study retrieved", extra={"fields": dict({

@@ -128,10 +128,12 @@ def keep(source, buffer=None):
     return True
 
 
-def follow(folders, done):
+def follow(folders, done, also=None):
     """Digest the files arriving in ``folders`` as they are written (``keep``), in a thread of its own,
-    until the event ``done`` is set: the per-file pass of the disc, moved beside the transfer."""
-    threading.Thread(target=_follow, args=(folders, done), name="digests-follow", daemon=True).start()
+    until the event ``done`` is set: the per-file pass of the disc, moved beside the transfer.
+    ``also(path)``, if given, is called for each file just digested (its header is read then, while
+    its first bytes are in the page cache)."""
+    threading.Thread(target=_follow, args=(folders, done, also), name="digests-follow", daemon=True).start()
 
 
 class _Seen:
@@ -161,20 +163,20 @@ class _Seen:
             self._recent.clear()
 
 
-def _follow(folders, done):
+def _follow(folders, done, also):
     """Never fails the job: what it leaves undone, the staged tree's pass reads.  One small buffer for
     every file: a MB a file, freed and taken again, stayed in the process's heap."""
     seen, buffer = _Seen(), bytearray(FOLLOW_CHUNK)
     try:
         while not done.wait(FOLLOW_EVERY_S + FOLLOW_PER_FILE_S * len(seen)):
             for folder in folders:
-                if not _follow_folder(folder, seen, buffer, done):
+                if not _follow_folder(folder, seen, buffer, done, also):
                     return
     except OSError as exc:
         log.warning("digests are no longer made as the images arrive: %s", exc)
 
 
-def _follow_folder(folder, seen, buffer, done):
+def _follow_folder(folder, seen, buffer, done, also):
     """One pass over ``folder``; False when digests cannot be kept here (or ``done``)."""
     settled = time.time() - SETTLE_S
     try:
@@ -191,6 +193,8 @@ def _follow_folder(folder, seen, buffer, done):
                 seen.add(entry.inode())
                 if not keep(entry.path, buffer):
                     return False
+                if also is not None:
+                    also(entry.path)
             except FileNotFoundError:
                 continue  # moved meanwhile: found again in the other folder
     return True
