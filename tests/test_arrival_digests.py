@@ -129,13 +129,9 @@ def test_a_file_system_without_user_attributes_leaves_the_pass_to_the_seal(tmp_p
     assert reads == [path] and digest.sha256 == hashlib.sha256(open(path, "rb").read()).digest()
 
 
-def test_a_download_by_c_move_digests_its_images_where_they_arrive(make_service, wsgi_call, archive, monkeypatch,
-                                                                   caplog):
-    """The images of a real C-MOVE carry their digests before they are staged; the disc is checked.  The
-    C-MOVE's end is held up a moment after its last image, so that the follower's last round comes
-    before the transfer ends, however fast the images came."""
-    caplog.set_level(logging.INFO)
-    service = make_service()
+def hold_up_the_move_end(service, monkeypatch):
+    """The service's C-MOVE ends a second after its last image: the follower's last round comes before
+    the transfer ends, however fast the images came."""
     moved = service.pacs.move_study
 
     def slow_end(study_uid):
@@ -144,6 +140,16 @@ def test_a_download_by_c_move_digests_its_images_where_they_arrive(make_service,
         return result
 
     monkeypatch.setattr(service.pacs, "move_study", slow_end)
+
+
+def test_a_download_by_c_move_digests_its_images_where_they_arrive(make_service, wsgi_call, archive, monkeypatch,
+                                                                   caplog):
+    """The images of a real C-MOVE carry their digests before they are staged; the disc is checked.  The
+    C-MOVE's end is held up a moment after its last image, so that the follower's last round comes
+    before the transfer ends, however fast the images came."""
+    caplog.set_level(logging.INFO)
+    service = make_service()
+    hold_up_the_move_end(service, monkeypatch)
     seal, sealed = digests.seal, {}
 
     def watched_seal(root, keep=True):

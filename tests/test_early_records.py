@@ -14,6 +14,7 @@ from mkiso import demo
 from mkiso.dicom import received, retrieval
 from mkiso.disc import digests
 from mkiso.http import application
+from test_arrival_digests import hold_up_the_move_end
 
 
 def arrived(tmp_path, count=6):
@@ -94,14 +95,7 @@ def test_a_download_by_c_move_reads_its_headers_as_they_arrive(make_service, wsg
     """The C-MOVE's end is held up a moment after its last image, so the follower's last round comes
     before the check, however fast the images came: then the check reads none of them again."""
     service = make_service()
-    moved = service.pacs.move_study
-
-    def slow_end(study_uid):
-        result = moved(study_uid)
-        time.sleep(1)
-        return result
-
-    monkeypatch.setattr(service.pacs, "move_study", slow_end)
+    hold_up_the_move_end(service, monkeypatch)
     late = []
     take = received.Early.take
 
