@@ -177,8 +177,14 @@ def test_a_deep_and_long_named_tree_is_laid_out_as_genisoimage_writes_it(small_t
     """Directories below depth 8 (Rock Ridge relocates them), names Joliet cuts, an empty file."""
     read_once(small_tree)
     written = str(tmp_path / "written.iso")
-    tree.make_iso("genisoimage", small_tree, "DEEP", written, 60)
-    image = isoimage.lay_out("genisoimage", small_tree, "DEEP", str(tmp_path / "head"), 60)
+    for _ in range(5):  # rr_moved, where Rock Ridge relocates them, is dated when genisoimage runs:
+        started = int(time.time())  # both images made within one second (CI's load once split them)
+        tree.make_iso("genisoimage", small_tree, "DEEP", written, 60)
+        image = isoimage.lay_out("genisoimage", small_tree, "DEEP", str(tmp_path / "head"), 60)
+        if int(time.time()) == started:
+            break
+    else:
+        pytest.fail("genisoimage never ran twice within one second")
     assert image.size == os.path.getsize(written) == tree.iso_size("genisoimage", small_tree, "DEEP", 60)
     assert len(image) == 41  # every file with bytes
     same_image(written_out(image, small_tree, tmp_path / "laid.iso"), written)
