@@ -221,8 +221,10 @@ class Ahead:
         self._done.set()
 
     def _tell(self, word):
-        with open(self._marker, "wb") as handle:
+        """Put ``word`` in the marker whole: the child may look while it is written (renamed in)."""
+        with open(self._marker + ".new", "wb") as handle:
             handle.write(word)
+        os.replace(self._marker + ".new", self._marker)
 
     def finish(self):
         """The disc is complete: its ``Verdict`` (as ``check_apart``'s, and its errors)."""
