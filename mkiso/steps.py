@@ -52,7 +52,7 @@ class Layout:
     volume: str = ""  # File-set ID and Volume Identifier
     digests: list = dataclasses.field(default_factory=list)  # every file's (digests.Digest), sorted by path
     when: tuple = (0, 0)  # its ZIP's time stamp (ziparchive.dos_time)
-    archive: object = None  # its ZIP's layout (ziparchive.Archive), or its ISO's laid out (isoimage.Image)
+    archive: object = None  # its ZIP's layout (ziparchive.Archive), for a ZIP
     read_back: object = None  # its read-back, begun once its images were staged (verify.Ahead)
 
 
@@ -290,8 +290,9 @@ class Steps:
                 os.mkdir(transcoded)
                 files = media.transcode(files, transcoded, config.tools.dcmtk_dir, config.timeouts.iso_s)
                 watch.lap("transcode")
-            from_tree = build and (job.format == "zip" or job.stream)  # sent from the staged tree where it can
-            laid = self._lay_out(job, folder, files, omitted, label, watch, from_tree)
+            # A disc sent from its staged tree is read back from it: begun as soon as it is staged.
+            ahead = build and (job.format == "zip" or job.stream)
+            laid = self._lay_out(job, folder, files, omitted, label, watch, ahead)
         export.images = sum(len(layout.images) for layout in laid)
         job.sized(sum(layout.size for layout in laid))
         # A ZIP is sent from its tree; it is written (and needs the room) only for nginx.
@@ -301,21 +302,27 @@ class Steps:
         isos = [self._disc(job, folder, layout, len(laid), stem, build) for layout in laid]
         rest = functools.partial(self._write_isos, job, laid, isos, label, key, watch, len(studies))
         if build and job.stream and len(isos) == 1 and job.format == "iso":
+            self._lay_out_iso(job, laid[0], isos[0], label)
+            watch.lap("iso")  # laid out: what genisoimage still does for it
             isos[0].write = rest  # run while the answer goes out: jobs hands it to delivery.Build
         else:
             rest()
         return isos
 
-    def _lay_out_iso(self, job, staging, label):
+    def _lay_out_iso(self, job, layout, iso, label):
         """A streamed download's ISO sent from its staged tree as genisoimage lays it out, never written
-        (``isoimage``, SPEC §8.1): its ``isoimage.Image``, or None for an image of another layout, which
-        genisoimage writes as before."""
+        (``isoimage``, SPEC §8.1); an image of another layout is written by genisoimage as before."""
+        job.step("iso")
         try:
-            return isoimage.lay_out(self.config.tools.genisoimage, staging, label, staging + ".head",
-                                    self.config.timeouts.iso_s)
+            iso.archive = isoimage.lay_out(self.config.tools.genisoimage, layout.staging, label, iso.path + ".head",
+                                           iso.size, self.config.timeouts.iso_s)
         except isoimage.NotLaidOut as exc:
             log.info("the ISO is written first: %s" % exc, extra={"fields": {"request_id": job.request_id}})
-            return None
+            if iso.read_back is not None:  # the ISO is read back as written
+                iso.read_back.abandon()
+                iso.read_back = None
+            return
+        iso.tree = layout.staging
 
     def _disc(self, job, folder, layout, of, stem, build):
         """The ``Iso`` of one laid-out disc: its ISO's path, or its ZIP's layout over its staged tree."""
@@ -334,7 +341,7 @@ class Steps:
         """
         cached = key and len(isos) == 1 and isos[0].path is not None and self.cache.takes(
             sum(digest.size for digest in laid[0].digests) + (isos[0].size if isos[0].format == "iso" else 0))
-        laid_out = isos[0].format == "iso" and isos[0].archive is not None  # laid out where it was sized
+        laid_out = isos[0].format == "iso" and isos[0].archive is not None  # its phase iso was its layout
         try:
             for layout, iso in zip(laid, isos, strict=True):
                 if iso.path is None or iso.format == "zip" or (laid_out and not cached):
@@ -373,13 +380,13 @@ class Steps:
             return files, []
         return records.sort_out(files, self.config.iso.private_objects)
 
-    def _lay_out(self, job, folder, files, omitted, label, watch, from_tree=False):
+    def _lay_out(self, job, folder, files, omitted, label, watch, ahead=False):
         """Plan, stage, index and size every disc; plan again, tighter, while genisoimage finds one too big.
 
         Without ``job.split`` more than one disc is a 413 saying how many:
-        the same number a split job makes.  With ``from_tree`` (a download
-        or a ZIP), the discs that will be sent from their staged trees, a
-        ZIP's or a download's one ISO, are laid out so (``_stage_disc``).
+        the same number a split job makes.  With ``ahead``, a ZIP's discs, or
+        the one disc of an ISO that will be laid out over its tree, begin
+        their read-back once staged (``verify.Ahead``).
         """
         config = self.config
         if job.format == "zip":  # iso.media is a disc's; a ZIP is split only by zip.max_bytes
@@ -394,8 +401,8 @@ class Steps:
                 raise errors.TooLarge(
                     "These studies need %d %s; ask for a job with split, or fewer accession numbers."
                     % (len(groups), described), code="needs_split", details={"discs": len(groups)})
-            from_tree = from_tree and (job.format == "zip" or len(groups) == 1)
-            laid = [self._stage_disc(job, folder, number, len(groups), group, omitted, label, watch, from_tree)
+            early = ahead and (job.format == "zip" or len(groups) == 1)
+            laid = [self._stage_disc(job, folder, number, len(groups), group, omitted, label, watch, early)
                     for number, group in enumerate(groups, start=1)]
             over = max(layout.size for layout in laid) - limit
             if over <= 0:
@@ -421,14 +428,7 @@ class Steps:
         """Whether discs carry the web content: asked for, and in the PDI layout it belongs to."""
         return self.config.iso.web_content and self.config.iso.layout == "pdi"
 
-    def _stage_disc(self, job, folder, number, of, files, omitted, label, watch, from_tree=False):
-        """Stage one disc, write its DICOMDIR, web content and SHA256.TXT, and size it: its ``Layout``.
-
-        A disc sent from its staged tree (``from_tree``) has its read-back
-        begun once its images are staged (``verify.Ahead``), and an ISO is
-        laid out over the tree where it is sized (``isoimage``); one that
-        is not is written by genisoimage and read back as written.
-        """
+    def _stage_disc(self, job, folder, number, of, files, omitted, label, watch, ahead=False):
         config = self.config
         job.step("stage")
         staging = os.path.join(folder, "disc-%d" % number)
@@ -444,7 +444,7 @@ class Steps:
         images = tree.stage(staging, files, config.iso.layout, config.iso.viewer_dir, readme)
         watch.lap("stage")
         read_back = verify.Ahead(staging, staging + ".complete", config.timeouts.iso_s,
-                                 MAX_PROBLEMS_LOGGED) if from_tree else None
+                                 MAX_PROBLEMS_LOGGED) if ahead else None
         volume = tree.disc_label(label, number, of)
         if self.web_content:
             webcontent.write(staging, images, config.iso, os.path.join(config.tools.dcmtk_dir, "dcmj2pnm"),
@@ -464,13 +464,9 @@ class Steps:
         when, archive = ziparchive.dos_time(time.time()), None
         if job.format == "zip":
             archive = ziparchive.Archive(found, when)
-        elif from_tree:
-            archive = self._lay_out_iso(job, staging, label)
-            if archive is None and read_back is not None:  # read back as genisoimage writes it
-                read_back.abandon()
-                read_back = None
-        size = archive.size if archive is not None else tree.iso_size(
-            config.tools.genisoimage, staging, label, config.timeouts.iso_s, number, of)
+            size = archive.size
+        else:
+            size = tree.iso_size(config.tools.genisoimage, staging, label, config.timeouts.iso_s, number, of)
         watch.lap("size")
         return Layout(staging, images, size, number, profile.of(job.format), volume, found, when, archive, read_back)
 

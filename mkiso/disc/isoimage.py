@@ -16,10 +16,8 @@ before its last bytes could leave.
 Only that layout is served, and it is checked before the first byte: every
 directory, path table and Rock Ridge continuation within the head, every
 file of the staged tree in it exactly once with its size, the Joliet tree
-pointing at the same bytes, no two files overlapping and none beyond the
-image's end.  The image's size is the one its primary volume descriptor
-says (the tests hold it equal to genisoimage's -print-size, which is then
-not asked: a second walk of the tree).  Anything else (a file of several extents, a
+pointing at the same bytes, no two files overlapping, the image's size
+genisoimage's -print-size.  Anything else (a file of several extents, a
 directory tree it cannot read within HEAD_LIMIT) is not laid out: the
 caller lets genisoimage write the image as before.  tests/test_isoimage.py
 holds the layout against genisoimage's own ISO of the same tree, byte for
@@ -42,7 +40,6 @@ PIPE_READ = 1 << 16  # of genisoimage's output at a time: what its pipe holds, n
 FIRST_READ = 1 << 16  # of the head, plus PER_FILE for each file of the tree, before the first try
 PER_FILE = 512
 HEAD_LIMIT = 256 << 20  # no directory of a disc mkiso makes comes near it
-PRIMARY = 16 * 2048  # where the primary volume descriptor is (ISO 9660: after 16 system area sectors)
 
 
 class NotLaidOut(Exception):
@@ -119,15 +116,15 @@ class _Head(verify.Iso):
         return super().pread(size, offset, what)
 
 
-def lay_out(genisoimage, staging, label, head, timeout, number=1, of=1):
+def lay_out(genisoimage, staging, label, head, size, timeout, number=1, of=1):
     """The ``Image`` of the ISO genisoimage makes of ``staging`` (as ``tree.make_iso`` would write it),
-    its head written to ``head``.  Raises NotLaidOut for an image of another layout, MkisoError when
-    genisoimage fails."""
+    its head written to ``head``; ``size`` is genisoimage's -print-size.  Raises NotLaidOut for an
+    image of another layout, MkisoError when genisoimage fails."""
     count = sum(len(names) for _, _, names in os.walk(staging))
 
     def read(stream):
         with open(head, "wb") as out:
-            return _read_head(stream, out, head, staging, count)
+            return _read_head(stream, out, head, size, staging, count)
 
     image = tree.read_iso(genisoimage, staging, label, read, timeout, number, of)
     if of > 1:
@@ -135,16 +132,12 @@ def lay_out(genisoimage, staging, label, head, timeout, number=1, of=1):
     return image
 
 
-def _read_head(stream, out, path, staging, count):
+def _read_head(stream, out, path, size, staging, count):
     """Copy genisoimage's output from ``stream`` into ``out`` until the head is in, and lay it out:
     the ``Image``, or None when the output ended first (genisoimage failed)."""
-    wanted, have, size = FIRST_READ + PER_FILE * count, 0, None
+    wanted, have = FIRST_READ + PER_FILE * count, 0
     while True:
-        have = _copy(stream, out, wanted if size is None else min(wanted, size), have)
-        if size is None:
-            size = _volume_size(path, have)
-            if size is None:
-                return None
+        have = _copy(stream, out, wanted, have)
         if have < min(wanted, size):
             return None
         try:
@@ -158,17 +151,6 @@ def _read_head(stream, out, path, staging, count):
             return None
         out.truncate(image.head_end)
         return image
-
-
-def _volume_size(path, have):
-    """The image's size as its primary volume descriptor (in the first ``have`` bytes of the file
-    ``path``) says it; None when the output ended before it."""
-    if have < PRIMARY + tree.SECTOR:  # FIRST_READ holds it: only an output cut short ends before
-        return None
-    descriptor = _pread(path, 84, PRIMARY)
-    if descriptor[:6] != b"\x01CD001":
-        raise NotLaidOut("it has no primary volume descriptor where ISO 9660 puts it")
-    return struct.unpack_from("<I", descriptor, 80)[0] * tree.SECTOR
 
 
 def _copy(stream, out, wanted, have):
@@ -197,6 +179,9 @@ def _checked(image, path, size, staging, count):
     if image.joliet is None:
         raise NotLaidOut("it has no Joliet tree")
     block = image.block
+    volume = struct.unpack_from("<I", image.primary, 80)[0] * block
+    if volume != size:
+        raise NotLaidOut("its volume is %d bytes where genisoimage announced %d" % (volume, size))
     names = path + ".names"
     starts, lengths, name_at, name_sizes = array("Q"), array("Q"), array("Q"), array("I")
     seen = 0
