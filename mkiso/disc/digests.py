@@ -36,6 +36,7 @@ import dataclasses
 import errno
 import hashlib
 import heapq
+import itertools
 import logging
 import os
 import struct
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 CHUNK = 1 << 20  # bytes read per call; both digests release the GIL on buffers this large
 THREADS = 2
 AHEAD = 64  # files digested ahead of the one the caller waits for
+BATCH = 16  # files a thread takes at a time: a digest kept on its file takes less than passing it on
 NAME = "SHA256.TXT"
 ATTRIBUTE = "user.mkiso.digest"
 KEPT = struct.Struct("<QqI32s")  # size, modification time (ns), CRC-32, SHA-256: what the attribute holds
@@ -219,13 +221,12 @@ def digest_files(pairs, threads=THREADS, crc32=True, kept=True):
                 with changed:
                     changed.wait_for(lambda: failed or state["ended"] is not None
                                      or len(done) < AHEAD)
-                    taken = None if failed or state["ended"] is not None else next(numbered, None)
-                    if taken is None:
+                    taken = [] if failed or state["ended"] is not None else list(itertools.islice(numbered, BATCH))
+                    if not taken:
                         return
-                at, (source, path) = taken
-                digest = digest_file(source, path, crc32, kept)
+                made = [(at, digest_file(source, path, crc32, kept)) for at, (source, path) in taken]
                 with changed:
-                    done[at] = digest
+                    done.update(made)
                     changed.notify_all()
         except BaseException as exc:  # raised in the caller's thread
             with changed:
