@@ -7,6 +7,7 @@ header fields from its ``ReceivedFile``, made once here: by the C scan of
 """
 
 import array
+import bisect
 import dataclasses
 import os
 import sys
@@ -213,26 +214,25 @@ class Early:
                 self._stats.extend((found.st_ino, found.st_size, found.st_mtime_ns))
 
     def take(self, paths):
-        """The records of ``paths`` (sorted, all in one folder): made early where that still holds, else
-        read now.  No record is added after this."""
+        """The records of the files of the iterable ``paths`` (in its order, any order): made early where
+        that still holds, else read now.  No record is added after this.
+
+        Each path's early record is found by its name among them sorted
+        (a sorted list of numbers, not a table of names: SPEC §8)."""
         with self._lock:
             self._closed = True
             records, stats, self._records, self._stats = self._records, self._stats, [], array.array("q")
         order = sorted(range(len(records)), key=lambda at: records[at]._name)
-        taken, late = [None] * len(paths), []
-        cursor = 0
-        for number, path in enumerate(paths):
+        taken, late = [], []
+        for path in paths:
             folder, name = os.path.split(path)
-            while cursor < len(order) and records[order[cursor]]._name < name:
-                cursor += 1
-            at = order[cursor] if cursor < len(order) and records[order[cursor]]._name == name else None
-            if at is not None and _unchanged(path, stats[3 * at:3 * at + 3]):
-                taken[number] = records[at].moved_to(folder)
+            found = bisect.bisect_left(order, name, key=lambda at: records[at]._name)
+            at = order[found] if found < len(order) else None
+            if at is not None and records[at]._name == name and _unchanged(path, stats[3 * at:3 * at + 3]):
+                taken.append(records[at].moved_to(folder))
             else:
-                late.append(number)
-        for number, record in zip(late, read_all([paths[number] for number in late]), strict=True):
-            taken[number] = record
-        return taken
+                late.append(path)
+        return taken + read_all(late)
 
 
 def _unchanged(path, stat):

@@ -58,6 +58,7 @@ def verify(study, result, paths, manifest, early=None):
     if not paths:
         raise errors.UpstreamFailed("The PACS sent no images for %s." % what, code="incomplete_study")
     files = early.take(paths) if early is not None else read_all(paths)
+    files.sort(key=lambda received: received.path)  # the early ones first: in the files' order again
     for received in files:
         if received.study_uid != study.study_uid:
             raise errors.UpstreamFailed(
