@@ -36,7 +36,7 @@ import time
 from datetime import datetime, timezone
 from typing import Optional
 
-from . import audit, disk, errors, process
+from . import audit, disk, errors, memory, process
 from .disc import records
 from .http import delivery
 
@@ -329,7 +329,10 @@ class Jobs:
             self._running -= 1
             if not job.synchronous:
                 self._running_posted -= 1
+            idle = self._running == 0
             self._changed.notify_all()
+        if idle:  # what the job's records took goes back to the kernel, not kept for the next job
+            memory.release()
 
     def _failed(self, job, exc, audited):
         failure = exc if isinstance(exc, errors.MkisoError) else errors.MkisoError(
