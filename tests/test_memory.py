@@ -8,7 +8,7 @@ images that must stay below MB_PER_10K), and what the same job run again
 adds to the peak: nothing it needs, so at most AGAIN_MB of noise.  The
 benchmark's 50,000-image study in one server peaked at 78, then 93, then
 102 MB over three downloads while the growth per 10,000 images read 8.3 MB
-here: each job left the heap bigger (``mkiso.memory``), which only a second
+here: each job left the heap bigger (``jobs.release_heap``), which only a second
 run of the same job shows.  Orthanc is the PACS: dcmqrscp's index stops
 near 9,000 images.
 """
@@ -38,7 +38,7 @@ SMALL, LARGE = 1000, 20000
 # kept past the staging were 3.4).
 MB_PER_10K = 8
 # Two more downloads of the LARGE study raised the peak 13.8 MB (C-MOVE) while glibc gave each thread its
-# own arena and kept their freed pages; with two arenas and the pages handed back (``mkiso.memory``),
+# own arena and kept their freed pages; with two arenas and the pages handed back (``jobs.release_heap``),
 # 2.6 MB by C-MOVE and 1.1 MB by C-GET.
 AGAIN = 2  # downloads of the LARGE study after its first
 AGAIN_MB = 5  # what they may raise the peak by: noise, not a job's leftovers
