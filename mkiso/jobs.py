@@ -27,6 +27,7 @@ answer report through the job's methods, which hand the change to it.
 """
 
 import collections
+import ctypes
 import dataclasses
 import enum
 import logging
@@ -329,7 +330,10 @@ class Jobs:
             self._running -= 1
             if not job.synchronous:
                 self._running_posted -= 1
+            idle = self._running == 0
             self._changed.notify_all()
+        if idle:  # what the jobs' records took goes back to the kernel, not kept for the next job
+            release_heap()
 
     def _failed(self, job, exc, audited):
         failure = exc if isinstance(exc, errors.MkisoError) else errors.MkisoError(
@@ -492,6 +496,47 @@ class Rates:
     def _level(self, bucket, now):
         tokens, when = bucket
         return min(self.per_minute, tokens + (now - when) * self.per_minute / 60)
+
+
+# -- glibc's heap, job after job (SPEC §8: peak RSS under 80 MB) ----------------
+#
+# A 50,000-image job makes and drops some 30 MB of objects (its records, its disc plan, its laid-out ISO).
+# glibc's malloc keeps freed pages for the next allocation of the same arena, and gives a thread that
+# allocates while another holds an arena an arena of its own, up to eight per core: the server's request
+# and job threads took fifteen.  What one job freed in one arena was then not there for the next job's
+# threads in another, and each job left the server bigger: 78, 93, then 102 MB peak RSS over three
+# 50,000-image downloads in one server (the benchmark).  So the server keeps glibc to ARENAS arenas from
+# its start (``limit_arenas``, what MALLOC_ARENA_MAX does for a process started with it), and hands
+# every free page back to the kernel when the last running job has ended (``release_heap``).  Elsewhere
+# than glibc both do nothing.
+
+ARENAS = 2
+M_ARENA_MAX = -8  # mallopt's parameter (malloc.h)
+
+
+def _libc():
+    try:
+        return ctypes.CDLL(None)  # the C library the interpreter runs on
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def limit_arenas():
+    """Keep glibc to ARENAS arenas for the threads started from now on; whether it could."""
+    mallopt = getattr(_LIBC, "mallopt", None)
+    return bool(mallopt is not None and mallopt(M_ARENA_MAX, ARENAS))
+
+
+def release_heap():
+    """Hand the heap's free pages back to the kernel (``malloc_trim``, a few milliseconds); whether it could."""
+    malloc_trim = getattr(_LIBC, "malloc_trim", None)
+    if malloc_trim is None:
+        return False
+    malloc_trim(0)
+    return True
 
 
 def _drop_discs(job):

@@ -24,7 +24,7 @@ import time
 
 from waitress.server import create_server
 
-from . import __version__, config as configuration, logs, unit
+from . import __version__, config as configuration, jobs, logs, unit
 from .http import application, waitress_adapter
 from .service import Service
 from .systemd import Notifier
@@ -63,6 +63,7 @@ def main(argv=None):
         return 0
     logs.setup(config.logging.level, config.logging.format)
     os.umask(0o077)  # temp files and ISOs hold patient data
+    jobs.limit_arenas()  # before the threads: see jobs.release_heap
     return Server(config).run()
 
 

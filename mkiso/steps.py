@@ -45,7 +45,7 @@ class Layout:
     """One disc staged and sized, not yet written."""
 
     staging: str
-    images: list
+    images: int  # how many: the records are not kept past the staging (SPEC §8, flat memory)
     size: int
     number: int
     profile: str = ""  # the media profile's name (PS3.11), for the job's JSON
@@ -293,7 +293,8 @@ class Steps:
             # A disc sent from its staged tree is read back from it: begun as soon as it is staged.
             ahead = build and (job.format == "zip" or job.stream)
             laid = self._lay_out(job, folder, files, omitted, label, watch, ahead)
-        export.images = sum(len(layout.images) for layout in laid)
+            del files  # the records (350 bytes an image) go before the ISO is laid out and sent: SPEC §8
+        export.images = sum(layout.images for layout in laid)
         job.sized(sum(layout.size for layout in laid))
         # A ZIP is sent from its tree; it is written (and needs the room) only for nginx.
         written = job.format == "iso" or bool(config.server.x_accel_prefix)
@@ -328,7 +329,7 @@ class Steps:
         """The ``Iso`` of one laid-out disc: its ISO's path, or its ZIP's layout over its staged tree."""
         name = "disc-%d.%s" % (layout.number, job.format) if of > 1 else "disc." + job.format
         return Iso(os.path.join(folder, name) if build else None, layout.size, stem, job.accessions[0], folder,
-                   len(layout.images), layout.number, of, layout.profile, layout.volume, archive=layout.archive,
+                   layout.images, layout.number, of, layout.profile, layout.volume, archive=layout.archive,
                    tree=layout.staging if layout.archive is not None and build else None, read_back=layout.read_back)
 
     def _write_isos(self, job, laid, isos, label, key, watch, studies, on_tick=None):
@@ -468,7 +469,8 @@ class Steps:
         else:
             size = tree.iso_size(config.tools.genisoimage, staging, label, config.timeouts.iso_s, number, of)
         watch.lap("size")
-        return Layout(staging, images, size, number, profile.of(job.format), volume, found, when, archive, read_back)
+        return Layout(staging, len(images), size, number, profile.of(job.format), volume, found, when, archive,
+                      read_back)
 
     def _from_cache(self, job, key, folder, label, build, stem):
         """The cached disc as this job's ``Iso`` (its own hard links), or None when it is not cached.

@@ -35,14 +35,15 @@ import threading
 import time
 from .. import disk, errors, logs, process
 from . import identity, pacs
-from .received import Early, read_all
+from .received import Early, in_path_order, read_all
 
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 0.5
 
 def verify(study, result, paths, manifest, early=None):
-    """Check a finished retrieval and its files against the C-FIND answers.
+    """Check a finished retrieval and its files (the iterable ``paths``, read as it goes) against the
+    C-FIND answers; their records, sorted by path.
 
     ``manifest`` is the study's SOP Instance UIDs from the IMAGE-level
     C-FIND, or None where the PACS refused that query; then the C-MOVE's
@@ -55,10 +56,10 @@ def verify(study, result, paths, manifest, early=None):
         raise errors.UpstreamFailed(
             "The PACS did not deliver %s completely: %s; %s sent, %s failed."
             % (what, result.status_text, result.completed, result.failed), code="incomplete_study")
-    if not paths:
-        raise errors.UpstreamFailed("The PACS sent no images for %s." % what, code="incomplete_study")
     files = early.take(paths) if early is not None else read_all(paths)
-    files.sort(key=lambda received: received.path)  # the early ones first: in the files' order again
+    in_path_order(files)
+    if not files:
+        raise errors.UpstreamFailed("The PACS sent no images for %s." % what, code="incomplete_study")
     for received in files:
         if received.study_uid != study.study_uid:
             raise errors.UpstreamFailed(
@@ -78,13 +79,13 @@ def verify(study, result, paths, manifest, early=None):
     for received in files:
         identity.check_file(answered, received, what)
     counted = result.completed is not None or result.warning is not None
-    if counted and result.delivered != len(paths):
+    if counted and result.delivered != len(files):
         raise errors.UpstreamFailed(
-            "The PACS reported %d images sent for %s but %d arrived." % (result.delivered, what, len(paths)),
+            "The PACS reported %d images sent for %s but %d arrived." % (result.delivered, what, len(files)),
             code="incomplete_study")
-    if study.instances is not None and study.instances != len(paths):
+    if study.instances is not None and study.instances != len(files):
         raise errors.UpstreamFailed(
-            "The PACS lists %d images for %s but %d arrived." % (study.instances, what, len(paths)),
+            "The PACS lists %d images for %s but %d arrived." % (study.instances, what, len(files)),
             code="incomplete_study")
     return files
 
@@ -426,12 +427,13 @@ class Retrievals:
             self.pacs.check_delivery(study.study_uid, result, reached)
         watch.lap("transfer")
         manifest = resolved(manifest)  # in "checks": what a lookup beside the transfer took longer than it
-        paths = sorted(entry.path for entry in os.scandir(received) if entry.is_file())
-        retrieval.files = verify(study, result, paths, manifest, retrieval.early)
+        with os.scandir(received) as entries:  # read as listed: never a list of every path (``read_all``)
+            retrieval.files = verify(study, result, (entry.path for entry in entries if entry.is_file()), manifest,
+                                     retrieval.early)
         watch.lap("checks")
-        self.metrics.retrieved(len(paths))
+        self.metrics.retrieved(len(retrieval.files))
         log.info("study retrieved", extra={"fields": dict({
-            "accession": study.accession, "study_uid": study.study_uid, "images": len(paths),
+            "accession": study.accession, "study_uid": study.study_uid, "images": len(retrieval.files),
             "manifest": manifest is not None}, **watch.fields)})
 
     def _fetch(self, study_uid, received, manifest):
