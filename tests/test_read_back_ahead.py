@@ -79,6 +79,28 @@ def test_a_file_rewritten_after_the_read_ahead_with_its_time_set_back_is_read_ag
     assert "IMG00001" in reads
 
 
+def test_a_file_whose_received_name_went_after_the_read_ahead_is_not_read_again(tmp_path, reads):
+    """The staged files are links to the received ones, whose folder is removed while the disc is read
+    back: fewer links move the status change time, and that alone is no reason to read it again."""
+    received = tmp_path / "received"
+    received.mkdir()
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for number in range(3):
+        written(str(received), "IMG%05d" % number, os.urandom(20000))
+        os.link(received / ("IMG%05d" % number), tree / ("IMG%05d" % number))
+    read = verify.read_ahead(str(tree))
+    digests.seal(str(tree), keep=False)
+    before = os.stat(tree / "IMG00001").st_ctime_ns
+    time.sleep(0.01)
+    for name in os.listdir(received):
+        os.unlink(received / name)
+    assert os.stat(tree / "IMG00001").st_ctime_ns != before  # what the rule is for
+    del reads[:]
+    assert outside_the_file_set(verify.check(str(tree), read=read)) == []
+    assert sorted(reads) == [digests.NAME, digests.NAME], "files read again after their other name went"
+
+
 def test_a_file_replaced_by_another_of_the_same_size_and_times_is_read_again(tmp_path, reads):
     """Another inode under the name (renamed over it): never the first file's read."""
     tree, paths = sealed_tree(tmp_path)

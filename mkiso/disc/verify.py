@@ -40,7 +40,11 @@ work leaves idle.  When the disc is complete, the whole check runs as
 always, each file taken from that first read only where it is the same
 file, unchanged since: the same inode, size, modification and status
 change times (a write, a rename over it, a time set back: each moves the
-status change time, which no one can set).
+status change time, which no one can set).  One change of the status
+change time is the service's own: the received folder the staged files
+are linked from is removed meanwhile, which lowers their link count; a
+file with fewer links and its inode, size and modification time is taken
+as read.
 """
 
 import argparse
@@ -124,7 +128,7 @@ class Entry:
     source: str = ""
     member: zipfile.ZipInfo = None
     damage: str = ""
-    identity: tuple = None  # a folder's file: (inode, size, modification and status change times in ns)
+    identity: tuple = None  # a folder's file: (inode, size, modification time, status change time, links)
 
 
 def check(path, threads=THREADS, read=None):
@@ -480,6 +484,16 @@ class Medium:
         return digest.hexdigest(), scanned, ""
 
 
+def _unchanged(before, now):
+    """Whether a folder's file is the one read before (its ``Entry.identity`` then and now), unchanged
+    since: the same inode, size and modification time, and the same status change time, unless a name
+    of it went (fewer links: the service removes the received folder the staged tree was linked from
+    while the disc is read back; a rewrite alone never lowers the count)."""
+    if before is None or now is None or before[:3] != now[:3]:
+        return False
+    return before[3] == now[3] or now[4] < before[4]
+
+
 def _reason(exc):
     if isinstance(exc, OSError):
         return "read error: %s" % (exc.strerror or exc)
@@ -527,11 +541,11 @@ class Folder(Medium):
                     self.entries[relative] = Entry(relative, 0, source=source, damage=_reason(exc))
                     continue
                 self.entries[relative] = Entry(relative, found.st_size, source=source, identity=(
-                    found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns))
+                    found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns, found.st_nlink))
 
     def _digest(self, entry, dicom):
         known = self.known.get(entry.path)
-        if known is not None and known[0] == entry.identity:
+        if known is not None and _unchanged(known[0], entry.identity):
             return known[1]
         return super()._digest(entry, dicom)
 
