@@ -233,7 +233,7 @@ class MkisoServer:
             handle.write(
                 "server: {port: %d}\npacs: {ae_title: %s, host: 127.0.0.1, port: %d, retrieve: %s, tls: %s}\n"
                 "receiver: {port: %d, tls: %s}\npaths: {work_dir: %s}\nlimits: {min_free_bytes: 100000000}\n"
-                "timeouts: {move_s: 7200, iso_s: 7200}\nlogging: {level: info, format: json}\n"
+                "timeouts: {find_s: 600, move_s: 7200, iso_s: 7200}\nlogging: {level: info, format: json}\n"
                 "audit: {path: %s}\ncache: {max_bytes: %d}\niso: {web_content: %s}\n"
                 % (self.http_port, pacs.ae_title, pacs.port, retrieve, tls, receiver_port, tls, work_dir,
                    os.path.join(root, "audit-%s.log" % name), cache_bytes, "true" if web_content else "false"))
