@@ -227,7 +227,7 @@ class Steps:
         with self._lock:
             followed = retrieval in self._followed
             self._followed.add(retrieval)
-        if not followed:  # until the transfer ends: the checks' records need the room, the seal does the rest
+        if not followed:  # until the transfer ends: what it has not done by then, the check and the seal read
             digests.follow(retrieval.watched, retrieval.transferred, also=retrieval.early.add)
 
     def _room_for(self, job, study, manifest):

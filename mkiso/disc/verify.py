@@ -166,7 +166,7 @@ class Verdict:
     problems: list
 
 
-def check_apart(path, timeout, problems_kept=20, after=None, read=None):
+def check_apart(path, timeout, problems_kept=20, after=None, has_read=None):
     """``check`` in a child process (``python3 -m mkiso.disc.verify PATH``): the service's read-back.
 
     Its records, about 1 KB a file on the medium, stay out of the server,
@@ -175,14 +175,14 @@ def check_apart(path, timeout, problems_kept=20, after=None, read=None):
     child is gone with its verdict.  A child that gives none (killed, a
     medium it cannot read) is an error, never a pass.  With ``after`` (a
     marker file), the child reads the folder ``path`` at once and checks it
-    once the marker says it is complete (``Ahead``); the event ``read`` is
-    set when it has read what was there.
+    once the marker says it is complete (``Ahead``); the event ``has_read``
+    is set when it has read what was there.
     """
     problems = []
 
     def seen(line):
-        if read is not None and line.startswith(READ_AHEAD):
-            read.set()
+        if has_read is not None and line.startswith(READ_AHEAD):
+            has_read.set()
         if len(problems) < problems_kept and not line.startswith("mkiso-verify: "):
             problems.append(line.rstrip("\n"))
 
@@ -219,7 +219,7 @@ class Ahead:
     def _run(self, path, timeout, problems_kept, owner):
         try:
             with process.owned_by(owner):  # a cancel of the job kills it
-                self._verdict = check_apart(path, timeout, problems_kept, after=self._marker, read=self.read)
+                self._verdict = check_apart(path, timeout, problems_kept, after=self._marker, has_read=self.read)
         except BaseException as exc:
             self._error = exc
         self._done.set()
