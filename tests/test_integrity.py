@@ -92,12 +92,12 @@ def disc_patient_names(disc):
             for path in disc.files if path.startswith("DICOM" + os.sep)}
 
 
-def wait_for(condition, timeout):
+def wait_for(condition, timeout, every=0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
             return True
-        time.sleep(0.05)
+        time.sleep(every)
     return condition()
 
 
@@ -258,7 +258,9 @@ def test_a_folder_removed_under_a_stray_association_is_no_full_disk(service, arc
     sender.start()
     stopped = []
     try:
-        assert wait_for(lambda: stop_a_writer(receiver, receiver.study_dir(stray_uid) + os.sep, stopped), 60), \
+        # storescp writes the 64 MB in tens of milliseconds: looked for every millisecond, not every 50
+        assert wait_for(lambda: stop_a_writer(receiver, receiver.study_dir(stray_uid) + os.sep, stopped), 60,
+                        every=0.001), \
             "the stray storescp never opened a file in its study's folder"
         assert receiver.collect(stray_uid, str(tmp_path / "collected")) == 1
     finally:
