@@ -87,6 +87,13 @@ def stop_a_writer(receiver, folder, stopped):
     return False
 
 
+def stopped_writer(receiver, folder, stopped):
+    """Wait (60 s) for a storescp of the receiver's to open a file under ``folder`` and SIGSTOP it: looked
+    for every millisecond, as storescp writes a 64 MB image in tens of them (every 50, CI's load once let
+    the whole write pass between two looks)."""
+    return wait_for(lambda: stop_a_writer(receiver, folder, stopped), 60, every=0.001)
+
+
 def disc_patient_names(disc):
     return {str(pydicom.dcmread(os.path.join(disc.root, path), stop_before_pixels=True).PatientName)
             for path in disc.files if path.startswith("DICOM" + os.sep)}
@@ -227,7 +234,7 @@ def test_an_image_caught_half_written_when_the_move_ends_is_refused(service, app
         sender = threading.Thread(target=send, args=(forged, service.config.receiver.port), daemon=True)
         sender.start()
 
-        assert wait_for(lambda: stop_a_writer(service.receiver, folder, stopped), 60), \
+        assert stopped_writer(service.receiver, folder, stopped), \
             "the foreign storescp never opened a file in the study's folder"
         return result
 
@@ -258,9 +265,7 @@ def test_a_folder_removed_under_a_stray_association_is_no_full_disk(service, arc
     sender.start()
     stopped = []
     try:
-        # storescp writes the 64 MB in tens of milliseconds: looked for every millisecond, not every 50
-        assert wait_for(lambda: stop_a_writer(receiver, receiver.study_dir(stray_uid) + os.sep, stopped), 60,
-                        every=0.001), \
+        assert stopped_writer(receiver, receiver.study_dir(stray_uid) + os.sep, stopped), \
             "the stray storescp never opened a file in its study's folder"
         assert receiver.collect(stray_uid, str(tmp_path / "collected")) == 1
     finally:
