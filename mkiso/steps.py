@@ -228,6 +228,7 @@ class Steps:
             followed = retrieval in self._followed
             self._followed.add(retrieval)
         if not followed:  # until the transfer ends: what it has not done by then, the check and the seal read
+            retrieval.early.forget = digests.forget  # a digest made of a file changed since is not taken
             digests.follow(retrieval.watched, retrieval.transferred, also=retrieval.early.add)
 
     def _room_for(self, job, study, manifest):

@@ -31,7 +31,7 @@ def written(folder, name, data):
 def wait_kept(path, timeout=10):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if digests._kept(path) is not None:
+        if digests.kept_on(path) is not None:
             return True
         time.sleep(0.02)
     return False
@@ -155,7 +155,7 @@ def test_a_download_by_c_move_digests_its_images_where_they_arrive(make_service,
     def watched_seal(root, keep=True):
         images = [os.path.join(folder, name) for folder, _, names in os.walk(os.path.join(root, "DICOM"))
                   for name in names]
-        sealed["kept"] = sum(1 for image in images if digests._kept(image) is not None)
+        sealed["kept"] = sum(1 for image in images if digests.kept_on(image) is not None)
         sealed["images"] = len(images)
         return seal(root, keep)
 

@@ -75,6 +75,27 @@ def test_a_file_rewritten_after_it_was_read_is_read_again(tmp_path, monkeypatch)
     assert taken == {path: "OTHER-9" if path == paths[2] else "EARLY-1" for path in paths}
 
 
+def test_a_file_rewritten_with_its_time_set_back_is_read_again_and_its_digest_forgotten(tmp_path, monkeypatch):
+    """Same size, the modification time set back: only the status change time says it.  Its record is
+    made again, and the digest kept as it arrived goes (``forget``): the seal and the disc's read-back,
+    which take that digest for an image unchanged since, read its bytes instead."""
+    early, paths = arrived(tmp_path)
+    early.forget = digests.forget
+    assert digests.kept_on(paths[2]) is not None
+    before = os.stat(paths[2])
+    with open(paths[2], "rb") as handle:
+        data = handle.read()
+    with open(paths[2], "r+b") as handle:
+        handle.write(data.replace(b"EARLY-1", b"OTHER-9"))
+    os.utime(paths[2], ns=(before.st_atime_ns, before.st_mtime_ns))
+    reads = counted_reads(monkeypatch)
+    taken = {record.path: record.patient_id for record in early.take(paths)}
+    assert reads == [paths[2]]
+    assert taken[paths[2]] == "OTHER-9"
+    assert digests.kept_on(paths[2]) is None
+    assert digests.kept_on(paths[1]) is not None
+
+
 def test_a_file_arriving_after_the_check_began_is_not_added(tmp_path):
     early, paths = arrived(tmp_path, count=2)
     early.take(paths)

@@ -7,6 +7,7 @@ unchanged: a file rewritten since, even with its time set back, is read
 again, and a disc whose SHA256.TXT no longer fits it is refused.
 """
 
+import hashlib
 import json
 import os
 import threading
@@ -15,8 +16,9 @@ import time
 import pytest
 
 from mkiso import errors, process
+from mkiso.dicom import received
 from mkiso.disc import digests, verify
-from test_arrival_digests import outside_the_file_set, written
+from test_arrival_digests import hold_up_the_move_end, outside_the_file_set, written
 from test_audit import app_for, assert_cut_short_as_unverified
 from test_jobs import JSON, wait_for
 
@@ -67,6 +69,24 @@ def test_the_check_reads_only_what_the_read_ahead_did_not(tmp_path, reads):
     report = verify.check(str(tree), read=read)
     assert outside_the_file_set(report) == []
     assert sorted(reads) == ["README.TXT", digests.NAME, digests.NAME], "files read again though unchanged"
+
+
+def test_an_image_digested_as_it_arrived_is_taken_from_that_digest(tmp_path, reads):
+    """Its digest kept on it as it arrived (``digests.keep``) and still fitting its size and time: the
+    read ahead reads its first bytes, not the whole; a digest that no longer fits is not taken."""
+    tree, paths = sealed_tree(tmp_path, sealed=False)
+    for path in paths[:3]:
+        assert digests.keep(path)
+    time.sleep(0.01)
+    written(str(tree), os.path.basename(paths[2]), os.urandom(os.path.getsize(paths[2])))  # a later time
+    read = verify.read_ahead(str(tree))
+    assert sorted(reads) == sorted(os.path.basename(path) for path in paths[2:]), "kept digests not taken"
+    for path in paths:
+        assert read[os.path.basename(path)][1][0] == hashlib.sha256(open(path, "rb").read()).hexdigest()
+    digests.seal(str(tree), keep=False)
+    del reads[:]
+    assert outside_the_file_set(verify.check(str(tree), read=read)) == []
+    assert reads == [digests.NAME, digests.NAME]
 
 
 def test_a_file_rewritten_after_the_read_ahead_with_its_time_set_back_is_read_again_and_refused(tmp_path, reads):
@@ -203,6 +223,36 @@ def test_a_streamed_iso_whose_image_changed_after_the_read_ahead_is_cut_short(ma
     assert_cut_short_as_unverified(service, live_server(app_for(service)), caplog)
     assert seen == [True]
     assert wait_gone() == []
+
+
+def test_an_image_changed_behind_its_arrival_digest_leaves_on_a_disc_that_proves_itself(make_service, wsgi_call,
+                                                                                      monkeypatch, tmp_path):
+    """An image rewritten with its time set back after its digest and record were made as it arrived, before
+    the check after the last image: the disc that leaves holds its bytes as they are, and its SHA256.TXT
+    says so, read whole by mkiso-verify as a clerk would (the service's read-back takes an image's arrival
+    digest where the image is unchanged since: a digest kept behind this change would have passed it)."""
+    service = make_service()
+    hold_up_the_move_end(service, monkeypatch)
+    take, rewritten = received.Early.take, []
+
+    def rewritten_first(early, paths):
+        paths = sorted(paths)
+        if not rewritten:
+            assert digests.kept_on(paths[0]) is not None, "not digested as it arrived"
+            rewritten_with_its_time_set_back(paths[0])
+            rewritten.append(paths[0])
+        return take(early, paths)
+
+    monkeypatch.setattr(received.Early, "take", rewritten_first)
+    response = wsgi_call(app_for(service), "/api/iso/download", query="accession_number=BIG01")
+    assert response.status == 200, response.body[:300]
+    assert rewritten
+    iso = tmp_path / "disc.iso"
+    iso.write_bytes(response.body)
+    report = verify.check(str(iso))
+    assert report.ok, [str(problem) for problem in report.problems]
+    [job] = service.jobs.recent()
+    assert job.export.verified is True
 
 
 def test_a_job_read_back_from_its_written_iso_begins_nothing_ahead(make_service, wsgi_call, monkeypatch):

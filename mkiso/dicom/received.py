@@ -197,17 +197,25 @@ class Early:
     The reading that makes each file's digest (``digests.follow``) makes
     its record too, on the core the transfer leaves idle: the check then
     reads only what was not done by then.  A record is taken only for the
-    file it was made from, unchanged: the same inode, size and modification
-    time (as the digest kept with it; a file changed behind both is one
-    the read-back refuses).  Kept in arrays beside the records: 32 bytes a
-    file more while the study arrives, no dictionary of 50,000 entries.
+    file it was made from, unchanged: the same inode, size, modification
+    and status change times.  A file whose status alone changed (rewritten
+    with its time set back: no one but a process with the service's rights
+    can) is read again, and ``forget(path)`` is told, where set: what else
+    was made of it as it arrived (its kept digest, ``digests.forget``) is
+    not to be trusted either; the disc's read-back takes that digest for
+    an image unchanged since (``verify``).  Kept in arrays beside the
+    records: 40 bytes a file more while the study arrives, no dictionary
+    of 50,000 entries.
     """
 
-    def __init__(self):
+    STATS = 4  # inode, size, modification and status change times (ns) of each record's file
+
+    def __init__(self, forget=None):
         self._lock = threading.Lock()
         self._records = []
-        self._stats = array.array("q")  # inode, size, modification time (ns): three per record
+        self._stats = array.array("q")  # STATS numbers per record
         self._closed = False
+        self.forget = forget
 
     def add(self, path):
         """Read the header of the file at ``path`` (just digested), unless the check has begun."""
@@ -219,7 +227,7 @@ class Early:
         with self._lock:
             if not self._closed:
                 self._records.append(record)
-                self._stats.extend((found.st_ino, found.st_size, found.st_mtime_ns))
+                self._stats.extend((found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns))
 
     def take(self, paths):
         """The records of the files of the iterable ``paths`` (in its order, any order): made early where
@@ -236,19 +244,27 @@ class Early:
             folder, name = os.path.split(path)
             found = bisect.bisect_left(order, name, key=lambda at: records[at]._name)
             at = order[found] if found < len(order) else None
-            if at is not None and records[at]._name == name and _unchanged(path, stats[3 * at:3 * at + 3]):
-                taken.append(records[at].moved_to(folder))
-            else:
-                late.append(path)
+            if at is not None and records[at]._name == name:
+                unchanged = _unchanged(path, stats[self.STATS * at:self.STATS * (at + 1)])
+                if unchanged:
+                    taken.append(records[at].moved_to(folder))
+                    continue
+                if unchanged is None and self.forget is not None:
+                    self.forget(path)
+            late.append(path)
         return taken + read_all(late)
 
 
 def _unchanged(path, stat):
+    """True when the file at ``path`` has the identity ``stat`` (``Early.STATS``); None when only its
+    status change time differs (its bytes rewritten, the time set back); False otherwise."""
     try:
         found = os.stat(path)
     except OSError:
         return False
-    return (found.st_ino, found.st_size, found.st_mtime_ns) == tuple(stat)
+    if (found.st_ino, found.st_size, found.st_mtime_ns) != tuple(stat[:3]):
+        return False
+    return True if found.st_ctime_ns == stat[3] else None
 
 
 def _decode_scan(path, raw):

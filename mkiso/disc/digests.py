@@ -15,10 +15,13 @@ result on the file itself (an extended attribute, with the size and
 modification time it was made for).  The staged tree's files are hard
 links to the received ones, so ``digest_file`` finds it there and reads
 nothing; a file changed since (another size or time), copied rather than
-linked, or on a file system without user attributes is read as before.  A
-wrong digest could not make a wrong disc: the read-back (``verify``)
-digests every byte again.  Nothing is held per image meanwhile but the
-inode numbers already done.
+linked, or on a file system without user attributes is read as before.
+The disc's read-back takes that digest too, for an image unchanged since
+(``verify.read_ahead``); a file whose bytes changed behind it with its
+time set back is caught by its status change time at the check after the
+last image, which drops the digest (``forget``), and after its staging by
+the read-back's own look at each file.  Nothing is held per image
+meanwhile but the inode numbers already done.
 
 SHA256.TXT (``write_sha256``): one line per other file on the medium,
 ``<64 lower-case hex digits><two spaces><path>`` with the path as on the
@@ -74,7 +77,7 @@ def digest_file(source, path, crc32=True, kept=True):
     """The ``Digest`` of the file at ``source``, which the medium holds as ``path``; its CRC-32 only
     with ``crc32``.  One kept on the file as it arrived (``follow``) is taken without a read, unless
     not ``kept`` (a check of the bytes themselves)."""
-    kept = _kept(source) if kept else None
+    kept = kept_on(source) if kept else None
     if kept is not None:
         size, crc, sha = kept
         return Digest(path, size, crc if crc32 else None, sha)
@@ -102,14 +105,26 @@ def _read(handle, crc32=True, buffer=None):
     return size, crc, sha.digest()
 
 
-def _kept(source):
-    """(size, CRC-32, SHA-256) kept on the file at ``source`` when it still has that size and time."""
+def kept_on(source, now=None):
+    """(size, CRC-32, SHA-256) kept on the file at ``source`` when it still has that size and time
+    (``now``: its (size, modification time) as the caller found it, else looked up)."""
     try:
         size, modified, crc, sha = KEPT.unpack(os.getxattr(source, ATTRIBUTE))
-        found = os.stat(source)
+        if now is None:
+            found = os.stat(source)
+            now = found.st_size, found.st_mtime_ns
     except (OSError, struct.error):
         return None
-    return (size, crc, sha) if (found.st_size, found.st_mtime_ns) == (size, modified) else None
+    return (size, crc, sha) if tuple(now) == (size, modified) else None
+
+
+def forget(source):
+    """Drop the digest kept on the file at ``source``: the file changed behind its back (``received.Early``
+    saw its status change with its size and time as they were), so it is read again wherever needed."""
+    try:
+        os.removexattr(source, ATTRIBUTE)
+    except OSError:
+        pass  # none kept (or none can be): nothing to trust either
 
 
 def keep(source, buffer=None):
