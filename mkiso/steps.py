@@ -291,9 +291,9 @@ class Steps:
                 os.mkdir(transcoded)
                 files = media.transcode(files, transcoded, config.tools.dcmtk_dir, config.timeouts.iso_s)
                 watch.lap("transcode")
-            # A disc sent from its staged tree is read back from it: begun as soon as it is staged.
-            ahead = build and (job.format == "zip" or job.stream)
-            laid = self._lay_out(job, folder, files, omitted, label, watch, ahead)
+            # A ZIP, and a streamed download's ISO, is sent from its staged tree (and read back from it).
+            from_tree = build and (job.format == "zip" or job.stream)
+            laid = self._lay_out(job, folder, files, omitted, label, watch, from_tree)
             del files  # the records (350 bytes an image) go before the ISO is laid out and sent: SPEC §8
         export.images = sum(layout.images for layout in laid)
         job.sized(sum(layout.size for layout in laid))
@@ -304,34 +304,18 @@ class Steps:
         isos = [self._disc(job, folder, layout, len(laid), stem, build) for layout in laid]
         rest = functools.partial(self._write_isos, job, laid, isos, label, key, watch, len(studies))
         if build and job.stream and len(isos) == 1 and job.format == "iso":
-            self._lay_out_iso(job, laid[0], isos[0], label)
-            watch.lap("iso")  # laid out: what genisoimage still does for it
             isos[0].write = rest  # run while the answer goes out: jobs hands it to delivery.Build
         else:
             rest()
         return isos
 
-    def _lay_out_iso(self, job, layout, iso, label):
-        """A streamed download's ISO sent from its staged tree as genisoimage lays it out, never written
-        (``isoimage``, SPEC §8.1); an image of another layout is written by genisoimage as before."""
-        job.step("iso")
-        try:
-            iso.archive = isoimage.lay_out(self.config.tools.genisoimage, layout.staging, label, iso.path + ".head",
-                                           iso.size, self.config.timeouts.iso_s)
-        except isoimage.NotLaidOut as exc:
-            log.info("the ISO is written first: %s" % exc, extra={"fields": {"request_id": job.request_id}})
-            if iso.read_back is not None:  # the ISO is read back as written
-                iso.read_back.abandon()
-                iso.read_back = None
-            return
-        iso.tree = layout.staging
-
     def _disc(self, job, folder, layout, of, stem, build):
-        """The ``Iso`` of one laid-out disc: its ISO's path, or its ZIP's layout over its staged tree."""
-        name = "disc-%d.%s" % (layout.number, job.format) if of > 1 else "disc." + job.format
-        return Iso(os.path.join(folder, name) if build else None, layout.size, stem, job.accessions[0], folder,
-                   layout.images, layout.number, of, layout.profile, layout.volume, archive=layout.archive,
-                   tree=layout.staging if layout.archive is not None and build else None, read_back=layout.read_back)
+        """The ``Iso`` of one laid-out disc: its ISO's path, or its layout over its staged tree (a ZIP's,
+        a streamed download's ISO as genisoimage lays it out)."""
+        return Iso(_disc_path(folder, layout.number, of, job.format) if build else None, layout.size, stem,
+                   job.accessions[0], folder, layout.images, layout.number, of, layout.profile, layout.volume,
+                   archive=layout.archive, tree=layout.staging if layout.archive is not None and build else None,
+                   read_back=layout.read_back)
 
     def _write_isos(self, job, laid, isos, label, key, watch, studies, on_tick=None):
         """Write each disc's ISO (none for a HEAD, none for a ZIP: it is sent from its staged tree), exactly
@@ -382,13 +366,13 @@ class Steps:
             return files, []
         return records.sort_out(files, self.config.iso.private_objects)
 
-    def _lay_out(self, job, folder, files, omitted, label, watch, ahead=False):
+    def _lay_out(self, job, folder, files, omitted, label, watch, from_tree=False):
         """Plan, stage, index and size every disc; plan again, tighter, while genisoimage finds one too big.
 
         Without ``job.split`` more than one disc is a 413 saying how many:
-        the same number a split job makes.  With ``ahead``, a ZIP's discs, or
-        the one disc of an ISO that will be laid out over its tree, begin
-        their read-back once staged (``verify.Ahead``).
+        the same number a split job makes.  With ``from_tree``, a ZIP's discs,
+        or the one disc of a streamed ISO, are sent from their staged trees
+        (``_stage_disc``).
         """
         config = self.config
         if job.format == "zip":  # iso.media is a disc's; a ZIP is split only by zip.max_bytes
@@ -403,8 +387,8 @@ class Steps:
                 raise errors.TooLarge(
                     "These studies need %d %s; ask for a job with split, or fewer accession numbers."
                     % (len(groups), described), code="needs_split", details={"discs": len(groups)})
-            early = ahead and (job.format == "zip" or len(groups) == 1)
-            laid = [self._stage_disc(job, folder, number, len(groups), group, omitted, label, watch, early)
+            sent = from_tree and (job.format == "zip" or len(groups) == 1)
+            laid = [self._stage_disc(job, folder, number, len(groups), group, omitted, label, watch, sent)
                     for number, group in enumerate(groups, start=1)]
             over = max(layout.size for layout in laid) - limit
             if over <= 0:
@@ -430,7 +414,9 @@ class Steps:
         """Whether discs carry the web content: asked for, and in the PDI layout it belongs to."""
         return self.config.iso.web_content and self.config.iso.layout == "pdi"
 
-    def _stage_disc(self, job, folder, number, of, files, omitted, label, watch, ahead=False):
+    def _stage_disc(self, job, folder, number, of, files, omitted, label, watch, from_tree=False):
+        """Stage, index, seal and size one disc.  ``from_tree``: it is sent from its staged tree (a ZIP,
+        a streamed download's one ISO, laid out here), which is read back from the moment it is staged."""
         config = self.config
         job.step("stage")
         staging = os.path.join(folder, "disc-%d" % number)
@@ -446,7 +432,7 @@ class Steps:
         images = tree.stage(staging, files, config.iso.layout, config.iso.viewer_dir, readme)
         watch.lap("stage")
         read_back = verify.Ahead(staging, staging + ".complete", config.timeouts.iso_s,
-                                 MAX_PROBLEMS_LOGGED) if ahead else None
+                                 MAX_PROBLEMS_LOGGED) if from_tree else None
         volume = tree.disc_label(label, number, of)
         if self.web_content:
             webcontent.write(staging, images, config.iso, os.path.join(config.tools.dcmtk_dir, "dcmj2pnm"),
@@ -466,12 +452,31 @@ class Steps:
         when, archive = ziparchive.dos_time(time.time()), None
         if job.format == "zip":
             archive = ziparchive.Archive(found, when)
+        elif from_tree:
+            archive = self._lay_out_iso(job, staging, _disc_path(folder, number, of, "iso"), label)
+            if archive is None:  # the ISO is read back as written
+                read_back.abandon()
+                read_back = None
+        if archive is not None:
             size = archive.size
         else:
             size = tree.iso_size(config.tools.genisoimage, staging, label, config.timeouts.iso_s, number, of)
-        watch.lap("size")
+        watch.lap("iso" if job.format == "iso" and archive is not None else "size")
         return Layout(staging, len(images), size, number, profile.of(job.format), volume, found, when, archive,
                       read_back)
+
+    def _lay_out_iso(self, job, staging, path, label):
+        """A streamed download's ISO, to be sent from its staged tree as genisoimage lays it out, never
+        written (``isoimage``, SPEC §8.1): its ``isoimage.Image``, whose size is the disc's (one run of
+        genisoimage for both).  None for an image of another layout, which genisoimage writes as before
+        (and which is read back as written: its read-back begun ahead is abandoned)."""
+        job.step("iso")
+        try:
+            return isoimage.lay_out(self.config.tools.genisoimage, staging, label, path + ".head",
+                                    self.config.timeouts.iso_s)
+        except isoimage.NotLaidOut as exc:
+            log.info("the ISO is written first: %s" % exc, extra={"fields": {"request_id": job.request_id}})
+            return None
 
     def _from_cache(self, job, key, folder, label, build, stem):
         """The cached disc as this job's ``Iso`` (its own hard links), or None when it is not cached.
@@ -622,6 +627,11 @@ class Steps:
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         return described
+
+
+def _disc_path(folder, number, of, format):
+    """Where a job's disc ``number`` of ``of`` is written (or, laid out over its tree, its head beside)."""
+    return os.path.join(folder, "disc-%d.%s" % (number, format) if of > 1 else "disc." + format)
 
 
 def check_unchanged(sums, export, pairs):

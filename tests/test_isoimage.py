@@ -79,11 +79,11 @@ def beside_genisoimage(monkeypatch, tmp_path):
     tmp_path): [(the laid-out Image, its tree's genisoimage ISO)]."""
     real, made = isoimage.lay_out, []
 
-    def lay_out(genisoimage, staging, label, head, size, timeout, number=1, of=1):
+    def lay_out(genisoimage, staging, label, head, timeout, number=1, of=1):
         read_once(staging)
         written = str(tmp_path / ("genisoimage-%d.iso" % len(made)))
         tree.make_iso(genisoimage, staging, label, written, timeout, number, of)
-        image = real(genisoimage, staging, label, head, size, timeout, number, of)
+        image = real(genisoimage, staging, label, head, timeout, number, of)
         made.append((image, written))
         return image
 
@@ -134,8 +134,7 @@ def test_every_disc_of_a_split_set_lays_out_as_genisoimage_writes_it(make_servic
         read_once(staging)
         real(genisoimage, staging, label, iso_path, timeout, number, of, on_tick)
         head = tmp_path / ("head-%d" % number)
-        image = isoimage.lay_out(genisoimage, staging, label, str(head), os.path.getsize(iso_path), timeout,
-                                 number, of)
+        image = isoimage.lay_out(genisoimage, staging, label, str(head), timeout, number, of)
         same_image(written_out(image, staging, tmp_path / ("laid-%d.iso" % number)), iso_path)
         compared.append((number, of))
 
@@ -177,8 +176,7 @@ def test_a_deep_and_long_named_tree_is_laid_out_as_genisoimage_writes_it(small_t
     for _ in range(5):  # rr_moved, where Rock Ridge relocates them, is dated when genisoimage runs:
         started = int(time.time())  # both images made within one second (CI's load once split them)
         tree.make_iso("genisoimage", small_tree, "DEEP", written, 60)
-        image = isoimage.lay_out("genisoimage", small_tree, "DEEP", str(tmp_path / "head"), os.path.getsize(written),
-                                 60)
+        image = isoimage.lay_out("genisoimage", small_tree, "DEEP", str(tmp_path / "head"), 60)
         if int(time.time()) == started:
             break
     else:
@@ -187,15 +185,20 @@ def test_a_deep_and_long_named_tree_is_laid_out_as_genisoimage_writes_it(small_t
     same_image(written_out(image, small_tree, tmp_path / "laid.iso"), written)
 
 
-def test_a_size_that_is_not_genisoimages_is_not_laid_out(small_tree, tmp_path):
-    size = tree.iso_size("genisoimage", small_tree, "DEEP", 60)
-    with pytest.raises(isoimage.NotLaidOut, match="genisoimage announced"):
-        isoimage.lay_out("genisoimage", small_tree, "DEEP", str(tmp_path / "head"), size + SECTOR, 60)
+def test_the_size_laid_out_is_the_one_genisoimage_announces(small_tree, tmp_path):
+    """The size comes from the image's primary volume descriptor: -print-size's, without its own run."""
+    image = isoimage.lay_out("genisoimage", small_tree, "DEEP", str(tmp_path / "head"), 60)
+    assert image.size == tree.iso_size("genisoimage", small_tree, "DEEP", 60)
 
 
-def test_a_file_changed_after_the_size_was_taken_is_not_laid_out(small_tree, tmp_path):
+def test_an_image_without_its_primary_descriptor_first_is_not_laid_out(small_tree, tmp_path):
+    tool = stand_in(tmp_path, "sys.stdout.buffer.write(bytes(%d))\n" % (20 * SECTOR))
+    with pytest.raises(isoimage.NotLaidOut, match="not the primary one"):
+        isoimage.lay_out(tool, small_tree, "DEEP", str(tmp_path / "head"), 60)
+
+
+def test_a_file_changed_while_genisoimage_ran_is_not_laid_out(small_tree, tmp_path):
     """A staged file whose size is not the one in the image's directory: never sent as if it were."""
-    size = tree.iso_size("genisoimage", small_tree, "DEEP", 60)
     real = tree.read_iso
 
     def read_iso(genisoimage, staging, label, read, timeout, number=1, of=1):
@@ -209,7 +212,7 @@ def test_a_file_changed_after_the_size_was_taken_is_not_laid_out(small_tree, tmp
     tree.read_iso = read_iso
     try:
         with pytest.raises(isoimage.NotLaidOut, match="IMG00003 is not a file of the staged tree with its size"):
-            isoimage.lay_out("genisoimage", small_tree, "DEEP", str(tmp_path / "head"), size, 60)
+            isoimage.lay_out("genisoimage", small_tree, "DEEP", str(tmp_path / "head"), 60)
     finally:
         tree.read_iso = real
 
@@ -235,19 +238,17 @@ class Replayed(io.RawIOBase):
 
 def test_a_genisoimage_that_fails_is_named_with_its_words(small_tree, tmp_path):
     tool = stand_in(tmp_path, "sys.exit('genisoimage: Unable to open the tree: the test says no')\n")
-    size = tree.iso_size("genisoimage", small_tree, "DEEP", 60)
     with pytest.raises(Exception) as caught:
-        isoimage.lay_out(tool, small_tree, "DEEP", str(tmp_path / "head"), size, 60)
+        isoimage.lay_out(tool, small_tree, "DEEP", str(tmp_path / "head"), 60)
     assert getattr(caught.value, "code", None) == "iso_failed"
     assert "the test says no" in str(caught.value)
 
 
 def test_a_genisoimage_that_hangs_is_stopped_and_leaves_no_process(small_tree, tmp_path):
     tool = stand_in(tmp_path, "sys.stdout.buffer.write(bytes(40000)); sys.stdout.flush(); time.sleep(600)\n")
-    size = tree.iso_size("genisoimage", small_tree, "DEEP", 60)
     started = time.monotonic()
     with pytest.raises(Exception) as caught:
-        isoimage.lay_out(tool, small_tree, "DEEP", str(tmp_path / "head"), size, 1)
+        isoimage.lay_out(tool, small_tree, "DEEP", str(tmp_path / "head"), 1)
     assert getattr(caught.value, "code", None) == "tool_timeout"
     assert time.monotonic() - started < 30
     assert not [proc for proc in process._live if proc.poll() is None]
@@ -257,6 +258,6 @@ def test_a_genisoimage_that_hangs_is_stopped_and_leaves_no_process(small_tree, t
 def test_genisoimage_is_stopped_once_the_head_is_read(small_tree, tmp_path):
     """It would go on reading every file for bytes nobody wants: it is gone when lay_out returns."""
     size = tree.iso_size("genisoimage", small_tree, "DEEP", 60)
-    image = isoimage.lay_out("genisoimage", small_tree, "DEEP", str(tmp_path / "head"), size, 60)
+    image = isoimage.lay_out("genisoimage", small_tree, "DEEP", str(tmp_path / "head"), 60)
     assert os.path.getsize(tmp_path / "head") == image.head_end < size
     assert not [proc for proc in process._live if proc.poll() is None]

@@ -79,9 +79,9 @@ def test_metrics_move_by_exactly_what_happened_and_name_no_patient(make_service,
     images = len(archive.sop_uids("ACC2001"))
     printed_images = len(archive.sop_uids("ACC3001"))
     phase_counts = {"find": 3, "manifest": 3, "retrieve": 2, "transfer": 2, "checks": 2, "stage": 1, "web": 1,
-                    "dicomdir": 1, "digests": 2, "size": 1, "iso": 2, "verify": 2,
+                    "dicomdir": 1, "digests": 2, "iso": 2, "verify": 2,
                     "send": 3}  # send: two ISOs to the client, one print; digests: the disc's, the print's;
-    # iso: the first ISO laid out for its answer, then written from that layout for the cache
+    # iso: the first ISO laid out for its answer (which sized it: no size), then written from that layout for the cache
     changes = moved(before, after)
     elsewhere = ("mkiso_phase_seconds", "mkiso_sent_bytes_total", "mkiso_health_check_ok", "mkiso_receiver_")
     counted = {key: change for key, change in changes.items() if not key[0].startswith(elsewhere)}
@@ -99,9 +99,10 @@ def test_metrics_move_by_exactly_what_happened_and_name_no_patient(make_service,
     assert value(after, "mkiso_sent_bytes_total", to="client") == 2 * iso_bytes
     assert value(after, "mkiso_sent_bytes_total", to="publisher") > printed_images * 128
     for phase in PHASES:
-        assert value(after, "mkiso_phase_seconds_count", phase=phase) == phase_counts[phase], phase
-        assert value(after, "mkiso_phase_seconds_bucket", phase=phase, le="+Inf") == phase_counts[phase]
-        assert value(after, "mkiso_phase_seconds_sum", phase=phase) > 0
+        count = phase_counts.get(phase, 0)
+        assert value(after, "mkiso_phase_seconds_count", phase=phase) == count, phase
+        assert value(after, "mkiso_phase_seconds_bucket", phase=phase, le="+Inf") == count
+        assert (value(after, "mkiso_phase_seconds_sum", phase=phase) > 0) == (count > 0), phase
     assert {key[0] for key in after if key[0].startswith("mkiso_phase_seconds_count")} == {
         "mkiso_phase_seconds_count"}
     assert set(phase_counts) == {dict(key[1])["phase"] for key in after if key[0] == "mkiso_phase_seconds_count"}

@@ -17,7 +17,7 @@ Only that layout is served, and it is checked before the first byte: every
 directory, path table and Rock Ridge continuation within the head, every
 file of the staged tree in it exactly once with its size, the Joliet tree
 pointing at the same bytes, no two files overlapping, the image's size
-genisoimage's -print-size.  Anything else (a file of several extents, a
+its primary volume descriptor's volume space.  Anything else (a file of several extents, a
 directory tree it cannot read within HEAD_LIMIT) is not laid out: the
 caller lets genisoimage write the image as before.  tests/test_isoimage.py
 holds the layout against genisoimage's own ISO of the same tree, byte for
@@ -40,6 +40,8 @@ PIPE_READ = 1 << 16  # of genisoimage's output at a time: what its pipe holds, n
 FIRST_READ = 1 << 16  # of the head, plus PER_FILE for each file of the tree, before the first try
 PER_FILE = 512
 HEAD_LIMIT = 256 << 20  # no directory of a disc mkiso makes comes near it
+SECTOR = 2048
+DESCRIPTOR_END = 17 * SECTOR  # the primary volume descriptor is the first, at sector 16 (ECMA-119 8.4)
 
 
 class NotLaidOut(Exception):
@@ -116,15 +118,16 @@ class _Head(verify.Iso):
         return super().pread(size, offset, what)
 
 
-def lay_out(genisoimage, staging, label, head, size, timeout, number=1, of=1):
+def lay_out(genisoimage, staging, label, head, timeout, number=1, of=1):
     """The ``Image`` of the ISO genisoimage makes of ``staging`` (as ``tree.make_iso`` would write it),
-    its head written to ``head``; ``size`` is genisoimage's -print-size.  Raises NotLaidOut for an
-    image of another layout, MkisoError when genisoimage fails."""
+    its head written to ``head``.  Its size is its primary volume descriptor's volume space, as
+    genisoimage's -print-size says it (one run of genisoimage for both: 0.2 s at 10,000 images).
+    Raises NotLaidOut for an image of another layout, MkisoError when genisoimage fails."""
     count = sum(len(names) for _, _, names in os.walk(staging))
 
     def read(stream):
         with open(head, "wb") as out:
-            return _read_head(stream, out, head, size, staging, count)
+            return _read_head(stream, out, head, staging, count)
 
     image = tree.read_iso(genisoimage, staging, label, read, timeout, number, of)
     if of > 1:
@@ -132,13 +135,15 @@ def lay_out(genisoimage, staging, label, head, size, timeout, number=1, of=1):
     return image
 
 
-def _read_head(stream, out, path, size, staging, count):
+def _read_head(stream, out, path, staging, count):
     """Copy genisoimage's output from ``stream`` into ``out`` until the head is in, and lay it out:
     the ``Image``, or None when the output ended first (genisoimage failed)."""
-    wanted, have = FIRST_READ + PER_FILE * count, 0
+    wanted, have, size = FIRST_READ + PER_FILE * count, 0, None
     while True:
         have = _copy(stream, out, wanted, have)
-        if have < min(wanted, size):
+        if size is None and have >= DESCRIPTOR_END:
+            size = _volume_size(path)
+        if size is None or have < min(wanted, size):
             return None
         try:
             image = _laid_out(path, size, staging, count)
@@ -151,6 +156,14 @@ def _read_head(stream, out, path, size, staging, count):
             return None
         out.truncate(image.head_end)
         return image
+
+
+def _volume_size(path):
+    """The image's size in bytes: its primary volume descriptor's volume space (in the head ``path``)."""
+    descriptor = _pread(path, SECTOR, DESCRIPTOR_END - SECTOR)
+    if descriptor[:6] != b"\x01CD001":
+        raise NotLaidOut("its first volume descriptor is not the primary one")
+    return struct.unpack_from("<I", descriptor, 80)[0] * struct.unpack_from("<H", descriptor, 128)[0]
 
 
 def _copy(stream, out, wanted, have):
@@ -179,9 +192,6 @@ def _checked(image, path, size, staging, count):
     if image.joliet is None:
         raise NotLaidOut("it has no Joliet tree")
     block = image.block
-    volume = struct.unpack_from("<I", image.primary, 80)[0] * block
-    if volume != size:
-        raise NotLaidOut("its volume is %d bytes where genisoimage announced %d" % (volume, size))
     names = path + ".names"
     starts, lengths, name_at, name_sizes = array("Q"), array("Q"), array("Q"), array("I")
     seen = 0
