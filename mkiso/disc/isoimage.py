@@ -123,7 +123,7 @@ def lay_out(genisoimage, staging, label, head, timeout, number=1, of=1):
     its head written to ``head``.  Its size is its primary volume descriptor's volume space, as
     genisoimage's -print-size says it (one run of genisoimage for both: 0.2 s at 10,000 images).
     Raises NotLaidOut for an image of another layout, MkisoError when genisoimage fails."""
-    count = sum(len(names) for _, _, names in os.walk(staging))
+    count = _files_in(staging)
 
     def read(stream):
         with open(head, "wb") as out:
@@ -133,6 +133,16 @@ def lay_out(genisoimage, staging, label, head, timeout, number=1, of=1):
     if of > 1:
         tree.set_volume_sequence(head, number, of)
     return image
+
+
+def _files_in(folder):
+    """How many files the tree at ``folder`` holds, counted one name at a time: os.walk would hold a
+    list of every name of a folder (3.5 MB for 50,000 images in one series, beside the job's records)."""
+    count = 0
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            count += _files_in(entry.path) if entry.is_dir(follow_symlinks=False) else 1
+    return count
 
 
 def _read_head(stream, out, path, staging, count):
