@@ -1,3 +1,3 @@
 """mkiso: accession numbers in, a patient's DICOM CD/DVD out."""
 
-__version__ = "0.3.4"
+__version__ = "0.3.5"
