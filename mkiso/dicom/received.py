@@ -210,12 +210,12 @@ class Early:
 
     STATS = 4  # inode, size, modification and status change times (ns) of each record's file
 
-    def __init__(self, forget=None):
+    def __init__(self):
         self._lock = threading.Lock()
         self._records = []
         self._stats = array.array("q")  # STATS numbers per record
         self._closed = False
-        self.forget = forget
+        self.forget = None  # set by whoever made more of the files as they arrived (steps: digests.forget)
 
     def add(self, path):
         """Read the header of the file at ``path`` (just digested), unless the check has begun."""
