@@ -294,7 +294,7 @@ class Steps:
             # A ZIP, and a streamed download's ISO, is sent from its staged tree (and read back from it).
             from_tree = build and (job.format == "zip" or job.stream)
             laid = self._lay_out(job, folder, files, omitted, label, watch, from_tree)
-            del files  # the records (350 bytes an image) go before the ISO is laid out and sent: SPEC §8
+            del files  # the records (350 bytes an image) go before the disc is written or sent: SPEC §8
         export.images = sum(layout.images for layout in laid)
         job.sized(sum(layout.size for layout in laid))
         # A ZIP is sent from its tree; it is written (and needs the room) only for nginx.

@@ -238,11 +238,14 @@ class Early:
         with self._lock:
             self._closed = True
             records, stats, self._records, self._stats = self._records, self._stats, [], array.array("q")
-        order = sorted(range(len(records)), key=lambda at: records[at]._name)
+        def name_of(at):
+            return records[at]._name
+
+        order = sorted(range(len(records)), key=name_of)
         taken, late = [], []
         for path in paths:
             folder, name = os.path.split(path)
-            found = bisect.bisect_left(order, name, key=lambda at: records[at]._name)
+            found = bisect.bisect_left(order, name, key=name_of)
             at = order[found] if found < len(order) else None
             if at is not None and records[at]._name == name:
                 unchanged = _unchanged(path, stats[self.STATS * at:self.STATS * (at + 1)])

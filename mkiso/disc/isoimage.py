@@ -40,8 +40,7 @@ PIPE_READ = 1 << 16  # of genisoimage's output at a time: what its pipe holds, n
 FIRST_READ = 1 << 16  # of the head, plus PER_FILE for each file of the tree, before the first try
 PER_FILE = 512
 HEAD_LIMIT = 256 << 20  # no directory of a disc mkiso makes comes near it
-SECTOR = 2048
-DESCRIPTOR_END = 17 * SECTOR  # the primary volume descriptor is the first, at sector 16 (ECMA-119 8.4)
+DESCRIPTOR_END = 17 * tree.SECTOR  # the primary volume descriptor is the first, at sector 16 (ECMA-119 8.4)
 
 
 class NotLaidOut(Exception):
@@ -170,7 +169,7 @@ def _read_head(stream, out, path, staging, count):
 
 def _volume_size(path):
     """The image's size in bytes: its primary volume descriptor's volume space (in the head ``path``)."""
-    descriptor = _pread(path, SECTOR, DESCRIPTOR_END - SECTOR)
+    descriptor = _pread(path, tree.SECTOR, DESCRIPTOR_END - tree.SECTOR)
     if descriptor[:6] != b"\x01CD001":
         raise NotLaidOut("its first volume descriptor is not the primary one")
     return struct.unpack_from("<I", descriptor, 80)[0] * struct.unpack_from("<H", descriptor, 128)[0]

@@ -495,14 +495,20 @@ class Medium:
         try:
             for number, block in enumerate(self._blocks(entry)):
                 if dicom and number == 0:
-                    try:
-                        scanned = sop_instance_uid(block)
-                    except (_Unusual, UnicodeDecodeError):
-                        pass
+                    scanned = _scanned(block)
                 digest.update(block)
         except (OSError, zipfile.BadZipFile, Damaged, EOFError) as exc:
             return None, None, _reason(exc)
         return digest.hexdigest(), scanned, ""
+
+
+def _scanned(data):
+    """The SOP Instance UID in a file's first bytes ``data`` (``sop_instance_uid``), or None: then
+    pydicom reads the file at the check (``_sop_instance_uid``)."""
+    try:
+        return sop_instance_uid(data)
+    except (_Unusual, UnicodeDecodeError):
+        return None
 
 
 def _unchanged(before, now):
@@ -583,11 +589,7 @@ class Folder(Medium):
                 head = handle.read(HEAD)
         except OSError:
             return None
-        try:
-            scanned = sop_instance_uid(head)
-        except (_Unusual, UnicodeDecodeError):
-            scanned = None  # pydicom reads it at the check
-        return kept[2].hex(), scanned, ""
+        return kept[2].hex(), _scanned(head), ""
 
     def _blocks(self, entry):
         with open(entry.source, "rb", buffering=0) as handle:
